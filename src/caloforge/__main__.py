@@ -1,0 +1,3 @@
+from caloforge.cli import main
+
+raise SystemExit(main())
