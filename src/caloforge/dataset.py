@@ -293,7 +293,7 @@ def describe(path: str | Path) -> str:
         for key in ("source", "particle", "physics_list", "geant4_version", "production_cut_mm", "seed",
                     "caloforge_version", "energy_spec", "angle_spec", "model"):
             if key in f.attrs:
-                lines.append(f"{key + ':':<17}{f.attrs[key]}")
+                lines.append(f"{key + ':':<19}{f.attrs[key]}")
         if len(f):
             lines.append(f"energy [GeV]:    min {e.min() / 1e3:.3f}  mean {e.mean() / 1e3:.3f}  max {e.max() / 1e3:.3f}")
             lines.append(f"angle [deg]:     min {a.min():.2f}  mean {a.mean():.2f}  max {a.max():.2f}")

@@ -1,0 +1,228 @@
+"""One Geant4 instance: the calorimeter built from a :class:`~caloforge.detector.Detector`, a particle gun and
+per-cell energy scoring in C++ (``G4PSEnergyDeposit3D`` on replicated Si cells), driven from Python one
+batch of showers at a time. Geant4 allows one instance per process: :mod:`caloforge.simulate` runs several
+processes for parallelism.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from caloforge.detector import Detector
+from caloforge.geant4_setup import import_geant4, real_em_data
+
+PARTICLES = {"e-": "e-", "e+": "e+", "gamma": "gamma", "electron": "e-", "positron": "e+", "photon": "gamma"}
+
+
+def canonical_particle(name: str) -> str:
+    try:
+        return PARTICLES[name]
+    except KeyError:
+        raise ValueError(f"particle {name!r} is not supported; expected one of e-, e+, gamma") from None
+
+
+def geant4_version() -> str:
+    g4 = import_geant4()
+    return str(g4.G4Version).strip("$ ").removeprefix("Name: ").strip()
+
+
+class Geant4App:
+    """A ready-to-run Geant4 application for one detector and particle type."""
+
+    def __init__(self, detector: Detector, particle: str, physics: str = "auto", verbose: int = 0):
+        self.g4 = g4 = import_geant4()
+        self.detector = detector
+        self.particle = canonical_particle(particle)
+        if physics == "auto":
+            use_standard = real_em_data() is not None
+        elif physics in ("standard", "data-free"):
+            use_standard = physics == "standard"
+            if use_standard and real_em_data() is None:
+                raise ValueError("physics 'standard' needs Geant4 data sets: set GEANT4_DATA_DIR or G4LEDATA")
+        else:
+            raise ValueError(f"physics {physics!r}: expected 'auto', 'standard' or 'data-free'")
+
+        from caloforge.physics import make_physics_list
+
+        g4.G4UImanager.GetUIpointer().ApplyCommand("/control/verbose 0")
+        self.run_manager = g4.G4RunManagerFactory.CreateRunManager(g4.G4RunManagerType.Serial)
+        self._geometry = _Geometry(g4, detector)
+        self.run_manager.SetUserInitialization(self._geometry)
+        self.physics_list, self.physics_name = make_physics_list(g4, use_standard)
+        self.run_manager.SetUserInitialization(self.physics_list)
+        self._actions = _Actions(g4, self)
+        self.run_manager.SetUserInitialization(self._actions)
+        ui = g4.G4UImanager.GetUIpointer()
+        for cmd in ("/run/verbose 0", "/event/verbose 0", "/tracking/verbose 0", "/process/verbose 0",
+                    "/process/em/verbose 0", "/process/had/verbose 0"):
+            ui.ApplyCommand(cmd)
+        self.run_manager.Initialize()
+        # A default cut set before Initialize() is silently ignored: apply it now.
+        ui.ApplyCommand(f"/run/setCut {detector.production_cut_mm} mm")
+        self._energies: np.ndarray = np.zeros(0)
+        self._angles: np.ndarray = np.zeros(0)
+        self._out: np.ndarray = np.zeros((0, 0), np.float32)
+
+    def simulate(self, energies_mev: np.ndarray, angles_deg: np.ndarray, seed: int,
+                 angled: bool | None = None) -> np.ndarray:
+        """Showers (n, n_cells) in MeV for the given incident energies and angles, reproducible for a seed.
+
+        ``angled`` selects the readout window (default: angled if any angle is > 0).
+        """
+        energies_mev = np.asarray(energies_mev, float).reshape(-1)
+        angles_deg = np.asarray(angles_deg, float).reshape(-1)
+        if angled is None:
+            angled = bool(np.any(angles_deg > 0))
+        self._window = self._geometry.window(angled)
+        n_cells = int(np.prod(self.detector.shape(angled)))
+        self._energies, self._angles = energies_mev, angles_deg
+        self._out = np.zeros((len(energies_mev), n_cells), np.float32)
+        self.g4.HepRandom.setTheSeed(int(seed) % 2_147_483_647)
+        self.run_manager.BeamOn(len(energies_mev))
+        return self._out
+
+
+class _Geometry:
+    """Factory for the G4VUserDetectorConstruction subclass (defined lazily: needs the geant4 module)."""
+
+    def __new__(cls, g4, detector: Detector):
+        class Construction(g4.G4VUserDetectorConstruction):
+            def __init__(self) -> None:
+                super().__init__()
+                self.detector = detector
+                self._keep: list = []
+                c = detector.cell_size_mm
+                self.n_x_total = int(round(detector.size_x_mm / c))
+                self.n_y_total = int(round(detector.size_y_mm / c))
+
+            def window(self, angled: bool) -> tuple[slice, slice]:
+                """Slices of the full x and y cell ranges that form the stored readout window."""
+                d, c = self.detector, self.detector.cell_size_mm
+                _, n_x, n_y = d.shape(angled)
+                x0 = int(round((d.readout.x_min_mm + d.size_x_mm / 2) / c))
+                y0 = int(round((d.readout.y_min_mm + d.size_y_mm / 2) / c))
+                return slice(x0, x0 + n_x), slice(y0, y0 + n_y)
+
+            def Construct(self):
+                d, mm = self.detector, g4.mm
+                nist = g4.G4NistManager.Instance()
+                world_mat = nist.FindOrBuildMaterial(d.world_material)
+                half_x, half_y, depth = d.size_x_mm / 2, d.size_y_mm / 2, d.depth_mm
+                world_s = g4.G4Box("World", 1.2 * half_x * mm, 1.2 * half_y * mm, (depth + 100) * mm)
+                world_l = g4.G4LogicalVolume(world_s, world_mat, "World")
+                world_p = g4.G4PVPlacement(None, g4.G4ThreeVector(), world_l, "World", None, False, 0)
+                calo_s = g4.G4Box("Calo", half_x * mm, half_y * mm, depth / 2 * mm)
+                calo_l = g4.G4LogicalVolume(calo_s, world_mat, "Calo")
+                calo_p = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, depth / 2 * mm), calo_l, "Calo",
+                                          world_l, False, 0)
+                self._keep += [world_s, world_l, world_p, calo_s, calo_l, calo_p]
+                self.cell_volumes = []
+                active_cache: dict[tuple[str, float], object] = {}
+                z = -depth / 2
+                for i, layer in enumerate(d.layers):
+                    if layer.absorber_mm > 0:
+                        key = f"Abs{i}"
+                        s = g4.G4Box(key, half_x * mm, half_y * mm, layer.absorber_mm / 2 * mm)
+                        lv = g4.G4LogicalVolume(s, nist.FindOrBuildMaterial(layer.absorber), key)
+                        pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, (z + layer.absorber_mm / 2) * mm), lv,
+                                              key, calo_l, False, i)
+                        self._keep += [s, lv, pv]
+                        z += layer.absorber_mm
+                    akey = (layer.active, layer.active_mm)
+                    if akey not in active_cache:
+                        active_cache[akey] = self._segmented_layer(layer.active, layer.active_mm, len(active_cache))
+                    pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, (z + layer.active_mm / 2) * mm),
+                                          active_cache[akey], f"Active{i}", calo_l, False, i)
+                    self._keep.append(pv)
+                    z += layer.active_mm
+                return world_p
+
+            def _segmented_layer(self, material: str, thickness: float, k: int):
+                """An active slab split into rows along y (replica) and cells along x (replica)."""
+                d, mm = self.detector, g4.mm
+                c = d.cell_size_mm
+                mat = g4.G4NistManager.Instance().FindOrBuildMaterial(material)
+                half_x, half_y, half_t = d.size_x_mm / 2, d.size_y_mm / 2, thickness / 2
+                slab_s = g4.G4Box(f"Slab{k}", half_x * mm, half_y * mm, half_t * mm)
+                slab_l = g4.G4LogicalVolume(slab_s, mat, f"Slab{k}")
+                row_s = g4.G4Box(f"Row{k}", half_x * mm, c / 2 * mm, half_t * mm)
+                row_l = g4.G4LogicalVolume(row_s, mat, f"Row{k}")
+                row_p = g4.G4PVReplica(f"Row{k}", row_l, slab_l, g4.kYAxis, self.n_y_total, c * mm)
+                cell_s = g4.G4Box(f"Cell{k}", c / 2 * mm, c / 2 * mm, half_t * mm)
+                cell_l = g4.G4LogicalVolume(cell_s, mat, f"Cell{k}")
+                cell_p = g4.G4PVReplica(f"Cell{k}", cell_l, row_l, g4.kXAxis, self.n_x_total, c * mm)
+                self._keep += [slab_s, slab_l, row_s, row_l, row_p, cell_s, cell_l, cell_p]
+                self.cell_volumes.append(cell_l)
+                return slab_l
+
+            def ConstructSDandField(self) -> None:
+                sdm = g4.G4SDManager.GetSDMpointer()
+                sdm.SetVerboseLevel(0)
+                mfd = g4.G4MultiFunctionalDetector("CaloSi")
+                # index = layer * (ny * nx) + y * nx + x: layer is the copy number two levels up.
+                scorer = g4.G4PSEnergyDeposit3D("edep", self.detector.n_layers, self.n_y_total, self.n_x_total,
+                                                2, 1, 0)
+                mfd.RegisterPrimitive(scorer)
+                sdm.AddNewDetector(mfd)
+                for lv in self.cell_volumes:
+                    self.SetSensitiveDetector(lv, mfd)
+                self._keep += [mfd, scorer]
+
+        return Construction()
+
+
+class _Actions:
+    """Factory for the action initialisation: particle gun per event, hits read out at the end of event."""
+
+    def __new__(cls, g4, app: Geant4App):
+        class Gun(g4.G4VUserPrimaryGeneratorAction):
+            def __init__(self) -> None:
+                super().__init__()
+                self.gun = g4.G4ParticleGun(1)
+                self.gun.SetParticleDefinition(g4.G4ParticleTable.GetParticleTable().FindParticle(app.particle))
+
+            def GeneratePrimaries(self, event) -> None:
+                i = event.GetEventID()
+                a = np.radians(app._angles[i])
+                # Start 1 mm upstream in vacuum, aimed to reach (0, 0, 0) on the front face.
+                d = 1.0
+                self.gun.SetParticleEnergy(float(app._energies[i]) * g4.MeV)
+                self.gun.SetParticlePosition(g4.G4ThreeVector(0, -np.tan(a) * d * g4.mm, -d * g4.mm))
+                self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, np.sin(a), np.cos(a)))
+                self.gun.GeneratePrimaryVertex(event)
+
+        class EventAction(g4.G4UserEventAction):
+            def __init__(self) -> None:
+                super().__init__()
+                self.hc_id = -1
+
+            def EndOfEventAction(self, event) -> None:
+                if self.hc_id < 0:
+                    self.hc_id = g4.G4SDManager.GetSDMpointer().GetCollectionID("CaloSi/edep")
+                hce = event.GetHCofThisEvent()
+                if hce is None:
+                    return
+                hits = hce.GetHC(self.hc_id)
+                geo = app._geometry
+                n_l, n_yt, n_xt = app.detector.n_layers, geo.n_y_total, geo.n_x_total
+                xs, ys = app._window
+                n_x, n_y = xs.stop - xs.start, ys.stop - ys.start
+                pairs = [(k, v) for k, v in hits]
+                if not pairs:
+                    return
+                idx = np.fromiter((k for k, _ in pairs), np.int64, len(pairs))
+                val = np.fromiter((v for _, v in pairs), np.float64, len(pairs)) / g4.MeV
+                layer, rest = np.divmod(idx, n_yt * n_xt)
+                y, x = np.divmod(rest, n_xt)
+                keep = (x >= xs.start) & (x < xs.stop) & (y >= ys.start) & (y < ys.stop) & (layer < n_l)
+                flat = (layer[keep] * n_x + (x[keep] - xs.start)) * n_y + (y[keep] - ys.start)
+                row = app._out[event.GetEventID()]
+                np.add.at(row, flat, val[keep].astype(np.float32))
+
+        class Actions(g4.G4VUserActionInitialization):
+            def Build(self) -> None:
+                self._gun, self._event = Gun(), EventAction()
+                self.SetUserAction(self._gun)
+                self.SetUserAction(self._event)
+
+        return Actions()

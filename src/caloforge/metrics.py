@@ -1,0 +1,337 @@
+"""Distances between a reference and a candidate shower sample, each beside its statistical floor.
+
+The floor of a metric is its value between two disjoint halves of the reference (N/2 vs N/2). Because most
+metrics shrink with sample size (W1 and KS ~ 1/sqrt(N), separation power ~ n_bins/N), the candidate is scored
+at the same size: reference half A vs a random candidate subset of N/2 (``value``), averaged over several
+random splits, beside the floor averaged over the same splits (``floor``, ``floor_std`` = spread of single
+splits). The full-size value (all reference vs all candidate) is reported too, as ``value_full``.
+
+A metric is *flagged* when ``value > floor + 3 * floor_std`` and ``value > 1.5 * floor`` (see
+:func:`exceeds_floor`); for pull-type tests (energy response) when |pull| exceeds a Bonferroni-corrected 3 sigma.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import linalg, stats
+
+FLOOR_SIGMAS = 3.0
+FLOOR_RATIO = 1.5
+N_BINS = 40
+
+
+# ---- one-dimensional distances ----------------------------------------------------------------------------
+def _finite(a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64).ravel()
+    return a[np.isfinite(a)]
+
+
+def wasserstein1(a: np.ndarray, b: np.ndarray) -> float:
+    """Wasserstein-1 (earth mover's) distance between two 1D samples, in the observable's unit; NaNs dropped."""
+    a, b = _finite(a), _finite(b)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    return float(stats.wasserstein_distance(a, b))
+
+
+def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic (max CDF difference, 0..1); NaNs dropped."""
+    a, b = _finite(a), _finite(b)
+    if len(a) == 0 or len(b) == 0:
+        return float("nan")
+    return float(stats.ks_2samp(a, b).statistic)
+
+
+def common_edges(reference: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """Bin edges for an observable, fixed from the reference alone, with under/overflow bins (+-inf).
+
+    Integer-valued observables with a small range get one bin per integer; others get ``n_bins`` equal bins
+    between the reference's 0.5 % and 99.5 % quantiles.
+    """
+    r = _finite(reference)
+    if len(r) == 0:
+        return np.array([-np.inf, np.inf])
+    lo, hi = np.quantile(r, [0.005, 0.995])
+    if np.all(r == np.round(r)) and hi - lo <= 2 * n_bins:
+        inner = np.arange(np.floor(lo), np.ceil(hi) + 1) + 0.5
+        inner = np.concatenate([[inner[0] - 1], inner])
+    elif hi > lo:
+        inner = np.linspace(lo, hi, n_bins + 1)
+    else:
+        inner = np.array([lo - 0.5, lo + 0.5]) if lo == 0 else np.array([lo * 0.999, lo * 1.001])
+        inner.sort()
+    return np.concatenate([[-np.inf], inner, [np.inf]])
+
+
+def separation_power_hist(h1: np.ndarray, h2: np.ndarray) -> float:
+    """CaloChallenge separation power 1/2 sum (h1 - h2)^2 / (h1 + h2) of two histograms normalised to unit sum."""
+    h1, h2 = np.asarray(h1, float).ravel(), np.asarray(h2, float).ravel()
+    s1, s2 = h1.sum(), h2.sum()
+    if s1 <= 0 or s2 <= 0:
+        return float("nan")
+    h1, h2 = h1 / s1, h2 / s2
+    den = h1 + h2
+    ok = den > 0
+    return float(0.5 * np.sum((h1[ok] - h2[ok]) ** 2 / den[ok]))
+
+
+def separation_power(a: np.ndarray, b: np.ndarray, edges: np.ndarray) -> float:
+    """Separation power of two samples histogrammed with common ``edges`` (see :func:`common_edges`)."""
+    return separation_power_hist(np.histogram(_finite(a), edges)[0], np.histogram(_finite(b), edges)[0])
+
+
+def profile_separation(a: np.ndarray, b: np.ndarray) -> float:
+    """Separation power of two summed per-shower histograms (N, bins): compares mean profile shapes."""
+    return separation_power_hist(np.asarray(a).sum(axis=0), np.asarray(b).sum(axis=0))
+
+
+# ---- floor and flags --------------------------------------------------------------------------------------
+@dataclass
+class FloorComparison:
+    """A metric at matched size (``value``) beside its floor; see the module docstring."""
+
+    value: float
+    value_std: float
+    floor: float
+    floor_std: float
+    value_full: float
+    n_half: int
+    n_splits: int
+    flagged: bool
+
+    def to_dict(self) -> dict:
+        return {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in asdict(self).items()}
+
+
+def exceeds_floor(value: float, floor: float, floor_std: float) -> bool:
+    """The flag rule: value above floor + 3 sigma (single-split spread of the floor) AND above 1.5 x floor.
+
+    ``value`` is itself an average over splits, so under the null hypothesis it scatters much less than
+    ``floor_std``; the ratio condition guards against a floor spread underestimated from few splits.
+    """
+    if not np.isfinite(value) or not np.isfinite(floor):
+        return False
+    return bool(value > floor + FLOOR_SIGMAS * floor_std + 1e-12 and value > FLOOR_RATIO * floor + 1e-12)
+
+
+def half_splits(n_ref: int, n_cand: int, n_splits: int, rng: np.random.Generator):
+    """Index triples (ref half A, ref half B, candidate subset) of equal size min(n_ref // 2, n_cand)."""
+    n_half = min(n_ref // 2, n_cand)
+    if n_half < 2:
+        raise ValueError(f"need at least 4 reference and 2 candidate showers, got {n_ref} and {n_cand}")
+    out = []
+    for _ in range(n_splits):
+        perm = rng.permutation(n_ref)
+        out.append((perm[:n_half], perm[n_half:2 * n_half], rng.choice(n_cand, n_half, replace=False)))
+    return out
+
+
+def compare_with_floor(ref: np.ndarray, cand: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
+                       splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                       full: bool = True) -> FloorComparison:
+    """``metric`` (rows = showers) at matched size and its floor over the given :func:`half_splits`."""
+    floors = np.array([metric(ref[a], ref[b]) for a, b, _ in splits])
+    values = np.array([metric(ref[a], cand[c]) for a, _, c in splits])
+    floor, floor_std = float(np.nanmean(floors)), float(np.nanstd(floors, ddof=1)) if len(splits) > 1 else 0.0
+    value = float(np.nanmean(values))
+    return FloorComparison(
+        value=value, value_std=float(np.nanstd(values, ddof=1)) if len(splits) > 1 else 0.0,
+        floor=floor, floor_std=floor_std, value_full=float(metric(ref, cand)) if full else float("nan"),
+        n_half=len(splits[0][0]), n_splits=len(splits), flagged=exceeds_floor(value, floor, floor_std),
+    )
+
+
+def compare_observable(ref: np.ndarray, cand: np.ndarray, splits, n_bins: int = N_BINS) -> dict[str, dict]:
+    """Separation power, W1 and KS of one scalar observable, each with its floor."""
+    edges = common_edges(ref, n_bins)
+    return {
+        "separation_power": compare_with_floor(ref, cand, lambda a, b: separation_power(a, b, edges), splits).to_dict(),
+        "wasserstein1": compare_with_floor(ref, cand, wasserstein1, splits).to_dict(),
+        "ks": compare_with_floor(ref, cand, ks_statistic, splits).to_dict(),
+    }
+
+
+# ---- energy response --------------------------------------------------------------------------------------
+def _core(x: np.ndarray, fraction: float) -> np.ndarray:
+    """The sorted values inside the shortest interval holding ``fraction`` of the sample."""
+    x = np.sort(_finite(x))
+    k = int(np.ceil(fraction * len(x)))
+    if k < 1:
+        return x[:0]
+    i = int(np.argmin(x[k - 1:] - x[:len(x) - k + 1]))
+    return x[i:i + k]
+
+
+def narrowest_interval(x: np.ndarray, fraction: float = 0.9) -> tuple[float, float]:
+    """The shortest interval [lo, hi] holding ``fraction`` of the sample."""
+    core = _core(x, fraction)
+    return (float(core[0]), float(core[-1])) if len(core) else (float("nan"), float("nan"))
+
+
+def mu90_sigma90(x: np.ndarray, fraction: float = 0.9) -> tuple[float, float]:
+    """Mean and standard deviation of the values in the narrowest interval holding 90 % of the sample.
+
+    For a Gaussian, sigma90 = sigma * sqrt(1 - 2 a phi(a) / (2 Phi(a) - 1)) with a = Phi^-1(0.95): 0.789 sigma.
+    """
+    core = _core(x, fraction)
+    return (float(core.mean()), float(core.std())) if len(core) >= 2 else (float("nan"), float("nan"))
+
+
+def bootstrap_mu90(x: np.ndarray, n_boot: int = 100, rng: np.random.Generator | None = None) -> dict[str, float]:
+    """mu90, sigma90 and sigma90/mu90 with bootstrap standard errors."""
+    rng = rng or np.random.default_rng(0)
+    x = _finite(x)
+    mu, sig = mu90_sigma90(x)
+    boots = np.array([mu90_sigma90(x[rng.integers(0, len(x), len(x))]) for _ in range(n_boot)])
+    res = boots[:, 1] / boots[:, 0]
+    return {"n": int(len(x)), "mu90": mu, "mu90_err": float(np.std(boots[:, 0], ddof=1)),
+            "sigma90": sig, "sigma90_err": float(np.std(boots[:, 1], ddof=1)),
+            "resolution": sig / mu if mu else float("nan"), "resolution_err": float(np.std(res, ddof=1))}
+
+
+def energy_points(energies: np.ndarray, max_points: int = 30, min_count: int = 20) -> np.ndarray | None:
+    """The discrete incident energies of a sample (values with >= ``min_count`` showers), or None if continuous."""
+    e = np.round(np.asarray(energies, float), 6)
+    values, counts = np.unique(e, return_counts=True)
+    if len(values) > max_points:
+        return None
+    keep = values[counts >= min_count]
+    return keep if len(keep) else None
+
+
+def energy_response(energies: np.ndarray, response: np.ndarray, points: np.ndarray, n_boot: int = 100,
+                    seed: int = 0) -> list[dict]:
+    """Per incident-energy point: :func:`bootstrap_mu90` of ``response`` (e.g. E_vis / E_inc)."""
+    e = np.round(np.asarray(energies, float), 6)
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in points:
+        sel = e == p
+        if sel.sum() >= 2:
+            out.append({"energy": float(p), **bootstrap_mu90(np.asarray(response)[sel], n_boot, rng)})
+    return out
+
+
+def pull_threshold(n_tests: int, sigmas: float = 3.0) -> float:
+    """Two-sided z threshold with a Bonferroni correction: 3 sigma for one test, higher for many."""
+    p = 2 * stats.norm.sf(sigmas) / max(n_tests, 1)
+    return float(max(sigmas, stats.norm.isf(p / 2)))
+
+
+def compare_response(ref: list[dict], cand: list[dict]) -> list[dict]:
+    """Pulls (cand - ref) / combined error of mu90 and sigma90/mu90 at the energy points both samples have."""
+    by_e = {r["energy"]: r for r in ref}
+    rows = []
+    for c in cand:
+        r = by_e.get(c["energy"])
+        if r is None:
+            continue
+        row = {"energy": c["energy"]}
+        for key in ("mu90", "resolution"):
+            err = np.hypot(r[f"{key}_err"], c[f"{key}_err"])
+            row[f"{key}_pull"] = float((c[key] - r[key]) / err) if err > 0 else 0.0
+        rows.append(row)
+    thr = pull_threshold(2 * len(rows))
+    for row in rows:
+        row["flagged"] = bool(abs(row["mu90_pull"]) > thr or abs(row["resolution_pull"]) > thr)
+        row["pull_threshold"] = thr
+    return rows
+
+
+# ---- correlations -----------------------------------------------------------------------------------------
+def fisher_z_test(a: np.ndarray, b: np.ndarray) -> dict:
+    """Compare the correlation matrices of two samples (rows = showers, columns = features).
+
+    For each feature pair z = (artanh r_a - artanh r_b) / sqrt(1/(N_a-3) + 1/(N_b-3)) ~ N(0, 1) if the
+    correlations are equal. Returns chi2 = sum z^2, ndf = number of pairs, chi2_ndf, its p-value (pairs are
+    treated as independent, so compare chi2_ndf with its floor), max |z| and the z matrix.
+    """
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ra, rb = np.corrcoef(a, rowvar=False), np.corrcoef(b, rowvar=False)
+    iu = np.triu_indices(a.shape[1], k=1)
+    za = np.arctanh(np.clip(ra[iu], -0.999999, 0.999999))
+    zb = np.arctanh(np.clip(rb[iu], -0.999999, 0.999999))
+    z = (za - zb) / np.sqrt(1.0 / (len(a) - 3) + 1.0 / (len(b) - 3))
+    z = z[np.isfinite(z)]
+    chi2 = float(np.sum(z**2))
+    ndf = len(z)
+    zmat = np.zeros((a.shape[1], a.shape[1]))
+    zfull = (za - zb) / np.sqrt(1.0 / (len(a) - 3) + 1.0 / (len(b) - 3))
+    zmat[iu] = np.nan_to_num(zfull)
+    zmat = zmat + zmat.T
+    return {"chi2": chi2, "ndf": ndf, "chi2_ndf": chi2 / ndf if ndf else float("nan"),
+            "p_value": float(stats.chi2.sf(chi2, ndf)) if ndf else float("nan"),
+            "max_abs_z": float(np.max(np.abs(z))) if ndf else 0.0, "z": zmat}
+
+
+def correlation_chi2_ndf(a: np.ndarray, b: np.ndarray) -> float:
+    """chi2/ndf of :func:`fisher_z_test`, as a scalar metric for :func:`compare_with_floor`."""
+    return fisher_z_test(a, b)["chi2_ndf"]
+
+
+# ---- FPD and KPD (arXiv:2211.10295) ---------------------------------------------------------------------------
+def standardise(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both samples scaled by the reference's per-feature mean and std (constant features: std 1)."""
+    mu, sd = ref.mean(axis=0), ref.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    return (ref - mu) / sd, (cand - mu) / sd
+
+
+def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """Frechet distance between two Gaussians: |mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
+    diff = np.atleast_1d(mu1 - mu2)
+    cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
+    covmean = linalg.sqrtm(cov1 @ cov2)
+    if not np.all(np.isfinite(covmean)):
+        eps = 1e-6 * np.eye(len(cov1))
+        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
+    covmean = np.real(covmean)
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+
+
+def _gauss_fd(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def fpd(ref: np.ndarray, cand: np.ndarray, n_min: int | None = None, n_max: int | None = None,
+        n_points: int = 10, n_batches: int = 5, seed: int = 0) -> tuple[float, float]:
+    """Frechet physics distance: FD of standardised features at sizes N evenly spaced in 1/N between n_min and
+    n_max (drawn with replacement, averaged over ``n_batches``), extrapolated to 1/N -> 0 by a straight-line
+    fit. Returns (intercept, its fit error). Defaults: n_max = min(N_ref, N_cand), n_min = n_max / 5.
+    """
+    x, y = standardise(np.asarray(ref, float), np.asarray(cand, float))
+    n_max = n_max or min(len(x), len(y))
+    n_min = n_min or max(n_max // 5, 2 * x.shape[1] + 2)
+    ns = (1.0 / np.linspace(1.0 / n_min, 1.0 / n_max, n_points)).astype(int)
+    rng = np.random.default_rng(seed)
+    vals = [np.mean([_gauss_fd(x[rng.integers(0, len(x), n)], y[rng.integers(0, len(y), n)])
+                     for _ in range(n_batches)]) for n in ns]
+    coef, cov = np.polyfit(1.0 / ns, vals, 1, cov=True)
+    return float(coef[1]), float(np.sqrt(cov[1, 1]))
+
+
+def mmd2_poly_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 4) -> float:
+    """Unbiased MMD^2 with the polynomial kernel k(a, b) = (a.b / d + 1)^degree."""
+    d = x.shape[1]
+    kxx, kyy, kxy = ((x @ x.T) / d + 1) ** degree, ((y @ y.T) / d + 1) ** degree, ((x @ y.T) / d + 1) ** degree
+    m, n = len(x), len(y)
+    return float((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+                 - 2 * kxy.mean())
+
+
+def kpd(ref: np.ndarray, cand: np.ndarray, n_batches: int = 10, batch_size: int = 2000, degree: int = 4,
+        seed: int = 0) -> tuple[float, float]:
+    """Kernel physics distance: median unbiased MMD^2 (degree-4 polynomial kernel, as in the JetNet reference
+    implementation of arXiv:2211.10295) over random batches of standardised features; error = half the
+    16-84 % inter-quantile range."""
+    x, y = standardise(np.asarray(ref, float), np.asarray(cand, float))
+    bs = min(batch_size, len(x), len(y))
+    rng = np.random.default_rng(seed)
+    vals = [mmd2_poly_unbiased(x[rng.choice(len(x), bs, replace=False)], y[rng.choice(len(y), bs, replace=False)],
+                               degree) for _ in range(n_batches)]
+    q16, q84 = np.percentile(vals, [16.275, 83.725])
+    return float(np.median(vals)), float((q84 - q16) / 2)

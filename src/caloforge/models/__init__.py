@@ -1,0 +1,59 @@
+"""Generative shower models: one interface (:class:`ShowerModel`), a registry of families, load/save.
+
+>>> from caloforge.models import families, get_family, load_model
+>>> families()
+['layerflow', 'wgan']
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib import resources
+from pathlib import Path
+
+from caloforge.models.base import (
+    ConditionsWarning,
+    ModelConfig,
+    ModelError,
+    ShowerModel,
+    TrainBatch,
+    load_model,
+    read_meta,
+    save_model,
+)
+
+__all__ = [
+    "ConditionsWarning", "ModelConfig", "ModelError", "ShowerModel", "TrainBatch", "default_model_path",
+    "families", "get_family", "load_model", "read_meta", "save_model",
+]
+
+# family name -> module defining it (imported lazily; each module defines exactly one ShowerModel subclass).
+_FAMILIES: dict[str, str] = {
+    "layerflow": "caloforge.models.layerflow",
+    "wgan": "caloforge.models.wgan",
+}
+
+
+def families() -> list[str]:
+    """Names of the registered model families."""
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> type[ShowerModel]:
+    """The model class of a family, or a ModelError listing the known families."""
+    if name not in _FAMILIES:
+        raise ModelError(f"unknown model family {name!r}; known families: {families()}")
+    module = importlib.import_module(_FAMILIES[name])
+    for obj in vars(module).values():
+        if isinstance(obj, type) and issubclass(obj, ShowerModel) and getattr(obj, "family", "") == name:
+            return obj
+    raise ModelError(f"module {_FAMILIES[name]} defines no ShowerModel with family {name!r}")  # pragma: no cover
+
+
+def default_model_path() -> Path:
+    """The shipped default model (``caloforge/pretrained``), or a ModelError if none is shipped."""
+    path = Path(str(resources.files("caloforge").joinpath("pretrained")))
+    if not (path / "model.json").is_file():
+        raise ModelError(f"{path}: no shipped default model yet; pass --model runs/NAME (a model trained with "
+                         f"`caloforge train`)")
+    return path

@@ -1,0 +1,315 @@
+"""``layerflow``: a two-stage model built for diffusion-level fidelity at sub-millisecond sampling on a CPU.
+
+Stage 1, the *layer flow*: a conditional normalising flow (affine coupling blocks, one network pass per
+sample) over 4 features per layer: log(E_layer / E_inc), the energy-weighted centroid (x, y) in cell units and
+log of the mean squared radius. It carries the energy response, the longitudinal profile, the layer-to-layer
+correlations and the shower-to-shower lateral fluctuations (centroid wander, width).
+
+Stage 2, the *cell hurdle*: for every cell, a hit probability and a distribution of log(hit energy), both
+linear in the cell's layer features and the conditions with per-cell coefficients (no per-cell network: one
+small matrix product per layer). The standardised residual of log(hit energy) follows a per-cell
+sinh-arcsinh transform of a logistic variable (skew and tail weight per cell: the MIP peak and the
+high-energy tail). One uniform number per cell gives both the hit decision and, conditionally, the energy.
+Each layer is then rescaled to the flow's layer energy, so energy sums follow the flow exactly.
+
+Both stages are trained jointly by maximum likelihood on real showers (the shape stage sees the real layer
+features: teacher forcing). Sampling is one flow pass plus a handful of vectorised per-cell operations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caloforge.detector import Detector
+from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
+
+N_FEAT = 4  # per-layer features: log energy fraction, centroid x, centroid y, log mean r^2
+N_COV = 7  # per-cell covariates: 1, 4 standardised layer features, log E_inc, angle
+
+
+@dataclass
+class LayerFlowConfig(ModelConfig):
+    """Architecture of the layer flow and of the cell hurdle stage."""
+
+    flow_blocks: int = 8
+    flow_hidden: int = 192
+    flow_layers: int = 2  # hidden layers per coupling network
+    scale_clamp: float = 3.0  # soft bound of the coupling log-scales
+    dequant_mev: float = 0.01  # layer-energy dequantisation width; layers below it are empty
+    centroid_reg_mev: float = 0.5  # regulariser in the centroid denominator (empty layers -> centroid 0)
+    empty_layer_noise: float = 0.3  # dequantisation noise of the lateral features of empty layers (std units)
+    min_hit_prob: float = 1e-5  # floor of initial per-cell hit probabilities
+    shape_weight: float = 1.0  # weight of the cell-stage likelihood in the loss
+    permutation_seed: int = 1234
+
+
+class _Coupling(nn.Module):
+    """Affine coupling: the second half of the features is scaled and shifted given the first half and c."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, n_layers: int, clamp: float):
+        super().__init__()
+        self.d_a = dim // 2
+        self.d_b = dim - self.d_a
+        self.clamp = clamp
+        layers: list[nn.Module] = []
+        width = self.d_a + cond_dim
+        for _ in range(n_layers):
+            layers += [nn.Linear(width, hidden), nn.SiLU()]
+            width = hidden
+        last = nn.Linear(width, 2 * self.d_b)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def _st(self, x_a: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, t = self.net(torch.cat([x_a, c], dim=1)).chunk(2, dim=1)
+        return self.clamp * torch.tanh(s / self.clamp), t
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """data -> latent; returns (z, log|det J|)."""
+        x_a, x_b = x[:, :self.d_a], x[:, self.d_a:]
+        s, t = self._st(x_a, c)
+        return torch.cat([x_a, x_b * torch.exp(s) + t], dim=1), s.sum(dim=1)
+
+    def inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        z_a, z_b = z[:, :self.d_a], z[:, self.d_a:]
+        s, t = self._st(z_a, c)
+        return torch.cat([z_a, (z_b - t) * torch.exp(-s)], dim=1)
+
+
+class LayerFlow(ShowerModel):
+    """Layer-feature flow + per-cell hurdle model (see the module docstring)."""
+
+    family = "layerflow"
+    Config = LayerFlowConfig
+
+    def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None):
+        super().__init__(detector, n_cells, config)
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        n_l, n_x, n_y = self.shape
+        self.n_layers, self.n_lat = n_l, n_x * n_y
+        self.dim = N_FEAT * n_l
+        x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
+        gx, gy = np.meshgrid(x_mm / detector.cell_size_mm, y_mm / detector.cell_size_mm, indexing="ij")
+        self.register_buffer("cell_x", torch.as_tensor(gx.reshape(-1), dtype=torch.float32), persistent=False)
+        self.register_buffer("cell_y", torch.as_tensor(gy.reshape(-1), dtype=torch.float32), persistent=False)
+        # Preprocessing constants (fit_preprocessing): feature standardisation, conditional mean of the flow.
+        self.register_buffer("feat_mean", torch.zeros(self.dim))
+        self.register_buffer("feat_std", torch.ones(self.dim))
+        self.register_buffer("flow_coef", torch.zeros(4, self.dim))  # conditional mean: [1, lE, lE^2, a] @ coef
+        self.register_buffer("flow_std", torch.ones(self.dim))
+        self.register_buffer("log_e_max", torch.tensor(10.0))
+        # Flow.
+        rng = np.random.default_rng(cfg.permutation_seed)
+        perms = np.stack([rng.permutation(self.dim) for _ in range(cfg.flow_blocks)])
+        self.register_buffer("perms", torch.as_tensor(perms, dtype=torch.long), persistent=False)
+        self.register_buffer("inv_perms", torch.as_tensor(np.argsort(perms, axis=1), dtype=torch.long),
+                             persistent=False)
+        self.blocks = nn.ModuleList(
+            _Coupling(self.dim, 3, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp) for _ in range(cfg.flow_blocks))
+        # Cell hurdle: per layer, a (N_COV, 3 * n_lat) matrix -> hit logit, mu, log sigma of log(E_hit / MeV).
+        self.cell_coef = nn.Parameter(torch.zeros(n_l, N_COV, 3 * self.n_lat))
+        self.cell_skew = nn.Parameter(torch.zeros(n_l, self.n_lat))
+        self.cell_log_tail = nn.Parameter(torch.zeros(n_l, self.n_lat))
+
+    # ---- features -----------------------------------------------------------------------------------
+    def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
+        return torch.stack([cf[:, 0], cf[:, 1], cf[:, 0] ** 2], dim=1)
+
+    def _cond_basis(self, cf: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.ones_like(cf[:, 0]), cf[:, 0], cf[:, 0] ** 2, cf[:, 1]], dim=1)
+
+    def layer_features(self, showers: torch.Tensor, energies: torch.Tensor,
+                       u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw per-layer features (n, 4L) laid out [logfrac | cx | cy | log r2], and layer energies (n, L)."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        s = showers.reshape(len(showers), self.n_layers, self.n_lat).float()
+        e_l = s.sum(dim=2)
+        den = e_l + cfg.centroid_reg_mev
+        cx = (s @ self.cell_x) / den
+        cy = (s @ self.cell_y) / den
+        r2 = (s @ (self.cell_x ** 2 + self.cell_y ** 2)) / den
+        u = torch.full_like(e_l, 0.5) if u is None else u
+        logfrac = torch.log((e_l + cfg.dequant_mev * u) / energies.float()[:, None])
+        return torch.cat([logfrac, cx, cy, torch.log(r2 + 0.25)], dim=1), e_l
+
+    def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """Per-layer covariates (L, n, N_COV) for the cell stage from standardised features (n, 4L)."""
+        n, n_l = feat_std.shape[0], self.n_layers
+        per_layer = feat_std.reshape(n, N_FEAT, n_l).permute(2, 0, 1)  # (L, n, 4)
+        ones = torch.ones(n_l, n, 1, dtype=feat_std.dtype, device=feat_std.device)
+        cond = cf[None].expand(n_l, n, 2)
+        return torch.cat([ones, per_layer, cond], dim=2)
+
+    # ---- preprocessing ------------------------------------------------------------------------------
+    def _fit_preprocessing(self, data: Any) -> None:
+        """Standardisation of the layer features and of the flow, and a moment-based start for the cells."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        n_l, n_lat, chunk = self.n_layers, self.n_lat, 500
+        energies = torch.as_tensor(np.asarray(data.energies), dtype=torch.float32)
+        angles = torch.as_tensor(np.asarray(data.angles), dtype=torch.float32)
+        showers = data.showers
+        n = len(energies)
+        feats = []
+        hits = torch.zeros(n_l * n_lat, dtype=torch.float64)
+        s1 = torch.zeros_like(hits)
+        s2 = torch.zeros_like(hits)
+        e_max = 0.0
+        for i in range(0, n, chunk):
+            x = torch.as_tensor(np.asarray(showers[i:i + chunk]), dtype=torch.float32)
+            feats.append(self.layer_features(x, energies[i:i + chunk])[0])
+            h = x > 0
+            ly = torch.log(torch.where(h, x, torch.ones_like(x))).double()
+            hits += h.sum(0)
+            s1 += ly.sum(0)
+            s2 += (ly ** 2).sum(0)
+            e_max = max(e_max, float(x.max()))
+        f = torch.cat(feats).double()
+        mean, std = f.mean(0), f.std(0)
+        std = torch.where(std > 1e-6, std, torch.ones_like(std))
+        self.feat_mean.copy_(mean.float())
+        self.feat_std.copy_(std.float())
+        # Conditional mean of the standardised features: least squares on [1, lE, lE^2, a].
+        cf = self.condition_features(energies, angles).double()
+        basis = self._cond_basis(cf)
+        fs = (f - mean) / std
+        coef = torch.linalg.lstsq(basis.T @ basis + 1e-6 * torch.eye(4, dtype=torch.float64), basis.T @ fs).solution
+        resid = fs - basis @ coef
+        rstd = resid.std(0)
+        self.flow_coef.copy_(coef.float())
+        self.flow_std.copy_(torch.where(rstd > 1e-6, rstd, torch.ones_like(rstd)).float())
+        self.log_e_max.fill_(math.log(max(e_max, 1e-3)) + 1.0)
+        # Cells: hit frequency and log-energy moments as intercepts, pooled per layer where statistics are poor.
+        p = (hits / max(n, 1)).clamp(cfg.min_hit_prob, 1 - 1e-4)
+        mu = s1 / hits.clamp(min=1)
+        var = (s2 / hits.clamp(min=1) - mu ** 2).clamp(min=0.09)
+        hits_l, s1_l = hits.view(n_l, n_lat), s1.view(n_l, n_lat)
+        mu_l = (s1_l.sum(1) / hits_l.sum(1).clamp(min=1))[:, None].expand(n_l, n_lat).reshape(-1)
+        w = hits / (hits + 10.0)
+        mu = w * mu + (1 - w) * mu_l
+        sd = w * var.sqrt() + (1 - w) * 1.0
+        with torch.no_grad():
+            self.cell_coef.zero_()
+            self.cell_coef[:, 0, :n_lat] = torch.logit(p).view(n_l, n_lat).float()
+            self.cell_coef[:, 0, n_lat:2 * n_lat] = mu.view(n_l, n_lat).float()
+            self.cell_coef[:, 0, 2 * n_lat:] = torch.log(sd).view(n_l, n_lat).float()
+            self.cell_skew.zero_()
+            self.cell_log_tail.zero_()
+
+    # ---- flow ---------------------------------------------------------------------------------------
+    def _flow_forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = torch.zeros(len(x), device=x.device, dtype=x.dtype)
+        for block, perm in zip(self.blocks, self.perms):
+            x, ld = block(x[:, perm], c)
+            logdet = logdet + ld
+        return x, logdet
+
+    def _flow_inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        for block, inv in zip(reversed(self.blocks), reversed(self.inv_perms)):
+            z = block.inverse(z, c)[:, inv]
+        return z
+
+    # ---- cell stage ---------------------------------------------------------------------------------
+    def _cell_params(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hit logit, mu, log sigma), each (L, n, n_lat), from covariates (L, n, N_COV)."""
+        out = torch.bmm(cov, self.cell_coef)
+        n_lat = self.n_lat
+        return out[..., :n_lat], out[..., n_lat:2 * n_lat], out[..., 2 * n_lat:].clamp(-5.0, 3.0)
+
+    def _tail(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cell_skew[:, None, :], torch.exp(self.cell_log_tail.clamp(-2.0, 2.0))[:, None, :]
+
+    def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        """Negative log-likelihood of the cells given the layer covariates, summed over cells (n,)."""
+        n = len(showers)
+        x = showers.reshape(n, self.n_layers, self.n_lat).transpose(0, 1)  # (L, n, n_lat)
+        logit, mu, log_sigma = self._cell_params(cov)
+        hit = x > 0
+        nll_hit = torch.where(hit, F.softplus(-logit), F.softplus(logit))
+        r = (torch.log(torch.where(hit, x, torch.ones_like(x))) - mu) * torch.exp(-log_sigma)
+        skew, tail = self._tail()
+        a = (tail * torch.asinh(r) - skew).clamp(-20.0, 20.0)
+        z = torch.sinh(a)
+        # log density of a standard logistic z, plus log |dz/dr| = log(tail) + log cosh(a) - 0.5 log(1 + r^2).
+        log_pz = -z.abs() - 2 * F.softplus(-z.abs())
+        log_cosh = a.abs() + F.softplus(-2 * a.abs()) - math.log(2.0)
+        log_p = log_pz + torch.log(tail) + log_cosh - 0.5 * torch.log1p(r ** 2) - log_sigma
+        nll = nll_hit - torch.where(hit, log_p, torch.zeros_like(log_p))
+        return nll.sum(dim=(0, 2))
+
+    # ---- likelihood -----------------------------------------------------------------------------------
+    def nll_terms(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-shower NLL of the flow (with dequantisation) and of the cells (n,), (n,)."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        cf = self.condition_features(batch.energies, batch.angles)
+        u = torch.rand(len(batch), self.n_layers, device=cf.device)
+        feat, e_l = self.layer_features(batch.showers, batch.energies, u)
+        fs = (feat - self.feat_mean) / self.feat_std
+        # Lateral features of empty layers are arbitrary: spread them so the flow sees no point mass.
+        empty = (e_l <= 0).repeat(1, N_FEAT)
+        empty[:, :self.n_layers] = False
+        noise = torch.randn_like(fs) * cfg.empty_layer_noise
+        fs_flow = torch.where(empty, fs + noise, fs)
+        y = (fs_flow - self._cond_basis(cf) @ self.flow_coef) / self.flow_std
+        z, logdet = self._flow_forward(y, self._flow_cond(cf))
+        flow_nll = 0.5 * (z ** 2).sum(1) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
+        flow_nll = flow_nll + torch.log(self.flow_std * self.feat_std).sum()
+        fs_clean, _ = self.layer_features(batch.showers, batch.energies)
+        cov = self._covariates((fs_clean - self.feat_mean) / self.feat_std, cf)
+        return flow_nll, self._shape_nll(batch.showers, cov)
+
+    def loss(self, batch: TrainBatch) -> torch.Tensor:
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        flow_nll, shape_nll = self.nll_terms(batch)
+        self._last = (float(flow_nll.mean()) / self.dim, float(shape_nll.mean()) / self.n_cells)
+        return flow_nll.mean() / self.dim + cfg.shape_weight * shape_nll.mean() / self.n_cells
+
+    def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
+                      grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
+        out = super().training_step(batch, optimizers, step, grad_clip, autocast)
+        if hasattr(self, "_last"):
+            out["flow"], out["cells"] = self._last
+        return out
+
+    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
+        """One Adam; the per-cell coefficients take 10x the flow's learning rate (they are plain GLM terms)."""
+        cells = [self.cell_coef, self.cell_skew, self.cell_log_tail]
+        ids = {id(p) for p in cells}
+        flow = [p for p in self.parameters() if id(p) not in ids]
+        return {"main": torch.optim.Adam([{"params": flow, "weight_decay": weight_decay},
+                                          {"params": cells, "lr": 10 * lr}], lr=lr)}
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
+        return [((n, self.dim), "normal"), ((n, self.n_cells), "uniform")]
+
+    def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+        z_flow, u_cells = noise
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        n, n_l, n_lat = energies.shape[0], self.n_layers, self.n_lat
+        cf = self.condition_features(energies, angles)
+        y = self._flow_inverse(z_flow, self._flow_cond(cf))
+        fs = y * self.flow_std + self._cond_basis(cf) @ self.flow_coef  # standardised features
+        logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
+        e_layer = torch.exp(logfrac) * energies.float()[:, None]
+        e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
+        logit, mu, log_sigma = self._cell_params(self._covariates(fs, cf))
+        u = u_cells.reshape(n, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat)
+        p = torch.sigmoid(logit)
+        hit = u < p
+        v = (u / p).clamp(1e-6, 1 - 1e-6)
+        skew, tail = self._tail()
+        r = torch.sinh((torch.asinh(torch.log(v) - torch.log1p(-v)) + skew) / tail)
+        log_e = (mu + torch.exp(log_sigma) * r).clamp(max=self.log_e_max)
+        cells = torch.where(hit, torch.exp(log_e), torch.zeros_like(log_e))  # (L, n, n_lat)
+        total = cells.sum(dim=2)  # (L, n)
+        scale = torch.where(total > 0, e_layer.transpose(0, 1) / total.clamp(min=1e-30), torch.zeros_like(total))
+        cells = cells * scale[:, :, None]
+        return cells.transpose(0, 1).reshape(n, self.n_cells)

@@ -1,0 +1,310 @@
+"""Simulate reference showers with Geant4: ``caloforge simulate``.
+
+The run is cut into chunks of a fixed number of showers. Chunk ``k`` draws its conditions and its Geant4
+seed from ``(seed, k)`` alone, so the showers do not depend on the number of workers, and the first ``m``
+showers of a run are the same whatever ``-n`` is. Workers (separate processes: one Geant4 per process)
+write each finished chunk atomically to ``OUTPUT.chunks/``; a killed run started again with the same command
+skips the chunks already there. When all chunks exist they are merged into ``OUTPUT`` (written as
+``OUTPUT.tmp`` and renamed), so a file with the final name is always complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from caloforge.conditions import parse_angle_spec, parse_energy_spec
+from caloforge.dataset import ShowerFile, ShowerWriter
+from caloforge.detector import Detector, load_detector
+
+DEFAULT_CHUNK = 50
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines the showers of a run (and nothing that does not, like the worker count)."""
+
+    detector_json: str
+    particle: str
+    energy: str
+    angle: str
+    n: int
+    seed: int
+    chunk_size: int
+    physics: str  # "standard" or "data-free"
+
+    @property
+    def detector(self) -> Detector:
+        return Detector.from_json(self.detector_json)
+
+    @property
+    def angled(self) -> bool:
+        return parse_angle_spec(self.angle).bounds[1] > 0
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n // self.chunk_size)
+
+    def chunk_rows(self, k: int) -> int:
+        return min(self.chunk_size, self.n - k * self.chunk_size)
+
+    def chunk_conditions(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Incident energies (MeV), angles (deg) and the Geant4 seed of chunk ``k``.
+
+        Separate random streams per quantity keep the first rows of a chunk identical whatever its length.
+        """
+        m, first = self.chunk_rows(k), k * self.chunk_size
+        e_rng = np.random.default_rng(np.random.SeedSequence([self.seed, k, 1]))
+        a_rng = np.random.default_rng(np.random.SeedSequence([self.seed, k, 2]))
+        energies = parse_energy_spec(self.energy).sample(m, e_rng, offset=first)
+        angles = parse_angle_spec(self.angle).sample(m, a_rng, offset=first)
+        g4_seed = int(np.random.SeedSequence([self.seed, k, 3]).generate_state(1)[0] % 2_147_483_647) or 1
+        return energies, angles, g4_seed
+
+    def shows_same_showers(self, other: RunConfig) -> list[str]:
+        """Fields (other than n) that differ: chunks of one run cannot be reused by the other."""
+        a, b = asdict(self), asdict(other)
+        return [k for k in a if k != "n" and a[k] != b[k]]
+
+
+def resolve_physics(physics: str) -> str:
+    from caloforge.geant4_setup import real_em_data
+
+    if physics == "auto":
+        return "standard" if real_em_data() is not None else "data-free"
+    if physics not in ("standard", "data-free"):
+        raise ValueError(f"physics {physics!r}: expected auto, standard or data-free")
+    return physics
+
+
+# ---- worker side ---------------------------------------------------------------------------------
+_APP = None
+_CFG: RunConfig | None = None
+
+
+def _worker_init(cfg: RunConfig, quiet_stdout: bool = True) -> None:
+    global _APP, _CFG
+    if quiet_stdout:  # Geant4 prints its banner and messages on stdout; keep the user's terminal clean
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+    from caloforge.geant4_app import Geant4App
+
+    _CFG = cfg
+    _APP = Geant4App(cfg.detector, cfg.particle, physics=cfg.physics)
+
+
+def _run_chunk(args: tuple[int, str]) -> tuple[int, int]:
+    k, chunk_dir = args
+    assert _APP is not None and _CFG is not None
+    energies, angles, g4_seed = _CFG.chunk_conditions(k)
+    showers = _APP.simulate(energies, angles, g4_seed, angled=_CFG.angled)
+    rows, cells = np.nonzero(showers)
+    final = Path(chunk_dir) / f"chunk-{k:06d}.npz"
+    tmp = final.with_suffix(".tmp.npz")
+    np.savez(tmp, energies=energies, angles=angles, rows=rows.astype(np.int32), cells=cells.astype(np.int32),
+             values=showers[rows, cells], n_cells=np.int64(showers.shape[1]))
+    os.replace(tmp, final)
+    return k, len(energies)
+
+
+def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        e, a = z["energies"], z["angles"]
+        showers = np.zeros((len(e), int(z["n_cells"])), np.float32)
+        showers[z["rows"], z["cells"]] = z["values"]
+    return e, a, showers
+
+
+# ---- driver side ---------------------------------------------------------------------------------
+def _chunk_dir(output: Path) -> Path:
+    return Path(str(output) + ".chunks")
+
+
+def _done_chunks(chunk_dir: Path, cfg: RunConfig) -> set[int]:
+    done = set()
+    for k in range(cfg.n_chunks):
+        if (chunk_dir / f"chunk-{k:06d}.npz").exists():
+            done.add(k)
+    return done
+
+
+def _prepare_chunk_dir(chunk_dir: Path, cfg: RunConfig) -> None:
+    manifest = chunk_dir / "run.json"
+    if manifest.exists():
+        old = RunConfig(**json.loads(manifest.read_text()))
+        diff = cfg.shows_same_showers(old)
+        if diff:
+            raise ValueError(
+                f"{chunk_dir}: holds an unfinished run with different {', '.join(diff)}; "
+                f"run the original command to finish it, or delete {chunk_dir} to start afresh"
+            )
+    chunk_dir.mkdir(parents=True, exist_ok=True)
+    tmp = manifest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(cfg), indent=1))
+    os.replace(tmp, manifest)
+
+
+def _attrs(cfg: RunConfig, complete_rows: int) -> dict:
+    from caloforge.geant4_app import geant4_version
+    from caloforge.physics import DATA_FREE, STANDARD
+
+    d = cfg.detector
+    return {
+        "source": "geant4",
+        "particle": cfg.particle,
+        "physics_list": STANDARD if cfg.physics == "standard" else DATA_FREE,
+        "geant4_version": geant4_version(),
+        "production_cut_mm": d.production_cut_mm,
+        "seed": cfg.seed,
+        "energy_spec": cfg.energy,
+        "angle_spec": cfg.angle,
+        "chunk_size": cfg.chunk_size,
+        "run_config": json.dumps({**asdict(cfg), "n": complete_rows}),
+    }
+
+
+def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int]) -> int:
+    rows = sum(cfg.chunk_rows(k) for k in chunks)
+    writer = ShowerWriter(output, cfg.detector, cfg.detector.n_cells(cfg.angled), _attrs(cfg, rows))
+    try:
+        for k in chunks:
+            writer.append(*_load_chunk(chunk_dir / f"chunk-{k:06d}.npz"))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    return rows
+
+
+def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n: int, seed: int,
+             output: str | Path, workers: int | None = None, chunk_size: int = DEFAULT_CHUNK,
+             physics: str = "auto", quiet: bool = False, overwrite: bool = False) -> Path:
+    """Simulate ``n`` showers into ``output`` (resumable, reproducible for a seed whatever ``workers``)."""
+    from caloforge.geant4_app import canonical_particle
+    from caloforge.progress import progress
+
+    det = detector if isinstance(detector, Detector) else load_detector(detector)
+    if n <= 0:
+        raise ValueError(f"-n must be > 0, got {n}")
+    espec, aspec = parse_energy_spec(energy), parse_angle_spec(angle)
+    if aspec.bounds[1] > 60:
+        raise ValueError(f"angle {angle!r}: the incidence angle must be within 0-60 degrees")
+    cfg = RunConfig(det.to_json(), canonical_particle(particle), espec.text, aspec.text, int(n), int(seed),
+                    int(chunk_size), resolve_physics(physics))
+    output = Path(output)
+    if output.exists():
+        if overwrite:
+            output.unlink()
+        else:
+            with ShowerFile(output) as f:
+                old = json.loads(f.attrs.get("run_config", "{}"))
+            if old == asdict(cfg):
+                if not quiet:
+                    print(f"{output}: already complete ({n} showers), nothing to do")
+                return output
+            raise ValueError(f"{output}: exists and was made by another command; use --overwrite to replace it")
+    chunk_dir = _chunk_dir(output)
+    _prepare_chunk_dir(chunk_dir, cfg)
+    done = _done_chunks(chunk_dir, cfg)
+    todo = [k for k in range(cfg.n_chunks) if k not in done]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
+    done_rows = sum(cfg.chunk_rows(k) for k in done)
+    if done and not quiet:
+        print(f"{output}: resuming, {done_rows} of {n} showers already simulated")
+    if todo:
+        ctx = mp.get_context("spawn")
+        with progress(total=n, desc="geant4", unit="shower", quiet=quiet, initial=done_rows) as bar, \
+                ctx.Pool(workers, initializer=_worker_init, initargs=(cfg,)) as pool:
+            for _, m in pool.imap_unordered(_run_chunk, [(k, str(chunk_dir)) for k in todo]):
+                bar.update(m)
+    _merge(cfg, chunk_dir, output, list(range(cfg.n_chunks)))
+    shutil.rmtree(chunk_dir, ignore_errors=True)
+    return output
+
+
+def snapshot(output: str | Path, to: str | Path) -> int:
+    """Merge the chunks an unfinished (or running) simulation of ``output`` has finished into ``to``.
+
+    Only the leading run of finished chunks is taken, so the snapshot is a prefix of the final file.
+    Returns the number of showers written.
+    """
+    chunk_dir = _chunk_dir(Path(output))
+    manifest = chunk_dir / "run.json"
+    if not manifest.exists():
+        raise ValueError(f"{chunk_dir}: no unfinished simulation to snapshot")
+    cfg = RunConfig(**json.loads(manifest.read_text()))
+    done = _done_chunks(chunk_dir, cfg)
+    prefix = []
+    while len(prefix) in done:
+        prefix.append(len(prefix))
+    if not prefix:
+        raise ValueError(f"{chunk_dir}: no finished chunk yet")
+    return _merge(cfg, chunk_dir, Path(to), prefix)
+
+
+def time_geant4(detector: Detector | str, particle: str, energy_gev: float, n_showers: int,
+                physics: str = "auto", seed: int = 1) -> float:
+    """Geant4 ms per shower at a fixed energy and normal incidence, in one fresh worker process.
+
+    Start-up and physics-table building are excluded (one warm-up shower first).
+    """
+    det = detector if isinstance(detector, Detector) else load_detector(detector)
+    from caloforge.geant4_app import canonical_particle
+
+    cfg = RunConfig(det.to_json(), canonical_particle(particle), str(energy_gev), "0", n_showers, seed,
+                    n_showers, resolve_physics(physics))
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1, initializer=_worker_init, initargs=(cfg,)) as pool:
+        return pool.apply(_time_in_worker, (float(energy_gev), int(n_showers), seed))
+
+
+def _time_in_worker(energy_gev: float, n: int, seed: int) -> float:
+    assert _APP is not None
+    _APP.simulate(np.array([energy_gev * 1e3]), np.zeros(1), seed)
+    t0 = time.perf_counter()
+    _APP.simulate(np.full(n, energy_gev * 1e3), np.zeros(n), seed + 1)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", default="ild-ecal", help="built-in detector name or a .toml/.yaml file")
+    p.add_argument("--particle", default="gamma", help="e-, e+ or gamma")
+    p.add_argument("--energy", default="10:100",
+                   help="GeV: '50' fixed, '10:100' uniform, 'log:10:100' log-uniform, '20,50,80' points")
+    p.add_argument("--angle", default="0", help="incidence angle in degrees, tilting towards +y: '0' or '0:60'")
+    p.add_argument("-n", type=int, required=True, help="number of showers")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("-o", "--output", required=True, help="output HDF5 file")
+    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
+                   help="showers per chunk (part of the run's identity: changing it changes the showers)")
+    p.add_argument("--physics", default="auto", choices=["auto", "standard", "data-free"],
+                   help="auto: G4EmStandardPhysics when Geant4 data sets are configured, else data-free EM list")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--snapshot", metavar="PATH",
+                   help="do not simulate: write the showers an unfinished run has finished so far to PATH")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.snapshot:
+        rows = snapshot(args.output, args.snapshot)
+        if not args.quiet:
+            print(f"{args.snapshot}: {rows} showers from the unfinished run of {args.output}")
+        return 0
+    t0 = time.perf_counter()
+    out = simulate(args.detector, args.particle, args.energy, args.angle, args.n, args.seed, args.output,
+                   workers=args.workers, chunk_size=args.chunk_size, physics=args.physics, quiet=args.quiet,
+                   overwrite=args.overwrite)
+    if not args.quiet:
+        print(f"{out}: {args.n} showers ({time.perf_counter() - t0:.0f} s)")
+    return 0

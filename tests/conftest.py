@@ -1,0 +1,33 @@
+"""Shared fixtures: small real Geant4 samples, simulated once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def g4_sample(tmp_path_factory):
+    """``g4_sample(particle, energy, n, seed, angle="0")`` -> path of a cached tiny Geant4 sample."""
+    from caloforge.simulate import simulate
+
+    root = tmp_path_factory.mktemp("g4")
+    cache: dict[tuple, Path] = {}
+
+    def make(particle: str = "gamma", energy: str = "2:6", n: int = 100, seed: int = 1, angle: str = "0",
+             workers: int = 2) -> Path:
+        key = (particle, energy, n, seed, angle)
+        if key not in cache:
+            name = "_".join(str(k).replace(":", "-").replace(",", "_") for k in key) + ".h5"
+            cache[key] = simulate("ild-ecal", particle, energy, angle, n, seed, root / name, workers=workers,
+                                  chunk_size=25, quiet=True)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def g4_pair(g4_sample):
+    """Two independent Geant4 photon samples of the same configuration (different seeds)."""
+    return g4_sample("gamma", "2:6", 400, 101), g4_sample("gamma", "2:6", 400, 102)
