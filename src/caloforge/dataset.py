@@ -68,7 +68,7 @@ class ShowerFile:
         if not os.path.exists(self.path):
             hint = ""
             if os.path.isdir(self.path + ".chunks"):
-                hint = " (an unfinished simulation exists: run the same `caloforge simulate` command again to finish it)"
+                hint = " (an unfinished simulation exists: run the same `caloforge simulate` again to finish it)"
             raise DatasetError(f"{self.path}: file not found{hint}")
         try:
             self._h5 = h5py.File(self.path, "r")
@@ -287,16 +287,18 @@ def describe(path: str | Path) -> str:
     """A human-readable summary of a shower file (``caloforge info``)."""
     with ShowerFile(path) as f:
         e, a = f.energies, f.angles
-        lines = [f"file:            {f.path}", f"showers:         {len(f)} x {f.n_cells} cells, shape {f.shape}"]
+        lines = [f"file:              {f.path}", f"showers:           {len(f)} x {f.n_cells} cells, shape {f.shape}"]
         if f.detector is not None:
-            lines.append(f"detector:        {f.detector.name}")
+            lines.append(f"detector:          {f.detector.name}")
         for key in ("source", "particle", "physics_list", "geant4_version", "production_cut_mm", "seed",
                     "caloforge_version", "energy_spec", "angle_spec", "model"):
             if key in f.attrs:
                 lines.append(f"{key + ':':<19}{f.attrs[key]}")
         if len(f):
-            lines.append(f"energy [GeV]:    min {e.min() / 1e3:.3f}  mean {e.mean() / 1e3:.3f}  max {e.max() / 1e3:.3f}")
-            lines.append(f"angle [deg]:     min {a.min():.2f}  mean {a.mean():.2f}  max {a.max():.2f}")
+            lines.append(
+                f"energy [GeV]:      min {e.min() / 1e3:.3f}  mean {e.mean() / 1e3:.3f}  max {e.max() / 1e3:.3f}"
+            )
+            lines.append(f"angle [deg]:       min {a.min():.2f}  mean {a.mean():.2f}  max {a.max():.2f}")
             n = min(len(f), 1000)
             b = f.read(0, n)
             vis = b.showers.sum(axis=1)

@@ -139,7 +139,7 @@ def _data_free_em_constructor(g4):
             n.register(n.process("phot", "phot", True), gamma)
             n.register(n.process("compt", "compt", True), gamma)
             n.register(n.process("conv", "conv", True), gamma)
-            for particle, prefix in ((electron, "e-"), (positron, "e+")):
+            for particle in (electron, positron):
                 n.register(n.process("msc", "msc", False), particle)
                 n.register(n.process("eIoni", "eIoni", False), particle)
                 brem = n.process("eBrem", "eBrem", False)

@@ -1,0 +1,131 @@
+"""The HDF5 dataset format: round trip, streaming, and a clear error for each kind of bad file."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+
+from caloforge.dataset import (
+    DatasetError,
+    ShowerFile,
+    ShowerWriter,
+    describe,
+    read_showers,
+    torch_dataset,
+    write_showers,
+)
+from caloforge.detector import Detector, load_detector
+
+DET = load_detector("ild-ecal")
+N_CELLS = DET.n_cells()
+
+
+def _toy(n: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    showers = np.where(rng.random((n, N_CELLS)) < 0.02, rng.exponential(1.0, (n, N_CELLS)), 0).astype(np.float32)
+    return rng.uniform(1e4, 1e5, n), np.zeros(n), showers
+
+
+def _write(path, **override):
+    e, a, s = _toy()
+    with h5py.File(path, "w") as f:
+        f["incident_energies"] = override.get("energies", e[:, None])
+        f["showers"] = override.get("showers", s)
+        f["incident_angles"] = override.get("angles", a[:, None])
+        f.attrs["detector_json"] = override.get("detector_json", DET.to_json())
+    return path
+
+
+def test_round_trip_and_streaming(tmp_path):
+    e, a, s = _toy(250)
+    path = tmp_path / "ok.h5"
+    write_showers(path, DET, e, a, s, {"particle": "gamma", "seed": 3})
+    with ShowerFile(path, expected_detector="ild-ecal") as f:
+        assert len(f) == 250 and f.shape == (30, 30, 30) and f.attrs["particle"] == "gamma"
+        np.testing.assert_array_equal(f.energies, e)
+        parts = [b.showers for b in f.iter_batches(100)]
+        assert [len(p) for p in parts] == [100, 100, 50]
+        np.testing.assert_array_equal(np.concatenate(parts), s)
+        np.testing.assert_array_equal(f.read(index=np.array([7, 3])).showers, s[[7, 3]])
+    with h5py.File(path) as h5:  # the CaloChallenge convention, readable with plain h5py
+        assert h5["incident_energies"].dtype == np.float64 and h5["incident_energies"].shape == (250, 1)
+        assert h5["showers"].dtype == np.float32 and h5["showers"].compression == "gzip"
+        assert h5["showers"].chunks is not None
+    assert "250 x 27000" in describe(path)
+    ds = torch_dataset(path)
+    energy, angle, shower = ds[5]
+    assert shower.shape == (N_CELLS,) and float(energy) == pytest.approx(e[5], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"showers": np.zeros((12, 100), np.float32)}, "match neither window"),
+        ({"energies": np.ones((12, 2))}, "expected \\(N, 1\\)"),
+        ({"energies": np.ones((11, 1))}, "has 12 rows but"),
+        ({"energies": -np.ones((12, 1))}, "incident_energies.*<= 0"),
+        ({"angles": np.zeros((12, 2))}, "incident_angles"),
+    ],
+)
+def test_bad_structure_is_refused(tmp_path, override, message):
+    path = _write(tmp_path / "bad.h5", **override)
+    with pytest.raises(DatasetError, match=message) as err:
+        ShowerFile(path).energies  # noqa: B018
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(("value", "message"), [(np.nan, "NaN or inf"), (np.inf, "NaN or inf"), (-1.0, "negative")])
+def test_bad_values_are_refused(tmp_path, value, message):
+    _, _, s = _toy()
+    s[4, 17] = value
+    path = _write(tmp_path / "bad.h5", showers=s)
+    with pytest.raises(DatasetError, match=f"'showers'.*{message}.*row 4") as err:
+        read_showers(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_key_and_missing_file(tmp_path):
+    path = tmp_path / "nokey.h5"
+    with h5py.File(path, "w") as f:
+        f["showers"] = np.zeros((2, N_CELLS), np.float32)
+    with pytest.raises(DatasetError, match="missing dataset 'incident_energies'"):
+        ShowerFile(path)
+    with pytest.raises(DatasetError, match="not found"):
+        ShowerFile(tmp_path / "absent.h5")
+    (tmp_path / "text.h5").write_text("not hdf5")
+    with pytest.raises(DatasetError, match="not a readable HDF5"):
+        ShowerFile(tmp_path / "text.h5")
+
+
+def test_detector_mismatch(tmp_path):
+    other = Detector.from_dict({**DET.to_dict(), "name": "other", "layers": [
+        {"count": 30, "absorber": "G4_Pb", "absorber_mm": 3.0, "active": "G4_Si", "active_mm": 0.5}]})
+    path = _write(tmp_path / "other.h5", detector_json=other.to_json())
+    with pytest.raises(DatasetError, match="attribute 'detector'.*'other'.*expected detector 'ild-ecal'"):
+        ShowerFile(path, expected_detector="ild-ecal")
+
+
+def test_interrupted_write_leaves_no_final_file(tmp_path):
+    path = tmp_path / "out.h5"
+    e, a, s = _toy()
+    with pytest.raises(RuntimeError):
+        with ShowerWriter(path, DET, N_CELLS) as w:
+            w.append(e, a, s)
+            raise RuntimeError("killed")
+    assert not path.exists() and not (tmp_path / "out.h5.tmp").exists()
+    # a .tmp left by a hard kill is marked incomplete inside
+    w = ShowerWriter(path, DET, N_CELLS)
+    w.append(e, a, s)
+    w._h5.flush()
+    assert not path.exists()
+    w._h5.close()
+    with pytest.raises(DatasetError, match="incomplete"):
+        ShowerFile(str(path) + ".tmp")
+
+
+def test_writer_refuses_bad_values(tmp_path):
+    e, a, s = _toy()
+    s[0, 0] = np.nan
+    with pytest.raises(DatasetError, match="NaN"):
+        write_showers(tmp_path / "x.h5", DET, e, a, s)
