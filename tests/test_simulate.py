@@ -136,3 +136,27 @@ def test_bad_requests_are_refused(tmp_path):
         simulate("ild-ecal", "gamma", "3", "0:80", 5, 1, tmp_path / "p.h5", quiet=True)
     with pytest.raises(ValueError):
         simulate("ild-ecal", "gamma", "-3", "0", 5, 1, tmp_path / "p.h5", quiet=True)
+
+
+def test_snapshot_is_a_prefix_and_the_run_continues_over_it(tmp_path):
+    from caloforge.simulate import RunConfig, _prepare_chunk_dir, resolve_physics, simulate
+    from caloforge.simulate import snapshot as take_snapshot
+
+    out = tmp_path / "run.h5"
+    cfg = RunConfig(DET.to_json(), "gamma", "2", "0", 20, 9, 5, resolve_physics("auto"))
+    chunk_dir = tmp_path / "run.h5.chunks"
+    _prepare_chunk_dir(chunk_dir, cfg)
+    # finish chunks 0 and 2 in a child process (one Geant4 per process), as an interrupted run would
+    subprocess.run([sys.executable, "-c", (
+        "from caloforge.simulate import RunConfig, _worker_init, _run_chunk; import json, sys; "
+        f"cfg = RunConfig(**json.load(open({str(chunk_dir / 'run.json')!r}))); _worker_init(cfg); "
+        f"_run_chunk((0, {str(chunk_dir)!r})); _run_chunk((2, {str(chunk_dir)!r}))")], check=True)
+    assert take_snapshot(out, out) == 5  # only the leading run of chunks: chunk 0
+    with ShowerFile(out) as f:
+        assert len(f) == 5 and f.attrs["snapshot"]
+    simulate("ild-ecal", "gamma", "2", "0", 20, 9, out, workers=1, chunk_size=5, quiet=True)
+    full = read_showers(out)
+    with ShowerFile(out) as f:
+        assert len(f) == 20 and "snapshot" not in f.attrs
+    ref = simulate("ild-ecal", "gamma", "2", "0", 20, 9, tmp_path / "ref.h5", workers=2, chunk_size=5, quiet=True)
+    assert np.array_equal(full.showers, read_showers(ref).showers)

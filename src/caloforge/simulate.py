@@ -171,9 +171,12 @@ def _attrs(cfg: RunConfig, complete_rows: int) -> dict:
     }
 
 
-def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int]) -> int:
+def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int], snapshot: bool = False) -> int:
     rows = sum(cfg.chunk_rows(k) for k in chunks)
-    writer = ShowerWriter(output, cfg.detector, cfg.detector.n_cells(cfg.angled), _attrs(cfg, rows))
+    attrs = _attrs(cfg, rows)
+    if snapshot:
+        attrs.update(snapshot=True, snapshot_of_n=cfg.n)
+    writer = ShowerWriter(output, cfg.detector, cfg.detector.n_cells(cfg.angled), attrs)
     try:
         for k in chunks:
             writer.append(*_load_chunk(chunk_dir / f"chunk-{k:06d}.npz"))
@@ -206,11 +209,15 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
         else:
             with ShowerFile(output) as f:
                 old = json.loads(f.attrs.get("run_config", "{}"))
-            if old == asdict(cfg):
+                is_snapshot = bool(f.attrs.get("snapshot", False))
+            if old == asdict(cfg) and not is_snapshot:
                 if not quiet:
                     print(f"{output}: already complete ({n} showers), nothing to do")
                 return output
-            raise ValueError(f"{output}: exists and was made by another command; use --overwrite to replace it")
+            same_run = bool(old) and not cfg.shows_same_showers(RunConfig(**old))
+            if not (is_snapshot and same_run):
+                raise ValueError(f"{output}: exists and was made by another command; use --overwrite to replace it")
+            # a snapshot of this very run: continue the run, the final merge replaces the snapshot
     chunk_dir = _chunk_dir(output)
     _prepare_chunk_dir(chunk_dir, cfg)
     done = _done_chunks(chunk_dir, cfg)
@@ -233,7 +240,9 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
 def snapshot(output: str | Path, to: str | Path) -> int:
     """Merge the chunks an unfinished (or running) simulation of ``output`` has finished into ``to``.
 
-    Only the leading run of finished chunks is taken, so the snapshot is a prefix of the final file.
+    Only the leading run of finished chunks is taken, so the snapshot is a prefix of the final file; it is
+    marked with the attribute ``snapshot``. ``to`` may be the run's own output path: running the simulation
+    command again then continues the run and replaces the snapshot with the complete file.
     Returns the number of showers written.
     """
     chunk_dir = _chunk_dir(Path(output))
@@ -247,7 +256,7 @@ def snapshot(output: str | Path, to: str | Path) -> int:
         prefix.append(len(prefix))
     if not prefix:
         raise ValueError(f"{chunk_dir}: no finished chunk yet")
-    return _merge(cfg, chunk_dir, Path(to), prefix)
+    return _merge(cfg, chunk_dir, Path(to), prefix, snapshot=True)
 
 
 def time_geant4(detector: Detector | str, particle: str, energy_gev: float, n_showers: int,
