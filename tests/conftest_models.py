@@ -13,7 +13,7 @@ def toy_detector(name: str = "toy-ecal", n_layers: int = 4, n_xy: int = 6) -> De
     half = n_xy * 5.0 / 2
     return Detector.from_dict({
         "name": name,
-        "size_x_mm": 100.0, "size_y_mm": 100.0, "cell_size_mm": 5.0,
+        "size_x_mm": 600.0, "size_y_mm": 600.0, "cell_size_mm": 5.0,
         "layers": [{"count": n_layers, "absorber": "G4_W", "absorber_mm": 2.1, "active": "G4_Si", "active_mm": 0.5}],
         "readout": {"x_min_mm": -half, "n_x": n_xy, "y_min_mm": -half, "n_y": n_xy},
     })
@@ -37,7 +37,7 @@ def toy_showers(detector: Detector, n: int, seed: int = 0, e_gev: tuple[float, f
         for layer in range(n_l):
             w = np.exp(-np.hypot(x - cx, y - cy) / (0.6 + 0.1 * layer))
             cells = prof[layer] * w / w.sum() * rng.lognormal(0, 0.4, w.shape)
-            keep = rng.random(w.shape) < np.clip(cells / 0.3, 0.02, 1.0)
+            keep = rng.random(w.shape) < np.clip(cells / 2.0, 0.01, 1.0)
             showers[i, layer] = np.where(keep, cells, 0.0)
     return Batch(energies, angles, showers.reshape(n, -1))
 
@@ -47,3 +47,21 @@ def write_toy_file(path, detector: Detector, n: int, seed: int = 0) -> Batch:
     b = toy_showers(detector, n, seed)
     write_showers(path, detector, b.energies, b.angles, b.showers, attrs={"source": "toy", "particle": "gamma"})
     return b
+
+
+#: Tiny architectures per family, so that every test runs in a second or two.
+TINY_CONFIGS: dict[str, dict] = {
+    "layerflow": {"flow_blocks": 2, "flow_hidden": 16},
+    "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
+             "n_critic": 2},
+}
+
+
+def tiny_model(family: str, detector: Detector, data: Batch):
+    """A tiny model of ``family`` with its preprocessing fitted on ``data`` (untrained)."""
+    from caloforge.models import get_family
+
+    cls = get_family(family)
+    model = cls(detector, data.showers.shape[1], cls.Config.from_dict(TINY_CONFIGS[family]))
+    model.fit_preprocessing(data)
+    return model

@@ -62,7 +62,8 @@ def _number(token: str, text: str, what: str) -> float:
 
 def _parse(text: str, what: str, scale: float, unit: str, allow_log: bool) -> ConditionSpec:
     if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"empty {what} spec; expected e.g. '50', '10:100'{', log:10:100' if allow_log else ''}, '20,50,80'")
+        examples = "'50', '10:100', 'log:10:100', '20,50,80'" if allow_log else "'0', '0:30', '0,15,30'"
+        raise ValueError(f"empty {what} spec; expected e.g. {examples}")
     s = text.strip().replace(" ", "")
     kind: str
     if s.lower().startswith("log:"):

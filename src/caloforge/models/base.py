@@ -99,6 +99,8 @@ class ShowerModel(nn.Module):
     Config: ClassVar[type[ModelConfig]] = ModelConfig
     #: Condition names, in the order ``decode`` takes them (room for impact position / particle later).
     conditions: ClassVar[tuple[str, ...]] = ("energy", "angle")
+    #: ``sample`` decodes in chunks of this many showers (cache-friendly on CPU); 0 = one call.
+    sample_chunk: ClassVar[int] = 0
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None):
         super().__init__()
@@ -192,7 +194,14 @@ class ShowerModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = self.decode(energies, angles, *self.draw_noise(len(energies), generator))
+            noise = self.draw_noise(len(energies), generator)
+            chunk = self.sample_chunk if self.sample_chunk > 0 and device.type == "cpu" else len(energies)
+            if len(energies) <= chunk:
+                out = self.decode(energies, angles, *noise)
+            else:
+                out = torch.cat([
+                    self.decode(energies[i:i + chunk], angles[i:i + chunk], *(t[i:i + chunk] for t in noise))
+                    for i in range(0, len(energies), chunk)])
         finally:
             self.train(was_training)
         return out
@@ -214,12 +223,12 @@ class ShowerModel(nn.Module):
         with autocast if autocast is not None else _nullcontext():
             loss = self.loss(batch)
         if not torch.isfinite(loss):
-            return {"loss": float(loss)}
+            return {"loss": float(loss.detach())}
         loss.backward()
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters(), grad_clip)
         opt.step()
-        return {"loss": float(loss)}
+        return {"loss": float(loss.detach())}
 
     # ---- description --------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

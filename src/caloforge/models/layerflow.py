@@ -50,6 +50,16 @@ class LayerFlowConfig(ModelConfig):
     permutation_seed: int = 1234
 
 
+def _asinh(x: torch.Tensor) -> torch.Tensor:
+    """asinh written with exportable ops (ONNX has no Asinh in the TorchScript exporter)."""
+    ax = x.abs()
+    return torch.sign(x) * torch.log1p(ax + ax * ax / (1 + torch.sqrt(1 + ax * ax)))
+
+
+def _sinh(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (torch.exp(x) - torch.exp(-x))
+
+
 class _Coupling(nn.Module):
     """Affine coupling: the second half of the features is scaled and shifted given the first half and c."""
 
@@ -89,6 +99,7 @@ class LayerFlow(ShowerModel):
 
     family = "layerflow"
     Config = LayerFlowConfig
+    sample_chunk = 128
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None):
         super().__init__(detector, n_cells, config)
@@ -114,10 +125,14 @@ class LayerFlow(ShowerModel):
                              persistent=False)
         self.blocks = nn.ModuleList(
             _Coupling(self.dim, 3, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp) for _ in range(cfg.flow_blocks))
-        # Cell hurdle: per layer, a (N_COV, 3 * n_lat) matrix -> hit logit, mu, log sigma of log(E_hit / MeV).
-        self.cell_coef = nn.Parameter(torch.zeros(n_l, N_COV, 3 * self.n_lat))
-        self.cell_skew = nn.Parameter(torch.zeros(n_l, self.n_lat))
-        self.cell_log_tail = nn.Parameter(torch.zeros(n_l, self.n_lat))
+        # Cell hurdle. Hit logit: per layer a (N_COV, n_lat) matrix (evaluated densely, one bmm). Energy of a hit:
+        # per cell N_COV coefficients for mu and for log sigma of log(E_hit / MeV), a skew and a log tail weight
+        # (rows indexed by the flat cell index; evaluated only for hit cells).
+        self.cell_hit = nn.Parameter(torch.zeros(n_l, N_COV, self.n_lat))
+        self.cell_mu = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV))
+        self.cell_log_sigma = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV))
+        self.cell_skew = nn.Parameter(torch.zeros(n_l * self.n_lat))
+        self.cell_log_tail = nn.Parameter(torch.zeros(n_l * self.n_lat))
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -142,10 +157,10 @@ class LayerFlow(ShowerModel):
 
     def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         """Per-layer covariates (L, n, N_COV) for the cell stage from standardised features (n, 4L)."""
-        n, n_l = feat_std.shape[0], self.n_layers
-        per_layer = feat_std.reshape(n, N_FEAT, n_l).permute(2, 0, 1)  # (L, n, 4)
-        ones = torch.ones(n_l, n, 1, dtype=feat_std.dtype, device=feat_std.device)
-        cond = cf[None].expand(n_l, n, 2)
+        n_l = self.n_layers  # shapes stay symbolic in the batch size (ONNX export)
+        per_layer = feat_std.reshape(-1, N_FEAT, n_l).permute(2, 0, 1)  # (L, n, 4)
+        ones = torch.ones_like(per_layer[:, :, :1])
+        cond = cf[None].expand(n_l, -1, -1)
         return torch.cat([ones, per_layer, cond], dim=2)
 
     # ---- preprocessing ------------------------------------------------------------------------------
@@ -196,53 +211,55 @@ class LayerFlow(ShowerModel):
         mu = w * mu + (1 - w) * mu_l
         sd = w * var.sqrt() + (1 - w) * 1.0
         with torch.no_grad():
-            self.cell_coef.zero_()
-            self.cell_coef[:, 0, :n_lat] = torch.logit(p).view(n_l, n_lat).float()
-            self.cell_coef[:, 0, n_lat:2 * n_lat] = mu.view(n_l, n_lat).float()
-            self.cell_coef[:, 0, 2 * n_lat:] = torch.log(sd).view(n_l, n_lat).float()
-            self.cell_skew.zero_()
-            self.cell_log_tail.zero_()
+            for par in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail):
+                par.zero_()
+            self.cell_hit[:, 0, :] = torch.logit(p).view(n_l, n_lat).float()
+            self.cell_mu[:, 0] = mu.float()
+            self.cell_log_sigma[:, 0] = torch.log(sd).float()
 
     # ---- flow ---------------------------------------------------------------------------------------
     def _flow_forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logdet = torch.zeros(len(x), device=x.device, dtype=x.dtype)
-        for block, perm in zip(self.blocks, self.perms):
-            x, ld = block(x[:, perm], c)
+        for i, block in enumerate(self.blocks):
+            x, ld = block(x[:, self.perms[i]], c)
             logdet = logdet + ld
         return x, logdet
 
     def _flow_inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for block, inv in zip(reversed(self.blocks), reversed(self.inv_perms)):
-            z = block.inverse(z, c)[:, inv]
+        for i in range(len(self.blocks) - 1, -1, -1):
+            z = self.blocks[i].inverse(z, c)[:, self.inv_perms[i]]
         return z
 
     # ---- cell stage ---------------------------------------------------------------------------------
-    def _cell_params(self, cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hit logit, mu, log sigma), each (L, n, n_lat), from covariates (L, n, N_COV)."""
-        out = torch.bmm(cov, self.cell_coef)
-        n_lat = self.n_lat
-        return out[..., :n_lat], out[..., n_lat:2 * n_lat], out[..., 2 * n_lat:].clamp(-5.0, 3.0)
+    def _hit_logits(self, cov: torch.Tensor) -> torch.Tensor:
+        """Hit logits (L, n, n_lat) from covariates (L, n, N_COV): one batched matrix product."""
+        return torch.bmm(cov, self.cell_hit).float()  # float32 even under bf16 autocast
 
-    def _tail(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cell_skew[:, None, :], torch.exp(self.cell_log_tail.clamp(-2.0, 2.0))[:, None, :]
+    def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor):
+        """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index."""
+        g = cov[lay, row]  # (H, N_COV)
+        mu = (g * self.cell_mu[flat]).sum(1)
+        log_sigma = (g * self.cell_log_sigma[flat]).sum(1).clamp(-5.0, 3.0)
+        tail = torch.exp(self.cell_log_tail[flat].clamp(-2.0, 2.0))
+        return mu, log_sigma, self.cell_skew[flat], tail
 
     def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of the cells given the layer covariates, summed over cells (n,)."""
-        n = len(showers)
-        x = showers.reshape(n, self.n_layers, self.n_lat).transpose(0, 1)  # (L, n, n_lat)
-        logit, mu, log_sigma = self._cell_params(cov)
+        n = showers.shape[0]
+        x = showers.reshape(n, self.n_layers, self.n_lat).transpose(0, 1)  # (L, n, n_lat) view
+        logit = self._hit_logits(cov)
         hit = x > 0
-        nll_hit = torch.where(hit, F.softplus(-logit), F.softplus(logit))
-        r = (torch.log(torch.where(hit, x, torch.ones_like(x))) - mu) * torch.exp(-log_sigma)
-        skew, tail = self._tail()
-        a = (tail * torch.asinh(r) - skew).clamp(-20.0, 20.0)
-        z = torch.sinh(a)
+        nll_hit = (F.softplus(logit) - logit * hit).sum(dim=(0, 2))
+        lay, row, col = hit.nonzero(as_tuple=True)
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, lay * self.n_lat + col)
+        r = (torch.log(x[lay, row, col]) - mu) * torch.exp(-log_sigma)
+        a = (tail * _asinh(r) - skew).clamp(-20.0, 20.0)
+        z = _sinh(a)
         # log density of a standard logistic z, plus log |dz/dr| = log(tail) + log cosh(a) - 0.5 log(1 + r^2).
         log_pz = -z.abs() - 2 * F.softplus(-z.abs())
         log_cosh = a.abs() + F.softplus(-2 * a.abs()) - math.log(2.0)
         log_p = log_pz + torch.log(tail) + log_cosh - 0.5 * torch.log1p(r ** 2) - log_sigma
-        nll = nll_hit - torch.where(hit, log_p, torch.zeros_like(log_p))
-        return nll.sum(dim=(0, 2))
+        return nll_hit - torch.zeros_like(nll_hit).index_add(0, row, log_p)
 
     # ---- likelihood -----------------------------------------------------------------------------------
     def nll_terms(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,14 +278,15 @@ class LayerFlow(ShowerModel):
         z, logdet = self._flow_forward(y, self._flow_cond(cf))
         flow_nll = 0.5 * (z ** 2).sum(1) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
         flow_nll = flow_nll + torch.log(self.flow_std * self.feat_std).sum()
-        fs_clean, _ = self.layer_features(batch.showers, batch.energies)
-        cov = self._covariates((fs_clean - self.feat_mean) / self.feat_std, cf)
+        clean_logfrac = torch.log((e_l + 0.5 * cfg.dequant_mev) / batch.energies.float()[:, None])
+        feat_clean = torch.cat([clean_logfrac, feat[:, self.n_layers:]], dim=1)  # as layer_features(u=0.5)
+        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf)
         return flow_nll, self._shape_nll(batch.showers, cov)
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         flow_nll, shape_nll = self.nll_terms(batch)
-        self._last = (float(flow_nll.mean()) / self.dim, float(shape_nll.mean()) / self.n_cells)
+        self._last = (float(flow_nll.detach().mean()) / self.dim, float(shape_nll.detach().mean()) / self.n_cells)
         return flow_nll.mean() / self.dim + cfg.shape_weight * shape_nll.mean() / self.n_cells
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
@@ -280,7 +298,7 @@ class LayerFlow(ShowerModel):
 
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
         """One Adam; the per-cell coefficients take 10x the flow's learning rate (they are plain GLM terms)."""
-        cells = [self.cell_coef, self.cell_skew, self.cell_log_tail]
+        cells = [self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail]
         ids = {id(p) for p in cells}
         flow = [p for p in self.parameters() if id(p) not in ids]
         return {"main": torch.optim.Adam([{"params": flow, "weight_decay": weight_decay},
@@ -293,23 +311,28 @@ class LayerFlow(ShowerModel):
     def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
         z_flow, u_cells = noise
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
-        n, n_l, n_lat = energies.shape[0], self.n_layers, self.n_lat
+        n_l, n_lat = self.n_layers, self.n_lat
         cf = self.condition_features(energies, angles)
         y = self._flow_inverse(z_flow, self._flow_cond(cf))
         fs = y * self.flow_std + self._cond_basis(cf) @ self.flow_coef  # standardised features
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
         e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
-        logit, mu, log_sigma = self._cell_params(self._covariates(fs, cf))
-        u = u_cells.reshape(n, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat)
-        p = torch.sigmoid(logit)
-        hit = u < p
-        v = (u / p).clamp(1e-6, 1 - 1e-6)
-        skew, tail = self._tail()
-        r = torch.sinh((torch.asinh(torch.log(v) - torch.log1p(-v)) + skew) / tail)
-        log_e = (mu + torch.exp(log_sigma) * r).clamp(max=self.log_e_max)
-        cells = torch.where(hit, torch.exp(log_e), torch.zeros_like(log_e))  # (L, n, n_lat)
-        total = cells.sum(dim=2)  # (L, n)
-        scale = torch.where(total > 0, e_layer.transpose(0, 1) / total.clamp(min=1e-30), torch.zeros_like(total))
-        cells = cells * scale[:, :, None]
-        return cells.transpose(0, 1).reshape(n, self.n_cells)
+        cov = self._covariates(fs, cf)
+        # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
+        u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
+        p = torch.sigmoid(self._hit_logits(cov))
+        lay, row, col = (u < p).nonzero(as_tuple=True)
+        flat = lay * n_lat + col
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat)
+        v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
+        r = _sinh((_asinh(torch.log(v) - torch.log1p(-v)) + skew) / tail)
+        e_hit = torch.exp((mu + torch.exp(log_sigma) * r).clamp(max=self.log_e_max))
+        # Rescale each layer to the flow's layer energy.
+        seg = row * n_l + lay
+        target = e_layer.reshape(-1)
+        total = torch.zeros_like(target).scatter_add(0, seg, e_hit)  # (index_add exports without the add)
+        scale = torch.where(total > 0, target / total.clamp(min=1e-30), torch.zeros_like(total))
+        out = torch.zeros_like(u_cells).reshape(-1)
+        out = out.index_put((row * self.n_cells + flat,), e_hit * scale[seg])
+        return out.reshape(-1, self.n_cells)

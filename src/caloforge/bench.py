@@ -1,0 +1,132 @@
+"""Time a model against Geant4 on this machine: ms per shower per batch size, and the speed-up per energy.
+
+Model timings: warm-up, then several repeats of ``model.sample`` (noise drawing included), median reported.
+Geant4 timings come from :func:`caloforge.simulate.time_geant4` in the same run, at the same energies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="trained model directory (default: the shipped pretrained model)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    p.add_argument("--batch-sizes", default="1,10,100,1000,10000", help="comma-separated batch sizes")
+    p.add_argument("--energies", default="10,50,100", help="comma-separated energies in GeV")
+    p.add_argument("--angle", type=float, default=0.0, help="incidence angle in degrees (default 0)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per point (median; default 5)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="fewer repeats (at least 2) where a point would take longer than this")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--geant4-showers", type=int, default=20, help="Geant4 showers per energy (default 20)")
+    p.add_argument("--no-geant4", action="store_true", help="skip the Geant4 timing")
+    p.add_argument("--particle", help="particle for Geant4 (default: the model's training particle, else gamma)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers as JSON")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r}: expected comma-separated integers") from None
+    if not vals or min(vals) <= 0:
+        raise ValueError(f"--{what} {text!r}: expected positive integers")
+    return vals
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{what} {text!r}: expected comma-separated numbers") from None
+    if not vals or min(vals) <= 0:
+        raise ValueError(f"--{what} {text!r}: expected positive numbers")
+    return vals
+
+
+def time_model(model, batch_size: int, energies_gev: list[float], angle: float = 0.0, repeats: int = 5,
+               max_seconds: float = 20.0) -> dict:
+    """Median ms per shower of ``model.sample`` at one batch size (energies cycle over ``energies_gev``)."""
+    import numpy as np
+    import torch
+
+    device = model.cond_mean.device
+    e = torch.as_tensor(np.resize(np.asarray(energies_gev) * 1e3, batch_size), dtype=torch.float32, device=device)
+    a = torch.full_like(e, angle)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def once() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model.sample(e, a, generator=gen)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # conditions-range warnings are irrelevant to timing
+        first = once()  # warm-up
+        n_rep = max(2, min(repeats, int(max_seconds / max(first, 1e-9))))
+        times = [once() for _ in range(n_rep)]
+    med = statistics.median(times)
+    return {"batch_size": batch_size, "ms_per_shower": 1e3 * med / batch_size, "repeats": n_rep,
+            "showers_per_s": batch_size / med}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from caloforge.models import default_model_path, load_model
+    from caloforge.train import pick_device
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    batch_sizes = _ints(args.batch_sizes, "batch-sizes")
+    energies = _floats(args.energies, "energies")
+    device = pick_device(args.device)
+    path = args.model or default_model_path()
+    model = load_model(path, device=device)
+    device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} "\
+                                                                                  f"threads)"
+    result: dict = {"model": str(path), "family": model.family, "device": device_name,
+                    "energies_gev": energies, "angle_deg": args.angle, "batch_sizes": [], "per_energy": []}
+    print(f"model {model.family} ({path}) on {device_name}")
+    print(f"{'batch':>8} {'ms/shower':>12} {'showers/s':>12} {'repeats':>8}")
+    for bs in batch_sizes:
+        r = time_model(model, bs, energies, args.angle, args.repeats, args.max_seconds)
+        result["batch_sizes"].append(r)
+        print(f"{bs:>8} {r['ms_per_shower']:>12.4f} {r['showers_per_s']:>12.1f} {r['repeats']:>8}", flush=True)
+    ref_bs = max([b for b in batch_sizes if b <= 1000] or [min(batch_sizes)])
+    time_geant4 = None
+    if not args.no_geant4:
+        try:
+            from caloforge.simulate import time_geant4
+        except ImportError as err:
+            print(f"Geant4 timing skipped: caloforge.simulate.time_geant4 is not available ({err})")
+    particle = args.particle or model.meta.get("particle", "gamma")
+    print(f"\nper energy (model at batch {ref_bs}; Geant4 {particle}, {args.geant4_showers} showers per energy)")
+    print(f"{'E [GeV]':>8} {'model ms':>10} {'Geant4 ms':>10} {'speed-up':>10}")
+    for e_gev in energies:
+        r = time_model(model, ref_bs, [e_gev], args.angle, args.repeats, args.max_seconds)
+        g4 = None
+        if time_geant4 is not None:
+            g4 = float(time_geant4(model.detector, particle, e_gev, args.geant4_showers))
+        row = {"energy_gev": e_gev, "batch_size": ref_bs, "model_ms_per_shower": r["ms_per_shower"],
+               "geant4_ms_per_shower": g4, "speedup": (g4 / r["ms_per_shower"]) if g4 else None}
+        result["per_energy"].append(row)
+        g4s = f"{g4:>10.2f}" if g4 is not None else f"{'-':>10}"
+        sus = f"{row['speedup']:>9.0f}x" if row["speedup"] else f"{'-':>10}"
+        print(f"{e_gev:>8g} {r['ms_per_shower']:>10.4f} {g4s} {sus}", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,229 @@
+"""``wgan``: the conditional Wasserstein GAN with gradient penalty of the HGCAL study (the project's baseline).
+
+As in the talk (seeds/wgan-tth-hgcal-refiner.txt): the generator maps (noise, labels) to a shower through
+upsampling and convolutions with batch norm and LeakyReLU; the critic takes the labels as input and uses
+convolutions, fully connected layers and layer norm; gradient penalty lambda = 50; auxiliary regression
+networks for the labels (energy, angle) are trained on real showers only, and their error on generated
+showers enters the generator loss as K * |loss_real - loss_fake| with K = 0.01.
+
+To stay trainable on two CPU cores the calorimeter layers are the *channels* of 2D convolutions on the
+(x, y) cell grid. Cells are represented as y = log1p(E_cell / (1e-5 E_inc)) / y_scale (energy normalised by
+the incident energy, log-compressed); the generator ends in a ReLU, so exact zeros (empty cells) exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from caloforge.detector import Detector
+from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
+
+
+@dataclass
+class WGANConfig(ModelConfig):
+    """Architecture and adversarial-training constants of the WGAN-GP."""
+
+    latent_dim: int = 64
+    gen_channels: int = 48
+    critic_channels: int = 48
+    critic_hidden: int = 128
+    aux_channels: int = 16
+    gp_lambda: float = 50.0
+    aux_weight: float = 0.01  # K of the talk
+    n_critic: int = 5  # critic updates per generator update
+    out_bias_init: float = -0.1  # start with (mostly) empty showers: a ReLU output below zero is an empty cell
+    norm_fraction: float = 1e-5  # cells are normalised to norm_fraction * E_inc
+    beta1: float = 0.5
+    beta2: float = 0.9
+
+
+def _lrelu() -> nn.Module:
+    return nn.LeakyReLU(0.2)
+
+
+class _Generator(nn.Module):
+    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig):
+        super().__init__()
+        ch = cfg.gen_channels
+        self.nx, self.ny = nx, ny
+        self.h0, self.w0 = math.ceil(nx / 4), math.ceil(ny / 4)
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim + 2, 2 * ch * self.h0 * self.w0),
+                                nn.BatchNorm1d(2 * ch * self.h0 * self.w0), _lrelu())
+        self.up1 = nn.Sequential(nn.Conv2d(2 * ch + 2, 2 * ch, 3, padding=1), nn.BatchNorm2d(2 * ch), _lrelu())
+        self.up2 = nn.Sequential(nn.Conv2d(2 * ch + 2, ch, 3, padding=1), nn.BatchNorm2d(ch), _lrelu())
+        self.out = nn.Conv2d(ch + 2, n_layers, 3, padding=1)
+        nn.init.constant_(self.out.bias, cfg.out_bias_init)
+        self.ch = ch
+
+    @staticmethod
+    def _with_labels(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h, c[:, :, None, None].expand(-1, -1, h.shape[2], h.shape[3])], dim=1)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], 2 * self.ch, self.h0, self.w0)
+        h = self.up1(self._with_labels(F.interpolate(h, scale_factor=2.0, mode="nearest"), c))
+        h = self.up2(self._with_labels(F.interpolate(h, scale_factor=2.0, mode="nearest"), c))
+        h = h[:, :, :self.nx, :self.ny]
+        return F.relu(self.out(self._with_labels(h, c)))
+
+
+class _Critic(nn.Module):
+    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig):
+        super().__init__()
+        ch = cfg.critic_channels
+        self.conv = nn.Sequential(
+            nn.Conv2d(n_layers + 2, ch, 3, padding=1), _lrelu(),
+            nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), nn.GroupNorm(1, 2 * ch), _lrelu(),
+            nn.Conv2d(2 * ch, 2 * ch, 4, stride=2, padding=1), nn.GroupNorm(1, 2 * ch), _lrelu(),
+        )
+        n_flat = 2 * ch * (nx // 4) * (ny // 4)
+        self.fc = nn.Sequential(nn.Linear(n_flat + n_layers + 2, cfg.critic_hidden), nn.LayerNorm(cfg.critic_hidden),
+                                _lrelu(), nn.Linear(cfg.critic_hidden, 1, bias=False))  # a bias cancels in W
+
+    def forward(self, y: torch.Tensor, c: torch.Tensor, layer_feat: torch.Tensor) -> torch.Tensor:
+        maps = c[:, :, None, None].expand(-1, -1, y.shape[2], y.shape[3])
+        h = self.conv(torch.cat([y, maps], dim=1)).flatten(1)
+        return self.fc(torch.cat([h, layer_feat, c], dim=1)).squeeze(1)
+
+
+class _Regressor(nn.Module):
+    """Auxiliary label regression on (absolute-scale) shower images; trained on real showers only."""
+
+    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig):
+        super().__init__()
+        ch = cfg.aux_channels
+        self.conv = nn.Sequential(nn.Conv2d(n_layers, ch, 4, stride=2, padding=1), _lrelu(),
+                                  nn.Conv2d(ch, ch, 4, stride=2, padding=1), _lrelu())
+        self.fc = nn.Sequential(nn.Linear(ch * (nx // 4) * (ny // 4) + n_layers, 64), _lrelu(), nn.Linear(64, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([self.conv(x).flatten(1), x.sum(dim=(2, 3)) / 10.0], dim=1)).squeeze(1)
+
+
+class WGAN(ShowerModel):
+    """Conditional WGAN-GP with auxiliary label regressors (see the module docstring)."""
+
+    family = "wgan"
+    Config = WGANConfig
+
+    def __init__(self, detector: Detector, n_cells: int | None = None, config: WGANConfig | None = None):
+        super().__init__(detector, n_cells, config)
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        n_l, nx, ny = self.shape
+        self.register_buffer("y_scale", torch.tensor(1.0))
+        self.generator = _Generator(n_l, nx, ny, cfg)
+        # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
+        # what the validation weighs most, and they are hard to read off log-compressed cells.
+        self.critic = _Critic(n_l, nx, ny, cfg)
+        self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.conditions])
+
+    # ---- representation -----------------------------------------------------------------------------
+    def _unit(self, energies: torch.Tensor) -> torch.Tensor:
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        return (energies.float() * cfg.norm_fraction)[:, None, None, None]
+
+    def to_image(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Showers (n, n_cells) MeV -> normalised images (n, L, X, Y)."""
+        x = showers.reshape(len(showers), *self.shape).float()
+        return torch.log1p(x / self._unit(energies)) / self.y_scale
+
+    def from_image(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> showers (n, n_cells) MeV."""
+        # exp - 1 rather than expm1: ONNX has no Expm1, and y = 0 still maps to exactly 0.
+        return ((torch.exp(y * self.y_scale) - 1) * self._unit(energies)).reshape(y.shape[0], self.n_cells)
+
+    def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
+        return torch.log1p(torch.expm1(y * self.y_scale) * self._unit(energies) / 0.1) / 10.0
+
+    def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """Critic output for normalised images y and condition features (labels)."""
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        frac = ((torch.exp(y * self.y_scale) - 1) * cfg.norm_fraction).sum(dim=(2, 3))
+        return self.critic(y, cf, (torch.log(frac + 1e-6) + 7.0) / 3.0)
+
+    def _fit_preprocessing(self, data: Any) -> None:
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        hi = 0.0
+        for i in range(0, len(data.energies), 1000):
+            x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
+            e = np.asarray(data.energies[i:i + 1000], dtype=np.float64)
+            hi = max(hi, float(np.log1p(x / (e[:, None] * cfg.norm_fraction)).max()))
+        self.y_scale.fill_(max(hi, 1e-3))
+
+    # ---- sampling -----------------------------------------------------------------------------------
+    def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        return [((n, cfg.latent_dim), "normal")]
+
+    def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+        y = self.generator(noise[0], self.condition_features(energies, angles))
+        return self.from_image(y.clamp(max=1.0), energies)  # 1.0 = the hottest training cell
+
+    # ---- training -----------------------------------------------------------------------------------
+    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        betas = (cfg.beta1, cfg.beta2)
+        return {
+            "generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
+            "critic": torch.optim.Adam(self.critic.parameters(), lr=lr, betas=betas),
+            "regressors": torch.optim.Adam(self.regressors.parameters(), lr=lr, betas=betas),
+        }
+
+    def _regression_loss(self, y: torch.Tensor, energies: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        a = self._absolute(y, energies)
+        return torch.stack([F.mse_loss(net(a), cf[:, i]) for i, net in enumerate(self.regressors)])
+
+    def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
+                      grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
+        """One critic + regressor update; a generator update every ``n_critic`` steps."""
+        cfg: WGANConfig = self.config  # type: ignore[assignment]
+        n = len(batch)
+        cf = self.condition_features(batch.energies, batch.angles)
+        y_real = self.to_image(batch.showers, batch.energies)
+        # Critic.
+        with torch.no_grad():
+            y_fake = self.generator(torch.randn(n, cfg.latent_dim, device=cf.device), cf)
+        eps = torch.rand(n, 1, 1, 1, device=cf.device)
+        y_hat = (eps * y_real + (1 - eps) * y_fake).requires_grad_(True)
+        grad, = torch.autograd.grad(self.critic_score(y_hat, cf).sum(), y_hat, create_graph=True)
+        gp = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
+        w_dist = self.critic_score(y_real, cf).mean() - self.critic_score(y_fake, cf).mean()
+        loss_c = -w_dist + cfg.gp_lambda * gp
+        out = {"critic": float(loss_c.detach()), "w": float(w_dist.detach()), "gp": float(gp.detach())}
+        if not torch.isfinite(loss_c):
+            return out
+        optimizers["critic"].zero_grad(set_to_none=True)
+        loss_c.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip)
+        optimizers["critic"].step()
+        # Label regressors, on real showers only.
+        reg_real = self._regression_loss(y_real, batch.energies, cf)
+        optimizers["regressors"].zero_grad(set_to_none=True)
+        reg_real.sum().backward()
+        optimizers["regressors"].step()
+        out["reg"] = float(reg_real.sum().detach())
+        # Generator.
+        if (step + 1) % cfg.n_critic == 0:
+            y_gen = self.generator(torch.randn(n, cfg.latent_dim, device=cf.device), cf)
+            g_adv = -self.critic_score(y_gen, cf).mean()
+            reg_fake = self._regression_loss(y_gen, batch.energies, cf)
+            loss_g = g_adv + cfg.aux_weight * (reg_real.detach() - reg_fake).abs().sum()
+            optimizers["generator"].zero_grad(set_to_none=True)
+            loss_g.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), grad_clip)
+            optimizers["generator"].step()
+            out["gen"] = float(loss_g.detach())
+            self._last_gen = out["gen"]
+        else:
+            out["gen"] = getattr(self, "_last_gen", 0.0)
+        return out

@@ -1,0 +1,597 @@
+"""Train a generative shower model on a shower file: seeded, resumable, self-validating.
+
+``caloforge train --data TRAIN.h5 --model layerflow -o runs/NAME`` writes into runs/NAME:
+``run.json`` (the resolved configuration), ``checkpoint.safetensors`` (weights, optimiser and RNG states; written
+atomically every ``checkpoint_every`` steps and at the end), ``history.jsonl`` (losses and validation metrics),
+``model.safetensors`` + ``model.json`` (the best model on the validation split: what generate/export use) and
+``last/`` (the final weights). ``--resume`` continues a killed run exactly where its last checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CHECKPOINT = "checkpoint.safetensors"
+RUN_FILE = "run.json"
+HISTORY = "history.jsonl"
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (divergence beyond the rollback budget, an incompatible resume, ...)."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpointing and validation settings (the ``[train]`` table of a config file)."""
+
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    epochs: float = 0.0  # > 0: train this many epochs (overrides max_steps)
+    max_steps: int = 2000
+    lr_schedule: str = "cosine"  # "cosine" (to lr * lr_min_factor) or "constant"
+    lr_min_factor: float = 0.05
+    warmup_steps: int = 0
+    grad_clip: float = 5.0
+    checkpoint_every: int = 200
+    val_every: int = 500
+    val_fraction: float = 0.1
+    val_max_showers: int = 2000
+    split_seed: int = 0  # the train/validation split depends only on this, not on the training seed
+    log_every: int = 50
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
+    divergence_threshold: float = 1e7  # |loss| above this counts as divergence
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    threads: int = 1  # torch CPU threads: 1 is fastest on a machine shared with Geant4 jobs
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "train config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TrainingError(f"{source}: unknown [train] option(s) {unknown}; known: {sorted(names)}")
+        defaults = cls()
+        kw = {}
+        for k, v in d.items():
+            t = type(getattr(defaults, k))
+            kw[k] = bool(v) if t is bool else t(v)
+        return cls(**kw)
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def resolve_config(family: str, config_file: str | None, overrides: list[str]) -> tuple[TrainConfig, dict[str, Any]]:
+    """(train config, model config dict) from defaults < config file < ``--set key=value`` overrides."""
+    from caloforge.models import get_family
+
+    cls = get_family(family)
+    train_d: dict[str, Any] = {}
+    model_d: dict[str, Any] = {}
+    if config_file:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise TrainingError(f"{path}: invalid TOML ({err})") from None
+        if "family" in data and data["family"] != family:
+            raise TrainingError(f"{path}: field 'family' is {data['family']!r} but --model is {family!r}")
+        unknown = sorted(set(data) - {"family", "train", "model"})
+        if unknown:
+            raise TrainingError(f"{path}: unknown top-level key(s) {unknown}; expected [train] and [model] tables")
+        train_d.update(data.get("train", {}))
+        model_d.update(data.get("model", {}))
+    train_names = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_names = {f.name for f in dataclasses.fields(cls.Config)}
+    for item in overrides:
+        if "=" not in item:
+            raise TrainingError(f"--set {item!r}: expected key=value (e.g. train.lr=1e-4 or model.flow_hidden=128)")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        section, _, name = key.rpartition(".")
+        if section == "train" or (not section and name in train_names):
+            train_d[name] = _parse_value(value)
+        elif section == "model" or (not section and name in model_names):
+            model_d[name] = _parse_value(value)
+        else:
+            raise TrainingError(f"--set {item!r}: unknown key {key!r}; train keys {sorted(train_names)}, "
+                                f"model keys {sorted(model_names)}")
+    train_cfg = TrainConfig.from_dict(train_d)
+    cls.Config.from_dict(model_d)  # validate now
+    return train_cfg, model_d
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def load_training_data(path: str | Path, val_fraction: float, split_seed: int, quiet: bool = True):
+    """Read a shower file into memory, split into (train Batch, val Batch, detector, provenance dict).
+
+    The validation rows are a seeded random subset of the *training* file (never the test file).
+    """
+    from caloforge.dataset import Batch, DatasetError, ShowerFile
+    from caloforge.progress import progress
+
+    if not 0 <= val_fraction < 1:
+        raise TrainingError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    with ShowerFile(path) as f:
+        if f.detector is None:
+            raise DatasetError(f"{path}: no detector description in the file attributes; cannot train")
+        n = len(f)
+        if n < 2:
+            raise DatasetError(f"{path}: {n} showers; training needs at least 2")
+        perm = np.random.default_rng(split_seed).permutation(n)
+        n_val = int(round(n * val_fraction))
+        is_val = np.zeros(n, bool)
+        is_val[perm[:n_val]] = True
+        dest = np.where(is_val, np.cumsum(is_val) - 1, np.cumsum(~is_val) - 1)
+        train = np.empty((n - n_val, f.n_cells), np.float32)
+        val = np.empty((n_val, f.n_cells), np.float32)
+        with progress(n, desc="loading data", unit="shower", quiet=quiet) as bar:
+            for start in range(0, n, 1000):
+                b = f.read(start, start + 1000)
+                sl = slice(start, start + len(b))
+                m = is_val[sl]
+                train[dest[sl][~m]] = b.showers[~m]
+                val[dest[sl][m]] = b.showers[m]
+                bar.update(len(b))
+        e, a = f.energies, f.angles
+        provenance = {
+            "path": str(Path(path).resolve()),
+            "n_showers": n,
+            "n_train": n - n_val,
+            "n_val": n_val,
+            "val_fraction": val_fraction,
+            "split_seed": split_seed,
+            "file_size": os.path.getsize(path),
+            "attrs": {k: v for k, v in f.attrs.items()
+                      if k in ("source", "particle", "physics_list", "geant4_version", "seed", "energy_spec",
+                               "angle_spec", "caloforge_version", "detector")},
+        }
+        return (Batch(e[~is_val], a[~is_val], train), Batch(e[is_val], a[is_val], val), f.detector, provenance)
+
+
+def training_range(train, val, provenance: dict) -> dict[str, list[float]]:
+    """The conditions range a model is trained for: the data's range, widened to the file's specs if known."""
+    from caloforge.conditions import parse_angle_spec, parse_energy_spec
+
+    e = np.concatenate([train.energies, val.energies])
+    a = np.concatenate([train.angles, val.angles])
+    rng = {"energy_mev": [float(e.min()), float(e.max())], "angle_deg": [float(a.min()), float(a.max())]}
+    attrs = provenance.get("attrs", {})
+    for key, attr, parse in (("energy_mev", "energy_spec", parse_energy_spec), ("angle_deg", "angle_spec",
+                                                                                  parse_angle_spec)):
+        try:
+            lo, hi = parse(str(attrs[attr])).bounds
+        except (KeyError, ValueError):
+            continue
+        rng[key] = [min(lo, rng[key][0]), max(hi, rng[key][1])]
+    return rng
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------
+def _optim_to_tensors(name: str, opt) -> tuple[dict, dict]:
+    import torch
+
+    sd = opt.state_dict()
+    tensors, kinds = {}, {}
+    for pid, st in sd["state"].items():
+        for key, val in st.items():
+            tk = f"optim/{name}/{pid}/{key}"
+            if isinstance(val, torch.Tensor):
+                tensors[tk] = val.detach().to("cpu").contiguous().clone()
+                kinds[f"{pid}/{key}"] = "tensor"
+            else:
+                tensors[tk] = torch.tensor(float(val), dtype=torch.float64)
+                kinds[f"{pid}/{key}"] = "int" if isinstance(val, int) else "float"
+    groups = json.loads(json.dumps(sd["param_groups"], default=lambda o: list(o) if isinstance(o, tuple) else None))
+    return tensors, {"param_groups": groups, "state": kinds}
+
+
+def _optim_from_tensors(name: str, opt, tensors: dict, meta: dict, device) -> None:
+    state: dict[int, dict] = {}
+    for key, kind in meta["state"].items():
+        pid, sub = key.split("/", 1)
+        t = tensors[f"optim/{name}/{pid}/{sub}"]
+        if kind == "tensor":
+            val = t.to(device) if t.dim() > 0 else t
+        else:
+            val = int(t.item()) if kind == "int" else float(t.item())
+        state.setdefault(int(pid), {})[sub] = val
+    groups = meta["param_groups"]
+    for g in groups:
+        if "betas" in g and isinstance(g["betas"], list):
+            g["betas"] = tuple(g["betas"])
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_checkpoint(path: Path, model, optimizers: dict, trainer_state: dict) -> None:
+    """One safetensors file (weights, optimiser states, RNG states) + JSON metadata, written atomically."""
+    import torch
+    from safetensors.torch import save
+
+    from caloforge.models.base import _atomic_write_bytes, state_tensors
+
+    tensors = {f"model/{k}": v for k, v in state_tensors(model).items()}
+    optim_meta = {}
+    for name, opt in optimizers.items():
+        t, m = _optim_to_tensors(name, opt)
+        tensors.update(t)
+        optim_meta[name] = m
+    tensors["rng/torch"] = torch.get_rng_state().clone()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng/cuda"] = torch.cuda.get_rng_state().clone()
+    metadata = {"trainer": json.dumps(trainer_state), "optimizers": json.dumps(optim_meta)}
+    _atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_checkpoint(path: Path, model, optimizers: dict, device) -> dict:
+    """Restore weights, optimiser and RNG states; return the trainer state saved with them."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise TrainingError(f"{path}: no checkpoint to resume from")
+    tensors = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+    try:
+        trainer_state = json.loads(metadata["trainer"])
+        optim_meta = json.loads(metadata["optimizers"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise TrainingError(f"{path}: checkpoint metadata missing or invalid ({err})") from None
+    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
+    for name, opt in optimizers.items():
+        if name not in optim_meta:
+            raise TrainingError(f"{path}: checkpoint has no state for optimiser {name!r}")
+        _optim_from_tensors(name, opt, tensors, optim_meta[name], device)
+    torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+    return trainer_state
+
+
+# ---- validation ---------------------------------------------------------------------------------------
+class Validator:
+    """W1 distances of visible energy fraction, number of hits and longitudinal CoG on the validation split.
+
+    Each W1 is divided by the spread of the reference observable, and the score is their mean (lower is better).
+    """
+
+    def __init__(self, val, detector, shape, max_showers: int, seed: int = 12345):
+        from caloforge import observables as obs
+
+        n = min(len(val.energies), max_showers)
+        self.energies, self.angles = val.energies[:n], val.angles[:n]
+        self.detector, self.shape, self.seed = detector, shape, seed
+        self.reference = self._observables(val.showers[:n])
+        self.scale = {k: max(float(np.nanstd(v)), 1e-9) for k, v in self.reference.items()}
+        self._obs = obs
+
+    def _observables(self, showers: np.ndarray) -> dict[str, np.ndarray]:
+        from caloforge import observables as obs
+
+        return {
+            "vis_frac": obs.visible_energy(showers) / self.energies,
+            "n_hits": obs.n_hits(showers).astype(np.float64),
+            "cog_z": obs.longitudinal_cog(showers, self.detector, self.shape),
+        }
+
+    def __call__(self, model) -> dict[str, float]:
+        import torch
+
+        from caloforge.metrics import wasserstein1
+
+        g = torch.Generator(device=model.cond_mean.device).manual_seed(self.seed)
+        out = []
+        for i in range(0, len(self.energies), 500):
+            out.append(model.sample(self.energies[i:i + 500], self.angles[i:i + 500], generator=g).cpu().numpy())
+        gen = self._observables(np.concatenate(out) if out else np.zeros((0, model.n_cells), np.float32))
+        res = {f"w1_{k}": wasserstein1(self.reference[k], gen[k]) / self.scale[k] for k in self.reference}
+        vals = [v for v in res.values() if math.isfinite(v)]
+        res["score"] = float(np.mean(vals)) if len(vals) == len(res) else float("inf")
+        return res
+
+
+# ---- the trainer --------------------------------------------------------------------------------------
+class Trainer:
+    """Generic training loop over the per-family hooks of :class:`~caloforge.models.ShowerModel`."""
+
+    def __init__(self, out_dir: str | Path, run: dict[str, Any], device: str = "cpu", quiet: bool = True,
+                 data=None):
+        import torch
+
+        from caloforge.models import get_family
+
+        self.out = Path(out_dir)
+        self.run = run
+        self.cfg = TrainConfig.from_dict(run["train"])
+        self.quiet = quiet
+        self.device = torch.device(device)
+        if self.cfg.threads > 0:
+            torch.set_num_threads(self.cfg.threads)
+        train, val, detector, provenance = data if data is not None else load_training_data(
+            run["data"], self.cfg.val_fraction, self.cfg.split_seed, quiet)
+        self.train_data, self.val_data, self.provenance = train, val, provenance
+        torch.manual_seed(self.cfg.seed)
+        cls = get_family(run["family"])
+        self.model = cls(detector, train.showers.shape[1], cls.Config.from_dict(run["model"]))
+        self.model.meta["conditions"] = training_range(train, val, provenance)
+        self.model.fit_preprocessing(train)
+        particle = provenance.get("attrs", {}).get("particle")
+        self.model.meta["training"] = {"data": provenance, "seed": self.cfg.seed, "train": dataclasses.asdict(self.cfg)}
+        if particle is not None:
+            self.model.meta["particle"] = str(particle)
+        self.model.to(self.device)
+        self.optimizers = self.model.configure_optimizers(self.cfg.lr, self.cfg.weight_decay)
+        self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
+        self.validator = (Validator(val, detector, self.model.shape, self.cfg.val_max_showers)
+                          if len(val.energies) else None)
+        self.showers = torch.from_numpy(train.showers)
+        self.energies = torch.as_tensor(train.energies, dtype=torch.float32)
+        self.angles = torch.as_tensor(train.angles, dtype=torch.float32)
+        if self.device.type == "cuda":
+            self.showers, self.energies, self.angles = (t.to(self.device) for t in
+                                                        (self.showers, self.energies, self.angles))
+        self.n_train = len(self.energies)
+        self.batch_size = min(self.cfg.batch_size, self.n_train)
+        self.steps_per_epoch = max(1, self.n_train // self.batch_size)
+        self.total_steps = (int(math.ceil(self.cfg.epochs * self.steps_per_epoch)) if self.cfg.epochs > 0
+                            else self.cfg.max_steps)
+        self.state: dict[str, Any] = {"step": 0, "best_score": None, "best_step": None, "rollbacks": 0,
+                                      "lr_scale": 1.0}
+        self._perm_epoch, self._perm = -1, None
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, data: str, family: str, out_dir: str | Path, train_cfg: TrainConfig, model_cfg: dict,
+               device: str = "cpu", quiet: bool = True, command: list[str] | None = None) -> Trainer:
+        """A new run in ``out_dir`` (refuses a directory that already holds a run)."""
+        from caloforge import __version__
+
+        out = Path(out_dir)
+        if (out / CHECKPOINT).exists() or (out / RUN_FILE).exists():
+            raise TrainingError(f"{out}: already holds a training run; use --resume to continue it, or another -o")
+        out.mkdir(parents=True, exist_ok=True)
+        run = {"family": family, "data": str(Path(data).resolve()), "train": dataclasses.asdict(train_cfg),
+               "model": model_cfg, "caloforge_version": __version__, "command": command or []}
+        trainer = cls(out, run, device, quiet)
+        (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        return trainer
+
+    @classmethod
+    def resume(cls, out_dir: str | Path, device: str = "cpu", quiet: bool = True,
+               max_steps: int | None = None, epochs: float | None = None) -> Trainer:
+        """Reopen a run from ``run.json`` and its checkpoint; optionally extend its length."""
+        out = Path(out_dir)
+        if not (out / RUN_FILE).is_file():
+            raise TrainingError(f"{out}: no {RUN_FILE}; nothing to resume (start a run without --resume)")
+        run = json.loads((out / RUN_FILE).read_text())
+        if max_steps is not None or epochs is not None:
+            run["train"]["max_steps"] = max_steps if max_steps is not None else run["train"]["max_steps"]
+            run["train"]["epochs"] = epochs if epochs is not None else (0.0 if max_steps is not None
+                                                                        else run["train"]["epochs"])
+            (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        trainer = cls(out, run, device, quiet)
+        if (out / CHECKPOINT).is_file():
+            trainer.state.update(load_checkpoint(out / CHECKPOINT, trainer.model, trainer.optimizers, trainer.device))
+        return trainer
+
+    # ---- pieces -------------------------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        f = 1.0
+        if c.warmup_steps and step < c.warmup_steps:
+            f = (step + 1) / c.warmup_steps
+        elif c.lr_schedule == "cosine":
+            t = min(1.0, step / max(1, self.total_steps))
+            f = c.lr_min_factor + (1 - c.lr_min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        return f * self.state["lr_scale"]
+
+    def _set_lr(self, step: int) -> None:
+        f = self._lr_factor(step)
+        for name, opt in self.optimizers.items():
+            for g, base in zip(opt.param_groups, self._base_lrs[name]):
+                g["lr"] = base * f
+
+    def _batch(self, step: int):
+        import torch
+
+        from caloforge.models.base import TrainBatch
+
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_train)
+            self._perm, self._perm_epoch = torch.as_tensor(perm, device=self.showers.device), epoch
+        idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        return TrainBatch(self.energies[idx].to(self.device), self.angles[idx].to(self.device),
+                          self.showers[idx].to(self.device, non_blocking=True))
+
+    def _autocast(self):
+        import torch
+
+        if self.device.type == "cuda" and self.cfg.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return None
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / HISTORY, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint(self) -> None:
+        save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizers, self.state)
+
+    def export(self, path: Path) -> None:
+        from caloforge.models import save_model
+
+        meta = dict(self.model.meta.get("training", {}))
+        meta.update(step=self.state["step"], best_score=self.state["best_score"])
+        self.model.meta["training"] = meta
+        save_model(self.model, path)
+
+    def validate(self) -> dict[str, float] | None:
+        if self.validator is None:
+            return None
+        res = self.validator(self.model)
+        record = {"step": self.state["step"], "kind": "val", **res}
+        self._log(record)
+        best = self.state["best_score"]
+        if math.isfinite(res["score"]) and (best is None or res["score"] < best):
+            self.state["best_score"], self.state["best_step"] = res["score"], self.state["step"]
+            self.model.meta["validation"] = res
+            self.export(self.out)
+        return res
+
+    def _diverged(self, losses: dict[str, float]) -> str | None:
+        for k, v in losses.items():
+            if not math.isfinite(v):
+                return f"loss {k!r} is {v}"
+            if abs(v) > self.cfg.divergence_threshold:
+                return f"loss {k!r} = {v:.3g} exceeds divergence_threshold {self.cfg.divergence_threshold:g}"
+        for name, p in self.model.named_parameters():
+            if not bool(p.detach().isfinite().all()):
+                return f"parameter {name!r} is no longer finite"
+        return None
+
+    def _rollback(self, reason: str) -> None:
+        st = self.state
+        if st["rollbacks"] >= self.cfg.max_rollbacks:
+            raise TrainingError(
+                f"training diverged at step {st['step']} ({reason}) after {st['rollbacks']} rollbacks with "
+                f"lowered learning rates; lower train.lr or raise train.max_rollbacks")
+        rollbacks, lr_scale = st["rollbacks"] + 1, st["lr_scale"] * self.cfg.rollback_lr_factor
+        bad_step = st["step"]
+        st.update(load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizers, self.device))
+        st["rollbacks"], st["lr_scale"] = rollbacks, lr_scale
+        msg = (f"step {bad_step}: {reason}; rolled back to the checkpoint at step {st['step']} with learning rate "
+               f"x{lr_scale:g} (rollback {rollbacks}/{self.cfg.max_rollbacks})")
+        print(f"caloforge train: warning: {msg}", file=sys.stderr)
+        self._log({"step": bad_step, "kind": "rollback", "reason": reason, "to_step": st["step"],
+                   "lr_scale": lr_scale})
+
+    # ---- the loop -----------------------------------------------------------------------------------------
+    def fit(self, callback=None) -> dict[str, Any]:
+        """Train to ``total_steps``; ``callback(trainer)`` runs after each step (tests use it to interrupt)."""
+        from caloforge.progress import progress
+
+        st, cfg = self.state, self.cfg
+        if not (self.out / CHECKPOINT).exists():
+            self.checkpoint()  # the rollback target before the first step
+        t0 = time.time()
+        avg: dict[str, float] = {}
+        self.model.train()
+        with progress(self.total_steps, desc=f"train {self.model.family}", unit="step", quiet=self.quiet,
+                      initial=st["step"]) as bar:
+            while st["step"] < self.total_steps:
+                step = st["step"]
+                self._set_lr(step)
+                losses = self.model.training_step(self._batch(step), self.optimizers, step, cfg.grad_clip,
+                                                  self._autocast())
+                reason = self._diverged(losses)
+                if reason:
+                    self._rollback(reason)
+                    bar.n = st["step"]
+                    continue
+                st["step"] = step + 1
+                for k, v in losses.items():
+                    avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
+                bar.update(1)
+                if st["step"] % 10 == 0:
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in avg.items()}, refresh=False)
+                if cfg.log_every and st["step"] % cfg.log_every == 0:
+                    self._log({"step": st["step"], "kind": "train", "time_s": round(time.time() - t0, 2),
+                               "lr": self._lr_factor(step) * cfg.lr, **losses})
+                if (cfg.val_every and st["step"] % cfg.val_every == 0) or st["step"] == self.total_steps:
+                    res = self.validate()
+                    if res is not None and not self.quiet:
+                        bar.write(f"step {st['step']}: validation " +
+                                  " ".join(f"{k}={v:.4f}" for k, v in res.items()))
+                    self.model.train()
+                if st["step"] % cfg.checkpoint_every == 0 or st["step"] == self.total_steps:
+                    self.checkpoint()
+                if callback is not None:
+                    callback(self)
+        self.export(self.out / "last")
+        if self.validator is None or st["best_score"] is None:
+            self.export(self.out)
+        return dict(st)
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="training shower file (HDF5); a validation split is held out of it")
+    p.add_argument("--model", dest="family", help="model family (see docs/models.md): layerflow, wgan")
+    p.add_argument("--config", help="TOML file with [train] and [model] tables (configs/*.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 --set model.flow_hidden=128")
+    p.add_argument("-o", "--output", required=True, help="run directory, e.g. runs/NAME")
+    p.add_argument("--resume", action="store_true", help="continue the run in -o from its last checkpoint")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--epochs", type=float, help="number of epochs (overrides the config)")
+    g.add_argument("--max-steps", type=int, help="number of optimisation steps (overrides the config)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available; default)")
+    p.add_argument("--seed", type=int, help="training seed (default from config, 0)")
+    p.add_argument("--val-fraction", type=float, help="fraction of the training file held out for validation")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device available (use --device cpu)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or auto")
+    return name
+
+
+def run(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    if args.resume:
+        trainer = Trainer.resume(args.output, device, args.quiet, args.max_steps, args.epochs)
+    else:
+        if not args.data or not args.family:
+            raise ValueError("--data and --model are required for a new run (or give --resume)")
+        from caloforge.models import get_family
+
+        get_family(args.family)
+        overrides = list(args.overrides)
+        for flag, key in ((args.seed, "seed"), (args.val_fraction, "val_fraction"), (args.threads, "threads"),
+                          (args.max_steps, "max_steps"), (args.epochs, "epochs")):
+            if flag is not None:
+                overrides.append(f"train.{key}={flag}")
+        if args.max_steps is not None:
+            overrides.append("train.epochs=0")
+        train_cfg, model_cfg = resolve_config(args.family, args.config, overrides)
+        trainer = Trainer.create(args.data, args.family, args.output, train_cfg, model_cfg, device, args.quiet,
+                                 command=sys.argv)
+    t0 = time.time()
+    state = trainer.fit()
+    if not args.quiet:
+        print(f"trained {trainer.model.family} for {state['step']} steps in {time.time() - t0:.0f} s; "
+              f"best validation score {state['best_score']} at step {state['best_step']}; "
+              f"model in {trainer.out}", file=sys.stderr)
+    return 0

@@ -1,0 +1,141 @@
+"""The model interface, per family: shapes, non-negativity, gradients, save/load, detector and range checks."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from caloforge.models import (
+    ConditionsWarning,
+    ModelError,
+    TrainBatch,
+    families,
+    get_family,
+    load_model,
+    save_model,
+)
+from conftest_models import TINY_CONFIGS, tiny_model, toy_detector, toy_showers
+
+FAMILIES = families()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return toy_detector()
+
+
+@pytest.fixture(scope="module")
+def data(detector):
+    return toy_showers(detector, 48, seed=3)
+
+
+def test_registry():
+    assert set(FAMILIES) >= {"layerflow", "wgan"}
+    assert set(TINY_CONFIGS) == set(FAMILIES)
+    for name in FAMILIES:
+        assert get_family(name).family == name
+    with pytest.raises(ModelError, match="unknown model family 'nope'"):
+        get_family("nope")
+
+
+def test_unknown_config_option_is_refused():
+    with pytest.raises(ModelError, match="unknown model option"):
+        get_family("layerflow").Config.from_dict({"flow_bloks": 3})
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sample_shape_and_non_negative(family, detector, data):
+    model = tiny_model(family, detector, data)
+    showers = model.sample(data.energies[:10], data.angles[:10], seed=1)
+    assert showers.shape == (10, detector.n_cells())
+    assert showers.dtype == torch.float32
+    assert torch.isfinite(showers).all()
+    assert (showers >= 0).all()
+    assert (showers == 0).any(), "sparse showers need exact zeros"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sampling_is_seeded(family, detector, data):
+    model = tiny_model(family, detector, data)
+    a = model.sample(data.energies[:5], 0.0, seed=7)
+    b = model.sample(data.energies[:5], 0.0, seed=7)
+    c = model.sample(data.energies[:5], 0.0, seed=8)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradients_reach_all_parameters(family, detector, data):
+    torch.manual_seed(0)
+    model = tiny_model(family, detector, data)
+    before = {k: p.detach().clone() for k, p in model.named_parameters()}
+    opts = model.configure_optimizers(1e-2)
+    batch = TrainBatch(torch.as_tensor(data.energies, dtype=torch.float32),
+                       torch.as_tensor(data.angles, dtype=torch.float32), torch.as_tensor(data.showers))
+    for step in range(4):  # two steps so that zero-initialised output layers pass gradients back
+        losses = model.training_step(batch, opts, step)
+        assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
+    frozen = [k for k, p in model.named_parameters() if torch.equal(p.detach(), before[k])]
+    assert not frozen, f"parameters that received no gradient: {frozen}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_gives_identical_showers(family, detector, data, tmp_path):
+    model = tiny_model(family, detector, data)
+    model.meta["particle"] = "gamma"
+    save_model(model, tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["model.json", "model.safetensors"]
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["family"] == family and meta["detector"]["name"] == detector.name
+    assert meta["conditions"]["energy_mev"][0] == pytest.approx(data.energies.min())
+    loaded = load_model(tmp_path / "m", expected_detector=detector)
+    assert loaded.meta["particle"] == "gamma"
+    a = model.sample(data.energies[:6], 0.0, seed=3)
+    b = loaded.sample(data.energies[:6], 0.0, seed=3)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_for_another_detector_is_refused(family, detector, data, tmp_path):
+    save_model(tiny_model(family, detector, data), tmp_path / "m")
+    other = toy_detector(name="other-ecal", n_layers=5)
+    with pytest.raises(ModelError, match=r"model\.json: field 'detector' is 'toy-ecal'; expected detector 'other"):
+        load_model(tmp_path / "m", expected_detector=other)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conditions_outside_training_range_warn(family, detector, data):
+    model = tiny_model(family, detector, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConditionsWarning)
+        model.sample(data.energies[:3], 0.0, seed=0)  # inside: silent
+    with pytest.warns(ConditionsWarning, match="outside the training range"):
+        model.sample([500e3], 0.0, seed=0)
+    with pytest.warns(ConditionsWarning, match="angle"):
+        model.sample([50e3], 30.0, seed=0)
+
+
+def test_bad_inputs_and_files(detector, data, tmp_path):
+    model = tiny_model("layerflow", detector, data)
+    with pytest.raises(ValueError, match="> 0 MeV"):
+        model.sample([0.0], 0.0)
+    with pytest.raises(ModelError, match="model not found"):
+        load_model(tmp_path / "missing")
+    save_model(model, tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text("{not json")
+    with pytest.raises(ModelError, match="invalid JSON"):
+        load_model(tmp_path / "m")
+    save_model(model, tmp_path / "m2")
+    meta = json.loads((tmp_path / "m2" / "model.json").read_text())
+    meta["config"]["flow_blocks"] = 3
+    (tmp_path / "m2" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="weights do not match"):
+        load_model(tmp_path / "m2")

@@ -1,0 +1,136 @@
+"""Training: smoke runs per family, exact resume after an interruption, rollback on divergence, CLI, configs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from caloforge.cli import main
+from caloforge.models import families, load_model
+from caloforge.train import CHECKPOINT, TrainConfig, Trainer, TrainingError, resolve_config
+from conftest_models import TINY_CONFIGS, toy_detector, write_toy_file
+
+FAMILIES = families()
+
+
+@pytest.fixture(scope="module")
+def toy_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "toy-train.h5"
+    write_toy_file(path, toy_detector(), 80, seed=5)
+    return path
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=16, max_steps=6, checkpoint_every=2, val_every=3, val_fraction=0.2, val_max_showers=16,
+                log_every=1, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_smoke(family, toy_file, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer.create(str(toy_file), family, out, _cfg(), TINY_CONFIGS[family])
+    state = trainer.fit()
+    assert state["step"] == 6 and state["best_step"] in (3, 6)
+    for name in ("run.json", CHECKPOINT, "history.jsonl", "model.json", "model.safetensors", "last/model.json"):
+        assert (out / name).is_file(), name
+    kinds = [json.loads(line)["kind"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert kinds.count("val") == 2 and kinds.count("train") == 6
+    model = load_model(out, expected_detector=toy_detector())
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["data"]["n_train"] == 64 and meta["training"]["data"]["n_val"] == 16
+    assert meta["particle"] == "gamma" and "score" in meta["validation"]
+    assert (model.sample([20e3, 50e3], 0.0, seed=0) >= 0).all()
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_resume_gives_the_same_weights(family, toy_file, tmp_path):
+    Trainer.create(str(toy_file), family, tmp_path / "a", _cfg(), TINY_CONFIGS[family]).fit()
+
+    def kill_at_5(trainer):
+        if trainer.state["step"] == 5:  # after the checkpoint at step 4; step 5 is lost and redone
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        Trainer.create(str(toy_file), family, tmp_path / "b", _cfg(), TINY_CONFIGS[family]).fit(kill_at_5)
+    assert not (tmp_path / "b" / "last").exists()
+    resumed = Trainer.resume(tmp_path / "b")
+    assert resumed.state["step"] == 4
+    resumed.fit()
+    a = load_file(str(tmp_path / "a" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca, cb = load_file(str(tmp_path / "a" / CHECKPOINT)), load_file(str(tmp_path / "b" / CHECKPOINT))
+    for k in ca:  # optimiser states and RNG too
+        assert torch.equal(ca[k], cb[k]), k
+
+
+def test_divergence_rolls_back_with_lower_lr(toy_file, tmp_path, capsys):
+    trainer = Trainer.create(str(toy_file), "layerflow", tmp_path / "r", _cfg(max_rollbacks=2),
+                             TINY_CONFIGS["layerflow"])
+    real_step = trainer.model.training_step
+    calls = {"n": 0}
+
+    def flaky(batch, opts, step, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            return {"loss": float("nan")}
+        return real_step(batch, opts, step, *a, **kw)
+
+    trainer.model.training_step = flaky
+    state = trainer.fit()
+    assert state["step"] == 6 and state["rollbacks"] == 1 and state["lr_scale"] == 0.5
+    assert "rolled back to the checkpoint at step 2" in capsys.readouterr().err
+
+    trainer = Trainer.create(str(toy_file), "layerflow", tmp_path / "r2", _cfg(max_rollbacks=1),
+                             TINY_CONFIGS["layerflow"])
+    trainer.model.training_step = lambda *a, **kw: {"loss": float("inf")}
+    with pytest.raises(TrainingError, match="training diverged at step 0"):
+        trainer.fit()
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('family = "layerflow"\n[train]\nlr = 2e-4\nbatch_size = 64\n[model]\nflow_blocks = 4\n')
+    train, model = resolve_config("layerflow", str(cfg), ["train.lr=5e-4", "flow_hidden=32"])
+    assert train.lr == 5e-4 and train.batch_size == 64
+    assert model == {"flow_blocks": 4, "flow_hidden": 32}
+    with pytest.raises(TrainingError, match="unknown key 'bogus'"):
+        resolve_config("layerflow", None, ["bogus=1"])
+    with pytest.raises(TrainingError, match="field 'family' is 'layerflow' but --model is 'wgan'"):
+        resolve_config("wgan", str(cfg), [])
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        import tomllib
+
+        family = tomllib.loads(path.read_text())["family"]
+        resolve_config(family, str(path), [])
+
+
+def test_cli_train_and_resume(toy_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--data", str(toy_file), "--model", "layerflow", "-o", str(out), "--max-steps", "3", "--quiet",
+            "--set", "model.flow_blocks=2", "--set", "model.flow_hidden=8", "--set", "train.batch_size=16",
+            "--set", "train.val_every=0"]
+    assert main(args) == 0
+    assert (out / "model.json").is_file()
+    assert main(args) == 2
+    assert "already holds a training run" in capsys.readouterr().err
+    assert main(["train", "-o", str(out), "--resume", "--max-steps", "5", "--quiet"]) == 0
+    assert json.loads((out / "last" / "model.json").read_text())["training"]["step"] == 5
