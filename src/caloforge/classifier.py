@@ -161,22 +161,26 @@ def _log_energy_column(energies: np.ndarray) -> np.ndarray:
     return ((le - le.mean()) / (sd if sd > 0 else 1.0)).astype(np.float32)
 
 
-def low_level_inputs(ref_file, cand_file, n_max: int = 10000, seed: int = 0,
-                     batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+def low_level_inputs(ref_file, cand_file, n_max: int = 10000, seed: int = 0, batch_size: int = 500,
+                     ref_rows: np.ndarray | None = None,
+                     cand_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Low-level rows (cells / E_inc, scaled, plus standardised log10 E_inc) of two ShowerFiles.
 
-    Takes the same number n = min(n_max, N_ref, N_cand) of random showers from each file and streams them into
-    one preallocated float32 array of shape (2n, n_cells + 1): the only copy of the cells held in memory.
+    Takes the same number n = min(n_max, pool sizes) of random showers from each file (from ``ref_rows`` /
+    ``cand_rows`` when given, else from all rows) and streams them into one preallocated float32 array of shape
+    (2n, n_cells + 1): the only copy of the cells held in memory.
     """
     if ref_file.n_cells != cand_file.n_cells:
         raise ValueError(f"low-level classifier: reference has {ref_file.n_cells} cells per shower, "
                          f"candidate {cand_file.n_cells}")
     rng = np.random.default_rng(seed)
-    n = min(n_max, len(ref_file), len(cand_file))
+    pairs = ((ref_file, ref_rows), (cand_file, cand_rows))
+    pools = [np.arange(len(f)) if r is None else np.asarray(r) for f, r in pairs]
+    n = min(n_max, len(pools[0]), len(pools[1]))
     x = np.empty((2 * n, ref_file.n_cells + 1), dtype=np.float32)
     energies = np.empty(2 * n)
-    for k, f in enumerate((ref_file, cand_file)):
-        rows = np.sort(rng.choice(len(f), n, replace=False))
+    for k, (f, pool) in enumerate(zip((ref_file, cand_file), pools)):
+        rows = np.sort(rng.choice(pool, n, replace=False))
         for i in range(0, n, batch_size):
             b = f.read(index=rows[i:i + batch_size])
             sl = slice(k * n + i, k * n + i + len(b))

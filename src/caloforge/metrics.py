@@ -6,12 +6,14 @@ at the same size: reference half A vs a random candidate subset of N/2 (``value`
 random splits, beside the floor averaged over the same splits (``floor``, ``floor_std`` = spread of single
 splits). The full-size value (all reference vs all candidate) is reported too, as ``value_full``.
 
-A metric is *flagged* when ``value > floor + 3 * floor_std`` and ``value > 1.5 * floor`` (see
-:func:`exceeds_floor`); for pull-type tests (energy response) when |pull| exceeds a Bonferroni-corrected 3 sigma.
+A metric is *flagged* when ``value > floor + k * floor_std`` and ``value > 2 * floor`` (see :func:`exceeds_floor`),
+where k = 3 sigma corrected for the number of tests made on the candidate (Bonferroni: about 4.7 for 700 tests);
+pull-type tests (energy response) are flagged when |pull| exceeds the same kind of corrected threshold.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -19,7 +21,7 @@ import numpy as np
 from scipy import linalg, stats
 
 FLOOR_SIGMAS = 3.0
-FLOOR_RATIO = 1.5
+FLOOR_RATIO = 2.0
 N_BINS = 40
 
 
@@ -39,10 +41,13 @@ def wasserstein1(a: np.ndarray, b: np.ndarray) -> float:
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov statistic (max CDF difference, 0..1); NaNs dropped."""
-    a, b = _finite(a), _finite(b)
+    a, b = np.sort(_finite(a)), np.sort(_finite(b))
     if len(a) == 0 or len(b) == 0:
         return float("nan")
-    return float(stats.ks_2samp(a, b).statistic)
+    grid = np.concatenate([a, b])
+    cdf_a = np.searchsorted(a, grid, side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid, side="right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
 def common_edges(reference: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
@@ -106,15 +111,21 @@ class FloorComparison:
         return {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in asdict(self).items()}
 
 
-def exceeds_floor(value: float, floor: float, floor_std: float) -> bool:
-    """The flag rule: value above floor + 3 sigma (single-split spread of the floor) AND above 1.5 x floor.
+def exceeds_floor(value: float, floor: float, floor_std: float, n_sigma: float = FLOOR_SIGMAS) -> bool:
+    """The flag rule: value above floor + n_sigma x floor_std (spread of single splits) AND above 2 x floor.
 
-    ``value`` is itself an average over splits, so under the null hypothesis it scatters much less than
-    ``floor_std``; the ratio condition guards against a floor spread underestimated from few splits.
+    Under the null hypothesis ``value`` scatters about as much as ``floor`` (the reference-candidate difference
+    is common to all splits), and quadratic metrics such as the separation power have long tails, hence the
+    ratio condition on top of the sigma condition.
     """
     if not np.isfinite(value) or not np.isfinite(floor):
         return False
-    return bool(value > floor + FLOOR_SIGMAS * floor_std + 1e-12 and value > FLOOR_RATIO * floor + 1e-12)
+    return bool(value > floor + n_sigma * floor_std + 1e-12 and value > FLOOR_RATIO * floor + 1e-12)
+
+
+def corrected_sigmas(n_tests: int, sigmas: float = FLOOR_SIGMAS) -> float:
+    """One-sided z threshold keeping the family-wise false-flag rate of ``n_tests`` tests at one 3-sigma test's."""
+    return float(max(sigmas, stats.norm.isf(stats.norm.sf(sigmas) / max(n_tests, 1))))
 
 
 def half_splits(n_ref: int, n_cand: int, n_splits: int, rng: np.random.Generator):
@@ -129,29 +140,31 @@ def half_splits(n_ref: int, n_cand: int, n_splits: int, rng: np.random.Generator
     return out
 
 
+def _mean_std(x: np.ndarray) -> tuple[float, float]:
+    x = x[np.isfinite(x)]
+    return (float(x.mean()) if len(x) else float("nan")), (float(x.std(ddof=1)) if len(x) > 1 else 0.0)
+
+
 def compare_with_floor(ref: np.ndarray, cand: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
-                       splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
-                       full: bool = True) -> FloorComparison:
+                       splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], full: bool = True,
+                       n_sigma: float = FLOOR_SIGMAS) -> FloorComparison:
     """``metric`` (rows = showers) at matched size and its floor over the given :func:`half_splits`."""
-    floors = np.array([metric(ref[a], ref[b]) for a, b, _ in splits])
-    values = np.array([metric(ref[a], cand[c]) for a, _, c in splits])
-    floor, floor_std = float(np.nanmean(floors)), float(np.nanstd(floors, ddof=1)) if len(splits) > 1 else 0.0
-    value = float(np.nanmean(values))
+    floor, floor_std = _mean_std(np.array([metric(ref[a], ref[b]) for a, b, _ in splits]))
+    value, value_std = _mean_std(np.array([metric(ref[a], cand[c]) for a, _, c in splits]))
     return FloorComparison(
-        value=value, value_std=float(np.nanstd(values, ddof=1)) if len(splits) > 1 else 0.0,
-        floor=floor, floor_std=floor_std, value_full=float(metric(ref, cand)) if full else float("nan"),
-        n_half=len(splits[0][0]), n_splits=len(splits), flagged=exceeds_floor(value, floor, floor_std),
+        value=value, value_std=value_std, floor=floor, floor_std=floor_std,
+        value_full=float(metric(ref, cand)) if full else float("nan"), n_half=len(splits[0][0]),
+        n_splits=len(splits), flagged=exceeds_floor(value, floor, floor_std, n_sigma),
     )
 
 
-def compare_observable(ref: np.ndarray, cand: np.ndarray, splits, n_bins: int = N_BINS) -> dict[str, dict]:
+def compare_observable(ref: np.ndarray, cand: np.ndarray, splits, n_bins: int = N_BINS,
+                       n_sigma: float = FLOOR_SIGMAS) -> dict[str, dict]:
     """Separation power, W1 and KS of one scalar observable, each with its floor."""
     edges = common_edges(ref, n_bins)
-    return {
-        "separation_power": compare_with_floor(ref, cand, lambda a, b: separation_power(a, b, edges), splits).to_dict(),
-        "wasserstein1": compare_with_floor(ref, cand, wasserstein1, splits).to_dict(),
-        "ks": compare_with_floor(ref, cand, ks_statistic, splits).to_dict(),
-    }
+    metrics = {"separation_power": lambda a, b: separation_power(a, b, edges), "wasserstein1": wasserstein1,
+               "ks": ks_statistic}
+    return {k: compare_with_floor(ref, cand, m, splits, n_sigma=n_sigma).to_dict() for k, m in metrics.items()}
 
 
 # ---- energy response --------------------------------------------------------------------------------------
@@ -285,10 +298,12 @@ def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: n
     """Frechet distance between two Gaussians: |mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
     diff = np.atleast_1d(mu1 - mu2)
     cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
-    covmean = linalg.sqrtm(cov1 @ cov2)
-    if not np.all(np.isfinite(covmean)):
-        eps = 1e-6 * np.eye(len(cov1))
-        covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov1 @ cov2)
+        if not np.all(np.isfinite(covmean)):
+            eps = 1e-6 * np.eye(len(cov1))
+            covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
     covmean = np.real(covmean)
     return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
 
@@ -326,12 +341,158 @@ def mmd2_poly_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 4) -> float:
 def kpd(ref: np.ndarray, cand: np.ndarray, n_batches: int = 10, batch_size: int = 2000, degree: int = 4,
         seed: int = 0) -> tuple[float, float]:
     """Kernel physics distance: median unbiased MMD^2 (degree-4 polynomial kernel, as in the JetNet reference
-    implementation of arXiv:2211.10295) over random batches of standardised features; error = half the
-    16-84 % inter-quantile range."""
+    implementation of arXiv:2211.10295) over batches of standardised features drawn with replacement;
+    error = half the 16-84 % inter-quantile range."""
     x, y = standardise(np.asarray(ref, float), np.asarray(cand, float))
     bs = min(batch_size, len(x), len(y))
     rng = np.random.default_rng(seed)
-    vals = [mmd2_poly_unbiased(x[rng.choice(len(x), bs, replace=False)], y[rng.choice(len(y), bs, replace=False)],
-                               degree) for _ in range(n_batches)]
+    vals = [mmd2_poly_unbiased(x[rng.integers(0, len(x), bs)], y[rng.integers(0, len(y), bs)], degree)
+            for _ in range(n_batches)]
     q16, q84 = np.percentile(vals, [16.275, 83.725])
     return float(np.median(vals)), float((q84 - q16) / 2)
+
+
+# ---- conditions -------------------------------------------------------------------------------------------
+def compare_conditions(ref_energies: np.ndarray, cand_energies: np.ndarray, ref_angles: np.ndarray,
+                       cand_angles: np.ndarray, p_min: float = 1e-3) -> dict:
+    """KS tests of the incident energy and angle distributions; ``differ`` when either p-value < ``p_min``."""
+    out = {}
+    for name, a, b in (("energy", ref_energies, cand_energies), ("angle", ref_angles, cand_angles)):
+        a, b = _finite(a), _finite(b)
+        if np.ptp(np.concatenate([a, b])) == 0:
+            out[name] = {"ks": 0.0, "p_value": 1.0}
+        else:
+            res = stats.ks_2samp(a, b)
+            out[name] = {"ks": float(res.statistic), "p_value": float(res.pvalue)}
+    out["differ"] = bool(any(out[k]["p_value"] < p_min for k in ("energy", "angle")))
+    return out
+
+
+def _condition_keys(ref: np.ndarray, cand: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin labels for one condition: its discrete values if few, else quantile bins of the pooled sample."""
+    both = np.round(np.concatenate([ref, cand]), 6)
+    values = np.unique(both)
+    if len(values) <= 30:
+        return np.searchsorted(values, np.round(ref, 6)), np.searchsorted(values, np.round(cand, 6))
+    edges = np.unique(np.quantile(both, np.linspace(0, 1, n_bins + 1))[1:-1])
+    return np.searchsorted(edges, ref), np.searchsorted(edges, cand)
+
+
+def matched_indices(ref_energies: np.ndarray, ref_angles: np.ndarray, cand_energies: np.ndarray,
+                    cand_angles: np.ndarray, n_bins: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Subsets of both samples with the same joint (energy, angle) histogram.
+
+    Showers are grouped by condition bin (the discrete energy/angle values when there are at most 30, else
+    ``n_bins`` quantile bins in energy and ``n_bins // 4`` in angle) and each bin is cut down at random to the
+    smaller of the two counts: histogram reweighting with weights 0/1, so every metric stays unweighted.
+    """
+    rng = np.random.default_rng(seed)
+    er, ec = _condition_keys(np.asarray(ref_energies, float), np.asarray(cand_energies, float), n_bins)
+    ar, ac = _condition_keys(np.asarray(ref_angles, float), np.asarray(cand_angles, float), max(n_bins // 4, 1))
+    kr, kc = er * 10_000 + ar, ec * 10_000 + ac
+    keep_r, keep_c = [], []
+    for key in np.intersect1d(kr, kc):
+        ir, ic = np.flatnonzero(kr == key), np.flatnonzero(kc == key)
+        m = min(len(ir), len(ic))
+        keep_r.append(rng.choice(ir, m, replace=False))
+        keep_c.append(rng.choice(ic, m, replace=False))
+    if not keep_r:
+        raise ValueError("match-conditions: the two samples share no incident energy/angle bin")
+    return np.sort(np.concatenate(keep_r)), np.sort(np.concatenate(keep_c))
+
+
+# ---- everything for two samples ---------------------------------------------------------------------------
+def _correlation_matrix_inputs(ref_obs: dict, cand_obs: dict, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Feature columns defined (finite) for >= 99 % of both samples, rows with any undefined entry dropped."""
+    cols = [n for n in names if np.isfinite(ref_obs[n]).mean() >= 0.99 and np.isfinite(cand_obs[n]).mean() >= 0.99
+            and np.nanstd(ref_obs[n]) > 0 and np.nanstd(cand_obs[n]) > 0]
+    a = np.column_stack([ref_obs[n] for n in cols])
+    b = np.column_stack([cand_obs[n] for n in cols])
+    return a[np.isfinite(a).all(1)], b[np.isfinite(b).all(1)]
+
+
+def compare_summaries(ref, cand, n_splits: int = 10, seed: int = 0, fpd_kpd: bool = True) -> dict:
+    """All non-classifier metrics between two :class:`~caloforge.observables.SampleSummary` objects."""
+    from caloforge.observables import GLOBAL_OBSERVABLES, feature_matrices, feature_names, spectrum_edges
+
+    rng = np.random.default_rng(seed)
+    splits = half_splits(ref.n, cand.n, n_splits, rng)
+    result: dict = {"n_reference": ref.n, "n_candidate": cand.n, "n_half": len(splits[0][0]), "n_splits": n_splits,
+                    "seed": seed}
+    result["conditions"] = compare_conditions(ref.energies, cand.energies, ref.angles, cand.angles)
+    names = [n for n in ref.observables if n in cand.observables]
+    n_sigma = corrected_sigmas(3 * len(names) + 4)
+    result["n_sigma"] = n_sigma
+    result["observables"] = {name: compare_observable(ref.observables[name], cand.observables[name], splits,
+                                                      n_sigma=n_sigma) for name in names}
+    first = int(np.searchsorted(spectrum_edges(ref.threshold_mev), ref.threshold_mev * (1 - 1e-9)))
+    cuts = {"longitudinal": slice(None), "radial": slice(None), "spectrum": slice(first, None)}
+    profile_splits = splits + half_splits(ref.n, cand.n, 2 * n_splits, rng)  # cheap: more splits, better tails
+    result["profiles"] = {name: compare_with_floor(ref.profiles[name][:, cut], cand.profiles[name][:, cut],
+                                                   profile_separation, profile_splits, n_sigma=n_sigma).to_dict()
+                          for name, cut in cuts.items()}
+    corr_names = list(GLOBAL_OBSERVABLES) + sorted(n for n in ref.observables if n.startswith("e_layer_l"))
+    ca, cb = _correlation_matrix_inputs(ref.observables, cand.observables, corr_names)
+    corr_splits = half_splits(len(ca), len(cb), max(3, n_splits // 2), rng)
+    full = fisher_z_test(ca, cb)
+    corr = compare_with_floor(ca, cb, correlation_chi2_ndf, corr_splits, n_sigma=n_sigma)
+    result["correlations"] = {**corr.to_dict(),
+                              "p_value_full": full["p_value"], "max_abs_z_full": full["max_abs_z"],
+                              "n_features": int(ca.shape[1])}
+    if fpd_kpd:
+        xr, xc, used = feature_matrices(ref.observables, cand.observables, feature_names(ref.observables))
+        a, b, c = splits[0]  # matched size, like every other floor
+        for key, fn in (("fpd", fpd), ("kpd", kpd)):
+            val, err = fn(xr[a], xc[c], seed=seed)
+            floor, floor_err = fn(xr[a], xr[b], seed=seed)
+            result[key] = {"value": val, "error": err, "floor": floor, "floor_error": floor_err,
+                           "value_full": fn(xr, xc, seed=seed)[0], "n_half": len(a),
+                           "flagged": bool(val > max(FLOOR_RATIO * floor, 0.0) + n_sigma * np.hypot(err, floor_err))}
+        result["fpd"]["features"] = used
+        result["kpd"]["degree"] = 4
+    points_r, points_c = energy_points(ref.energies), energy_points(cand.energies)
+    if points_r is not None and points_c is not None:
+        points = np.intersect1d(points_r, points_c)
+        resp = {}
+        for key in ("e_ratio", "e_ratio_weighted"):
+            r = energy_response(ref.energies, ref.observables[key], points, seed=seed)
+            c = energy_response(cand.energies, cand.observables[key], points, seed=seed)
+            resp[key] = {"reference": r, "candidate": c, "comparison": compare_response(r, c)}
+        result["response"] = resp
+    result["flags"] = collect_flags(result)
+    return result
+
+
+def collect_flags(result: dict) -> list[dict]:
+    """Every flagged test of :func:`compare_summaries` as a flat list of {test, name, metric, value, floor}."""
+    flags = []
+    for name, metrics in result.get("observables", {}).items():
+        for metric, r in metrics.items():
+            if r["flagged"]:
+                flags.append({"test": "observable", "name": name, "metric": metric, "value": r["value"],
+                              "floor": r["floor"], "floor_std": r["floor_std"]})
+    for name, r in result.get("profiles", {}).items():
+        if r["flagged"]:
+            flags.append({"test": "profile", "name": name, "metric": "separation_power", "value": r["value"],
+                          "floor": r["floor"], "floor_std": r["floor_std"]})
+    if result.get("correlations", {}).get("flagged"):
+        r = result["correlations"]
+        flags.append({"test": "correlations", "name": "fisher_z", "metric": "chi2_ndf", "value": r["value"],
+                      "floor": r["floor"], "floor_std": r["floor_std"]})
+    for key in ("fpd", "kpd"):
+        if result.get(key, {}).get("flagged"):
+            r = result[key]
+            flags.append({"test": key, "name": key, "metric": key, "value": r["value"], "floor": r["floor"],
+                          "floor_std": r["floor_error"]})
+    for key, r in result.get("response", {}).items():
+        for row in r["comparison"]:
+            if row["flagged"]:
+                flags.append({"test": "response", "name": f"{key}@{row['energy']:g}MeV", "metric": "pull",
+                              "value": max(abs(row["mu90_pull"]), abs(row["resolution_pull"])),
+                              "floor": 0.0, "floor_std": 1.0})
+    return flags
+
+
+def flagged_observables(result: dict) -> set[str]:
+    """Names of the observables with at least one flagged metric."""
+    return {f["name"] for f in result.get("flags", []) if f["test"] == "observable"}

@@ -13,6 +13,7 @@ named ``shower_depth``/``layer``; quantities undefined for a shower (e.g. the ce
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -334,6 +335,7 @@ class SampleSummary:
     observables: dict[str, np.ndarray]
     profiles: dict[str, np.ndarray]
     image_sum: np.ndarray
+    image_n: int
     geometry: CellGeometry
     threshold_mev: float
 
@@ -342,7 +344,17 @@ class SampleSummary:
         return len(self.energies)
 
     def mean_image(self) -> np.ndarray:
-        return self.image_sum / max(self.n, 1)
+        """Mean cell energies after threshold (over all summarised showers, also for a subset)."""
+        return self.image_sum / max(self.image_n, 1)
+
+    def subset(self, rows: np.ndarray) -> SampleSummary:
+        """The summary of the showers ``rows`` (the mean image stays that of the whole sample)."""
+        return SampleSummary(
+            energies=self.energies[rows], angles=self.angles[rows],
+            observables={k: v[rows] for k, v in self.observables.items()},
+            profiles={k: v[rows] for k, v in self.profiles.items()},
+            image_sum=self.image_sum, image_n=self.image_n, geometry=self.geometry, threshold_mev=self.threshold_mev,
+        )
 
 
 def summarise(batches: Iterable, detector: Detector | Geometry, shape: tuple[int, ...] | None = None,
@@ -372,7 +384,7 @@ def summarise(batches: Iterable, detector: Detector | Geometry, shape: tuple[int
         energies=np.concatenate(parts["e"]), angles=np.concatenate(parts["a"]),
         observables={k: np.concatenate(v) for k, v in obs_parts.items()},
         profiles={k: np.concatenate(v) for k, v in prof_parts.items()},
-        image_sum=image, geometry=geom, threshold_mev=threshold_mev,
+        image_sum=image, image_n=sum(len(e) for e in parts["e"]), geometry=geom, threshold_mev=threshold_mev,
     )
 
 
@@ -392,9 +404,10 @@ def feature_matrices(ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
     """
     xr = np.column_stack([np.asarray(ref[n], float) for n in names])
     xc = np.column_stack([np.asarray(cand[n], float) for n in names])
-    with np.errstate(invalid="ignore"):
-        mu, sd = np.nanmean(xr, axis=0), np.nanstd(xr, axis=0)
-    keep = np.isfinite(mu) & ((sd > 0) | (np.nanstd(xc, axis=0) > 0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns (layers never hit) are dropped below
+        mu, sd, sd_c = np.nanmean(xr, axis=0), np.nanstd(xr, axis=0), np.nanstd(xc, axis=0)
+    keep = np.isfinite(mu) & ((sd > 0) | (sd_c > 0))
     mu, sd = mu[keep], np.where(sd[keep] > 0, sd[keep], 1.0)
     xr, xc = np.nan_to_num((xr[:, keep] - mu) / sd), np.nan_to_num((xc[:, keep] - mu) / sd)
     return xr, xc, [n for n, k in zip(names, keep) if k]
