@@ -46,6 +46,7 @@ class LayerFlowConfig(ModelConfig):
     centroid_reg_mev: float = 0.5  # regulariser in the centroid denominator (empty layers -> centroid 0)
     empty_layer_noise: float = 0.3  # dequantisation noise of the lateral features of empty layers (std units)
     min_hit_prob: float = 1e-5  # floor of initial per-cell hit probabilities
+    cell_cap_margin: float = 1.5  # hit energies are capped at this times the cell's largest training energy
     shape_weight: float = 1.0  # weight of the cell-stage likelihood in the loss
     permutation_seed: int = 1234
 
@@ -116,7 +117,9 @@ class LayerFlow(ShowerModel):
         self.register_buffer("feat_std", torch.ones(self.dim))
         self.register_buffer("flow_coef", torch.zeros(4, self.dim))  # conditional mean: [1, lE, lE^2, a] @ coef
         self.register_buffer("flow_std", torch.ones(self.dim))
-        self.register_buffer("log_e_max", torch.tensor(10.0))
+        # Per-cell cap of log(hit energy): log(cell_cap_margin * the largest energy the cell saw in training).
+        # The per-cell energy tails are heavy; without a cap a rare halo cell takes a large share of its layer.
+        self.register_buffer("cell_log_e_max", torch.full((n_l * self.n_lat,), 10.0))
         # Flow.
         rng = np.random.default_rng(cfg.permutation_seed)
         perms = np.stack([rng.permutation(self.dim) for _ in range(cfg.flow_blocks)])
@@ -176,7 +179,7 @@ class LayerFlow(ShowerModel):
         hits = torch.zeros(n_l * n_lat, dtype=torch.float64)
         s1 = torch.zeros_like(hits)
         s2 = torch.zeros_like(hits)
-        e_max = 0.0
+        cell_max = torch.zeros(n_l * n_lat)
         for i in range(0, n, chunk):
             x = torch.as_tensor(np.asarray(showers[i:i + chunk]), dtype=torch.float32)
             feats.append(self.layer_features(x, energies[i:i + chunk])[0])
@@ -185,7 +188,7 @@ class LayerFlow(ShowerModel):
             hits += h.sum(0)
             s1 += ly.sum(0)
             s2 += (ly ** 2).sum(0)
-            e_max = max(e_max, float(x.max()))
+            cell_max = torch.maximum(cell_max, x.max(0).values)
         f = torch.cat(feats).double()
         mean, std = f.mean(0), f.std(0)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
@@ -200,7 +203,7 @@ class LayerFlow(ShowerModel):
         rstd = resid.std(0)
         self.flow_coef.copy_(coef.float())
         self.flow_std.copy_(torch.where(rstd > 1e-6, rstd, torch.ones_like(rstd)).float())
-        self.log_e_max.fill_(math.log(max(e_max, 1e-3)) + 1.0)
+        self.cell_log_e_max.copy_(torch.log(cell_max.clamp(min=0.1) * cfg.cell_cap_margin).float())
         # Cells: hit frequency and log-energy moments as intercepts, pooled per layer where statistics are poor.
         p = (hits / max(n, 1)).clamp(cfg.min_hit_prob, 1 - 1e-4)
         mu = s1 / hits.clamp(min=1)
@@ -327,7 +330,7 @@ class LayerFlow(ShowerModel):
         mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat)
         v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         r = _sinh((_asinh(torch.log(v) - torch.log1p(-v)) + skew) / tail)
-        e_hit = torch.exp((mu + torch.exp(log_sigma) * r).clamp(max=self.log_e_max))
+        e_hit = torch.exp(torch.minimum(mu + torch.exp(log_sigma) * r, self.cell_log_e_max[flat]))
         # Rescale each layer to the flow's layer energy.
         seg = row * n_l + lay
         target = e_layer.reshape(-1)
