@@ -6,7 +6,7 @@ at the same size: reference half A vs a random candidate subset of N/2 (``value`
 random splits, beside the floor averaged over the same splits (``floor``, ``floor_std`` = spread of single
 splits). The full-size value (all reference vs all candidate) is reported too, as ``value_full``.
 
-A metric is *flagged* when ``value > floor + k * floor_std`` and ``value > 2 * floor`` (see :func:`exceeds_floor`),
+A metric is *flagged* when ``value > floor + k * floor_std`` and ``value > 2.5 * floor`` (see :func:`exceeds_floor`),
 where k = 3 sigma corrected for the number of tests made on the candidate (Bonferroni: about 4.7 for 700 tests);
 pull-type tests (energy response) are flagged when |pull| exceeds the same kind of corrected threshold.
 """
@@ -21,7 +21,7 @@ import numpy as np
 from scipy import linalg, stats
 
 FLOOR_SIGMAS = 3.0
-FLOOR_RATIO = 2.0
+FLOOR_RATIO = 2.5
 N_BINS = 40
 
 
@@ -112,11 +112,12 @@ class FloorComparison:
 
 
 def exceeds_floor(value: float, floor: float, floor_std: float, n_sigma: float = FLOOR_SIGMAS) -> bool:
-    """The flag rule: value above floor + n_sigma x floor_std (spread of single splits) AND above 2 x floor.
+    """The flag rule: value above floor + n_sigma x floor_std (spread of single splits) AND above 2.5 x floor.
 
     Under the null hypothesis ``value`` scatters about as much as ``floor`` (the reference-candidate difference
-    is common to all splits), and quadratic metrics such as the separation power have long tails, hence the
-    ratio condition on top of the sigma condition.
+    is common to all splits, so ``floor_std`` underestimates the null spread), and quadratic metrics such as the
+    separation power have long tails, hence the ratio condition on top of the sigma condition. 2.5 rather than 2:
+    two independent 400-shower Geant4 samples gave a W1 at 2.3 x floor (and 5 floor_std) in one of three seeds.
     """
     if not np.isfinite(value) or not np.isfinite(floor):
         return False
