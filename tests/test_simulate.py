@@ -160,3 +160,36 @@ def test_snapshot_is_a_prefix_and_the_run_continues_over_it(tmp_path):
         assert len(f) == 20 and "snapshot" not in f.attrs
     ref = simulate("ild-ecal", "gamma", "2", "0", 20, 9, tmp_path / "ref.h5", workers=2, chunk_size=5, quiet=True)
     assert np.array_equal(full.showers, read_showers(ref).showers)
+
+
+def test_a_dead_worker_gives_a_clear_error_not_a_hang(tmp_path):
+    """A Geant4 worker killed mid-run (crash, OOM killer) must stop the run with an error, keeping finished chunks."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+
+    from caloforge.simulate import simulate
+
+    out, errors = tmp_path / "run.h5", []
+
+    def target():
+        try:
+            simulate("ild-ecal", "gamma", "3", "0", 200, 4, out, workers=1, chunk_size=4, quiet=True)
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            errors.append(err)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    chunk_dir = tmp_path / "run.h5.chunks"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(chunk_dir.glob("chunk-*.npz")):
+        time.sleep(0.05)
+    children = multiprocessing.active_children()
+    assert children, "no worker process found"
+    for child in children:
+        os.kill(child.pid, signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the run hangs after its worker died"
+    assert len(errors) == 1 and isinstance(errors[0], RuntimeError) and "died" in str(errors[0]), errors
+    assert not out.exists() and list(chunk_dir.glob("chunk-*.npz"))

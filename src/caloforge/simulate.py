@@ -15,7 +15,10 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,8 +93,18 @@ _APP = None
 _CFG: RunConfig | None = None
 
 
-def _worker_init(cfg: RunConfig, quiet_stdout: bool = True) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Worker side: leave as soon as the driver process is gone (killed runs leave no Geant4 behind)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _worker_init(cfg: RunConfig, quiet_stdout: bool = True, parent: int | None = None) -> None:
     global _APP, _CFG
+    if parent is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     if quiet_stdout:  # Geant4 prints its banner and messages on stdout; keep the user's terminal clean
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -227,14 +240,46 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
     if done and not quiet:
         print(f"{output}: resuming, {done_rows} of {n} showers already simulated")
     if todo:
-        ctx = mp.get_context("spawn")
-        with progress(total=n, desc="geant4", unit="shower", quiet=quiet, initial=done_rows) as bar, \
-                ctx.Pool(workers, initializer=_worker_init, initargs=(cfg,)) as pool:
-            for _, m in pool.imap_unordered(_run_chunk, [(k, str(chunk_dir)) for k in todo]):
+        with progress(total=n, desc="geant4", unit="shower", quiet=quiet, initial=done_rows) as bar:
+            for m in _run_chunks(cfg, chunk_dir, todo, workers):
                 bar.update(m)
     _merge(cfg, chunk_dir, output, list(range(cfg.n_chunks)))
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return output
+
+
+def _pool(cfg: RunConfig, workers: int) -> ProcessPoolExecutor:
+    """Fresh worker processes (spawn: one Geant4 per process), each initialised for the run."""
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                               initargs=(cfg, True, os.getpid()))
+
+
+def _run_chunks(cfg: RunConfig, chunk_dir: Path, todo: list[int], workers: int):
+    """Run the chunks ``todo`` on ``workers`` processes; yields the showers of each finished chunk.
+
+    At most ``2 * workers`` chunks are in flight, so an interrupted run loses little work. A worker that dies
+    (a crash inside Geant4, the out-of-memory killer) raises a RuntimeError naming the chunk instead of hanging.
+    """
+    pending = list(reversed(todo))
+    with _pool(cfg, workers) as pool:
+        running: dict = {}
+        try:
+            while pending or running:
+                while pending and len(running) < 2 * workers:
+                    k = pending.pop()
+                    running[pool.submit(_run_chunk, (k, str(chunk_dir)))] = k
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    k = running.pop(fut)
+                    try:
+                        yield fut.result()[1]
+                    except BrokenProcessPool:
+                        raise RuntimeError(
+                            f"a Geant4 worker process died while simulating chunk {k} of {chunk_dir}; the chunks "
+                            f"finished so far are kept: run the same command again to continue") from None
+        finally:
+            for fut in running:
+                fut.cancel()
 
 
 def snapshot(output: str | Path, to: str | Path) -> int:
@@ -270,9 +315,8 @@ def time_geant4(detector: Detector | str, particle: str, energy_gev: float, n_sh
 
     cfg = RunConfig(det.to_json(), canonical_particle(particle), str(energy_gev), "0", n_showers, seed,
                     n_showers, resolve_physics(physics))
-    ctx = mp.get_context("spawn")
-    with ctx.Pool(1, initializer=_worker_init, initargs=(cfg,)) as pool:
-        return pool.apply(_time_in_worker, (float(energy_gev), int(n_showers), seed))
+    with _pool(cfg, 1) as pool:
+        return pool.submit(_time_in_worker, float(energy_gev), int(n_showers), seed).result()
 
 
 def _time_in_worker(energy_gev: float, n: int, seed: int) -> float:
