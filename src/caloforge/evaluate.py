@@ -186,7 +186,9 @@ def summary_lines(results: dict) -> list[str]:
         for key, c in res.get("classifier", {}).items():
             line += f"; {key} AUC {c['auc']:.3f} (null sd {c['auc_null_std']:.3f})"
         if "fpd" in res:
-            line += f"; FPD {res['fpd']['value']:.3g} (floor {res['fpd']['floor']:.3g})"
+            f = res["fpd"]
+            line += (f"; FPD {f['value']:.3g} +- {f['error']:.2g} (floor {f['floor']:.3g} +- {f['floor_error']:.2g}"
+                     f"{', flagged' if f['flagged'] else ''})")
         lines.append(line)
     return lines
 

@@ -334,7 +334,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--energy", default="10:100",
                    help="GeV: '50' fixed, '10:100' uniform, 'log:10:100' log-uniform, '20,50,80' points")
     p.add_argument("--angle", default="0", help="incidence angle in degrees, tilting towards +y: '0' or '0:60'")
-    p.add_argument("-n", type=int, required=True, help="number of showers")
+    p.add_argument("-n", type=int, help="number of showers (required unless --snapshot)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("-o", "--output", required=True, help="output HDF5 file")
     p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
@@ -354,6 +354,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"{args.snapshot}: {rows} showers from the unfinished run of {args.output}")
         return 0
+    if args.n is None:
+        raise SystemExit("caloforge simulate: error: -n is required (the number of showers to simulate)")
     t0 = time.perf_counter()
     out = simulate(args.detector, args.particle, args.energy, args.angle, args.n, args.seed, args.output,
                    workers=args.workers, chunk_size=args.chunk_size, physics=args.physics, quiet=args.quiet,
