@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--particle", help="particle in the binning XML (default: the first)")
     parser.add_argument("--batch-size", type=int, default=500, help="showers read per batch (default 500)")
     parser.add_argument("--fail-on-flag", action="store_true", help="exit with status 1 if any metric is flagged")
-    parser.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
 
 def geometry_for(f, binning: str | None = None, particle: str | None = None):

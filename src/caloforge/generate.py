@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1000, help="showers per model call (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the conditions and of the model noise")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def generate_file(model, output: str | Path, n: int, energy_spec=None, angle_spec=None,

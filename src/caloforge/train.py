@@ -553,7 +553,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="training seed (default from config, 0)")
     p.add_argument("--val-fraction", type=float, help="fraction of the training file held out for validation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: the machine is shared)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def pick_device(name: str) -> str:

@@ -10,6 +10,8 @@ linear in the cell's layer features and the conditions with per-cell coefficient
 small matrix product per layer). The standardised residual of log(hit energy) follows a per-cell
 sinh-arcsinh transform of a logistic variable (skew and tail weight per cell: the MIP peak and the
 high-energy tail). One uniform number per cell gives both the hit decision and, conditionally, the energy.
+A per-layer histogram of log(hit energy), mixed in with a per-cell weight, carries the soft hits (the
+MIP peak sits at a fixed energy that no per-cell location-scale law can place for every cell).
 Each layer is then rescaled to the flow's layer energy, so energy sums follow the flow exactly.
 
 Both stages are trained jointly by maximum likelihood on real showers (the shape stage sees the real layer
@@ -48,6 +50,9 @@ class LayerFlowConfig(ModelConfig):
     min_hit_prob: float = 1e-5  # floor of initial per-cell hit probabilities
     cell_cap_margin: float = 1.5  # hit energies are capped at this times the cell's largest training energy
     shape_weight: float = 1.0  # weight of the cell-stage likelihood in the loss
+    mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
+    mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins
+    mip_log_max: float = 4.5
     permutation_seed: int = 1234
 
 
@@ -136,6 +141,11 @@ class LayerFlow(ShowerModel):
         self.cell_log_sigma = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV))
         self.cell_skew = nn.Parameter(torch.zeros(n_l * self.n_lat))
         self.cell_log_tail = nn.Parameter(torch.zeros(n_l * self.n_lat))
+        # Soft-hit component: a histogram density of ln(E_hit) per layer (the MIP peak sits at a fixed energy, which
+        # no per-cell location-scale law can place for every cell), mixed in with a per-cell weight linear in the
+        # covariates. Sampling needs no extra noise: the energy quantile picks the component, then its quantile.
+        self.mip_logits = nn.Parameter(torch.zeros(n_l, cfg.mip_bins)) if cfg.mip_bins > 0 else None
+        self.cell_mix = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV)) if cfg.mip_bins > 0 else None
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -180,6 +190,8 @@ class LayerFlow(ShowerModel):
         s1 = torch.zeros_like(hits)
         s2 = torch.zeros_like(hits)
         cell_max = torch.zeros(n_l * n_lat)
+        k_mip = max(cfg.mip_bins, 1)
+        mip_hist = torch.zeros(n_l, k_mip)
         for i in range(0, n, chunk):
             x = torch.as_tensor(np.asarray(showers[i:i + chunk]), dtype=torch.float32)
             feats.append(self.layer_features(x, energies[i:i + chunk])[0])
@@ -189,6 +201,10 @@ class LayerFlow(ShowerModel):
             s1 += ly.sum(0)
             s2 += (ly ** 2).sum(0)
             cell_max = torch.maximum(cell_max, x.max(0).values)
+            lay_idx = torch.arange(n_l).repeat_interleave(n_lat)
+            hit_lay = lay_idx.expand(len(x), -1)[h]
+            b = self._mip_bin(torch.log(x[h]))
+            mip_hist.view(-1).index_add_(0, hit_lay * k_mip + b, torch.ones_like(b, dtype=torch.float32))
         f = torch.cat(feats).double()
         mean, std = f.mean(0), f.std(0)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
@@ -216,6 +232,9 @@ class LayerFlow(ShowerModel):
         with torch.no_grad():
             for par in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail):
                 par.zero_()
+            if self.mip_logits is not None and self.cell_mix is not None:
+                self.cell_mix.zero_()
+                self.mip_logits.copy_(torch.log(mip_hist + 1.0) - torch.log(mip_hist + 1.0).mean(1, keepdim=True))
             self.cell_hit[:, 0, :] = torch.logit(p).view(n_l, n_lat).float()
             self.cell_mu[:, 0] = mu.float()
             self.cell_log_sigma[:, 0] = torch.log(sd).float()
@@ -237,6 +256,32 @@ class LayerFlow(ShowerModel):
     def _hit_logits(self, cov: torch.Tensor) -> torch.Tensor:
         """Hit logits (L, n, n_lat) from covariates (L, n, N_COV): one batched matrix product."""
         return torch.bmm(cov, self.cell_hit).float()  # float32 even under bf16 autocast
+
+    def _mip_bin(self, y: torch.Tensor) -> torch.Tensor:
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        k = max(cfg.mip_bins, 1)
+        width = (cfg.mip_log_max - cfg.mip_log_min) / k
+        return ((y - cfg.mip_log_min) / width).floor().clamp(0, k - 1).long()
+
+    def _mip_log_density(self, y: torch.Tensor, lay: torch.Tensor) -> torch.Tensor:
+        """ln density of ln(E_hit) under the layer's soft-hit histogram."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        width = (cfg.mip_log_max - cfg.mip_log_min) / cfg.mip_bins
+        log_prob = torch.log_softmax(self.mip_logits, dim=1)
+        return log_prob[lay, self._mip_bin(y)] - math.log(width)
+
+    def _mip_quantile(self, q: torch.Tensor, lay: torch.Tensor) -> torch.Tensor:
+        """ln(E_hit) at quantile q of the layer's soft-hit histogram (piecewise uniform within bins)."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        k = cfg.mip_bins
+        width = (cfg.mip_log_max - cfg.mip_log_min) / k
+        prob = torch.softmax(self.mip_logits, dim=1)  # (L, K)
+        cdf = torch.cumsum(prob, dim=1)
+        c = cdf[lay]  # (H, K)
+        b = (c < q[:, None]).sum(dim=1).clamp(max=k - 1)
+        lower = torch.gather(c, 1, b[:, None])[:, 0] - prob[lay, b]
+        frac = ((q - lower) / prob[lay, b].clamp(min=1e-12)).clamp(0.0, 1.0)
+        return cfg.mip_log_min + width * (b.float() + frac)
 
     def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor):
         """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index."""
@@ -262,6 +307,10 @@ class LayerFlow(ShowerModel):
         log_pz = -z.abs() - 2 * F.softplus(-z.abs())
         log_cosh = a.abs() + F.softplus(-2 * a.abs()) - math.log(2.0)
         log_p = log_pz + torch.log(tail) + log_cosh - 0.5 * torch.log1p(r ** 2) - log_sigma
+        if self.config.mip_bins > 0:
+            m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1)
+            y = torch.log(x[lay, row, col])
+            log_p = torch.logaddexp(F.logsigmoid(m) + self._mip_log_density(y, lay), F.logsigmoid(-m) + log_p)
         return nll_hit - torch.zeros_like(nll_hit).index_add(0, row, log_p)
 
     # ---- likelihood -----------------------------------------------------------------------------------
@@ -301,7 +350,8 @@ class LayerFlow(ShowerModel):
 
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
         """One Adam; the per-cell coefficients take 10x the flow's learning rate (they are plain GLM terms)."""
-        cells = [self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail]
+        cells = [p for p in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail,
+                             self.cell_mix, self.mip_logits) if p is not None]
         ids = {id(p) for p in cells}
         flow = [p for p in self.parameters() if id(p) not in ids]
         return {"main": torch.optim.Adam([{"params": flow, "weight_decay": weight_decay},
@@ -329,8 +379,16 @@ class LayerFlow(ShowerModel):
         flat = lay * n_lat + col
         mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat)
         v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
+        if cfg.mip_bins > 0:  # v < pi: the soft-hit component at quantile v / pi; else the cell's own law
+            pi = torch.sigmoid((cov[lay, row] * self.cell_mix[flat]).sum(1))
+            soft = v < pi
+            y_soft = self._mip_quantile((v / pi.clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6), lay)
+            v = torch.where(soft, torch.full_like(v, 0.5), ((v - pi) / (1 - pi).clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6))
         r = _sinh((_asinh(torch.log(v) - torch.log1p(-v)) + skew) / tail)
-        e_hit = torch.exp(torch.minimum(mu + torch.exp(log_sigma) * r, self.cell_log_e_max[flat]))
+        y_hit = mu + torch.exp(log_sigma) * r
+        if cfg.mip_bins > 0:
+            y_hit = torch.where(soft, y_soft, y_hit)
+        e_hit = torch.exp(torch.minimum(y_hit, self.cell_log_e_max[flat]))
         # Rescale each layer to the flow's layer energy.
         seg = row * n_l + lay
         target = e_layer.reshape(-1)
