@@ -51,8 +51,8 @@ class LayerFlowConfig(ModelConfig):
     cell_cap_margin: float = 1.5  # hit energies are capped at this times the cell's largest training energy
     shape_weight: float = 1.0  # weight of the cell-stage likelihood in the loss
     mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
-    mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins
-    mip_log_max: float = 4.5
+    mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
+    mip_log_max: float = 0.7
     permutation_seed: int = 1234
 
 
@@ -190,6 +190,7 @@ class LayerFlow(ShowerModel):
         s1 = torch.zeros_like(hits)
         s2 = torch.zeros_like(hits)
         cell_max = torch.zeros(n_l * n_lat)
+        soft = torch.zeros_like(hits)
         k_mip = max(cfg.mip_bins, 1)
         mip_hist = torch.zeros(n_l, k_mip)
         for i in range(0, n, chunk):
@@ -201,9 +202,10 @@ class LayerFlow(ShowerModel):
             s1 += ly.sum(0)
             s2 += (ly ** 2).sum(0)
             cell_max = torch.maximum(cell_max, x.max(0).values)
-            lay_idx = torch.arange(n_l).repeat_interleave(n_lat)
-            hit_lay = lay_idx.expand(len(x), -1)[h]
-            b = self._mip_bin(torch.log(x[h]))
+            hs = h & (x < math.exp(cfg.mip_log_max))  # soft hits: what the histogram starts from
+            soft += hs.sum(0)
+            hit_lay = torch.arange(n_l).repeat_interleave(n_lat).expand(len(x), -1)[hs]
+            b = self._mip_bin(torch.log(x[hs]))
             mip_hist.view(-1).index_add_(0, hit_lay * k_mip + b, torch.ones_like(b, dtype=torch.float32))
         f = torch.cat(feats).double()
         mean, std = f.mean(0), f.std(0)
@@ -233,7 +235,11 @@ class LayerFlow(ShowerModel):
             for par in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail):
                 par.zero_()
             if self.mip_logits is not None and self.cell_mix is not None:
+                # start each cell's soft-hit weight at its fraction of soft hits (pooled where statistics are poor)
+                soft_l = (soft.view(n_l, n_lat).sum(1) / hits_l.sum(1).clamp(min=1))[:, None].expand(n_l, n_lat)
+                frac = w * soft / hits.clamp(min=1) + (1 - w) * soft_l.reshape(-1)
                 self.cell_mix.zero_()
+                self.cell_mix[:, 0] = torch.logit(frac.clamp(0.01, 0.99)).float()
                 self.mip_logits.copy_(torch.log(mip_hist + 1.0) - torch.log(mip_hist + 1.0).mean(1, keepdim=True))
             self.cell_hit[:, 0, :] = torch.logit(p).view(n_l, n_lat).float()
             self.cell_mu[:, 0] = mu.float()
@@ -268,7 +274,8 @@ class LayerFlow(ShowerModel):
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         width = (cfg.mip_log_max - cfg.mip_log_min) / cfg.mip_bins
         log_prob = torch.log_softmax(self.mip_logits, dim=1)
-        return log_prob[lay, self._mip_bin(y)] - math.log(width)
+        inside = log_prob[lay, self._mip_bin(y)] - math.log(width)
+        return torch.where(y < cfg.mip_log_max, inside, torch.full_like(inside, -50.0))  # no hard hits in it
 
     def _mip_quantile(self, q: torch.Tensor, lay: torch.Tensor) -> torch.Tensor:
         """ln(E_hit) at quantile q of the layer's soft-hit histogram (piecewise uniform within bins)."""
