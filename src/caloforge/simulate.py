@@ -275,8 +275,10 @@ def _run_chunks(cfg: RunConfig, chunk_dir: Path, todo: list[int], workers: int):
                         yield fut.result()[1]
                     except BrokenProcessPool:
                         raise RuntimeError(
-                            f"a Geant4 worker process died while simulating chunk {k} of {chunk_dir}; the chunks "
-                            f"finished so far are kept: run the same command again to continue") from None
+                            f"a Geant4 worker process died while simulating chunk {k} of {chunk_dir} (a crash or "
+                            f"abort inside Geant4, the out-of-memory killer, or an error while starting Geant4: see "
+                            f"any message above); the chunks finished so far are kept: run the same command again "
+                            f"to continue") from None
         finally:
             for fut in running:
                 fut.cancel()
