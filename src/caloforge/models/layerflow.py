@@ -191,8 +191,8 @@ class LayerFlow(ShowerModel):
         s2 = torch.zeros_like(hits)
         cell_max = torch.zeros(n_l * n_lat)
         soft = torch.zeros_like(hits)
-        k_mip = max(cfg.mip_bins, 1)
-        mip_hist = torch.zeros(n_l, k_mip)
+        mip_hist = torch.zeros(n_l, max(cfg.mip_bins, 1))
+        cell_layer = torch.arange(n_l).repeat_interleave(n_lat)
         for i in range(0, n, chunk):
             x = torch.as_tensor(np.asarray(showers[i:i + chunk]), dtype=torch.float32)
             feats.append(self.layer_features(x, energies[i:i + chunk])[0])
@@ -202,11 +202,12 @@ class LayerFlow(ShowerModel):
             s1 += ly.sum(0)
             s2 += (ly ** 2).sum(0)
             cell_max = torch.maximum(cell_max, x.max(0).values)
-            hs = h & (x < math.exp(cfg.mip_log_max))  # soft hits: what the histogram starts from
-            soft += hs.sum(0)
-            hit_lay = torch.arange(n_l).repeat_interleave(n_lat).expand(len(x), -1)[hs]
-            b = self._mip_bin(torch.log(x[hs]))
-            mip_hist.view(-1).index_add_(0, hit_lay * k_mip + b, torch.ones_like(b, dtype=torch.float32))
+            if cfg.mip_bins > 0:
+                hs = h & (x < math.exp(cfg.mip_log_max))  # soft hits: what the histogram starts from
+                soft += hs.sum(0)
+                b = self._mip_bin(torch.log(x[hs]))
+                mip_hist.view(-1).index_add_(0, cell_layer.expand(len(x), -1)[hs] * cfg.mip_bins + b,
+                                             torch.ones_like(b, dtype=torch.float32))
         f = torch.cat(feats).double()
         mean, std = f.mean(0), f.std(0)
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
@@ -265,9 +266,8 @@ class LayerFlow(ShowerModel):
 
     def _mip_bin(self, y: torch.Tensor) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
-        k = max(cfg.mip_bins, 1)
-        width = (cfg.mip_log_max - cfg.mip_log_min) / k
-        return ((y - cfg.mip_log_min) / width).floor().clamp(0, k - 1).long()
+        width = (cfg.mip_log_max - cfg.mip_log_min) / cfg.mip_bins
+        return ((y - cfg.mip_log_min) / width).floor().clamp(0, cfg.mip_bins - 1).long()
 
     def _mip_log_density(self, y: torch.Tensor, lay: torch.Tensor) -> torch.Tensor:
         """ln density of ln(E_hit) under the layer's soft-hit histogram."""
