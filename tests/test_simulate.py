@@ -32,6 +32,21 @@ def test_physics_list_symbols_present():
     check_symbols(import_geant4())
 
 
+@pytest.mark.parametrize("env", [{"CI": "true"}, {"CI": "true", "G4LEDATA": "/nonexistent"}])
+def test_geant4_imports_on_a_fresh_ci_machine(tmp_path, env):
+    """geant4-pybind's import treats CI=true as leave to download data and then lists ~/.geant4_pybind."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("G4") and k != "GEANT4_DATA_DIR"}
+    clean.update(env, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    code = "from caloforge.geant4_setup import import_geant4; import os; import_geant4(); print(os.environ['CI'])"
+    out = subprocess.run([sys.executable, "-c", code], env=clean, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("true"), "CI must be restored after the import"
+    assert not (tmp_path / ".geant4_pybind").exists(), "nothing may be downloaded"
+
+
 def test_visible_energy_about_3_percent_and_linear(g4_sample):
     means, errs, energies = [], [], (1.0, 2.0, 4.0)
     for e in energies:

@@ -43,6 +43,10 @@ def _empty_data_dir() -> Path:
 def prepare_environment() -> bool:
     """Set the Geant4 data variables before import; True when real EM data sets are available."""
     if real_em_data() is not None:
+        if "GEANT4_DATA_DIR" not in os.environ:  # only G4LEDATA given: fill the others, or the import prompts
+            base = _empty_data_dir()
+            for var in DATA_VARIABLES:
+                os.environ.setdefault(var, str(base / var))
         return True
     base = _empty_data_dir()
     os.environ.pop("GEANT4_DATA_DIR", None)
@@ -52,8 +56,17 @@ def prepare_environment() -> bool:
 
 
 def import_geant4():
-    """Import and return the ``geant4_pybind`` module with the data environment prepared."""
-    prepare_environment()
-    import geant4_pybind
+    """Import and return the ``geant4_pybind`` module with the data environment prepared.
 
+    geant4-pybind's import-time data check treats ``CI=true`` as permission to download and then lists
+    ``~/.geant4_pybind``, which fails when that folder does not exist (as on a fresh CI machine). The data
+    variables are all set by now, so nothing is to be downloaded: hide ``CI`` for the duration of the import.
+    """
+    prepare_environment()
+    ci = os.environ.pop("CI", None)
+    try:
+        import geant4_pybind
+    finally:
+        if ci is not None:
+            os.environ["CI"] = ci
     return geant4_pybind
