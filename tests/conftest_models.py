@@ -49,19 +49,28 @@ def write_toy_file(path, detector: Detector, n: int, seed: int = 0) -> Batch:
     return b
 
 
-#: Tiny architectures per family, so that every test runs in a second or two.
+#: Tiny architectures per family (and per variant, "family:variant"), so that every test runs in a second or two.
 TINY_CONFIGS: dict[str, dict] = {
     "layerflow": {"flow_blocks": 2, "flow_hidden": 16},
+    "layerflow:hit_count": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
 }
 
 
-def tiny_model(family: str, detector: Detector, data: Batch):
-    """A tiny model of ``family`` with its preprocessing fitted on ``data`` (untrained)."""
+#: Every model variant the parametrised tests run over.
+VARIANTS: list[str] = list(TINY_CONFIGS)
+
+
+def family_of(variant: str) -> str:
+    return variant.split(":")[0]
+
+
+def tiny_model(variant: str, detector: Detector, data: Batch):
+    """A tiny model of ``variant`` (a family name, or "family:variant") fitted on ``data`` (untrained)."""
     from caloforge.models import get_family
 
-    cls = get_family(family)
-    model = cls(detector, data.showers.shape[1], cls.Config.from_dict(TINY_CONFIGS[family]))
+    cls = get_family(family_of(variant))
+    model = cls(detector, data.showers.shape[1], cls.Config.from_dict(TINY_CONFIGS[variant]))
     model.fit_preprocessing(data)
     return model

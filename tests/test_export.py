@@ -10,11 +10,11 @@ import torch
 
 from caloforge.cli import main
 from caloforge.export import export_onnx, noise_inputs
-from caloforge.models import families, load_model, save_model
-from conftest_models import tiny_model, toy_detector, toy_showers
+from caloforge.models import load_model, save_model
+from conftest_models import VARIANTS, family_of, tiny_model, toy_detector, toy_showers
 
 
-@pytest.mark.parametrize("family", families())
+@pytest.mark.parametrize("family", VARIANTS)
 def test_onnx_matches_torch(family, tmp_path):
     torch.set_num_threads(1)
     det = toy_detector()
@@ -22,7 +22,7 @@ def test_onnx_matches_torch(family, tmp_path):
     model = tiny_model(family, det, data)
     path = export_onnx(model, tmp_path / "m.onnx")
     meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    assert meta["caloforge_family"] == family and "toy-ecal" in meta["caloforge_detector"]
+    assert meta["caloforge_family"] == family_of(family) and "toy-ecal" in meta["caloforge_detector"]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 7):  # the batch axis is dynamic
         e = torch.as_tensor(data.energies[:n], dtype=torch.float32)

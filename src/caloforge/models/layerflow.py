@@ -32,8 +32,7 @@ from torch import nn
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 
-N_FEAT = 4  # per-layer features: log energy fraction, centroid x, centroid y, log mean r^2
-N_COV = 7  # per-cell covariates: 1, 4 standardised layer features, log E_inc, angle
+N_FEAT = 4  # per-layer features: log energy fraction, centroid x, centroid y, log mean r^2 (+ log hit count)
 
 
 @dataclass
@@ -53,6 +52,7 @@ class LayerFlowConfig(ModelConfig):
     mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
     mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
     mip_log_max: float = 0.7
+    hit_count: bool = False  # a 5th flow feature per layer, log(1 + hits); decode hits exactly that many cells
     permutation_seed: int = 1234
 
 
@@ -112,7 +112,9 @@ class LayerFlow(ShowerModel):
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         n_l, n_x, n_y = self.shape
         self.n_layers, self.n_lat = n_l, n_x * n_y
-        self.dim = N_FEAT * n_l
+        self.n_feat = N_FEAT + int(cfg.hit_count)
+        self.n_cov = self.n_feat + 3  # covariates per cell: 1, the standardised layer features, log E_inc, angle
+        self.dim = self.n_feat * n_l
         x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
         gx, gy = np.meshgrid(x_mm / detector.cell_size_mm, y_mm / detector.cell_size_mm, indexing="ij")
         self.register_buffer("cell_x", torch.as_tensor(gx.reshape(-1), dtype=torch.float32), persistent=False)
@@ -133,19 +135,19 @@ class LayerFlow(ShowerModel):
                              persistent=False)
         self.blocks = nn.ModuleList(
             _Coupling(self.dim, 3, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp) for _ in range(cfg.flow_blocks))
-        # Cell hurdle. Hit logit: per layer a (N_COV, n_lat) matrix (evaluated densely, one bmm). Energy of a hit:
-        # per cell N_COV coefficients for mu and for log sigma of log(E_hit / MeV), a skew and a log tail weight
+        # Cell hurdle. Hit logit: per layer a (n_cov, n_lat) matrix (evaluated densely, one bmm). Energy of a hit:
+        # per cell n_cov coefficients for mu and for log sigma of log(E_hit / MeV), a skew and a log tail weight
         # (rows indexed by the flat cell index; evaluated only for hit cells).
-        self.cell_hit = nn.Parameter(torch.zeros(n_l, N_COV, self.n_lat))
-        self.cell_mu = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV))
-        self.cell_log_sigma = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV))
+        self.cell_hit = nn.Parameter(torch.zeros(n_l, self.n_cov, self.n_lat))
+        self.cell_mu = nn.Parameter(torch.zeros(n_l * self.n_lat, self.n_cov))
+        self.cell_log_sigma = nn.Parameter(torch.zeros(n_l * self.n_lat, self.n_cov))
         self.cell_skew = nn.Parameter(torch.zeros(n_l * self.n_lat))
         self.cell_log_tail = nn.Parameter(torch.zeros(n_l * self.n_lat))
         # Soft-hit component: a histogram density of ln(E_hit) per layer (the MIP peak sits at a fixed energy, which
         # no per-cell location-scale law can place for every cell), mixed in with a per-cell weight linear in the
         # covariates. Sampling needs no extra noise: the energy quantile picks the component, then its quantile.
         self.mip_logits = nn.Parameter(torch.zeros(n_l, cfg.mip_bins)) if cfg.mip_bins > 0 else None
-        self.cell_mix = nn.Parameter(torch.zeros(n_l * self.n_lat, N_COV)) if cfg.mip_bins > 0 else None
+        self.cell_mix = nn.Parameter(torch.zeros(n_l * self.n_lat, self.n_cov)) if cfg.mip_bins > 0 else None
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -154,9 +156,10 @@ class LayerFlow(ShowerModel):
     def _cond_basis(self, cf: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.ones_like(cf[:, 0]), cf[:, 0], cf[:, 0] ** 2, cf[:, 1]], dim=1)
 
-    def layer_features(self, showers: torch.Tensor, energies: torch.Tensor,
-                       u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw per-layer features (n, 4L) laid out [logfrac | cx | cy | log r2], and layer energies (n, L)."""
+    def layer_features(self, showers: torch.Tensor, energies: torch.Tensor, u: torch.Tensor | None = None,
+                       u_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw per-layer features (n, n_feat L) laid out [logfrac | cx | cy | log r2 (| log(1 + hits))], and layer
+        energies (n, L). ``u`` and ``u_count`` dequantise the layer energy and the hit count (default 0.5)."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         s = showers.reshape(len(showers), self.n_layers, self.n_lat).float()
         e_l = s.sum(dim=2)
@@ -166,12 +169,16 @@ class LayerFlow(ShowerModel):
         r2 = (s @ (self.cell_x ** 2 + self.cell_y ** 2)) / den
         u = torch.full_like(e_l, 0.5) if u is None else u
         logfrac = torch.log((e_l + cfg.dequant_mev * u) / energies.float()[:, None])
-        return torch.cat([logfrac, cx, cy, torch.log(r2 + 0.25)], dim=1), e_l
+        feats = [logfrac, cx, cy, torch.log(r2 + 0.25)]
+        if cfg.hit_count:
+            u_count = torch.full_like(e_l, 0.5) if u_count is None else u_count
+            feats.append(torch.log1p((s > 0).sum(dim=2).float() + u_count))
+        return torch.cat(feats, dim=1), e_l
 
     def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        """Per-layer covariates (L, n, N_COV) for the cell stage from standardised features (n, 4L)."""
+        """Per-layer covariates (L, n, n_cov) for the cell stage from standardised features (n, n_feat L)."""
         n_l = self.n_layers  # shapes stay symbolic in the batch size (ONNX export)
-        per_layer = feat_std.reshape(-1, N_FEAT, n_l).permute(2, 0, 1)  # (L, n, 4)
+        per_layer = feat_std.reshape(-1, self.n_feat, n_l).permute(2, 0, 1)  # (L, n, n_feat)
         ones = torch.ones_like(per_layer[:, :, :1])
         cond = cf[None].expand(n_l, -1, -1)
         return torch.cat([ones, per_layer, cond], dim=2)
@@ -261,7 +268,7 @@ class LayerFlow(ShowerModel):
 
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor) -> torch.Tensor:
-        """Hit logits (L, n, n_lat) from covariates (L, n, N_COV): one batched matrix product."""
+        """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product."""
         return torch.bmm(cov, self.cell_hit).float()  # float32 even under bf16 autocast
 
     def _mip_bin(self, y: torch.Tensor) -> torch.Tensor:
@@ -292,7 +299,7 @@ class LayerFlow(ShowerModel):
 
     def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor):
         """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index."""
-        g = cov[lay, row]  # (H, N_COV)
+        g = cov[lay, row]  # (H, n_cov)
         mu = (g * self.cell_mu[flat]).sum(1)
         log_sigma = (g * self.cell_log_sigma[flat]).sum(1).clamp(-5.0, 3.0)
         tail = torch.exp(self.cell_log_tail[flat].clamp(-2.0, 2.0))
@@ -325,12 +332,15 @@ class LayerFlow(ShowerModel):
         """Per-shower NLL of the flow (with dequantisation) and of the cells (n,), (n,)."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         cf = self.condition_features(batch.energies, batch.angles)
-        u = torch.rand(len(batch), self.n_layers, device=cf.device)
-        feat, e_l = self.layer_features(batch.showers, batch.energies, u)
+        n_l = self.n_layers
+        u = torch.rand(len(batch), n_l, device=cf.device)
+        u_count = torch.rand(len(batch), n_l, device=cf.device) if cfg.hit_count else None
+        feat, e_l = self.layer_features(batch.showers, batch.energies, u, u_count)
         fs = (feat - self.feat_mean) / self.feat_std
         # Lateral features of empty layers are arbitrary: spread them so the flow sees no point mass.
-        empty = (e_l <= 0).repeat(1, N_FEAT)
-        empty[:, :self.n_layers] = False
+        empty = (e_l <= 0).repeat(1, self.n_feat)
+        empty[:, :n_l] = False
+        empty[:, N_FEAT * n_l:] = False  # the hit count (0) of an empty layer is meaningful
         noise = torch.randn_like(fs) * cfg.empty_layer_noise
         fs_flow = torch.where(empty, fs + noise, fs)
         y = (fs_flow - self._cond_basis(cf) @ self.flow_coef) / self.flow_std
@@ -338,7 +348,11 @@ class LayerFlow(ShowerModel):
         flow_nll = 0.5 * (z ** 2).sum(1) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
         flow_nll = flow_nll + torch.log(self.flow_std * self.feat_std).sum()
         clean_logfrac = torch.log((e_l + 0.5 * cfg.dequant_mev) / batch.energies.float()[:, None])
-        feat_clean = torch.cat([clean_logfrac, feat[:, self.n_layers:]], dim=1)  # as layer_features(u=0.5)
+        parts = [clean_logfrac, feat[:, n_l:N_FEAT * n_l]]
+        if cfg.hit_count:
+            count = (batch.showers.reshape(len(batch), n_l, self.n_lat) > 0).sum(dim=2).float()
+            parts.append(torch.log1p(count + 0.5))
+        feat_clean = torch.cat(parts, dim=1)  # as layer_features(u=0.5, u_count=0.5)
         cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf)
         return flow_nll, self._shape_nll(batch.showers, cov)
 
@@ -366,10 +380,25 @@ class LayerFlow(ShowerModel):
 
     # ---- sampling -----------------------------------------------------------------------------------
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
-        return [((n, self.dim), "normal"), ((n, self.n_cells), "uniform")]
+        shapes = [((n, self.dim), "normal"), ((n, self.n_cells), "uniform")]
+        if self.config.hit_count:  # the energy quantiles of the hits, apart from the choice of the hit cells
+            shapes.append(((n, self.n_cells), "uniform"))
+        return shapes
+
+    def _hits_exactly(self, logit: torch.Tensor, u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """Hit mask (L, n, n_lat) with exactly ``count`` (n, L) hits per layer: Pareto order sampling.
+
+        The hit cells are the ``count`` cells with the smallest logit(u) - logit(p): Rosen's order sampling, a close
+        approximation of independent Bernoulli(p) hits conditioned on their number.
+        """
+        u = u.clamp(1e-7, 1 - 1e-7)
+        rank_key = torch.log(u) - torch.log1p(-u) - logit
+        k = count.transpose(0, 1).long()  # (L, n)
+        kth = rank_key.sort(dim=2).values.gather(2, (k - 1).clamp(min=0)[..., None])
+        return (rank_key <= kth) & (k[..., None] > 0)
 
     def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        z_flow, u_cells = noise
+        z_flow, u_cells = noise[:2]
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         n_l, n_lat = self.n_layers, self.n_lat
         cf = self.condition_features(energies, angles)
@@ -381,11 +410,20 @@ class LayerFlow(ShowerModel):
         cov = self._covariates(fs, cf)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
-        p = torch.sigmoid(self._hit_logits(cov))
-        lay, row, col = (u < p).nonzero(as_tuple=True)
-        flat = lay * n_lat + col
+        logit = self._hit_logits(cov)
+        if cfg.hit_count:  # exactly the flow's number of hits per layer; the energy quantile from its own noise
+            log_count = fs[:, N_FEAT * n_l:] * self.feat_std[N_FEAT * n_l:] + self.feat_mean[N_FEAT * n_l:]
+            count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
+            count = torch.where(e_layer > 0, count, torch.zeros_like(count))
+            lay, row, col = self._hits_exactly(logit, u, count).nonzero(as_tuple=True)
+            flat = lay * n_lat + col
+            v = noise[2].reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col].clamp(1e-6, 1 - 1e-6)
+        else:
+            p = torch.sigmoid(logit)
+            lay, row, col = (u < p).nonzero(as_tuple=True)
+            flat = lay * n_lat + col
+            v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat)
-        v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         if cfg.mip_bins > 0:  # v < pi: the soft-hit component at quantile v / pi; else the cell's own law
             pi = torch.sigmoid((cov[lay, row] * self.cell_mix[flat]).sum(1))
             soft = v < pi
