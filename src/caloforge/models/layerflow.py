@@ -52,7 +52,7 @@ class LayerFlowConfig(ModelConfig):
     mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
     mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
     mip_log_max: float = 0.7
-    hit_count: bool = False  # a 5th flow feature per layer, log(1 + hits); decode hits exactly that many cells
+    hit_count: bool = False  # experimental (docs/models.md): a 5th flow feature per layer, log(1 + hits)
     permutation_seed: int = 1234
 
 
