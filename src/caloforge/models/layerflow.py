@@ -52,7 +52,9 @@ class LayerFlowConfig(ModelConfig):
     mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
     mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
     mip_log_max: float = 0.7
-    hit_count: bool = False  # experimental (docs/models.md): a 5th flow feature per layer, log(1 + hits)
+    hit_count: bool = False  # experimental (docs/models.md): per-layer hit counts from a second flow, hit exactly
+    count_blocks: int = 6  # coupling blocks of the count flow (conditioned on the layer flow's features)
+    count_hidden: int = 128
     permutation_seed: int = 1234
 
 
@@ -114,6 +116,7 @@ class LayerFlow(ShowerModel):
         self.n_layers, self.n_lat = n_l, n_x * n_y
         self.n_feat = N_FEAT + int(cfg.hit_count)
         self.n_cov = self.n_feat + 3  # covariates per cell: 1, the standardised layer features, log E_inc, angle
+        self.flow_dim = N_FEAT * n_l  # the layer flow; with hit_count a second flow models the L log hit counts
         self.dim = self.n_feat * n_l
         x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
         gx, gy = np.meshgrid(x_mm / detector.cell_size_mm, y_mm / detector.cell_size_mm, indexing="ij")
@@ -129,12 +132,21 @@ class LayerFlow(ShowerModel):
         self.register_buffer("cell_log_e_max", torch.full((n_l * self.n_lat,), 10.0))
         # Flow.
         rng = np.random.default_rng(cfg.permutation_seed)
-        perms = np.stack([rng.permutation(self.dim) for _ in range(cfg.flow_blocks)])
+        perms = np.stack([rng.permutation(self.flow_dim) for _ in range(cfg.flow_blocks)])
         self.register_buffer("perms", torch.as_tensor(perms, dtype=torch.long), persistent=False)
         self.register_buffer("inv_perms", torch.as_tensor(np.argsort(perms, axis=1), dtype=torch.long),
                              persistent=False)
-        self.blocks = nn.ModuleList(
-            _Coupling(self.dim, 3, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp) for _ in range(cfg.flow_blocks))
+        self.blocks = nn.ModuleList(_Coupling(self.flow_dim, 3, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp)
+                                    for _ in range(cfg.flow_blocks))
+        self.count_blocks = None
+        if cfg.hit_count:  # log hit counts given the conditions and the layer flow's (standardised) features
+            perms = np.stack([rng.permutation(n_l) for _ in range(cfg.count_blocks)])
+            self.register_buffer("count_perms", torch.as_tensor(perms, dtype=torch.long), persistent=False)
+            self.register_buffer("count_inv_perms", torch.as_tensor(np.argsort(perms, axis=1), dtype=torch.long),
+                                 persistent=False)
+            self.count_blocks = nn.ModuleList(
+                _Coupling(n_l, 3 + self.flow_dim, cfg.count_hidden, cfg.flow_layers, cfg.scale_clamp)
+                for _ in range(cfg.count_blocks))
         # Cell hurdle. Hit logit: per layer a (n_cov, n_lat) matrix (evaluated densely, one bmm). Energy of a hit:
         # per cell n_cov coefficients for mu and for log sigma of log(E_hit / MeV), a skew and a log tail weight
         # (rows indexed by the flat cell index; evaluated only for hit cells).
@@ -254,17 +266,32 @@ class LayerFlow(ShowerModel):
             self.cell_log_sigma[:, 0] = torch.log(sd).float()
 
     # ---- flow ---------------------------------------------------------------------------------------
-    def _flow_forward(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logdet = torch.zeros(len(x), device=x.device, dtype=x.dtype)
-        for i, block in enumerate(self.blocks):
-            x, ld = block(x[:, self.perms[i]], c)
-            logdet = logdet + ld
-        return x, logdet
+    def _flows(self) -> list[tuple[nn.ModuleList, torch.Tensor, torch.Tensor]]:
+        flows = [(self.blocks, self.perms, self.inv_perms)]
+        if self.count_blocks is not None:
+            flows.append((self.count_blocks, self.count_perms, self.count_inv_perms))
+        return flows
+
+    def _flow_forward(self, y: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardised features (n, dim) -> latent (n, dim) and log|det J|; the count flow sees the layer features."""
+        zs, logdet = [], torch.zeros(len(y), device=y.device, dtype=y.dtype)
+        for (blocks, perms, _), x, cond in zip(self._flows(), (y[:, :self.flow_dim], y[:, self.flow_dim:]),
+                                               (c, torch.cat([c, y[:, :self.flow_dim]], dim=1))):
+            for i, block in enumerate(blocks):
+                x, ld = block(x[:, perms[i]], cond)
+                logdet = logdet + ld
+            zs.append(x)
+        return torch.cat(zs, dim=1), logdet
 
     def _flow_inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        for i in range(len(self.blocks) - 1, -1, -1):
-            z = self.blocks[i].inverse(z, c)[:, self.inv_perms[i]]
-        return z
+        ys = []
+        for k, (blocks, _, inv_perms) in enumerate(self._flows()):
+            x = z[:, :self.flow_dim] if k == 0 else z[:, self.flow_dim:]
+            cond = c if k == 0 else torch.cat([c, ys[0]], dim=1)
+            for i in range(len(blocks) - 1, -1, -1):
+                x = blocks[i].inverse(x, cond)[:, inv_perms[i]]
+            ys.append(x)
+        return torch.cat(ys, dim=1)
 
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor) -> torch.Tensor:
@@ -394,7 +421,9 @@ class LayerFlow(ShowerModel):
         u = u.clamp(1e-7, 1 - 1e-7)
         rank_key = torch.log(u) - torch.log1p(-u) - logit
         k = count.transpose(0, 1).long()  # (L, n)
-        kth = rank_key.sort(dim=2).values.gather(2, (k - 1).clamp(min=0)[..., None])
+        k_max = k.max().clamp(min=1)  # a tensor, so that ONNX keeps it dynamic; topk is far cheaper than a sort
+        smallest = torch.topk(rank_key, k_max, dim=2, largest=False, sorted=True).values
+        kth = smallest.gather(2, (k - 1).clamp(min=0)[..., None])
         return (rank_key <= kth) & (k[..., None] > 0)
 
     def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
