@@ -52,7 +52,8 @@ def write_toy_file(path, detector: Detector, n: int, seed: int = 0) -> Batch:
 #: Tiny architectures per family (and per variant, "family:variant"), so that every test runs in a second or two.
 TINY_CONFIGS: dict[str, dict] = {
     "layerflow": {"flow_blocks": 2, "flow_hidden": 16},
-    "layerflow:hit_count": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True},
+    "layerflow:hit_count": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
+                            "count_hidden": 16, "clamp_features": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
 }

@@ -184,3 +184,20 @@ def test_layerflow_exact_hit_count_sampling_keeps_the_hit_probabilities():
     freq = hits[0].float().mean(0)
     tol = 5 * torch.sqrt(p * (1 - p) / reps) + 0.025
     assert torch.all((freq - p).abs() < tol), (freq, p)
+
+
+def test_layerflow_clamp_keeps_a_wild_flow_inside_the_training_range():
+    """A flow maps rare latents far outside the data; ``clamp_features`` bounds every sampled feature."""
+    det = toy_detector()
+    data = toy_showers(det, 40, seed=2)
+    wild = {}
+    for variant in ("layerflow", "layerflow:hit_count"):  # without and with the clamp
+        model = tiny_model(variant, det, data)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.net[-1].bias.normal_(0.0, 20.0, generator=torch.Generator().manual_seed(1))
+        x = model.sample(data.energies, data.angles, seed=4)
+        wild[variant] = float((x.sum(1) / torch.as_tensor(data.energies)).max())
+    train_max = float((data.showers.sum(1) / data.energies).max())
+    assert wild["layerflow"] > 3 * train_max, ("the test needs a flow that leaves the training range", wild, train_max)
+    assert wild["layerflow:hit_count"] < 3 * train_max, (wild, train_max)

@@ -55,6 +55,8 @@ class LayerFlowConfig(ModelConfig):
     hit_count: bool = False  # experimental (docs/models.md): per-layer hit counts from a second flow, hit exactly
     count_blocks: int = 6  # coupling blocks of the count flow (conditioned on the layer flow's features)
     count_hidden: int = 128
+    clamp_features: bool = False  # clamp flow samples to the training range of each feature (+- clamp_margin x range)
+    clamp_margin: float = 0.1
     permutation_seed: int = 1234
 
 
@@ -127,6 +129,9 @@ class LayerFlow(ShowerModel):
         self.register_buffer("feat_std", torch.ones(self.dim))
         self.register_buffer("flow_coef", torch.zeros(4, self.dim))  # conditional mean: [1, lE, lE^2, a] @ coef
         self.register_buffer("flow_std", torch.ones(self.dim))
+        if cfg.clamp_features:  # a flow maps rare latents far outside the data: one such shower can dominate a metric
+            self.register_buffer("y_lo", torch.full((self.dim,), -1e4))
+            self.register_buffer("y_hi", torch.full((self.dim,), 1e4))
         # Per-cell cap of log(hit energy): log(cell_cap_margin * the largest energy the cell saw in training).
         # The per-cell energy tails are heavy; without a cap a rare halo cell takes a large share of its layer.
         self.register_buffer("cell_log_e_max", torch.full((n_l * self.n_lat,), 10.0))
@@ -241,6 +246,11 @@ class LayerFlow(ShowerModel):
         rstd = resid.std(0)
         self.flow_coef.copy_(coef.float())
         self.flow_std.copy_(torch.where(rstd > 1e-6, rstd, torch.ones_like(rstd)).float())
+        if cfg.clamp_features:
+            y = resid / self.flow_std.double()
+            lo, hi = y.min(0).values, y.max(0).values
+            self.y_lo.copy_((lo - cfg.clamp_margin * (hi - lo)).float())
+            self.y_hi.copy_((hi + cfg.clamp_margin * (hi - lo)).float())
         self.cell_log_e_max.copy_(torch.log(cell_max.clamp(min=0.1) * cfg.cell_cap_margin).float())
         # Cells: hit frequency and log-energy moments as intercepts, pooled per layer where statistics are poor.
         p = (hits / max(n, 1)).clamp(cfg.min_hit_prob, 1 - 1e-4)
@@ -432,6 +442,8 @@ class LayerFlow(ShowerModel):
         n_l, n_lat = self.n_layers, self.n_lat
         cf = self.condition_features(energies, angles)
         y = self._flow_inverse(z_flow, self._flow_cond(cf))
+        if cfg.clamp_features:
+            y = torch.minimum(torch.maximum(y, self.y_lo), self.y_hi)
         fs = y * self.flow_std + self._cond_basis(cf) @ self.flow_coef  # standardised features
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
