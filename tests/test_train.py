@@ -134,3 +134,16 @@ def test_cli_train_and_resume(toy_file, tmp_path, capsys):
     assert "already holds a training run" in capsys.readouterr().err
     assert main(["train", "-o", str(out), "--resume", "--max-steps", "5", "--quiet"]) == 0
     assert json.loads((out / "last" / "model.json").read_text())["training"]["step"] == 5
+
+
+def test_select_last_ships_the_final_weights(toy_file, tmp_path):
+    """With ``select = "last"`` runs/NAME holds the final weights; validation is still run and logged."""
+    out = tmp_path / "run"
+    state = Trainer.create(str(toy_file), "layerflow", out, _cfg(select="last"), TINY_CONFIGS["layerflow"]).fit()
+    assert state["best_step"] in (3, 6)
+    final, top = load_file(out / "last" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert final.keys() == top.keys() and all(torch.equal(final[k], top[k]) for k in final)
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["step"] == 6 and "score" in meta["validation"]
+    with pytest.raises(TrainingError, match="select is 'newest'"):
+        TrainConfig.from_dict({"select": "newest"})

@@ -3,8 +3,9 @@
 ``caloforge train --data TRAIN.h5 --model layerflow -o runs/NAME`` writes into runs/NAME:
 ``run.json`` (the resolved configuration), ``checkpoint.safetensors`` (weights, optimiser and RNG states; written
 atomically every ``checkpoint_every`` steps and at the end), ``history.jsonl`` (losses and validation metrics),
-``model.safetensors`` + ``model.json`` (the best model on the validation split: what generate/export use) and
-``last/`` (the final weights). ``--resume`` continues a killed run exactly where its last checkpoint stopped.
+``model.safetensors`` + ``model.json`` (the best model on the validation split, or the final weights with
+``select = "last"``: what generate/export use) and ``last/`` (the final weights). ``--resume`` continues a killed
+run exactly where its last checkpoint stopped.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class TrainConfig:
     val_every: int = 500
     val_fraction: float = 0.1
     val_max_showers: int = 2000
+    select: str = "best"  # runs/NAME holds the "best" model on the validation split, or the "last" (final) weights
     split_seed: int = 0  # the train/validation split depends only on this, not on the training seed
     log_every: int = 50
     max_rollbacks: int = 3
@@ -69,6 +71,8 @@ class TrainConfig:
         for k, v in d.items():
             t = type(getattr(defaults, k))
             kw[k] = bool(v) if t is bool else t(v)
+        if kw.get("select", "best") not in ("best", "last"):
+            raise TrainingError(f"{source}: [train] select is {kw['select']!r}; expected 'best' or 'last'")
         return cls(**kw)
 
 
@@ -347,6 +351,7 @@ class Trainer:
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.validator = (Validator(val, detector, self.model.shape, self.cfg.val_max_showers)
                           if len(val.energies) else None)
+        self.latest_validation: dict[str, float] | None = None
         self.showers = torch.from_numpy(train.showers)
         self.energies = torch.as_tensor(train.energies, dtype=torch.float32)
         self.angles = torch.as_tensor(train.angles, dtype=torch.float32)
@@ -453,13 +458,15 @@ class Trainer:
         if self.validator is None:
             return None
         res = self.validator(self.model)
+        self.latest_validation = res
         record = {"step": self.state["step"], "kind": "val", **res}
         self._log(record)
         best = self.state["best_score"]
         if math.isfinite(res["score"]) and (best is None or res["score"] < best):
             self.state["best_score"], self.state["best_step"] = res["score"], self.state["step"]
-            self.model.meta["validation"] = res
-            self.export(self.out)
+            if self.cfg.select == "best":
+                self.model.meta["validation"] = res
+                self.export(self.out)
         return res
 
     def _diverged(self, losses: dict[str, float]) -> str | None:
@@ -531,8 +538,10 @@ class Trainer:
                     self.checkpoint()
                 if callback is not None:
                     callback(self)
+        if self.latest_validation is not None:
+            self.model.meta["validation"] = self.latest_validation  # what last/ (and select = "last") holds
         self.export(self.out / "last")
-        if self.validator is None or st["best_score"] is None:
+        if self.validator is None or st["best_score"] is None or cfg.select == "last":
             self.export(self.out)
         return dict(st)
 
