@@ -56,7 +56,7 @@ class LayerFlowConfig(ModelConfig):
     mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
     mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
     mip_log_max: float = 0.7
-    hit_count: bool = False  # experimental (docs/models.md): per-layer hit counts from a second flow, hit exactly
+    hit_count: bool = False  # per-layer hit counts from a second flow; each layer hits exactly that many cells
     count_blocks: int = 6  # coupling blocks of the count flow (conditioned on the layer flow's features)
     count_hidden: int = 128
     clamp_features: bool = False  # clamp flow samples to the training range of each feature (+- clamp_margin x range)
