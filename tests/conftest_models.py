@@ -54,6 +54,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "layerflow": {"flow_blocks": 2, "flow_hidden": 16},
     "layerflow:hit_count": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                             "count_hidden": 16, "clamp_features": True},
+    "layerflow:counts_first": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
+                               "count_hidden": 16, "counts_first": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
 }

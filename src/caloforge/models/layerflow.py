@@ -59,6 +59,7 @@ class LayerFlowConfig(ModelConfig):
     hit_count: bool = False  # per-layer hit counts from a second flow; each layer hits exactly that many cells
     count_blocks: int = 6  # coupling blocks of the count flow (conditioned on the layer flow's features)
     count_hidden: int = 128
+    counts_first: bool = False  # order p(counts) p(layer features | counts) instead of p(features) p(counts | features)
     clamp_features: bool = False  # clamp flow samples to the training range of each feature (+- clamp_margin x range)
     clamp_margin: float = 0.1
     permutation_seed: int = 1234
@@ -145,16 +146,18 @@ class LayerFlow(ShowerModel):
         self.register_buffer("perms", torch.as_tensor(perms, dtype=torch.long), persistent=False)
         self.register_buffer("inv_perms", torch.as_tensor(np.argsort(perms, axis=1), dtype=torch.long),
                              persistent=False)
-        self.blocks = nn.ModuleList(_Coupling(self.flow_dim, 3, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp)
-                                    for _ in range(cfg.flow_blocks))
+        first = cfg.hit_count and cfg.counts_first
+        self.blocks = nn.ModuleList(
+            _Coupling(self.flow_dim, 3 + n_l * first, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp)
+            for _ in range(cfg.flow_blocks))
         self.count_blocks = None
-        if cfg.hit_count:  # log hit counts given the conditions and the layer flow's (standardised) features
+        if cfg.hit_count:  # log hit counts given the conditions (and the layer flow's features, unless counts_first)
             perms = np.stack([rng.permutation(n_l) for _ in range(cfg.count_blocks)])
             self.register_buffer("count_perms", torch.as_tensor(perms, dtype=torch.long), persistent=False)
             self.register_buffer("count_inv_perms", torch.as_tensor(np.argsort(perms, axis=1), dtype=torch.long),
                                  persistent=False)
             self.count_blocks = nn.ModuleList(
-                _Coupling(n_l, 3 + self.flow_dim, cfg.count_hidden, cfg.flow_layers, cfg.scale_clamp)
+                _Coupling(n_l, 3 + self.flow_dim * (not first), cfg.count_hidden, cfg.flow_layers, cfg.scale_clamp)
                 for _ in range(cfg.count_blocks))
         # Cell hurdle. Hit logit: per layer a (n_cov, n_lat) matrix (evaluated densely, one bmm). Energy of a hit:
         # per cell n_cov coefficients for mu and for log sigma of log(E_hit / MeV), a skew and a log tail weight
@@ -280,32 +283,36 @@ class LayerFlow(ShowerModel):
             self.cell_log_sigma[:, 0] = torch.log(sd).float()
 
     # ---- flow ---------------------------------------------------------------------------------------
-    def _flows(self) -> list[tuple[nn.ModuleList, torch.Tensor, torch.Tensor]]:
-        flows = [(self.blocks, self.perms, self.inv_perms)]
-        if self.count_blocks is not None:
-            flows.append((self.count_blocks, self.count_perms, self.count_inv_perms))
-        return flows
+    def _stages(self) -> list[tuple[nn.ModuleList, torch.Tensor, torch.Tensor, slice]]:
+        """The flows in sampling order as (blocks, perms, inverse perms, their slice of the features); each is
+        conditioned on the conditions and on the features of the stages before it."""
+        main = (self.blocks, self.perms, self.inv_perms, slice(0, self.flow_dim))
+        if self.count_blocks is None:
+            return [main]
+        count = (self.count_blocks, self.count_perms, self.count_inv_perms, slice(self.flow_dim, self.dim))
+        return [count, main] if self.config.counts_first else [main, count]
 
     def _flow_forward(self, y: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Standardised features (n, dim) -> latent (n, dim) and log|det J|; the count flow sees the layer features."""
-        zs, logdet = [], torch.zeros(len(y), device=y.device, dtype=y.dtype)
-        for (blocks, perms, _), x, cond in zip(self._flows(), (y[:, :self.flow_dim], y[:, self.flow_dim:]),
-                                               (c, torch.cat([c, y[:, :self.flow_dim]], dim=1))):
+        """Standardised features (n, dim) -> latent (n, dim, same layout) and log|det J|."""
+        zs, logdet, cond = {}, torch.zeros(len(y), device=y.device, dtype=y.dtype), c
+        for blocks, perms, _, part in self._stages():
+            x = y[:, part]
             for i, block in enumerate(blocks):
                 x, ld = block(x[:, perms[i]], cond)
                 logdet = logdet + ld
-            zs.append(x)
-        return torch.cat(zs, dim=1), logdet
+            zs[part.start] = x
+            cond = torch.cat([cond, y[:, part]], dim=1)
+        return torch.cat([zs[k] for k in sorted(zs)], dim=1), logdet
 
     def _flow_inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        ys = []
-        for k, (blocks, _, inv_perms) in enumerate(self._flows()):
-            x = z[:, :self.flow_dim] if k == 0 else z[:, self.flow_dim:]
-            cond = c if k == 0 else torch.cat([c, ys[0]], dim=1)
+        ys, cond = {}, c
+        for blocks, _, inv_perms, part in self._stages():
+            x = z[:, part]
             for i in range(len(blocks) - 1, -1, -1):
                 x = blocks[i].inverse(x, cond)[:, inv_perms[i]]
-            ys.append(x)
-        return torch.cat(ys, dim=1)
+            ys[part.start] = x
+            cond = torch.cat([cond, x], dim=1)
+        return torch.cat([ys[k] for k in sorted(ys)], dim=1)
 
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor) -> torch.Tensor:
