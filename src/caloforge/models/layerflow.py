@@ -14,9 +14,10 @@ A per-layer histogram of log(hit energy), mixed in with a per-cell weight, carri
 MIP peak sits at a fixed energy that no per-cell location-scale law can place for every cell).
 Each layer is then rescaled to the flow's layer energy, so energy sums follow the flow exactly.
 
-Options (on in the shipped model): ``hit_count`` adds a second flow over the per-layer log hit counts, conditioned
-on the layer flow's features, and each layer then hits exactly that many cells (Pareto order sampling on the
-per-cell hit probabilities); ``clamp_features`` keeps every flow sample inside the training range of its feature.
+Options (on in the shipped model): ``hit_count`` adds a second flow over the per-layer log hit counts, and each
+layer then hits exactly that many cells (Pareto order sampling on the per-cell hit probabilities); with
+``counts_first`` the counts are sampled first and the layer flow is conditioned on them (else the count flow is
+conditioned on the layer features); ``clamp_features`` keeps every flow sample inside the training range.
 
 Both stages are trained jointly by maximum likelihood on real showers (the shape stage sees the real layer
 features: teacher forcing). Sampling is one flow pass plus a handful of vectorised per-cell operations.
