@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -35,8 +36,6 @@ def test_physics_list_symbols_present():
 @pytest.mark.parametrize("env", [{"CI": "true"}, {"CI": "true", "G4LEDATA": "/nonexistent"}])
 def test_geant4_imports_on_a_fresh_ci_machine(tmp_path, env):
     """geant4-pybind's import treats CI=true as leave to download data and then lists ~/.geant4_pybind."""
-    import os
-
     clean = {k: v for k, v in os.environ.items() if not k.startswith("G4") and k != "GEANT4_DATA_DIR"}
     clean.update(env, HOME=str(tmp_path), XDG_CACHE_HOME=str(tmp_path / "cache"))
     code = "from caloforge.geant4_setup import import_geant4; import os; import_geant4(); print(os.environ['CI'])"
@@ -180,7 +179,6 @@ def test_snapshot_is_a_prefix_and_the_run_continues_over_it(tmp_path):
 def test_a_dead_worker_gives_a_clear_error_not_a_hang(tmp_path):
     """A Geant4 worker killed mid-run (crash, OOM killer) must stop the run with an error, keeping finished chunks."""
     import multiprocessing
-    import os
     import signal
     import threading
 

@@ -37,7 +37,7 @@ from torch import nn
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 
-N_FEAT = 4  # per-layer features: log energy fraction, centroid x, centroid y, log mean r^2 (+ log hit count)
+N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
 
 
 @dataclass
@@ -58,7 +58,7 @@ class LayerFlowConfig(ModelConfig):
     mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
     mip_log_max: float = 0.7
     hit_count: bool = False  # per-layer hit counts from a second flow; each layer hits exactly that many cells
-    count_blocks: int = 6  # coupling blocks of the count flow (conditioned on the layer flow's features)
+    count_blocks: int = 6  # coupling blocks of the count flow
     count_hidden: int = 128
     counts_first: bool = False  # order p(counts) p(layer features | counts) instead of p(features) p(counts | features)
     clamp_features: bool = False  # clamp flow samples to the training range of each feature (+- clamp_margin x range)
