@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from caloforge.conditions import Conditions
 from caloforge.dataset import Batch, write_showers
 from caloforge.detector import Detector
 
 
-def toy_detector(name: str = "toy-ecal", n_layers: int = 4, n_xy: int = 6) -> Detector:
-    """A small Si-W stack with an n_xy x n_xy window of 5 mm cells around the impact point."""
+def toy_detector(name: str = "toy-ecal", n_layers: int = 4, n_xy: int = 6, n_y_angled: int | None = None) -> Detector:
+    """A small Si-W stack with an n_xy x n_xy window of 5 mm cells around the impact point (and an angled window
+    n_xy x n_y_angled reaching towards +y when given)."""
     half = n_xy * 5.0 / 2
     return Detector.from_dict({
         "name": name,
         "size_x_mm": 600.0, "size_y_mm": 600.0, "cell_size_mm": 5.0,
         "layers": [{"count": n_layers, "absorber": "G4_W", "absorber_mm": 2.1, "active": "G4_Si", "active_mm": 0.5}],
-        "readout": {"x_min_mm": -half, "n_x": n_xy, "y_min_mm": -half, "n_y": n_xy},
+        "readout": {"x_min_mm": -half, "n_x": n_xy, "y_min_mm": -half, "n_y": n_xy, "n_y_angled": n_y_angled},
     })
 
 
@@ -39,13 +41,13 @@ def toy_showers(detector: Detector, n: int, seed: int = 0, e_gev: tuple[float, f
             cells = prof[layer] * w / w.sum() * rng.lognormal(0, 0.4, w.shape)
             keep = rng.random(w.shape) < np.clip(cells / 2.0, 0.01, 1.0)
             showers[i, layer] = np.where(keep, cells, 0.0)
-    return Batch(energies, angles, showers.reshape(n, -1))
+    return Batch(Conditions.make(energies, angles), showers.reshape(n, -1))
 
 
 def write_toy_file(path, detector: Detector, n: int, seed: int = 0) -> Batch:
     """Write toy showers as a caloforge HDF5 file and return them."""
     b = toy_showers(detector, n, seed)
-    write_showers(path, detector, b.energies, b.angles, b.showers, attrs={"source": "toy", "particle": "gamma"})
+    write_showers(path, detector, b.conditions, b.showers, attrs={"source": "toy", "particle": "gamma"})
     return b
 
 

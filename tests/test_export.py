@@ -25,12 +25,11 @@ def test_onnx_matches_torch(family, tmp_path):
     assert meta["caloforge_family"] == family_of(family) and "toy-ecal" in meta["caloforge_detector"]
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for n in (1, 7):  # the batch axis is dynamic
-        e = torch.as_tensor(data.energies[:n], dtype=torch.float32)
-        a = torch.zeros(n)
+        cond = torch.as_tensor(data.conditions[:n].as_array(), dtype=torch.float32)
         noise = model.draw_noise(n, torch.Generator().manual_seed(n))
         with torch.no_grad():
-            ref = model.decode(e, a, *noise).numpy()
-        feeds = {"energies": e.numpy(), "angles": a.numpy()}
+            ref = model.decode_window(cond, *noise).numpy()
+        feeds = {"conditions": cond.numpy()}
         feeds.update({name: t.numpy() for (name, _, _), t in zip(noise_inputs(model), noise)})
         out = sess.run(["showers"], feeds)[0]
         assert out.shape == (n, det.n_cells())

@@ -79,8 +79,7 @@ def test_gradients_reach_all_parameters(family, detector, data):
     model = tiny_model(family, detector, data)
     before = {k: p.detach().clone() for k, p in model.named_parameters()}
     opts = model.configure_optimizers(1e-2)
-    batch = TrainBatch(torch.as_tensor(data.energies, dtype=torch.float32),
-                       torch.as_tensor(data.angles, dtype=torch.float32), torch.as_tensor(data.showers))
+    batch = TrainBatch(torch.as_tensor(data.conditions.as_array(), dtype=torch.float32), torch.as_tensor(data.showers))
     for step in range(4):  # two steps so that zero-initialised output layers pass gradients back
         losses = model.training_step(batch, opts, step)
         assert all(torch.isfinite(torch.tensor(v)) for v in losses.values()), losses
@@ -120,7 +119,7 @@ def test_conditions_outside_training_range_warn(family, detector, data):
         model.sample(data.energies[:3], 0.0, seed=0)  # inside: silent
     with pytest.warns(ConditionsWarning, match="outside the training range"):
         model.sample([500e3], 0.0, seed=0)
-    with pytest.warns(ConditionsWarning, match="angle"):
+    with pytest.raises(ModelError, match="angle 30 deg requested"):  # the toy detector has no angled window
         model.sample([50e3], 30.0, seed=0)
 
 

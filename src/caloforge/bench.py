@@ -60,13 +60,14 @@ def time_model(model, batch_size: int, energies_gev: list[float], angle: float =
     device = model.cond_mean.device
     e = torch.as_tensor(np.resize(np.asarray(energies_gev) * 1e3, batch_size), dtype=torch.float32, device=device)
     a = torch.full_like(e, angle)
+    particle = (model.meta.get("particles") or [model.meta.get("particle") or "gamma"])[0]
     gen = torch.Generator(device=device).manual_seed(0)
 
     def once() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.sample(e, a, generator=gen)
+        model.sample(e, a, generator=gen, particles=particle)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

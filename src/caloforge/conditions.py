@@ -15,7 +15,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["ConditionSpec", "parse_energy_spec", "parse_angle_spec"]
+__all__ = [
+    "CONDITION_COLUMNS", "Conditions", "ConditionsError", "ConditionSampler", "ConditionSpec", "PositionSpec",
+    "canonical_particle", "parse_angle_spec", "parse_energy_spec", "parse_particles", "parse_position_spec",
+]
+
+#: Particles a shower model or the Geant4 application takes, with their PDG codes (stored in datasets).
+PARTICLE_PDG: dict[str, int] = {"gamma": 22, "e-": 11, "e+": -11}
+PDG_PARTICLE: dict[int, str] = {v: k for k, v in PARTICLE_PDG.items()}
+_ALIASES = {"photon": "gamma", "electron": "e-", "positron": "e+", "22": "gamma", "11": "e-", "-11": "e+"}
+#: Columns of the raw condition tensor that models take (``Conditions.as_array``); a new condition is a new column.
+CONDITION_COLUMNS: tuple[str, ...] = ("energy_mev", "angle_deg", "x_mm", "y_mm", "pdg")
+
+
+class ConditionsError(ValueError):
+    """Conditions (energy, angle, impact position, particle) that are malformed or impossible."""
 
 
 @dataclass(frozen=True)
@@ -32,8 +46,13 @@ class ConditionSpec:
         """(lo, hi) of the values this spec can produce, in output units."""
         return (min(self.values), max(self.values))
 
-    def sample(self, n: int, rng: np.random.Generator, offset: int = 0) -> np.ndarray:
-        """``n`` values (float64). ``offset`` is the global index of the first row (cycling of points)."""
+    @property
+    def n_points(self) -> int:
+        return len(self.values) if self.kind == "points" else 1
+
+    def sample(self, n: int, rng: np.random.Generator, offset: int = 0, stride: int = 1) -> np.ndarray:
+        """``n`` values (float64). ``offset`` is the global index of the first row; points cycle every ``stride``
+        rows (so that several point specs form a grid)."""
         if n < 0:
             raise ValueError(f"number of rows must be >= 0, got {n}")
         if self.kind == "fixed":
@@ -46,7 +65,7 @@ class ConditionSpec:
             return np.exp(rng.uniform(math.log(lo), math.log(hi), size=n))
         if self.kind == "points":
             pts = np.asarray(self.values, dtype=np.float64)
-            return pts[(np.arange(n) + offset) % len(pts)]
+            return pts[((np.arange(n) + offset) // stride) % len(pts)]
         raise ValueError(f"unknown condition spec kind {self.kind!r}")  # pragma: no cover
 
 
@@ -108,3 +127,218 @@ def parse_angle_spec(text: str) -> ConditionSpec:
     if min(spec.values) < 0 or max(spec.values) >= 90:
         raise ValueError(f"invalid angle spec {text!r}: angles must lie in [0, 90) degrees")
     return spec
+
+
+# ---- particles ---------------------------------------------------------------------------------------------
+def canonical_particle(name: str) -> str:
+    """'gamma', 'e-' or 'e+' for any accepted spelling (photon, electron, positron, PDG code)."""
+    key = str(name).strip()
+    key = _ALIASES.get(key.lower(), key)
+    if key not in PARTICLE_PDG:
+        raise ConditionsError(f"particle {name!r} is not supported; expected one of {', '.join(PARTICLE_PDG)}")
+    return key
+
+
+def parse_particles(text: str) -> tuple[str, ...]:
+    """A particle list 'gamma' or 'gamma,e-' (rows cycle over the list)."""
+    names = [p for p in str(text).replace(" ", "").split(",") if p]
+    if not names:
+        raise ConditionsError(f"empty particle spec {text!r}; expected e.g. 'gamma' or 'gamma,e-'")
+    out = tuple(canonical_particle(p) for p in names)
+    if len(set(out)) != len(out):
+        raise ConditionsError(f"particle spec {text!r} names a particle twice")
+    return out
+
+
+# ---- impact positions --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PositionSpec:
+    """Impact points (x, y) in mm on the calorimeter face.
+
+    * ``"0,0"``              fixed point
+    * ``"cell"``             uniform over the cell with its lower corner at the origin, [0, c) x [0, c)
+    * ``"-5:5,0:10"``        uniform over a rectangle
+    * ``"0,0;2.5,2.5"``      points cycling over rows
+    """
+
+    text: str
+    kind: str  # "fixed" | "uniform" | "points"
+    values: tuple[tuple[float, float], ...]  # fixed: ((x, y),); uniform: ((x0, x1), (y0, y1)); points: the points
+
+    @property
+    def n_points(self) -> int:
+        return len(self.values) if self.kind == "points" else 1
+
+    @property
+    def bounds(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((x_lo, x_hi), (y_lo, y_hi)) of the points this spec can produce."""
+        if self.kind == "uniform":
+            return self.values[0], self.values[1]
+        xs, ys = [p[0] for p in self.values], [p[1] for p in self.values]
+        return (min(xs), max(xs)), (min(ys), max(ys))
+
+    def sample(self, n: int, rng: np.random.Generator, offset: int = 0, stride: int = 1) -> np.ndarray:
+        """(n, 2) impact points in mm."""
+        if self.kind == "uniform":
+            (x0, x1), (y0, y1) = self.values
+            return np.stack([rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)], axis=1)
+        pts = np.asarray(self.values, dtype=np.float64)
+        if self.kind == "fixed":
+            return np.repeat(pts, n, axis=0)
+        return pts[((np.arange(n) + offset) // stride) % len(pts)]
+
+
+def parse_position_spec(text: str, cell_size_mm: float = 5.0) -> PositionSpec:
+    """Parse an impact-position spec (mm); ``cell`` means uniform over one cell of ``cell_size_mm``."""
+    if not isinstance(text, str) or not text.strip():
+        raise ConditionsError("empty position spec; expected e.g. '0,0', 'cell', '0:5,0:5' or '0,0;2.5,2.5'")
+    s = text.strip().replace(" ", "")
+    if s.lower() == "cell":
+        c = float(cell_size_mm)
+        return PositionSpec(text, "uniform", ((0.0, c), (0.0, c)))
+
+    def pair(part: str) -> list[str]:
+        xy = part.split(",")
+        if len(xy) != 2:
+            raise ConditionsError(f"invalid position spec {text!r}: {part!r} is not 'X,Y' (mm)")
+        return xy
+
+    if ";" in s:
+        pts = [tuple(_number(v, text, "position") for v in pair(p)) for p in s.split(";") if p]
+        if not pts:
+            raise ConditionsError(f"invalid position spec {text!r}: no points")
+        return PositionSpec(text, "points", tuple(pts))  # type: ignore[arg-type]
+    xs, ys = pair(s)
+    if ":" in xs or ":" in ys:
+        ranges = []
+        for part in (xs, ys):
+            lo_hi = part.split(":") if ":" in part else [part, part]
+            if len(lo_hi) != 2:
+                raise ConditionsError(f"invalid position spec {text!r}: expected 'X0:X1,Y0:Y1'")
+            lo, hi = (_number(v, text, "position") for v in lo_hi)
+            if hi < lo:
+                raise ConditionsError(f"invalid position spec {text!r}: range {lo}:{hi} has LO > HI")
+            ranges.append((lo, hi))
+        return PositionSpec(text, "uniform", tuple(ranges))  # type: ignore[arg-type]
+    return PositionSpec(text, "fixed", ((_number(xs, text, "position"), _number(ys, text, "position")),))
+
+
+# ---- the conditions of a set of showers --------------------------------------------------------------------
+@dataclass
+class Conditions:
+    """What a shower is conditioned on, one row per shower: the structure every part of caloforge passes around.
+
+    ``energy`` (n,) MeV, ``angle`` (n,) degrees (0 = along the layer normal, tilting towards +y), ``x`` and ``y``
+    (n,) mm: the impact point on the calorimeter face, ``pdg`` (n,) PDG codes (22 gamma, 11 e-, -11 e+).
+    """
+
+    energy: np.ndarray
+    angle: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+    pdg: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = np.asarray(self.energy).reshape(-1).shape[0]
+        self.energy = np.asarray(self.energy, dtype=np.float64).reshape(-1)
+        for name in ("angle", "x", "y"):
+            v = np.asarray(getattr(self, name), dtype=np.float64).reshape(-1)
+            setattr(self, name, np.broadcast_to(v, (n,)).copy() if v.size == 1 else v)
+        p = np.asarray(self.pdg).reshape(-1)
+        if p.dtype.kind in "US":
+            p = np.array([PARTICLE_PDG[canonical_particle(s)] for s in p.astype(str)], dtype=np.int32)
+        p = p.astype(np.int32)
+        self.pdg = np.broadcast_to(p, (n,)).copy() if p.size == 1 else p
+        for name in ("angle", "x", "y", "pdg"):
+            if getattr(self, name).shape != (n,):
+                raise ConditionsError(f"conditions: {name} has {getattr(self, name).shape[0]} rows, energy has {n}")
+
+    @classmethod
+    def make(cls, energy, angle=0.0, position=(0.0, 0.0), particle="gamma") -> Conditions:
+        """Conditions from arrays or scalars (broadcast to the number of energies); ``particle`` names or codes."""
+        pos = np.asarray(position, dtype=np.float64)
+        pos = pos.reshape(-1, 2) if pos.size else pos.reshape(0, 2)
+        if isinstance(particle, str):
+            particle = PARTICLE_PDG[canonical_particle(particle)]
+        return cls(energy, angle, pos[:, 0], pos[:, 1], particle)
+
+    @classmethod
+    def from_array(cls, a) -> Conditions:
+        """From the raw (n, len(CONDITION_COLUMNS)) array (or tensor) that models take."""
+        a = np.asarray(a, dtype=np.float64)
+        return cls(a[:, 0], a[:, 1], a[:, 2], a[:, 3], np.rint(a[:, 4]).astype(np.int32))
+
+    @classmethod
+    def concat(cls, parts: list[Conditions]) -> Conditions:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("energy", "angle", "x", "y", "pdg")))
+
+    def as_array(self) -> np.ndarray:
+        """(n, 5) float64 columns :data:`CONDITION_COLUMNS` (what ``ShowerModel.decode`` takes as a tensor)."""
+        return np.stack([self.energy, self.angle, self.x, self.y, self.pdg.astype(np.float64)], axis=1)
+
+    @property
+    def position(self) -> np.ndarray:
+        return np.stack([self.x, self.y], axis=1)
+
+    @property
+    def particles(self) -> list[str]:
+        return [PDG_PARTICLE.get(int(p), str(int(p))) for p in self.pdg]
+
+    def __len__(self) -> int:
+        return int(self.energy.shape[0])
+
+    def __getitem__(self, index) -> Conditions:
+        return Conditions(self.energy[index], self.angle[index], self.x[index], self.y[index], self.pdg[index])
+
+    def validate(self, source: str = "conditions") -> Conditions:
+        """Raise :class:`ConditionsError` (naming ``source`` and the field) for values no shower can have."""
+        for name in ("energy", "angle", "x", "y"):
+            v = getattr(self, name)
+            if not np.all(np.isfinite(v)):
+                row = int(np.flatnonzero(~np.isfinite(v))[0])
+                raise ConditionsError(f"{source}: {name} is NaN or inf (first at row {row}); expected finite values")
+        if np.any(self.energy <= 0):
+            row = int(np.flatnonzero(self.energy <= 0)[0])
+            raise ConditionsError(f"{source}: energy {self.energy[row]:g} MeV at row {row}; expected > 0 MeV")
+        if np.any((self.angle < 0) | (self.angle >= 90)):
+            row = int(np.flatnonzero((self.angle < 0) | (self.angle >= 90))[0])
+            raise ConditionsError(f"{source}: angle {self.angle[row]:g} deg at row {row}; expected [0, 90) degrees")
+        bad = ~np.isin(self.pdg, list(PDG_PARTICLE))
+        if np.any(bad):
+            row = int(np.flatnonzero(bad)[0])
+            raise ConditionsError(f"{source}: particle code {int(self.pdg[row])} at row {row}; expected PDG codes "
+                                  f"{sorted(PDG_PARTICLE)} ({', '.join(PARTICLE_PDG)})")
+        return self
+
+
+@dataclass(frozen=True)
+class ConditionSampler:
+    """Draws the conditions of rows ``offset .. offset + n`` from specs; every quantity has its own random stream.
+
+    Point specs combine as a grid: energy points cycle fastest, then angle points, positions, particles.
+    """
+
+    energy: ConditionSpec
+    angle: ConditionSpec
+    position: PositionSpec
+    particles: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, energy: str, angle: str = "0", position: str = "0,0", particle: str = "gamma",
+              cell_size_mm: float = 5.0) -> ConditionSampler:
+        return cls(parse_energy_spec(energy), parse_angle_spec(angle), parse_position_spec(position, cell_size_mm),
+                   parse_particles(particle))
+
+    @property
+    def grid_size(self) -> int:
+        return self.energy.n_points * self.angle.n_points * self.position.n_points * len(self.particles)
+
+    def sample(self, n: int, rngs: tuple[np.random.Generator, ...], offset: int = 0) -> Conditions:
+        """``rngs``: generators for energy, angle and position (three independent streams)."""
+        ke, ka, kp = self.energy.n_points, self.angle.n_points, self.position.n_points
+        e = self.energy.sample(n, rngs[0], offset)
+        a = self.angle.sample(n, rngs[1], offset, stride=ke)
+        pos = self.position.sample(n, rngs[2], offset, stride=ke * ka)
+        codes = np.array([PARTICLE_PDG[p] for p in self.particles], dtype=np.int32)
+        pdg = codes[((np.arange(n) + offset) // (ke * ka * kp)) % len(codes)]
+        return Conditions(e, a, pos[:, 0], pos[:, 1], pdg)

@@ -1,7 +1,10 @@
 """The shower dataset format: HDF5, compatible with the CaloChallenge convention.
 
 Datasets (all in MeV): ``incident_energies`` (N, 1) float64, ``showers`` (N, n_cells) float32 with cells in
-(layer, x, y) C order, ``incident_angles`` (N, 1) float64 in degrees. File attributes describe where the
+(layer, x, y) C order, ``incident_angles`` (N, 1) float64 in degrees, ``incident_positions`` (N, 2) float64 impact
+point (x, y) in mm and ``incident_particles`` (N, 1) int32 PDG codes. Files without positions (written before, or by
+other tools) mean the impact at the origin; without particles, the file attribute ``particle``. File attributes
+describe where the
 showers come from: detector name and full description (JSON), cell-array shape, particle, physics list,
 Geant4 version, seed, caloforge version and ``source`` (``geant4`` or ``model:<family>``).
 
@@ -21,12 +24,16 @@ import h5py
 import numpy as np
 
 from caloforge import __version__
+from caloforge.conditions import PARTICLE_PDG, Conditions, ConditionsError, canonical_particle
 from caloforge.detector import Detector, DetectorError, load_detector
 
 SHOWERS = "showers"
 ENERGIES = "incident_energies"
 ANGLES = "incident_angles"
+POSITIONS = "incident_positions"
+PARTICLES = "incident_particles"
 CHUNK_ROWS = 100
+UNKNOWN_PDG = 0  # a file that records no particle (neither column nor attribute)
 
 
 class DatasetError(ValueError):
@@ -35,14 +42,21 @@ class DatasetError(ValueError):
 
 @dataclass
 class Batch:
-    """A slice of a dataset: incident energies (n,) MeV, angles (n,) degrees, showers (n, n_cells) MeV."""
+    """A slice of a dataset: its :class:`~caloforge.conditions.Conditions` and showers (n, n_cells) in MeV."""
 
-    energies: np.ndarray
-    angles: np.ndarray
+    conditions: Conditions
     showers: np.ndarray
 
+    @property
+    def energies(self) -> np.ndarray:
+        return self.conditions.energy
+
+    @property
+    def angles(self) -> np.ndarray:
+        return self.conditions.angle
+
     def __len__(self) -> int:
-        return len(self.energies)
+        return len(self.conditions)
 
 
 def _check_values(path: str, field: str, a: np.ndarray, positive: bool = False) -> None:
@@ -89,6 +103,11 @@ class ShowerFile:
             )
         if ANGLES in h5 and h5[ANGLES].shape != e.shape:
             raise DatasetError(f"{self.path}: field {ANGLES!r} has shape {h5[ANGLES].shape}; expected {e.shape}")
+        if POSITIONS in h5 and h5[POSITIONS].shape != (e.shape[0], 2):
+            raise DatasetError(f"{self.path}: field {POSITIONS!r} has shape {h5[POSITIONS].shape}; expected "
+                               f"({e.shape[0]}, 2) impact points (x, y) in mm")
+        if PARTICLES in h5 and h5[PARTICLES].shape != e.shape:
+            raise DatasetError(f"{self.path}: field {PARTICLES!r} has shape {h5[PARTICLES].shape}; expected {e.shape}")
         if not bool(h5.attrs.get("complete", True)):
             raise DatasetError(f"{self.path}: file is marked incomplete (an interrupted write)")
         self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in h5.attrs.items()}
@@ -110,6 +129,8 @@ class ShowerFile:
                 )
         self._energies: np.ndarray | None = None
         self._angles: np.ndarray | None = None
+        self._positions: np.ndarray | None = None
+        self._pdg: np.ndarray | None = None
 
     def _detector_from_attrs(self) -> Detector | None:
         if "detector_json" in self.attrs:
@@ -153,6 +174,57 @@ class ShowerFile:
             self._angles = a
         return self._angles
 
+    @property
+    def positions(self) -> np.ndarray:
+        """Impact points (N, 2) in mm (the origin when the file has none)."""
+        if self._positions is None:
+            if POSITIONS in self._h5:
+                p = self._h5[POSITIONS][:].astype(np.float64)
+                if not np.all(np.isfinite(p)):
+                    raise DatasetError(f"{self.path}: field {POSITIONS!r} holds NaN or inf; expected finite mm")
+            else:
+                p = np.zeros((len(self), 2))
+            self._positions = p
+        return self._positions
+
+    @property
+    def pdg(self) -> np.ndarray:
+        """PDG codes (N,) from the ``incident_particles`` column, else from the ``particle`` attribute; 0 = unknown."""
+        if self._pdg is None:
+            if PARTICLES in self._h5:
+                ds = self._h5[PARTICLES]
+                if ds.dtype.kind not in "iu":
+                    raise DatasetError(f"{self.path}: field {PARTICLES!r} has dtype {ds.dtype}; expected integer "
+                                       f"PDG codes")
+                p = ds[:, 0].astype(np.int32)
+                bad = ~np.isin(p, list(PARTICLE_PDG.values()))
+                if np.any(bad):
+                    raise DatasetError(f"{self.path}: field {PARTICLES!r} holds code {int(p[bad][0])}; expected PDG "
+                                       f"codes {sorted(PARTICLE_PDG.values())}")
+            else:
+                p = np.full(len(self), self._attr_pdg(), dtype=np.int32)
+            self._pdg = p
+        return self._pdg
+
+    def _attr_pdg(self) -> int:
+        name = str(self.attrs.get("particle", "") or "")
+        try:
+            return PARTICLE_PDG[canonical_particle(name)] if name else UNKNOWN_PDG
+        except ConditionsError:
+            return UNKNOWN_PDG
+
+    @property
+    def conditions(self) -> Conditions:
+        """All conditions of the file, validated; a DatasetError when the file does not say which particle."""
+        if np.any(self.pdg == UNKNOWN_PDG):
+            raise DatasetError(f"{self.path}: no field {PARTICLES!r} and attribute 'particle' is "
+                               f"{self.attrs.get('particle')!r}; expected one of {', '.join(PARTICLE_PDG)}")
+        return self._conditions(slice(None))
+
+    def _conditions(self, index) -> Conditions:
+        pos = self.positions[index]
+        return Conditions(self.energies[index], self.angles[index], pos[:, 0], pos[:, 1], self.pdg[index])
+
     # ---- data -----------------------------------------------------------------------------------
     def read(self, start: int = 0, stop: int | None = None, index: np.ndarray | None = None) -> Batch:
         """Rows [start, stop) (or the sorted rows ``index``) as a validated :class:`Batch`."""
@@ -161,12 +233,12 @@ class ShowerFile:
             showers = self._h5[SHOWERS][np.sort(index)] if len(index) else np.zeros((0, self.n_cells), np.float32)
             order = np.argsort(np.argsort(index))
             showers = showers[order]
-            e, a = self.energies[index], self.angles[index]
+            cond = self._conditions(index)
             first = 0
         else:
             stop = len(self) if stop is None else min(stop, len(self))
             showers = self._h5[SHOWERS][start:stop]
-            e, a = self.energies[start:stop], self.angles[start:stop]
+            cond = self._conditions(slice(start, stop))
             first = start
         showers = np.asarray(showers, dtype=np.float32)
         try:
@@ -175,7 +247,7 @@ class ShowerFile:
             if first:
                 raise DatasetError(f"{err} (rows counted from {first})") from None
             raise
-        return Batch(e, a, showers)
+        return Batch(cond, showers)
 
     def iter_batches(self, batch_size: int = 1000, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         stop = len(self) if stop is None else min(stop, len(self))
@@ -219,6 +291,8 @@ class ShowerWriter:
         kw = dict(compression=compression, compression_opts=1, shuffle=True) if compression == "gzip" else {}
         self._h5.create_dataset(ENERGIES, shape=(0, 1), maxshape=(None, 1), dtype="f8", chunks=(CHUNK_ROWS, 1))
         self._h5.create_dataset(ANGLES, shape=(0, 1), maxshape=(None, 1), dtype="f8", chunks=(CHUNK_ROWS, 1))
+        self._h5.create_dataset(POSITIONS, shape=(0, 2), maxshape=(None, 2), dtype="f8", chunks=(CHUNK_ROWS, 2))
+        self._h5.create_dataset(PARTICLES, shape=(0, 1), maxshape=(None, 1), dtype="i4", chunks=(CHUNK_ROWS, 1))
         self._h5.create_dataset(SHOWERS, shape=(0, n_cells), maxshape=(None, n_cells), dtype="f4",
                                 chunks=(min(CHUNK_ROWS, 32), n_cells), **kw)
         base = {
@@ -228,6 +302,8 @@ class ShowerWriter:
             "caloforge_version": __version__,
             "energy_unit": "MeV",
             "angle_unit": "deg",
+            "position_unit": "mm",
+            "particle_code": "PDG",
         }
         base.update(attrs or {})
         for k, v in base.items():
@@ -235,18 +311,30 @@ class ShowerWriter:
         self._h5.attrs["complete"] = False
         self.n = 0
 
-    def append(self, energies: np.ndarray, angles: np.ndarray, showers: np.ndarray) -> None:
-        energies = np.asarray(energies, np.float64).reshape(-1)
-        angles = np.asarray(angles, np.float64).reshape(-1)
+    def append(self, conditions: Conditions, showers: np.ndarray, legacy_showers: np.ndarray | None = None) -> None:
+        """Append showers with their conditions (``append(energies, angles, showers)`` also works: photons at the
+        origin, or the writer's ``particle`` attribute)."""
+        if not isinstance(conditions, Conditions):
+            particle = str(self._h5.attrs.get("particle", "gamma"))
+            try:
+                particle = canonical_particle(particle)
+            except ConditionsError:
+                particle = "gamma"
+            conditions = Conditions.make(conditions, showers, particle=particle)
+            showers = legacy_showers
+        c = conditions
         showers = np.asarray(showers, np.float32)
-        n = len(energies)
-        if showers.shape != (n, self._h5[SHOWERS].shape[1]) or angles.shape != (n,):
-            raise DatasetError(
-                f"{self.path}: cannot append showers {showers.shape}, angles {angles.shape} for {n} energies"
-            )
+        n = len(c)
+        if showers.shape != (n, self._h5[SHOWERS].shape[1]):
+            raise DatasetError(f"{self.path}: cannot append showers {showers.shape} for {n} rows of conditions")
         _check_values(self.path, SHOWERS, showers)
-        _check_values(self.path, ENERGIES, energies, positive=True)
-        for key, arr in ((ENERGIES, energies[:, None]), (ANGLES, angles[:, None]), (SHOWERS, showers)):
+        _check_values(self.path, ENERGIES, c.energy, positive=True)
+        try:
+            c.validate(self.path)
+        except ConditionsError as err:
+            raise DatasetError(str(err)) from None
+        for key, arr in ((ENERGIES, c.energy[:, None]), (ANGLES, c.angle[:, None]), (POSITIONS, c.position),
+                         (PARTICLES, c.pdg[:, None]), (SHOWERS, showers)):
             ds = self._h5[key]
             ds.resize(self.n + n, axis=0)
             ds[self.n:] = arr
@@ -274,13 +362,16 @@ class ShowerWriter:
             self.abort()
 
 
-def write_showers(path: str | Path, detector: Detector, energies: np.ndarray, angles: np.ndarray,
-                  showers: np.ndarray, attrs: dict | None = None) -> None:
-    """Write a whole shower file atomically."""
-    showers = np.asarray(showers, np.float32).reshape(len(energies), -1)
+def write_showers(path: str | Path, detector: Detector, conditions: Conditions | np.ndarray, showers: np.ndarray,
+                  legacy_showers: np.ndarray | None = None, attrs: dict | None = None) -> None:
+    """Write a whole shower file atomically (``write_showers(path, det, energies, angles, showers)`` also works)."""
+    if not isinstance(conditions, Conditions):
+        conditions = Conditions.make(conditions, showers, particle=str((attrs or {}).get("particle", "gamma")))
+        showers = legacy_showers
+    showers = np.asarray(showers, np.float32).reshape(len(conditions), -1)
     with ShowerWriter(path, detector, showers.shape[1], attrs) as w:
-        for i in range(0, len(energies), 1000):
-            w.append(energies[i:i + 1000], angles[i:i + 1000], showers[i:i + 1000])
+        for i in range(0, len(conditions), 1000):
+            w.append(conditions[i:i + 1000], showers[i:i + 1000])
 
 
 def describe(path: str | Path) -> str:
@@ -299,6 +390,13 @@ def describe(path: str | Path) -> str:
                 f"energy [GeV]:      min {e.min() / 1e3:.3f}  mean {e.mean() / 1e3:.3f}  max {e.max() / 1e3:.3f}"
             )
             lines.append(f"angle [deg]:       min {a.min():.2f}  mean {a.mean():.2f}  max {a.max():.2f}")
+            p = f.positions
+            lines.append(f"impact x, y [mm]:  x {p[:, 0].min():.2f} .. {p[:, 0].max():.2f}  "
+                         f"y {p[:, 1].min():.2f} .. {p[:, 1].max():.2f}")
+            codes, counts = np.unique(f.pdg, return_counts=True)
+            names = {v: k for k, v in PARTICLE_PDG.items()}
+            lines.append("particles:         " + ", ".join(f"{names.get(int(c), 'unknown')} {k}"
+                                                           for c, k in zip(codes, counts)))
             n = min(len(f), 1000)
             b = f.read(0, n)
             vis = b.showers.sum(axis=1)

@@ -1,4 +1,4 @@
-"""Export a trained model to ONNX: (energies MeV, angles deg, noise...) -> showers (n, n_cells) MeV.
+"""Export a trained model to ONNX: (conditions (n, 5), noise...) -> showers (n, n_window_cells) MeV.
 
 The noise is an explicit input, so ONNX and torch give the same showers for the same noise. The graph's
 metadata records the family, the noise inputs (shape per shower and distribution), the detector and the
@@ -21,9 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output .onnx file")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison with torch")
+    p.add_argument("--window", choices=["auto", "normal", "angled"], default="auto",
+                   help="readout window of the graph's output (auto: angled when the model was trained on angles)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
-def _wrapper(model):
+def _wrapper(model, angled: bool):
     import torch
 
     class Decoder(torch.nn.Module):
@@ -31,10 +34,29 @@ def _wrapper(model):
             super().__init__()
             self.model = model
 
-        def forward(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-            return self.model.decode(energies, angles, *noise)
+        def forward(self, conditions: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+            return self.model.decode_window(conditions, *noise, angled=angled)
 
     return Decoder().eval()
+
+
+def default_angled(model) -> bool:
+    """Whether the exported graph writes the angled window: the model was trained on angles > 0."""
+    return float(model.meta.get("conditions", {}).get("angle_deg", [0, 0])[1]) > 0 and model.frame == "axis"
+
+
+def _example_conditions(model, n: int, rng: np.random.Generator, angled: bool) -> np.ndarray:
+    from caloforge.conditions import PARTICLE_PDG, Conditions
+
+    rngs = model.meta.get("conditions", {})
+    lo, hi = rngs.get("energy_mev", (10e3, 100e3))
+    a_hi = float(rngs.get("angle_deg", [0, 0])[1]) if angled else 0.0
+    parts = [p for p in model.meta.get("particles", [model.meta.get("particle", "gamma")]) if p in PARTICLE_PDG]
+    takes_pos = "position" in model.condition_names
+    c = model.detector.cell_size_mm
+    pos = rng.uniform(0, c, (n, 2)) if takes_pos else np.zeros((n, 2))
+    return Conditions.make(rng.uniform(lo, hi, n), rng.uniform(0, a_hi, n), pos,
+                           particle=PARTICLE_PDG[parts[0] if parts else "gamma"]).as_array()
 
 
 def noise_inputs(model) -> list[tuple[str, tuple[int, ...], str]]:
@@ -42,34 +64,41 @@ def noise_inputs(model) -> list[tuple[str, tuple[int, ...], str]]:
     return [(f"noise_{i}_{kind}", tuple(shape[1:]), kind) for i, (shape, kind) in enumerate(model.noise_shapes(1))]
 
 
-def export_onnx(model, output: str | Path, opset: int = 17) -> Path:
-    """Write the ONNX graph of ``model.decode`` with a dynamic batch axis (legacy TorchScript exporter)."""
+def export_onnx(model, output: str | Path, opset: int = 17, angled: bool | None = None) -> Path:
+    """Write the ONNX graph of ``model.decode_window`` with a dynamic batch axis (legacy TorchScript exporter).
+
+    Inputs: ``conditions`` (n, 5) float32 with the columns energy MeV, angle deg, impact x mm, impact y mm, PDG
+    code, and the noise tensors; output ``showers`` (n, n_window_cells) MeV in the normal or ``angled`` window.
+    """
     import onnx
     import torch
 
+    from caloforge.conditions import CONDITION_COLUMNS
+
     model = model.to("cpu").eval()
+    angled = default_angled(model) if angled is None else angled
     n = 3
-    energies = torch.full((n,), 50e3)
-    angles = torch.zeros(n)
+    cond = torch.as_tensor(_example_conditions(model, n, np.random.default_rng(0), angled), dtype=torch.float32)
     noise = model.draw_noise(n, torch.Generator().manual_seed(0))
     names = [name for name, _, _ in noise_inputs(model)]
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = {name: {0: "n"} for name in ["energies", "angles", *names, "showers"]}
+    dynamic = {name: {0: "n"} for name in ["conditions", *names, "showers"]}
     tmp = output.with_name(output.name + ".tmp")
     with torch.no_grad():
-        torch.onnx.export(_wrapper(model), (energies, angles, *noise), str(tmp), input_names=["energies", "angles",
-                          *names], output_names=["showers"], dynamic_axes=dynamic, opset_version=opset,
-                          dynamo=False)
+        torch.onnx.export(_wrapper(model, angled), (cond, *noise), str(tmp), input_names=["conditions", *names],
+                          output_names=["showers"], dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     graph = onnx.load(str(tmp))
     meta = {
         "caloforge_family": model.family,
         "caloforge_noise": json.dumps([{"name": nm, "shape": list(s), "distribution": k}
                                        for nm, s, k in noise_inputs(model)]),
         "caloforge_detector": model.detector.to_json(),
-        "caloforge_shape": json.dumps(list(model.shape)),
+        "caloforge_shape": json.dumps(list(model.window_shape(angled))),
         "caloforge_conditions": json.dumps(model.meta.get("conditions", {})),
-        "caloforge_units": "energies MeV, angles deg, showers MeV",
+        "caloforge_condition_columns": json.dumps(list(CONDITION_COLUMNS)),
+        "caloforge_particles": json.dumps(model.meta.get("particles", [model.meta.get("particle", "gamma")])),
+        "caloforge_units": "energy MeV, angle deg, impact x and y mm, particle PDG code; showers MeV",
     }
     for k, v in meta.items():
         entry = graph.metadata_props.add()
@@ -79,20 +108,18 @@ def export_onnx(model, output: str | Path, opset: int = 17) -> Path:
     return output
 
 
-def check_onnx(model, path: str | Path, n: int = 16, seed: int = 0) -> float:
-    """Max |ONNX - torch| (MeV) over ``n`` showers with shared noise; also the fraction of differing cells."""
+def check_onnx(model, path: str | Path, n: int = 16, seed: int = 0, angled: bool | None = None) -> float:
+    """Max |ONNX - torch| (MeV) over ``n`` showers with shared noise and conditions from the training range."""
     import onnxruntime as ort
     import torch
 
-    rng = np.random.default_rng(seed)
-    lo, hi = model.meta.get("conditions", {}).get("energy_mev", (10e3, 100e3))
-    energies = torch.as_tensor(rng.uniform(lo, hi, n), dtype=torch.float32)
-    angles = torch.zeros(n)
+    angled = default_angled(model) if angled is None else angled
+    cond = torch.as_tensor(_example_conditions(model, n, np.random.default_rng(seed), angled), dtype=torch.float32)
     noise = model.draw_noise(n, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = model.to("cpu").eval().decode(energies, angles, *noise).numpy()
+        ref = model.to("cpu").eval().decode_window(cond, *noise, angled=angled).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feeds = {"energies": energies.numpy(), "angles": angles.numpy()}
+    feeds = {"conditions": cond.numpy()}
     feeds.update({name: t.numpy() for (name, _, _), t in zip(noise_inputs(model), noise)})
     out = sess.run(["showers"], feeds)[0]
     return float(np.abs(out - ref).max())
@@ -101,11 +128,15 @@ def check_onnx(model, path: str | Path, n: int = 16, seed: int = 0) -> float:
 def run(args: argparse.Namespace) -> int:
     from caloforge.models import load_model
 
+    if Path(args.output).exists() and not args.overwrite:
+        raise ValueError(f"{args.output}: exists; use --overwrite to replace it")
     model = load_model(args.model)
-    out = export_onnx(model, args.output, args.opset)
-    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); inputs: energies (n,) MeV, angles (n,) deg, " +
+    angled = None if args.window == "auto" else args.window == "angled"
+    out = export_onnx(model, args.output, args.opset, angled)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); inputs: conditions (n, 5) [energy MeV, angle deg, "
+          f"x mm, y mm, PDG code], " +
           ", ".join(f"{nm} (n, {', '.join(map(str, s))}) {k}" for nm, s, k in noise_inputs(model)), file=sys.stderr)
     if not args.no_check:
-        diff = check_onnx(model, out)
+        diff = check_onnx(model, out, angled=angled)
         print(f"onnxruntime vs torch: max |difference| {diff:.3g} MeV", file=sys.stderr)
     return 0

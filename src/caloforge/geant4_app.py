@@ -8,17 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from caloforge.conditions import PDG_PARTICLE, Conditions, canonical_particle
 from caloforge.detector import Detector
 from caloforge.geant4_setup import import_geant4, real_em_data
 
-PARTICLES = {"e-": "e-", "e+": "e+", "gamma": "gamma", "electron": "e-", "positron": "e+", "photon": "gamma"}
-
-
-def canonical_particle(name: str) -> str:
-    try:
-        return PARTICLES[name]
-    except KeyError:
-        raise ValueError(f"particle {name!r} is not supported; expected one of e-, e+, gamma") from None
+__all__ = ["Geant4App", "canonical_particle", "geant4_version"]
 
 
 def geant4_version() -> str:
@@ -27,12 +21,13 @@ def geant4_version() -> str:
 
 
 class Geant4App:
-    """A ready-to-run Geant4 application for one detector and particle type."""
+    """A ready-to-run Geant4 application for one detector; each event's particle, energy, angle and impact point
+    come from the :class:`~caloforge.conditions.Conditions` passed to :meth:`simulate`."""
 
-    def __init__(self, detector: Detector, particle: str, physics: str = "auto", verbose: int = 0):
+    def __init__(self, detector: Detector, particle: str = "gamma", physics: str = "auto", verbose: int = 0):
         self.g4 = g4 = import_geant4()
         self.detector = detector
-        self.particle = canonical_particle(particle)
+        self.particle = canonical_particle(particle)  # the default for simulate(energies, angles)
         if physics == "auto":
             use_standard = real_em_data() is not None
         elif physics in ("standard", "data-free"):
@@ -59,26 +54,28 @@ class Geant4App:
         self.run_manager.Initialize()
         # A default cut set before Initialize() is silently ignored: apply it now.
         ui.ApplyCommand(f"/run/setCut {detector.production_cut_mm} mm")
-        self._energies: np.ndarray = np.zeros(0)
-        self._angles: np.ndarray = np.zeros(0)
+        self._cond = Conditions.make(np.zeros(0))
         self._out: np.ndarray = np.zeros((0, 0), np.float32)
 
-    def simulate(self, energies_mev: np.ndarray, angles_deg: np.ndarray, seed: int,
+    def simulate(self, conditions: Conditions | np.ndarray, angles_deg: np.ndarray | None = None, seed: int = 1,
                  angled: bool | None = None) -> np.ndarray:
-        """Showers (n, n_cells) in MeV for the given incident energies and angles, reproducible for a seed.
+        """Showers (n, n_cells) in MeV for the given conditions, reproducible for a seed.
 
-        ``angled`` selects the readout window (default: angled if any angle is > 0).
+        ``conditions``: a :class:`Conditions`, or incident energies (MeV) with ``angles_deg`` (this app's particle,
+        impact at the origin). ``angled`` selects the readout window (default: angled if any angle is > 0).
         """
-        energies_mev = np.asarray(energies_mev, float).reshape(-1)
-        angles_deg = np.asarray(angles_deg, float).reshape(-1)
+        if not isinstance(conditions, Conditions):
+            conditions = Conditions.make(conditions, 0.0 if angles_deg is None else angles_deg,
+                                         particle=self.particle)
+        cond = conditions
         if angled is None:
-            angled = bool(np.any(angles_deg > 0))
+            angled = bool(np.any(cond.angle > 0))
         self._window = self._geometry.window(angled)
         n_cells = int(np.prod(self.detector.shape(angled)))
-        self._energies, self._angles = energies_mev, angles_deg
-        self._out = np.zeros((len(energies_mev), n_cells), np.float32)
+        self._cond = cond
+        self._out = np.zeros((len(cond), n_cells), np.float32)
         self.g4.HepRandom.setTheSeed(int(seed) % 2_147_483_647)
-        self.run_manager.BeamOn(len(energies_mev))
+        self.run_manager.BeamOn(len(cond))
         return self._out
 
 
@@ -179,15 +176,19 @@ class _Actions:
             def __init__(self) -> None:
                 super().__init__()
                 self.gun = g4.G4ParticleGun(1)
-                self.gun.SetParticleDefinition(g4.G4ParticleTable.GetParticleTable().FindParticle(app.particle))
+                table = g4.G4ParticleTable.GetParticleTable()
+                self.definitions = {code: table.FindParticle(name) for code, name in PDG_PARTICLE.items()}
 
             def GeneratePrimaries(self, event) -> None:
                 i = event.GetEventID()
-                a = np.radians(app._angles[i])
-                # Start 1 mm upstream in vacuum, aimed to reach (0, 0, 0) on the front face.
+                c = app._cond
+                a = np.radians(c.angle[i])
+                # Start 1 mm upstream in vacuum, aimed to reach (x, y, 0) on the front face.
                 d = 1.0
-                self.gun.SetParticleEnergy(float(app._energies[i]) * g4.MeV)
-                self.gun.SetParticlePosition(g4.G4ThreeVector(0, -np.tan(a) * d * g4.mm, -d * g4.mm))
+                self.gun.SetParticleDefinition(self.definitions[int(c.pdg[i])])
+                self.gun.SetParticleEnergy(float(c.energy[i]) * g4.MeV)
+                self.gun.SetParticlePosition(g4.G4ThreeVector(float(c.x[i]) * g4.mm,
+                                                              (float(c.y[i]) - np.tan(a) * d) * g4.mm, -d * g4.mm))
                 self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, np.sin(a), np.cos(a)))
                 self.gun.GeneratePrimaryVertex(event)
 

@@ -15,9 +15,13 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", default="quickstart", help="output directory (default: quickstart)")
     p.add_argument("--detector", default="ild-ecal", help="detector of the Geant4 sample (must match the model)")
-    p.add_argument("--particle", default="gamma")
+    p.add_argument("--particle", default=None, help="particles of the Geant4 sample (default: the model's, e.g. "
+                                                     "'gamma,e-')")
     p.add_argument("--energy", default="20,50,80", help="GeV spec of the Geant4 sample (default 20,50,80)")
-    p.add_argument("--angle", default="0")
+    p.add_argument("--angle", default=None, help="angle spec of the Geant4 sample in degrees (default: 0,30,50 "
+                                                  "when the model takes angles, else 0)")
+    p.add_argument("--position", default=None, help="impact point spec in mm (default: 'cell' when the model "
+                                                     "takes positions, else 0,0)")
     p.add_argument("-n", type=int, default=300, help="Geant4 showers (default 300)")
     p.add_argument("--model", help="trained model directory (default: the shipped model)")
     p.add_argument("--seed", type=int, default=1)
@@ -39,18 +43,24 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     model = load_model(args.model or default_model_path(), expected_detector=args.detector)
-    say(f"[1/3] Geant4: {args.n} {args.particle} showers, E = {args.energy} GeV, angle {args.angle} deg")
-    g4_path = simulate(args.detector, args.particle, args.energy, args.angle, args.n, args.seed,
-                       out / "geant4.h5", workers=args.workers, quiet=args.quiet)
+    takes_angle = float(model.meta.get("conditions", {}).get("angle_deg", [0, 0])[1]) > 0
+    particle = args.particle or ",".join(model.meta.get("particles") or [model.meta.get("particle", "gamma")])
+    angle = args.angle or ("0,30,50" if takes_angle else "0")
+    position = args.position or ("cell" if "position" in model.condition_names else "0,0")
+    say(f"[1/3] Geant4: {args.n} {particle} showers, E = {args.energy} GeV, angle {angle} deg, impact {position}")
+    g4_path = simulate(args.detector, particle, args.energy, angle, args.n, args.seed,
+                       out / "geant4.h5", workers=args.workers, quiet=args.quiet, position=position)
     t1 = time.perf_counter()
 
     gen_path = out / f"{model.family}.h5"
     say(f"[2/3] {model.family}: the same conditions, row by row")
     with ShowerFile(g4_path) as ref:
-        conditions = (ref.energies, ref.angles)
+        conditions = ref.conditions
+        angled = ref.n_cells != model.detector.n_cells(False)
     if gen_path.exists():
         gen_path.unlink()  # cheap to redo, and must match this Geant4 sample
-    generate_file(model, gen_path, len(conditions[0]), conditions=conditions, seed=args.seed, quiet=args.quiet)
+    generate_file(model, gen_path, len(conditions), conditions=conditions, seed=args.seed, quiet=args.quiet,
+                  angled=angled)
     t2 = time.perf_counter()
 
     say("[3/3] evaluation report")
@@ -59,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     say("")
     for line in summary_lines(results):
         say(line)
-    say(f"\nGeant4 {t1 - t0:.1f} s, {model.family} {t2 - t1:.2f} s for {len(conditions[0])} showers, "
+    say(f"\nGeant4 {t1 - t0:.1f} s, {model.family} {t2 - t1:.2f} s for {len(conditions)} showers, "
         f"evaluation {time.perf_counter() - t2:.1f} s")
     say(f"report: {out / 'report' / 'report.html'}")
     return 0

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from caloforge.conditions import parse_angle_spec, parse_energy_spec
+from caloforge.conditions import Conditions, ConditionSampler, parse_angle_spec, parse_particles
 from caloforge.dataset import ShowerFile, ShowerWriter
 from caloforge.detector import Detector, load_detector
 
@@ -36,13 +36,14 @@ class RunConfig:
     """Everything that determines the showers of a run (and nothing that does not, like the worker count)."""
 
     detector_json: str
-    particle: str
+    particle: str  # one particle or a list, "gamma,e-" (rows cycle over it)
     energy: str
     angle: str
     n: int
     seed: int
     chunk_size: int
     physics: str  # "standard" or "data-free"
+    position: str = "0,0"  # impact point spec (mm); runs recorded before positions existed hit the origin
 
     @property
     def detector(self) -> Detector:
@@ -59,18 +60,21 @@ class RunConfig:
     def chunk_rows(self, k: int) -> int:
         return min(self.chunk_size, self.n - k * self.chunk_size)
 
-    def chunk_conditions(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Incident energies (MeV), angles (deg) and the Geant4 seed of chunk ``k``.
+    @property
+    def sampler(self) -> ConditionSampler:
+        return ConditionSampler.parse(self.energy, self.angle, self.position, self.particle,
+                                      self.detector.cell_size_mm)
+
+    def chunk_conditions(self, k: int) -> tuple[Conditions, int]:
+        """The conditions and the Geant4 seed of chunk ``k``.
 
         Separate random streams per quantity keep the first rows of a chunk identical whatever its length.
         """
         m, first = self.chunk_rows(k), k * self.chunk_size
-        e_rng = np.random.default_rng(np.random.SeedSequence([self.seed, k, 1]))
-        a_rng = np.random.default_rng(np.random.SeedSequence([self.seed, k, 2]))
-        energies = parse_energy_spec(self.energy).sample(m, e_rng, offset=first)
-        angles = parse_angle_spec(self.angle).sample(m, a_rng, offset=first)
+        rngs = tuple(np.random.default_rng(np.random.SeedSequence([self.seed, k, j])) for j in (1, 2, 4))
+        cond = self.sampler.sample(m, rngs, offset=first)
         g4_seed = int(np.random.SeedSequence([self.seed, k, 3]).generate_state(1)[0] % 2_147_483_647) or 1
-        return energies, angles, g4_seed
+        return cond, g4_seed
 
     def shows_same_showers(self, other: RunConfig) -> list[str]:
         """Fields (other than n) that differ: chunks of one run cannot be reused by the other."""
@@ -111,29 +115,32 @@ def _worker_init(cfg: RunConfig, quiet_stdout: bool = True, parent: int | None =
     from caloforge.geant4_app import Geant4App
 
     _CFG = cfg
-    _APP = Geant4App(cfg.detector, cfg.particle, physics=cfg.physics)
+    _APP = Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=cfg.physics)
 
 
 def _run_chunk(args: tuple[int, str]) -> tuple[int, int]:
     k, chunk_dir = args
     assert _APP is not None and _CFG is not None
-    energies, angles, g4_seed = _CFG.chunk_conditions(k)
-    showers = _APP.simulate(energies, angles, g4_seed, angled=_CFG.angled)
+    cond, g4_seed = _CFG.chunk_conditions(k)
+    showers = _APP.simulate(cond, seed=g4_seed, angled=_CFG.angled)
     rows, cells = np.nonzero(showers)
     final = Path(chunk_dir) / f"chunk-{k:06d}.npz"
     tmp = final.with_suffix(".tmp.npz")
-    np.savez(tmp, energies=energies, angles=angles, rows=rows.astype(np.int32), cells=cells.astype(np.int32),
+    np.savez(tmp, conditions=cond.as_array(), rows=rows.astype(np.int32), cells=cells.astype(np.int32),
              values=showers[rows, cells], n_cells=np.int64(showers.shape[1]))
     os.replace(tmp, final)
-    return k, len(energies)
+    return k, len(cond)
 
 
-def _load_chunk(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _load_chunk(path: Path, cfg: RunConfig) -> tuple[Conditions, np.ndarray]:
     with np.load(path, allow_pickle=False) as z:
-        e, a = z["energies"], z["angles"]
-        showers = np.zeros((len(e), int(z["n_cells"])), np.float32)
+        if "conditions" in z:
+            cond = Conditions.from_array(z["conditions"])
+        else:  # a chunk written before positions and particles were recorded: photons at the origin
+            cond = Conditions.make(z["energies"], z["angles"], particle=parse_particles(cfg.particle)[0])
+        showers = np.zeros((len(cond), int(z["n_cells"])), np.float32)
         showers[z["rows"], z["cells"]] = z["values"]
-    return e, a, showers
+    return cond, showers
 
 
 # ---- driver side ---------------------------------------------------------------------------------
@@ -179,6 +186,7 @@ def _attrs(cfg: RunConfig, complete_rows: int) -> dict:
         "seed": cfg.seed,
         "energy_spec": cfg.energy,
         "angle_spec": cfg.angle,
+        "position_spec": cfg.position,
         "chunk_size": cfg.chunk_size,
         "run_config": json.dumps({**asdict(cfg), "n": complete_rows}),
     }
@@ -192,7 +200,7 @@ def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int], sna
     writer = ShowerWriter(output, cfg.detector, cfg.detector.n_cells(cfg.angled), attrs)
     try:
         for k in chunks:
-            writer.append(*_load_chunk(chunk_dir / f"chunk-{k:06d}.npz"))
+            writer.append(*_load_chunk(chunk_dir / f"chunk-{k:06d}.npz", cfg))
     except BaseException:
         writer.abort()
         raise
@@ -200,21 +208,45 @@ def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int], sna
     return rows
 
 
+def check_window(det: Detector, sampler: ConditionSampler) -> None:
+    """Refuse angles and impact points whose showers the detector's readout window cannot hold."""
+    lo_a, hi_a = sampler.angle.bounds
+    if hi_a > 60:
+        raise ValueError(f"--angle {sampler.angle.text!r}: the incidence angle must be within 0-60 degrees "
+                         f"(the {det.name} readout window holds showers tilted up to 60 degrees towards +y)")
+    if hi_a > 0 and not det.readout.n_y_angled:
+        raise ValueError(f"--angle {sampler.angle.text!r}: detector {det.name!r} has no angled readout window "
+                         f"(readout.n_y_angled); only normal incidence (angle 0)")
+    (x0, x1), (y0, y1) = sampler.position.bounds
+    c, r = det.cell_size_mm, det.readout
+    # The impact point must leave the shower core (3 cells) inside the normal-incidence window.
+    wx = (r.x_min_mm + 3 * c, r.x_min_mm + (r.n_x - 3) * c)
+    wy = (r.y_min_mm + 3 * c, r.y_min_mm + (r.n_y - 3) * c)
+    if x0 < wx[0] or x1 > wx[1] or y0 < wy[0] or y1 > wy[1]:
+        raise ValueError(f"--position {sampler.position.text!r}: impact points must lie within x {wx[0]:g}..{wx[1]:g}"
+                         f" mm and y {wy[0]:g}..{wy[1]:g} mm (the readout window of {det.name}, less 3 cells)")
+
+
 def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n: int, seed: int,
              output: str | Path, workers: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-             physics: str = "auto", quiet: bool = False, overwrite: bool = False) -> Path:
-    """Simulate ``n`` showers into ``output`` (resumable, reproducible for a seed whatever ``workers``)."""
-    from caloforge.geant4_app import canonical_particle
+             physics: str = "auto", quiet: bool = False, overwrite: bool = False, position: str = "0,0") -> Path:
+    """Simulate ``n`` showers into ``output`` (resumable, reproducible for a seed whatever ``workers``).
+
+    ``particle``: one particle or a list ('gamma,e-'); ``position``: impact point spec in mm ('0,0', 'cell', ...).
+    """
     from caloforge.progress import progress
 
     det = detector if isinstance(detector, Detector) else load_detector(detector)
     if n <= 0:
         raise ValueError(f"-n must be > 0, got {n}")
-    espec, aspec = parse_energy_spec(energy), parse_angle_spec(angle)
-    if aspec.bounds[1] > 60:
-        raise ValueError(f"angle {angle!r}: the incidence angle must be within 0-60 degrees")
-    cfg = RunConfig(det.to_json(), canonical_particle(particle), espec.text, aspec.text, int(n), int(seed),
-                    int(chunk_size), resolve_physics(physics))
+    if chunk_size <= 0:
+        raise ValueError(f"--chunk-size must be > 0, got {chunk_size}")
+    if workers is not None and workers <= 0:
+        raise ValueError(f"--workers must be > 0, got {workers}")
+    sampler = ConditionSampler.parse(energy, angle, position, particle, det.cell_size_mm)
+    check_window(det, sampler)
+    cfg = RunConfig(det.to_json(), ",".join(sampler.particles), sampler.energy.text, sampler.angle.text, int(n),
+                    int(seed), int(chunk_size), resolve_physics(physics), sampler.position.text)
     output = Path(output)
     if output.exists():
         if overwrite:
@@ -313,9 +345,7 @@ def time_geant4(detector: Detector | str, particle: str, energy_gev: float, n_sh
     Start-up and physics-table building are excluded (one warm-up shower first).
     """
     det = detector if isinstance(detector, Detector) else load_detector(detector)
-    from caloforge.geant4_app import canonical_particle
-
-    cfg = RunConfig(det.to_json(), canonical_particle(particle), str(energy_gev), "0", n_showers, seed,
+    cfg = RunConfig(det.to_json(), ",".join(parse_particles(particle)), str(energy_gev), "0", n_showers, seed,
                     n_showers, resolve_physics(physics))
     with _pool(cfg, 1) as pool:
         return pool.submit(_time_in_worker, float(energy_gev), int(n_showers), seed).result()
@@ -332,10 +362,14 @@ def _time_in_worker(energy_gev: float, n: int, seed: int) -> float:
 # ---- CLI -----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="ild-ecal", help="built-in detector name or a .toml/.yaml file")
-    p.add_argument("--particle", default="gamma", help="e-, e+ or gamma")
+    p.add_argument("--particle", default="gamma", help="e-, e+ or gamma, or a list 'gamma,e-' (rows cycle over it)")
     p.add_argument("--energy", default="10:100",
                    help="GeV: '50' fixed, '10:100' uniform, 'log:10:100' log-uniform, '20,50,80' points")
-    p.add_argument("--angle", default="0", help="incidence angle in degrees, tilting towards +y: '0' or '0:60'")
+    p.add_argument("--angle", default="0", help="incidence angle in degrees, tilting towards +y: '0', '0:60', "
+                                                "'0,30,60'")
+    p.add_argument("--position", default="0,0",
+                   help="impact point (x, y) in mm: '0,0' fixed, 'cell' uniform over one cell, '0:5,0:5' uniform, "
+                        "'0,0;2.5,2.5' points; point specs of energy, angle, position and particle form a grid")
     p.add_argument("-n", type=int, help="number of showers (required unless --snapshot)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("-o", "--output", required=True, help="output HDF5 file")
@@ -361,7 +395,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = simulate(args.detector, args.particle, args.energy, args.angle, args.n, args.seed, args.output,
                    workers=args.workers, chunk_size=args.chunk_size, physics=args.physics, quiet=args.quiet,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, position=args.position)
     if not args.quiet:
         print(f"{out}: {args.n} showers ({time.perf_counter() - t0:.0f} s)")
     return 0

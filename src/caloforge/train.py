@@ -127,10 +127,13 @@ def resolve_config(family: str, config_file: str | None, overrides: list[str]) -
 
 
 # ---- data ---------------------------------------------------------------------------------------------
-def load_training_data(path: str | Path, val_fraction: float, split_seed: int, quiet: bool = True):
+def load_training_data(path: str | Path, val_fraction: float, split_seed: int, quiet: bool = True,
+                       to_local=None, n_local: int | None = None):
     """Read a shower file into memory, split into (train Batch, val Batch, detector, provenance dict).
 
-    The validation rows are a seeded random subset of the *training* file (never the test file).
+    The validation rows are a seeded random subset of the *training* file (never the test file). ``to_local``
+    (``ShowerModel.to_local``) maps the training showers into the model's own cells (``n_local`` of them) while
+    reading; the validation showers stay in the file's readout window, where generated showers are compared.
     """
     from caloforge.dataset import Batch, DatasetError, ShowerFile
     from caloforge.progress import progress
@@ -148,17 +151,20 @@ def load_training_data(path: str | Path, val_fraction: float, split_seed: int, q
         is_val = np.zeros(n, bool)
         is_val[perm[:n_val]] = True
         dest = np.where(is_val, np.cumsum(is_val) - 1, np.cumsum(~is_val) - 1)
-        train = np.empty((n - n_val, f.n_cells), np.float32)
+        cond_all = f.conditions
+        train = np.empty((n - n_val, n_local if to_local is not None else f.n_cells), np.float32)
         val = np.empty((n_val, f.n_cells), np.float32)
         with progress(n, desc="loading data", unit="shower", quiet=quiet) as bar:
             for start in range(0, n, 1000):
                 b = f.read(start, start + 1000)
                 sl = slice(start, start + len(b))
                 m = is_val[sl]
-                train[dest[sl][~m]] = b.showers[~m]
+                rows = b.showers[~m]
+                if to_local is not None:
+                    rows = to_local(rows, b.conditions[~m].as_array())
+                train[dest[sl][~m]] = rows
                 val[dest[sl][m]] = b.showers[m]
                 bar.update(len(b))
-        e, a = f.energies, f.angles
         provenance = {
             "path": str(Path(path).resolve()),
             "n_showers": n,
@@ -169,9 +175,9 @@ def load_training_data(path: str | Path, val_fraction: float, split_seed: int, q
             "file_size": os.path.getsize(path),
             "attrs": {k: v for k, v in f.attrs.items()
                       if k in ("source", "particle", "physics_list", "geant4_version", "seed", "energy_spec",
-                               "angle_spec", "caloforge_version", "detector")},
+                               "angle_spec", "position_spec", "caloforge_version", "detector")},
         }
-        return (Batch(e[~is_val], a[~is_val], train), Batch(e[is_val], a[is_val], val), f.detector, provenance)
+        return (Batch(cond_all[~is_val], train), Batch(cond_all[is_val], val), f.detector, provenance)
 
 
 def training_range(train, val, provenance: dict) -> dict[str, list[float]]:
@@ -180,7 +186,10 @@ def training_range(train, val, provenance: dict) -> dict[str, list[float]]:
 
     e = np.concatenate([train.energies, val.energies])
     a = np.concatenate([train.angles, val.angles])
-    rng = {"energy_mev": [float(e.min()), float(e.max())], "angle_deg": [float(a.min()), float(a.max())]}
+    pos = np.concatenate([train.conditions.position, val.conditions.position])
+    rng = {"energy_mev": [float(e.min()), float(e.max())], "angle_deg": [float(a.min()), float(a.max())],
+           "x_mm": [float(pos[:, 0].min()), float(pos[:, 0].max())],
+           "y_mm": [float(pos[:, 1].min()), float(pos[:, 1].max())]}
     attrs = provenance.get("attrs", {})
     for key, attr, parse in (("energy_mev", "energy_spec", parse_energy_spec), ("angle_deg", "angle_spec",
                                                                                   parse_angle_spec)):
@@ -286,8 +295,10 @@ class Validator:
         from caloforge import observables as obs
 
         n = min(len(val.energies), max_showers)
-        self.energies, self.angles = val.energies[:n], val.angles[:n]
-        self.detector, self.shape, self.seed = detector, shape, seed
+        self.conditions = val.conditions[:n]
+        self.energies = self.conditions.energy
+        self.angled = val.showers.shape[1] != detector.n_cells(False)
+        self.detector, self.shape, self.seed = detector, detector.shape_for_cells(val.showers.shape[1]), seed
         self.reference = self._observables(val.showers[:n])
         self.scale = {k: max(float(np.nanstd(v)), 1e-9) for k, v in self.reference.items()}
         self._obs = obs
@@ -309,8 +320,8 @@ class Validator:
         g = torch.Generator(device=model.cond_mean.device).manual_seed(self.seed)
         out = []
         for i in range(0, len(self.energies), 500):
-            out.append(model.sample(self.energies[i:i + 500], self.angles[i:i + 500], generator=g).cpu().numpy())
-        gen = self._observables(np.concatenate(out) if out else np.zeros((0, model.n_cells), np.float32))
+            out.append(model.sample(self.conditions[i:i + 500], generator=g, angled=self.angled).cpu().numpy())
+        gen = self._observables(np.concatenate(out) if out else np.zeros((0, int(np.prod(self.shape))), np.float32))
         res = {f"w1_{k}": wasserstein1(self.reference[k], gen[k]) / self.scale[k] for k in self.reference}
         vals = [v for v in res.values() if math.isfinite(v)]
         res["score"] = float(np.mean(vals)) if len(vals) == len(res) else float("inf")
@@ -325,6 +336,7 @@ class Trainer:
                  data=None):
         import torch
 
+        from caloforge.dataset import ShowerFile
         from caloforge.models import get_family
 
         self.out = Path(out_dir)
@@ -334,12 +346,21 @@ class Trainer:
         self.device = torch.device(device)
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
-        train, val, detector, provenance = data if data is not None else load_training_data(
-            run["data"], self.cfg.val_fraction, self.cfg.split_seed, quiet)
+        cls = get_family(run["family"])
+        config = cls.Config.from_dict(run["model"])
+        if data is None:
+            with ShowerFile(run["data"]) as f:
+                det = f.detector
+            if det is None:
+                raise TrainingError(f"{run['data']}: no detector description in the file attributes; cannot train")
+            # Every model trained now works in the shower-axis frame (the normal-incidence window's shape).
+            shell = cls(det, det.n_cells(False), config)
+            data = load_training_data(run["data"], self.cfg.val_fraction, self.cfg.split_seed, quiet,
+                                      to_local=shell.to_local, n_local=shell.n_cells)
+        train, val, detector, provenance = data
         self.train_data, self.val_data, self.provenance = train, val, provenance
         torch.manual_seed(self.cfg.seed)
-        cls = get_family(run["family"])
-        self.model = cls(detector, train.showers.shape[1], cls.Config.from_dict(run["model"]))
+        self.model = cls(detector, train.showers.shape[1], config)
         self.model.meta["conditions"] = training_range(train, val, provenance)
         self.model.fit_preprocessing(train)
         particle = provenance.get("attrs", {}).get("particle")
@@ -353,12 +374,10 @@ class Trainer:
                           if len(val.energies) else None)
         self.latest_validation: dict[str, float] | None = None
         self.showers = torch.from_numpy(train.showers)
-        self.energies = torch.as_tensor(train.energies, dtype=torch.float32)
-        self.angles = torch.as_tensor(train.angles, dtype=torch.float32)
+        self.cond = torch.as_tensor(train.conditions.as_array(), dtype=torch.float32)
         if self.device.type == "cuda":
-            self.showers, self.energies, self.angles = (t.to(self.device) for t in
-                                                        (self.showers, self.energies, self.angles))
-        self.n_train = len(self.energies)
+            self.showers, self.cond = self.showers.to(self.device), self.cond.to(self.device)
+        self.n_train = len(self.cond)
         self.batch_size = min(self.cfg.batch_size, self.n_train)
         self.steps_per_epoch = max(1, self.n_train // self.batch_size)
         self.total_steps = (int(math.ceil(self.cfg.epochs * self.steps_per_epoch)) if self.cfg.epochs > 0
@@ -429,8 +448,7 @@ class Trainer:
             perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_train)
             self._perm, self._perm_epoch = torch.as_tensor(perm, device=self.showers.device), epoch
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
-        return TrainBatch(self.energies[idx].to(self.device), self.angles[idx].to(self.device),
-                          self.showers[idx].to(self.device, non_blocking=True))
+        return TrainBatch(self.cond[idx].to(self.device), self.showers[idx].to(self.device, non_blocking=True))
 
     def _autocast(self):
         import torch

@@ -1,12 +1,24 @@
 """The one model abstraction: :class:`ShowerModel`, and saving/loading models as safetensors + JSON.
 
-A shower model maps conditions (incident energy in MeV, incidence angle in degrees) to showers in MeV for one
-detector. Every model is split into a *noise draw* and a *deterministic decoder*::
+A shower model maps :class:`~caloforge.conditions.Conditions` (incident energy in MeV, incidence angle in degrees,
+impact point in mm, particle) to showers in MeV for one detector. Networks see the conditions as a raw tensor
+``cond`` (n, 5) with the columns :data:`~caloforge.conditions.CONDITION_COLUMNS`, turned into standardised
+*condition features* (``log_e``, ``angle``, ``sec_angle``, ``frac_x``, ``frac_y``, ``is_photon``, ``charge``; the list
+a model uses is saved with it, so adding a condition is one more feature). Every model is split into a *noise draw*
+and a *deterministic decoder*::
 
-    showers = model.decode(energies, angles, *model.draw_noise(n, generator))
+    showers = model.decode_window(cond, *model.draw_noise(n, generator), angled=...)
 
-``sample`` is exactly that, and the ONNX export wraps ``decode`` with the noise as explicit inputs, so
-torch and ONNX give identical showers for identical noise. Training goes through per-family hooks that the
+``sample`` is exactly that, and the ONNX export wraps ``decode_window`` with the noise as explicit inputs, so
+torch and ONNX give identical showers for identical noise.
+
+The shower axis frame (``frame = "axis"``, every model trained since impact points and angles became conditions):
+a family models the cells of a local grid of the normal-incidence window's shape that moves with the shower axis,
+by whole cells: in layer ``l`` the axis crosses the active layer at ``(x, y + tan(angle) z_l)``, and local cell
+``(i, j)`` is window cell ``(i + floor(x / c), j + floor((y + tan(angle) z_l) / c))``. What is left, the axis's
+offset within its cell, is a condition feature. The readout window (normal or angled) thus follows from the
+conditions, and a shower may be placed anywhere on the face. Models saved before (``frame = "window"``) model the
+window itself at the impact point they were trained for. Training goes through per-family hooks that the
 generic :class:`caloforge.train.Trainer` calls: ``fit_preprocessing`` (constants stored as buffers, computed
 once from the training data), ``configure_optimizers`` and ``training_step`` (the default does one optimiser
 step on ``loss``; adversarial families override it).
@@ -32,6 +44,7 @@ import torch
 from torch import nn
 
 from caloforge import __version__
+from caloforge.conditions import PARTICLE_PDG, PDG_PARTICLE, Conditions, ConditionsError
 from caloforge.detector import Detector, DetectorError, load_detector
 
 FORMAT_VERSION = 1
@@ -47,16 +60,67 @@ class ConditionsWarning(UserWarning):
     """Conditions requested outside the range the model was trained on."""
 
 
+#: Condition features: name -> (the condition it reads, its computation from the raw (n, 5) tensor and the model).
+def _frac(u: torch.Tensor) -> torch.Tensor:
+    return u - torch.floor(u)
+
+
+CONDITION_FEATURES: dict[str, tuple[str, Any]] = {
+    "log_e": ("energy", lambda c, m: torch.log(c[:, 0])),
+    "angle": ("angle", lambda c, m: c[:, 1]),
+    "sec_angle": ("angle", lambda c, m: 1.0 / torch.cos(c[:, 1] * (math.pi / 180))),
+    "frac_x": ("position", lambda c, m: _frac(c[:, 2] / m.detector.cell_size_mm)),
+    "frac_y": ("position", lambda c, m: _frac(c[:, 3] / m.detector.cell_size_mm)),
+    "is_photon": ("particle", lambda c, m: (c[:, 4] == 22).float()),
+    "charge": ("particle", lambda c, m: torch.where(c[:, 4] == 22, torch.zeros_like(c[:, 4]), -torch.sign(c[:, 4]))),
+}
+#: Features of models saved before impact points and particles were conditions.
+LEGACY_FEATURES: tuple[str, ...] = ("log_e", "angle")
+DEFAULT_FEATURES: tuple[str, ...] = tuple(CONDITION_FEATURES)
+#: Features the label regressors of adversarial families reconstruct.
+REGRESSED_FEATURES: tuple[str, ...] = ("log_e", "angle", "frac_x", "frac_y")
+
+
 @dataclass
 class TrainBatch:
-    """One training batch on the model's device: energies (n,) MeV, angles (n,) deg, showers (n, n_cells) MeV."""
+    """One training batch on the model's device: raw conditions ``cond`` (n, 5) (columns
+    :data:`~caloforge.conditions.CONDITION_COLUMNS`) and showers (n, n_cells) MeV in the model's own cells."""
 
-    energies: torch.Tensor
-    angles: torch.Tensor
+    cond: torch.Tensor
     showers: torch.Tensor
 
+    @property
+    def energies(self) -> torch.Tensor:
+        return self.cond[:, 0]
+
+    @property
+    def angles(self) -> torch.Tensor:
+        return self.cond[:, 1]
+
     def __len__(self) -> int:
-        return int(self.energies.shape[0])
+        return int(self.cond.shape[0])
+
+
+def as_conditions(conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
+                  positions: Any = None, particles: Any = None) -> Conditions:
+    """A :class:`Conditions` from one, or from energies (MeV) with angles, positions (n, 2) mm and particles."""
+    if isinstance(conditions, Conditions):
+        return conditions
+    e = torch.as_tensor(conditions).detach().cpu().double().numpy().reshape(-1)
+    a = torch.as_tensor(angles).detach().cpu().double().numpy().reshape(-1)
+    if a.size == 1:
+        a = np.full(e.shape, float(a[0]))
+    if a.shape != e.shape:
+        raise ConditionsError(f"energies {e.shape} and angles {a.shape} differ in length")
+    pos = np.zeros((len(e), 2)) if positions is None else np.asarray(positions, np.float64).reshape(-1, 2)
+    if len(pos) == 1 and len(e) != 1:
+        pos = np.repeat(pos, len(e), axis=0)
+    p = "gamma" if particles is None else particles
+    if not isinstance(p, str):
+        p = np.asarray(p).reshape(-1)
+        if p.size == 1:
+            p = p[0] if p.dtype.kind in "US" else int(p[0])
+    return Conditions(e, a, pos[:, 0], pos[:, 1], p if not isinstance(p, str) else PARTICLE_PDG.get(p, p))
 
 
 @dataclass
@@ -97,12 +161,11 @@ class ShowerModel(nn.Module):
 
     family: ClassVar[str] = ""
     Config: ClassVar[type[ModelConfig]] = ModelConfig
-    #: Condition names, in the order ``decode`` takes them (room for impact position / particle later).
-    conditions: ClassVar[tuple[str, ...]] = ("energy", "angle")
     #: ``sample`` decodes in chunks of this many showers (cache-friendly on CPU); 0 = one call.
     sample_chunk: ClassVar[int] = 0
 
-    def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None):
+    def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None,
+                 features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__()
         self.detector = detector
         self.n_cells = int(n_cells if n_cells is not None else detector.n_cells())
@@ -111,34 +174,129 @@ class ShowerModel(nn.Module):
         except DetectorError as err:
             raise ModelError(str(err)) from None
         self.config = config if config is not None else self.Config()
-        # Condition standardisation: log E and angle -> zero mean, unit variance (set by fit_preprocessing).
-        self.register_buffer("cond_mean", torch.zeros(2))
-        self.register_buffer("cond_std", torch.ones(2))
+        self.features = tuple(features) if features is not None else DEFAULT_FEATURES
+        unknown = [f for f in self.features if f not in CONDITION_FEATURES]
+        if unknown or not self.features or self.features[0] != "log_e":
+            raise ModelError(f"condition features {list(self.features)}: expected 'log_e' first and names from "
+                             f"{list(CONDITION_FEATURES)}")
+        self.frame = frame if frame is not None else ("axis" if self.n_cells == detector.n_cells(False) else "window")
+        if self.frame not in ("axis", "window") or (self.frame == "axis" and self.n_cells != detector.n_cells(False)):
+            raise ModelError(f"frame {self.frame!r}: expected 'window', or 'axis' with the normal-incidence window's "
+                             f"{detector.n_cells(False)} cells (got {self.n_cells})")
+        # Condition standardisation: every feature -> zero mean, unit variance (set by fit_preprocessing).
+        self.register_buffer("cond_mean", torch.zeros(len(self.features)))
+        self.register_buffer("cond_std", torch.ones(len(self.features)))
+        self.register_buffer("layer_z", torch.as_tensor(detector.layer_z_mm(), dtype=torch.float32), persistent=False)
         #: Metadata saved with the model: training conditions range, provenance (filled by the trainer).
         self.meta: dict[str, Any] = {}
 
     # ---- conditions -------------------------------------------------------------------------------
-    def condition_features(self, energies: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-        """Standardised (log E, angle) features (n, 2) that every network sees."""
-        raw = torch.stack([torch.log(energies.float()), angles.float()], dim=1)
-        return (raw - self.cond_mean) / self.cond_std
+    @property
+    def condition_names(self) -> tuple[str, ...]:
+        """The conditions this model takes (energy, angle, position, particle), from its features."""
+        names: list[str] = []
+        for f in self.features:
+            c = CONDITION_FEATURES[f][0]
+            if c not in names:
+                names.append(c)
+        return tuple(names)
+
+    @property
+    def n_cond_features(self) -> int:
+        return len(self.features)
+
+    def raw_condition_features(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unstandardised condition features (n, n_features) of raw conditions (n, 5)."""
+        cond = cond.float()
+        return torch.stack([CONDITION_FEATURES[f][1](cond, self) for f in self.features], dim=1)
+
+    def condition_features(self, cond: torch.Tensor) -> torch.Tensor:
+        """Standardised condition features (n, n_features) that every network sees."""
+        return (self.raw_condition_features(cond) - self.cond_mean) / self.cond_std
 
     def fit_preprocessing(self, data: Any) -> None:
-        """Compute the preprocessing constants (buffers) from the training data (a ``dataset.Batch``)."""
-        e = np.asarray(data.energies, dtype=np.float64)
-        a = np.asarray(data.angles, dtype=np.float64)
-        raw = np.stack([np.log(e), a], axis=1)
+        """Compute the preprocessing constants (buffers) from the training data (a ``dataset.Batch`` whose showers
+        are in the model's own cells)."""
+        cond = torch.as_tensor(data.conditions.as_array(), dtype=torch.float32)
+        raw = self.raw_condition_features(cond).double().numpy()
         std = raw.std(axis=0)
         self.cond_mean.copy_(torch.as_tensor(raw.mean(axis=0), dtype=torch.float32))
         self.cond_std.copy_(torch.as_tensor(np.where(std > 1e-6, std, 1.0), dtype=torch.float32))
+        c = data.conditions
         self.meta.setdefault("conditions", {
-            "energy_mev": [float(e.min()), float(e.max())],
-            "angle_deg": [float(a.min()), float(a.max())],
+            "energy_mev": [float(c.energy.min()), float(c.energy.max())],
+            "angle_deg": [float(c.angle.min()), float(c.angle.max())],
         })
+        self.meta.setdefault("particles", sorted({PDG_PARTICLE[int(p)] for p in np.unique(c.pdg)}))
         self._fit_preprocessing(data)
 
     def _fit_preprocessing(self, data: Any) -> None:
-        """Family-specific constants; ``data`` has ``energies``, ``angles``, ``showers`` numpy arrays."""
+        """Family-specific constants; ``data`` has ``conditions`` and ``showers`` (numpy, the model's own cells)."""
+
+    # ---- the shower-axis frame ----------------------------------------------------------------------
+    def axis_cells(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Whole-cell shifts of the shower axis, x (n,) and y per layer (n, L), and its offsets within the cell
+        (same shapes, in [0, 1)); all zero shifts in the ``window`` frame."""
+        c = self.detector.cell_size_mm
+        cond = cond.float()
+        ux = cond[:, 2] / c
+        uy = (cond[:, 3:4] + torch.tan(cond[:, 1:2] * (math.pi / 180)) * self.layer_z[None]) / c
+        sx, sy = torch.floor(ux), torch.floor(uy)
+        if self.frame == "window":
+            sx, sy = torch.zeros_like(sx), torch.zeros_like(sy)
+        return sx, sy, ux - torch.floor(ux), uy - torch.floor(uy)
+
+    def window_shape(self, angled: bool) -> tuple[int, int, int]:
+        """Cell-array shape of the output window (the model's own shape in the legacy ``window`` frame)."""
+        return self.shape if self.frame == "window" else self.detector.shape(angled)
+
+    def window_index(self, cond: torch.Tensor, row: torch.Tensor, lay: torch.Tensor, i: torch.Tensor,
+                     j: torch.Tensor, angled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat window index (within a shower) of the model's cells (row, layer, i, j), and whether it is inside."""
+        _, nxw, nyw = self.window_shape(angled)
+        sx, sy, _, _ = self.axis_cells(cond)
+        wx = i + sx.long()[row]
+        wy = j + sy.long()[row, lay]
+        inside = (wx >= 0) & (wx < nxw) & (wy >= 0) & (wy < nyw)
+        return (lay * nxw + wx.clamp(0, nxw - 1)) * nyw + wy.clamp(0, nyw - 1), inside
+
+    def to_window(self, cells: torch.Tensor, cond: torch.Tensor, angled: bool) -> torch.Tensor:
+        """Showers in the model's cells (n, n_cells) -> the readout window (n, n_window_cells); cells that fall
+        outside the window are dropped (as Geant4's readout drops them)."""
+        if self.frame == "window":
+            return cells
+        n = cells.shape[0]
+        n_l, nx, ny = self.shape
+        lw, nxw, nyw = self.window_shape(angled)
+        n_win = lw * nxw * nyw
+        row, lay, i, j = (g.reshape(-1) for g in torch.meshgrid(
+            torch.arange(n, device=cells.device), torch.arange(n_l, device=cells.device),
+            torch.arange(nx, device=cells.device), torch.arange(ny, device=cells.device), indexing="ij"))
+        idx, inside = self.window_index(cond, row, lay, i, j, angled)
+        flat = torch.where(inside, row * n_win + idx, torch.full_like(idx, n * n_win))  # outside -> a dump slot
+        out = torch.zeros(n * n_win + 1, dtype=cells.dtype, device=cells.device)
+        out = out.index_put((flat,), cells.reshape(-1))
+        return out[:-1].reshape(n, n_win)
+
+    def to_local(self, showers: np.ndarray, cond: np.ndarray) -> np.ndarray:
+        """Window showers (n, n_window_cells) from a file -> the model's own cells (n, n_cells), numpy; the inverse
+        of :meth:`to_window` on the cells the local grid covers."""
+        showers = np.asarray(showers, np.float32)
+        if self.frame == "window":
+            return showers
+        n = len(showers)
+        lw, nxw, nyw = self.detector.shape_for_cells(showers.shape[1])
+        n_l, nx, ny = self.shape
+        with torch.no_grad():
+            sx, sy, _, _ = self.axis_cells(torch.as_tensor(cond, dtype=torch.float32))
+        sx, sy = sx.long().numpy(), sy.long().numpy()
+        wx = np.arange(nx)[None, :] + sx[:, None]  # (n, nx)
+        wy = np.arange(ny)[None, None, :] + sy[:, :, None]  # (n, L, ny)
+        ok = ((wx >= 0) & (wx < nxw))[:, None, :, None] & ((wy >= 0) & (wy < nyw))[:, :, None, :]
+        src = showers.reshape(n, lw, nxw, nyw)
+        out = src[np.arange(n)[:, None, None, None], np.arange(n_l)[None, :, None, None],
+                  wx.clip(0, nxw - 1)[:, None, :, None], wy.clip(0, nyw - 1)[:, :, None, :]]
+        return np.where(ok, out, 0.0).astype(np.float32).reshape(n, -1)
 
     # ---- sampling ---------------------------------------------------------------------------------
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
@@ -156,52 +314,90 @@ class ShowerModel(nn.Module):
                 out.append(torch.rand(shape, generator=generator, device=device))
         return out
 
-    def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        """Deterministic map (conditions, noise) -> showers (n, n_cells) in MeV, >= 0."""
+    def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+        """Deterministic map (raw conditions (n, 5), noise) -> showers (n, n_cells) in MeV, >= 0, in the model's
+        own cells (the local axis frame, or the window for legacy models)."""
         raise NotImplementedError
 
-    def check_conditions(self, energies: torch.Tensor | np.ndarray, angles: torch.Tensor | np.ndarray) -> None:
-        """Warn (``ConditionsWarning``) when conditions fall outside the training range."""
+    def decode_window(self, cond: torch.Tensor, *noise: torch.Tensor, angled: bool = False) -> torch.Tensor:
+        """Showers in the readout window (normal or ``angled``) that the conditions call for (families with sparse
+        hits override this to place them directly)."""
+        return self.to_window(self.decode(cond, *noise), cond, angled)
+
+    def check_conditions(self, conditions: Conditions, source: str = "conditions") -> None:
+        """Refuse conditions this model cannot take (``ModelError``); warn (``ConditionsWarning``) outside the
+        training range."""
+        c = conditions
+        try:
+            c.validate(source)
+        except ConditionsError as err:
+            raise ModelError(str(err)) from None
+        takes = self.condition_names
+        particles = self.meta.get("particles") or ([str(self.meta["particle"])] if self.meta.get("particle") else None)
+        if particles:
+            want = {PARTICLE_PDG[p] for p in particles if p in PARTICLE_PDG}
+            bad = ~np.isin(c.pdg, list(want)) if want else np.zeros(len(c), bool)
+            if np.any(bad):
+                raise ModelError(f"{source}: particle {PDG_PARTICLE.get(int(c.pdg[bad][0]), int(c.pdg[bad][0]))!r} "
+                                 f"requested; this {self.family} model was trained for {', '.join(particles)} only")
+        if "position" not in takes and len(c) and (np.any(c.x != 0) or np.any(c.y != 0)):
+            raise ModelError(f"{source}: impact points other than (0, 0) requested; this {self.family} model was "
+                             f"trained before impact positions were conditions (it knows the origin only)")
+        if "position" in takes and len(c):
+            r, cs = self.detector.readout, self.detector.cell_size_mm
+            lo_x, hi_x = r.x_min_mm + 3 * cs, r.x_min_mm + (r.n_x - 3) * cs
+            lo_y, hi_y = r.y_min_mm + 3 * cs, r.y_min_mm + (r.n_y - 3) * cs
+            bad = (c.x < lo_x) | (c.x > hi_x) | (c.y < lo_y) | (c.y > hi_y)
+            if np.any(bad):
+                k = int(np.flatnonzero(bad)[0])
+                raise ModelError(f"{source}: impact point ({c.x[k]:g}, {c.y[k]:g}) mm at row {k} lies outside "
+                                 f"x {lo_x:g}..{hi_x:g}, y {lo_y:g}..{hi_y:g} mm (the readout window less 3 cells)")
+        if len(c) and np.any(c.angle > 0):
+            limit = 60.0 if self.detector.readout.n_y_angled else 0.0
+            if self.frame == "window" and self.shape == self.detector.shape(False):
+                limit = 0.0 if self.meta.get("conditions", {}).get("angle_deg", [0, 0])[1] == 0 else limit
+            if float(c.angle.max()) > limit:
+                raise ModelError(f"{source}: angle {float(c.angle.max()):g} deg requested; the {self.detector.name} "
+                                 f"readout window of this model holds angles up to {limit:g} deg")
         rng = self.meta.get("conditions")
         if not rng:
             return
-        for name, values, key, unit in (("energy", energies, "energy_mev", "MeV"), ("angle", angles, "angle_deg",
-                                                                                    "deg")):
+        for name, values, key, unit in (("energy", c.energy, "energy_mev", "MeV"), ("angle", c.angle, "angle_deg",
+                                                                                     "deg")):
             lo, hi = rng.get(key, (-math.inf, math.inf))
-            v = torch.as_tensor(values, dtype=torch.float64)
-            if len(v) and (float(v.min()) < lo * (1 - 1e-6) - 1e-9 or float(v.max()) > hi * (1 + 1e-6) + 1e-9):
+            if len(values) and (float(values.min()) < lo * (1 - 1e-6) - 1e-9
+                                or float(values.max()) > hi * (1 + 1e-6) + 1e-9):
                 warnings.warn(
-                    f"{self.family} model: requested {name} [{float(v.min()):g}, {float(v.max()):g}] {unit} lies "
-                    f"outside the training range [{lo:g}, {hi:g}] {unit}; showers there are extrapolations",
+                    f"{self.family} model: requested {name} [{float(values.min()):g}, {float(values.max()):g}] {unit} "
+                    f"lies outside the training range [{lo:g}, {hi:g}] {unit}; showers there are extrapolations",
                     ConditionsWarning, stacklevel=3)
 
     @torch.no_grad()
-    def sample(self, energies: torch.Tensor | np.ndarray | float, angles: torch.Tensor | np.ndarray | float = 0.0,
-               seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Showers (n, n_cells) in MeV for energies (MeV) and angles (deg); seeded via ``seed`` or ``generator``."""
+    def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
+               seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
+               particles: Any = None, angled: bool | None = None) -> torch.Tensor:
+        """Showers (n, n_window_cells) in MeV for :class:`Conditions` (or energies in MeV with angles in deg, impact
+        points (n, 2) in mm and particles); seeded via ``seed`` or ``generator``. ``angled`` picks the readout
+        window (default: the angled one when any angle is > 0)."""
         device = self.cond_mean.device
-        energies = torch.as_tensor(energies, dtype=torch.float32, device=device).reshape(-1)
-        angles = torch.as_tensor(angles, dtype=torch.float32, device=device).reshape(-1)
-        if angles.numel() == 1 and energies.numel() != 1:
-            angles = angles.expand(energies.numel())
-        if angles.shape != energies.shape:
-            raise ValueError(f"energies {tuple(energies.shape)} and angles {tuple(angles.shape)} differ in length")
-        if torch.any(energies <= 0):
-            raise ValueError("incident energies must be > 0 MeV")
-        self.check_conditions(energies, angles)
+        c = as_conditions(conditions, angles, positions, particles)
+        self.check_conditions(c)
+        if angled is None:
+            angled = bool(np.any(c.angle > 0))
+        cond = torch.as_tensor(c.as_array(), dtype=torch.float32, device=device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
         was_training = self.training
         self.eval()
         try:
-            noise = self.draw_noise(len(energies), generator)
-            chunk = self.sample_chunk if self.sample_chunk > 0 and device.type == "cpu" else len(energies)
-            if len(energies) <= chunk:
-                out = self.decode(energies, angles, *noise)
+            n = len(c)
+            noise = self.draw_noise(n, generator)
+            chunk = self.sample_chunk if self.sample_chunk > 0 and device.type == "cpu" else n
+            if n <= chunk:
+                out = self.decode_window(cond, *noise, angled=angled)
             else:
-                out = torch.cat([
-                    self.decode(energies[i:i + chunk], angles[i:i + chunk], *(t[i:i + chunk] for t in noise))
-                    for i in range(0, len(energies), chunk)])
+                out = torch.cat([self.decode_window(cond[i:i + chunk], *(t[i:i + chunk] for t in noise),
+                                                    angled=angled) for i in range(0, n, chunk)])
         finally:
             self.train(was_training)
         return out
@@ -240,7 +436,9 @@ class ShowerModel(nn.Module):
             "detector": self.detector.to_dict(),
             "n_cells": self.n_cells,
             "shape": list(self.shape),
-            "condition_names": list(self.conditions),
+            "condition_names": list(self.condition_names),
+            "condition_features": list(self.features),
+            "frame": self.frame,
             "n_parameters": sum(p.numel() for p in self.parameters()),
             "caloforge_version": __version__,
             **self.meta,
@@ -339,7 +537,13 @@ def load_model(path: str | Path, expected_detector: Detector | str | None = None
                              f"(the model was trained for another detector)")
     cls = get_family(str(meta["family"]))
     config = cls.Config.from_dict(meta["config"], f"{meta_path}: field 'config'")
-    model = cls(detector, int(meta["n_cells"]), config)
+    features = meta.get("condition_features", list(LEGACY_FEATURES))
+    frame = meta.get("frame", "window")
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise ModelError(f"{meta_path}: field 'condition_features' is {features!r}; expected a list of names")
+    if not isinstance(frame, str):
+        raise ModelError(f"{meta_path}: field 'frame' is {frame!r}; expected 'axis' or 'window'")
+    model = cls(detector, int(meta["n_cells"]), config, features=features, frame=frame)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
@@ -349,7 +553,7 @@ def load_model(path: str | Path, expected_detector: Detector | str | None = None
     except RuntimeError as err:
         raise ModelError(f"{weights_path}: weights do not match the architecture in {meta_path}: {err}") from None
     known = {"format_version", "family", "config", "detector", "n_cells", "shape", "condition_names",
-             "n_parameters", "caloforge_version"}
+             "condition_features", "frame", "n_parameters", "caloforge_version"}
     model.meta = {k: v for k, v in meta.items() if k not in known}
     model.meta["path"] = str(meta_path.parent)
     return model.to(device).eval()

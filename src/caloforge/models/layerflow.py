@@ -117,13 +117,17 @@ class LayerFlow(ShowerModel):
     Config = LayerFlowConfig
     sample_chunk = 128
 
-    def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None):
-        super().__init__(detector, n_cells, config)
+    def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None,
+                 features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
+        super().__init__(detector, n_cells, config, features, frame)
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         n_l, n_x, n_y = self.shape
         self.n_layers, self.n_lat = n_l, n_x * n_y
         self.n_feat = N_FEAT + int(cfg.hit_count)
-        self.n_cov = self.n_feat + 3  # covariates per cell: 1, the standardised layer features, log E_inc, angle
+        n_cf = self.n_cond_features
+        self.cell_offsets = "frac_x" in self.features  # the axis's per-layer offset within its cell as covariates
+        # covariates per cell: 1, the standardised layer features, the condition features (, the axis offsets)
+        self.n_cov = self.n_feat + 1 + n_cf + 2 * self.cell_offsets
         self.flow_dim = N_FEAT * n_l  # the layer flow; with hit_count a second flow models the L log hit counts
         self.dim = self.n_feat * n_l
         x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
@@ -133,7 +137,7 @@ class LayerFlow(ShowerModel):
         # Preprocessing constants (fit_preprocessing): feature standardisation, conditional mean of the flow.
         self.register_buffer("feat_mean", torch.zeros(self.dim))
         self.register_buffer("feat_std", torch.ones(self.dim))
-        self.register_buffer("flow_coef", torch.zeros(4, self.dim))  # conditional mean: [1, lE, lE^2, a] @ coef
+        self.register_buffer("flow_coef", torch.zeros(2 + n_cf, self.dim))  # conditional mean: [1, lE, lE^2, ..]@coef
         self.register_buffer("flow_std", torch.ones(self.dim))
         if cfg.clamp_features:  # a flow maps rare latents far outside the data: one such shower can dominate a metric
             self.register_buffer("y_lo", torch.full((self.dim,), -1e4))
@@ -149,7 +153,7 @@ class LayerFlow(ShowerModel):
                              persistent=False)
         first = cfg.hit_count and cfg.counts_first
         self.blocks = nn.ModuleList(
-            _Coupling(self.flow_dim, 3 + n_l * first, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp)
+            _Coupling(self.flow_dim, n_cf + 1 + n_l * first, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp)
             for _ in range(cfg.flow_blocks))
         self.count_blocks = None
         if cfg.hit_count:  # log hit counts given the conditions (and the layer flow's features, unless counts_first)
@@ -158,7 +162,8 @@ class LayerFlow(ShowerModel):
             self.register_buffer("count_inv_perms", torch.as_tensor(np.argsort(perms, axis=1), dtype=torch.long),
                                  persistent=False)
             self.count_blocks = nn.ModuleList(
-                _Coupling(n_l, 3 + self.flow_dim * (not first), cfg.count_hidden, cfg.flow_layers, cfg.scale_clamp)
+                _Coupling(n_l, n_cf + 1 + self.flow_dim * (not first), cfg.count_hidden, cfg.flow_layers,
+                          cfg.scale_clamp)
                 for _ in range(cfg.count_blocks))
         # Cell hurdle. Hit logit: per layer a (n_cov, n_lat) matrix (evaluated densely, one bmm). Energy of a hit:
         # per cell n_cov coefficients for mu and for log sigma of log(E_hit / MeV), a skew and a log tail weight
@@ -176,10 +181,19 @@ class LayerFlow(ShowerModel):
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
-        return torch.stack([cf[:, 0], cf[:, 1], cf[:, 0] ** 2], dim=1)
+        """What the flows are conditioned on: the condition features and (log E)^2."""
+        return torch.cat([cf, cf[:, :1] ** 2], dim=1)
 
     def _cond_basis(self, cf: torch.Tensor) -> torch.Tensor:
-        return torch.stack([torch.ones_like(cf[:, 0]), cf[:, 0], cf[:, 0] ** 2, cf[:, 1]], dim=1)
+        """Regressors of the flow's conditional mean: 1, log E, (log E)^2 and the other condition features."""
+        return torch.cat([torch.ones_like(cf[:, :1]), cf[:, :1], cf[:, :1] ** 2, cf[:, 1:]], dim=1)
+
+    def _offsets(self, cond: torch.Tensor) -> torch.Tensor | None:
+        """The axis's offset within its cell in every layer, (L, n, 2), centred on 0 (None without positions)."""
+        if not self.cell_offsets:
+            return None
+        _, _, fx, fy = self.axis_cells(cond)
+        return torch.stack([fx[None].expand(self.n_layers, -1), fy.transpose(0, 1)], dim=2) - 0.5
 
     def layer_features(self, showers: torch.Tensor, energies: torch.Tensor, u: torch.Tensor | None = None,
                        u_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,21 +214,22 @@ class LayerFlow(ShowerModel):
             feats.append(torch.log1p((s > 0).sum(dim=2).float() + u_count))
         return torch.cat(feats, dim=1), e_l
 
-    def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+    def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
         """Per-layer covariates (L, n, n_cov) for the cell stage from standardised features (n, n_feat L)."""
         n_l = self.n_layers  # shapes stay symbolic in the batch size (ONNX export)
         per_layer = feat_std.reshape(-1, self.n_feat, n_l).permute(2, 0, 1)  # (L, n, n_feat)
         ones = torch.ones_like(per_layer[:, :, :1])
         cond = cf[None].expand(n_l, -1, -1)
-        return torch.cat([ones, per_layer, cond], dim=2)
+        parts = [ones, per_layer, cond] + ([offsets.to(per_layer.dtype)] if offsets is not None else [])
+        return torch.cat(parts, dim=2)
 
     # ---- preprocessing ------------------------------------------------------------------------------
     def _fit_preprocessing(self, data: Any) -> None:
         """Standardisation of the layer features and of the flow, and a moment-based start for the cells."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         n_l, n_lat, chunk = self.n_layers, self.n_lat, 500
-        energies = torch.as_tensor(np.asarray(data.energies), dtype=torch.float32)
-        angles = torch.as_tensor(np.asarray(data.angles), dtype=torch.float32)
+        cond = torch.as_tensor(data.conditions.as_array(), dtype=torch.float32)
+        energies = cond[:, 0]
         showers = data.showers
         n = len(energies)
         feats = []
@@ -245,11 +260,12 @@ class LayerFlow(ShowerModel):
         std = torch.where(std > 1e-6, std, torch.ones_like(std))
         self.feat_mean.copy_(mean.float())
         self.feat_std.copy_(std.float())
-        # Conditional mean of the standardised features: least squares on [1, lE, lE^2, a].
-        cf = self.condition_features(energies, angles).double()
+        # Conditional mean of the standardised features: least squares on [1, lE, lE^2, other condition features].
+        cf = self.condition_features(cond).double()
         basis = self._cond_basis(cf)
         fs = (f - mean) / std
-        coef = torch.linalg.lstsq(basis.T @ basis + 1e-6 * torch.eye(4, dtype=torch.float64), basis.T @ fs).solution
+        eye = torch.eye(basis.shape[1], dtype=torch.float64)
+        coef = torch.linalg.lstsq(basis.T @ basis + 1e-6 * eye, basis.T @ fs).solution
         resid = fs - basis @ coef
         rstd = resid.std(0)
         self.flow_coef.copy_(coef.float())
@@ -380,7 +396,7 @@ class LayerFlow(ShowerModel):
     def nll_terms(self, batch: TrainBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-shower NLL of the flow (with dequantisation) and of the cells (n,), (n,)."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
-        cf = self.condition_features(batch.energies, batch.angles)
+        cf = self.condition_features(batch.cond)
         n_l = self.n_layers
         u = torch.rand(len(batch), n_l, device=cf.device)
         u_count = torch.rand(len(batch), n_l, device=cf.device) if cfg.hit_count else None
@@ -402,7 +418,7 @@ class LayerFlow(ShowerModel):
             count = (batch.showers.reshape(len(batch), n_l, self.n_lat) > 0).sum(dim=2).float()
             parts.append(torch.log1p(count + 0.5))
         feat_clean = torch.cat(parts, dim=1)  # as layer_features(u=0.5, u_count=0.5)
-        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf)
+        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, self._offsets(batch.cond))
         return flow_nll, self._shape_nll(batch.showers, cov)
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
@@ -448,11 +464,31 @@ class LayerFlow(ShowerModel):
         kth = smallest.gather(2, (k - 1).clamp(min=0)[..., None])
         return (rank_key <= kth) & (k[..., None] > 0)
 
-    def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+    def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+        row, lay, col, flat, e = self._hits(cond, *noise)
+        out = torch.zeros(cond.shape[0] * self.n_cells, dtype=e.dtype, device=e.device)
+        return out.index_put((row * self.n_cells + flat,), e).reshape(-1, self.n_cells)
+
+    def decode_window(self, cond: torch.Tensor, *noise: torch.Tensor, angled: bool = False) -> torch.Tensor:
+        """The hits placed straight into the readout window (no dense local array in between)."""
+        if self.frame == "window":
+            return self.decode(cond, *noise)
+        row, lay, col, flat, e = self._hits(cond, *noise)
+        n_win = int(np.prod(self.window_shape(angled)))
+        ny = self.shape[2]
+        idx, inside = self.window_index(cond, row, lay, torch.div(col, ny, rounding_mode="floor"), col % ny, angled)
+        n = cond.shape[0]
+        dest = torch.where(inside, row * n_win + idx, torch.full_like(idx, n * n_win))  # outside -> a dump slot
+        out = torch.zeros(n * n_win + 1, dtype=e.dtype, device=e.device).index_put((dest,), e)
+        return out[:-1].reshape(n, n_win)
+
+    def _hits(self, cond: torch.Tensor, *noise: torch.Tensor):
+        """The hit cells (shower row, layer, cell within the layer, flat cell index) and their energies (MeV)."""
         z_flow, u_cells = noise[:2]
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         n_l, n_lat = self.n_layers, self.n_lat
-        cf = self.condition_features(energies, angles)
+        energies = cond[:, 0]
+        cf = self.condition_features(cond)
         y = self._flow_inverse(z_flow, self._flow_cond(cf))
         if cfg.clamp_features:
             y = torch.minimum(torch.maximum(y, self.y_lo), self.y_hi)
@@ -460,7 +496,7 @@ class LayerFlow(ShowerModel):
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
         e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
-        cov = self._covariates(fs, cf)
+        cov = self._covariates(fs, cf, self._offsets(cond))
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
         logit = self._hit_logits(cov)
@@ -492,6 +528,4 @@ class LayerFlow(ShowerModel):
         target = e_layer.reshape(-1)
         total = torch.zeros_like(target).scatter_add(0, seg, e_hit)  # (index_add exports without the add)
         scale = torch.where(total > 0, target / total.clamp(min=1e-30), torch.zeros_like(total))
-        out = torch.zeros_like(u_cells).reshape(-1)
-        out = out.index_put((row * self.n_cells + flat,), e_hit * scale[seg])
-        return out.reshape(-1, self.n_cells)
+        return row, lay, col, flat, e_hit * scale[seg]

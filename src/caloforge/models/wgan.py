@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caloforge.detector import Detector
-from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
+from caloforge.models.base import REGRESSED_FEATURES, ModelConfig, ShowerModel, TrainBatch
 
 
 @dataclass
@@ -49,16 +49,16 @@ def _lrelu() -> nn.Module:
 
 
 class _Generator(nn.Module):
-    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig):
+    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig, n_cond: int):
         super().__init__()
         ch = cfg.gen_channels
         self.nx, self.ny = nx, ny
         self.h0, self.w0 = math.ceil(nx / 4), math.ceil(ny / 4)
-        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim + 2, 2 * ch * self.h0 * self.w0),
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim + n_cond, 2 * ch * self.h0 * self.w0),
                                 nn.BatchNorm1d(2 * ch * self.h0 * self.w0), _lrelu())
-        self.up1 = nn.Sequential(nn.Conv2d(2 * ch + 2, 2 * ch, 3, padding=1), nn.BatchNorm2d(2 * ch), _lrelu())
-        self.up2 = nn.Sequential(nn.Conv2d(2 * ch + 2, ch, 3, padding=1), nn.BatchNorm2d(ch), _lrelu())
-        self.out = nn.Conv2d(ch + 2, n_layers, 3, padding=1)
+        self.up1 = nn.Sequential(nn.Conv2d(2 * ch + n_cond, 2 * ch, 3, padding=1), nn.BatchNorm2d(2 * ch), _lrelu())
+        self.up2 = nn.Sequential(nn.Conv2d(2 * ch + n_cond, ch, 3, padding=1), nn.BatchNorm2d(ch), _lrelu())
+        self.out = nn.Conv2d(ch + n_cond, n_layers, 3, padding=1)
         nn.init.constant_(self.out.bias, cfg.out_bias_init)
         self.ch = ch
 
@@ -75,17 +75,17 @@ class _Generator(nn.Module):
 
 
 class _Critic(nn.Module):
-    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig):
+    def __init__(self, n_layers: int, nx: int, ny: int, cfg: WGANConfig, n_cond: int):
         super().__init__()
         ch = cfg.critic_channels
         self.conv = nn.Sequential(
-            nn.Conv2d(n_layers + 2, ch, 3, padding=1), _lrelu(),
+            nn.Conv2d(n_layers + n_cond, ch, 3, padding=1), _lrelu(),
             nn.Conv2d(ch, 2 * ch, 4, stride=2, padding=1), nn.GroupNorm(1, 2 * ch), _lrelu(),
             nn.Conv2d(2 * ch, 2 * ch, 4, stride=2, padding=1), nn.GroupNorm(1, 2 * ch), _lrelu(),
         )
         n_flat = 2 * ch * (nx // 4) * (ny // 4)
-        self.fc = nn.Sequential(nn.Linear(n_flat + n_layers + 2, cfg.critic_hidden), nn.LayerNorm(cfg.critic_hidden),
-                                _lrelu(), nn.Linear(cfg.critic_hidden, 1, bias=False))  # a bias cancels in W
+        self.fc = nn.Sequential(nn.Linear(n_flat + n_layers + n_cond, cfg.critic_hidden),
+                                nn.LayerNorm(cfg.critic_hidden), _lrelu(), nn.Linear(cfg.critic_hidden, 1, bias=False))  # a bias cancels in W
 
     def forward(self, y: torch.Tensor, c: torch.Tensor, layer_feat: torch.Tensor) -> torch.Tensor:
         maps = c[:, :, None, None].expand(-1, -1, y.shape[2], y.shape[3])
@@ -113,16 +113,19 @@ class WGAN(ShowerModel):
     family = "wgan"
     Config = WGANConfig
 
-    def __init__(self, detector: Detector, n_cells: int | None = None, config: WGANConfig | None = None):
-        super().__init__(detector, n_cells, config)
+    def __init__(self, detector: Detector, n_cells: int | None = None, config: WGANConfig | None = None,
+                 features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
+        super().__init__(detector, n_cells, config, features, frame)
         cfg: WGANConfig = self.config  # type: ignore[assignment]
         n_l, nx, ny = self.shape
         self.register_buffer("y_scale", torch.tensor(1.0))
-        self.generator = _Generator(n_l, nx, ny, cfg)
+        self.generator = _Generator(n_l, nx, ny, cfg, self.n_cond_features)
         # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
         # what the validation weighs most, and they are hard to read off log-compressed cells.
-        self.critic = _Critic(n_l, nx, ny, cfg)
-        self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.conditions])
+        self.critic = _Critic(n_l, nx, ny, cfg, self.n_cond_features)
+        # one regressor per label (energy, angle, the impact offsets): the HGCAL recipe's energy and position nets
+        self.regressed = [i for i, f in enumerate(self.features) if f in REGRESSED_FEATURES]
+        self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.regressed])
 
     # ---- representation -----------------------------------------------------------------------------
     def _unit(self, energies: torch.Tensor) -> torch.Tensor:
@@ -152,9 +155,10 @@ class WGAN(ShowerModel):
     def _fit_preprocessing(self, data: Any) -> None:
         cfg: WGANConfig = self.config  # type: ignore[assignment]
         hi = 0.0
-        for i in range(0, len(data.energies), 1000):
+        energies = data.conditions.energy
+        for i in range(0, len(energies), 1000):
             x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
-            e = np.asarray(data.energies[i:i + 1000], dtype=np.float64)
+            e = np.asarray(energies[i:i + 1000], dtype=np.float64)
             hi = max(hi, float(np.log1p(x / (e[:, None] * cfg.norm_fraction)).max()))
         self.y_scale.fill_(max(hi, 1e-3))
 
@@ -163,9 +167,9 @@ class WGAN(ShowerModel):
         cfg: WGANConfig = self.config  # type: ignore[assignment]
         return [((n, cfg.latent_dim), "normal")]
 
-    def decode(self, energies: torch.Tensor, angles: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        y = self.generator(noise[0], self.condition_features(energies, angles))
-        return self.from_image(y.clamp(max=1.0), energies)  # 1.0 = the hottest training cell
+    def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+        y = self.generator(noise[0], self.condition_features(cond))
+        return self.from_image(y.clamp(max=1.0), cond[:, 0])  # 1.0 = the hottest training cell
 
     # ---- training -----------------------------------------------------------------------------------
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
@@ -179,14 +183,14 @@ class WGAN(ShowerModel):
 
     def _regression_loss(self, y: torch.Tensor, energies: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         a = self._absolute(y, energies)
-        return torch.stack([F.mse_loss(net(a), cf[:, i]) for i, net in enumerate(self.regressors)])
+        return torch.stack([F.mse_loss(net(a), cf[:, i]) for i, net in zip(self.regressed, self.regressors)])
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         """One critic + regressor update; a generator update every ``n_critic`` steps."""
         cfg: WGANConfig = self.config  # type: ignore[assignment]
         n = len(batch)
-        cf = self.condition_features(batch.energies, batch.angles)
+        cf = self.condition_features(batch.cond)
         y_real = self.to_image(batch.showers, batch.energies)
         # Critic.
         with torch.no_grad():
