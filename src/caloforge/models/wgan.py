@@ -85,7 +85,8 @@ class _Critic(nn.Module):
         )
         n_flat = 2 * ch * (nx // 4) * (ny // 4)
         self.fc = nn.Sequential(nn.Linear(n_flat + n_layers + n_cond, cfg.critic_hidden),
-                                nn.LayerNorm(cfg.critic_hidden), _lrelu(), nn.Linear(cfg.critic_hidden, 1, bias=False))  # a bias cancels in W
+                                nn.LayerNorm(cfg.critic_hidden), _lrelu(),
+                                nn.Linear(cfg.critic_hidden, 1, bias=False))  # a bias cancels in W
 
     def forward(self, y: torch.Tensor, c: torch.Tensor, layer_feat: torch.Tensor) -> torch.Tensor:
         maps = c[:, :, None, None].expand(-1, -1, y.shape[2], y.shape[3])
