@@ -54,8 +54,9 @@ def test_round_trip_and_streaming(tmp_path):
         assert h5["showers"].chunks is not None
     assert "250 x 27000" in describe(path)
     ds = torch_dataset(path)
-    energy, angle, shower = ds[5]
-    assert shower.shape == (N_CELLS,) and float(energy) == pytest.approx(e[5], rel=1e-6)
+    cond, shower = ds[5]
+    assert shower.shape == (N_CELLS,) and float(cond[0]) == pytest.approx(e[5], rel=1e-6)
+    assert cond.shape == (5,) and float(cond[4]) == 22  # the file's particle attribute: gamma
 
 
 @pytest.mark.parametrize(

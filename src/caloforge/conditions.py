@@ -26,6 +26,9 @@ PDG_PARTICLE: dict[int, str] = {v: k for k, v in PARTICLE_PDG.items()}
 _ALIASES = {"photon": "gamma", "electron": "e-", "positron": "e+", "22": "gamma", "11": "e-", "-11": "e+"}
 #: Columns of the raw condition tensor that models take (``Conditions.as_array``); a new condition is a new column.
 CONDITION_COLUMNS: tuple[str, ...] = ("energy_mev", "angle_deg", "x_mm", "y_mm", "pdg")
+#: The largest incident energy any command takes: 10 TeV (beyond any calorimeter shower caloforge models).
+MAX_ENERGY_GEV = 10_000.0
+MAX_ENERGY_MEV = MAX_ENERGY_GEV * 1e3
 
 
 class ConditionsError(ValueError):
@@ -73,41 +76,41 @@ def _number(token: str, text: str, what: str) -> float:
     try:
         value = float(token)
     except ValueError:
-        raise ValueError(f"invalid {what} spec {text!r}: {token!r} is not a number") from None
+        raise ConditionsError(f"invalid {what} spec {text!r}: {token!r} is not a number") from None
     if not math.isfinite(value):
-        raise ValueError(f"invalid {what} spec {text!r}: {token!r} is not finite")
+        raise ConditionsError(f"invalid {what} spec {text!r}: {token!r} is not finite")
     return value
 
 
 def _parse(text: str, what: str, scale: float, unit: str, allow_log: bool) -> ConditionSpec:
     if not isinstance(text, str) or not text.strip():
         examples = "'50', '10:100', 'log:10:100', '20,50,80'" if allow_log else "'0', '0:30', '0,15,30'"
-        raise ValueError(f"empty {what} spec; expected e.g. {examples}")
+        raise ConditionsError(f"empty {what} spec; expected e.g. {examples}")
     s = text.strip().replace(" ", "")
     kind: str
     if s.lower().startswith("log:"):
         if not allow_log:
-            raise ValueError(f"invalid {what} spec {text!r}: 'log:' ranges are only for energies")
+            raise ConditionsError(f"invalid {what} spec {text!r}: 'log:' ranges are only for energies")
         parts = s[4:].split(":")
         if len(parts) != 2:
-            raise ValueError(f"invalid {what} spec {text!r}: expected 'log:LO:HI'")
+            raise ConditionsError(f"invalid {what} spec {text!r}: expected 'log:LO:HI'")
         kind, raw = "log-uniform", [_number(p, text, what) for p in parts]
     elif ":" in s:
         parts = s.split(":")
         if len(parts) != 2:
-            raise ValueError(f"invalid {what} spec {text!r}: expected 'LO:HI'")
+            raise ConditionsError(f"invalid {what} spec {text!r}: expected 'LO:HI'")
         kind, raw = "uniform", [_number(p, text, what) for p in parts]
     elif "," in s:
         parts = [p for p in s.split(",") if p]
         if not parts:
-            raise ValueError(f"invalid {what} spec {text!r}: no points")
+            raise ConditionsError(f"invalid {what} spec {text!r}: no points")
         kind, raw = "points", [_number(p, text, what) for p in parts]
     else:
         kind, raw = "fixed", [_number(s, text, what)]
     if kind in ("uniform", "log-uniform"):
         lo, hi = raw
         if hi < lo:
-            raise ValueError(f"invalid {what} spec {text!r}: range {lo}:{hi} has LO > HI")
+            raise ConditionsError(f"invalid {what} spec {text!r}: range {lo}:{hi} has LO > HI")
         if hi == lo:
             kind, raw = "fixed", [lo]
     return ConditionSpec(text=text, kind=kind, values=tuple(v * scale for v in raw), unit=unit)
@@ -117,7 +120,9 @@ def parse_energy_spec(text: str) -> ConditionSpec:
     """Parse an energy spec written in GeV; the spec samples energies in MeV. Energies must be > 0."""
     spec = _parse(text, "energy", 1000.0, "MeV", allow_log=True)
     if min(spec.values) <= 0:
-        raise ValueError(f"invalid energy spec {text!r}: energies must be > 0 GeV")
+        raise ConditionsError(f"invalid energy spec {text!r}: energies must be > 0 GeV")
+    if max(spec.values) > MAX_ENERGY_MEV:
+        raise ConditionsError(f"invalid energy spec {text!r}: energies must be <= {MAX_ENERGY_GEV:g} GeV (10 TeV)")
     return spec
 
 
@@ -125,7 +130,7 @@ def parse_angle_spec(text: str) -> ConditionSpec:
     """Parse an incidence-angle spec in degrees; angles must lie in [0, 90)."""
     spec = _parse(text, "angle", 1.0, "deg", allow_log=False)
     if min(spec.values) < 0 or max(spec.values) >= 90:
-        raise ValueError(f"invalid angle spec {text!r}: angles must lie in [0, 90) degrees")
+        raise ConditionsError(f"invalid angle spec {text!r}: angles must lie in [0, 90) degrees")
     return spec
 
 
@@ -300,6 +305,10 @@ class Conditions:
         if np.any(self.energy <= 0):
             row = int(np.flatnonzero(self.energy <= 0)[0])
             raise ConditionsError(f"{source}: energy {self.energy[row]:g} MeV at row {row}; expected > 0 MeV")
+        if np.any(self.energy > MAX_ENERGY_MEV):
+            row = int(np.flatnonzero(self.energy > MAX_ENERGY_MEV)[0])
+            raise ConditionsError(f"{source}: energy {self.energy[row]:g} MeV at row {row}; expected <= "
+                                  f"{MAX_ENERGY_MEV:g} MeV (10 TeV)")
         if np.any((self.angle < 0) | (self.angle >= 90)):
             row = int(np.flatnonzero((self.angle < 0) | (self.angle >= 90))[0])
             raise ConditionsError(f"{source}: angle {self.angle[row]:g} deg at row {row}; expected [0, 90) degrees")
@@ -334,7 +343,8 @@ class ConditionSampler:
         return self.energy.n_points * self.angle.n_points * self.position.n_points * len(self.particles)
 
     def sample(self, n: int, rngs: tuple[np.random.Generator, ...], offset: int = 0) -> Conditions:
-        """``rngs``: generators for energy, angle and position (three independent streams)."""
+        """``rngs``: generators for energy, angle and position (three independent streams). Row ``i`` depends on
+        ``n`` only through the streams' draws: draw a fixed ``n`` and slice for a prefix that does not depend on it."""
         ke, ka, kp = self.energy.n_points, self.angle.n_points, self.position.n_points
         e = self.energy.sample(n, rngs[0], offset)
         a = self.angle.sample(n, rngs[1], offset, stride=ke)

@@ -25,7 +25,7 @@ import numpy as np
 
 from caloforge import __version__
 from caloforge.conditions import PARTICLE_PDG, Conditions, ConditionsError, canonical_particle
-from caloforge.detector import Detector, DetectorError, load_detector
+from caloforge.detector import Detector, DetectorError, builtin_detectors, load_detector
 
 SHOWERS = "showers"
 ENERGIES = "incident_energies"
@@ -70,6 +70,17 @@ def _check_values(path: str, field: str, a: np.ndarray, positive: bool = False) 
         raise DatasetError(f"{path}: field {field!r} has negative energies (first at row {bad}); expected >= 0 MeV")
 
 
+def _check_dtype(path: str, field: str, ds, kinds: str, what: str) -> None:
+    """A dataset (not a group) of a plain numeric dtype of the given kinds that converts to float64 without loss
+    of range (no compound, string, boolean, complex or extended-precision types)."""
+    if not isinstance(ds, h5py.Dataset):
+        raise DatasetError(f"{path}: {field!r} is a group; expected a dataset of {what}")
+    dt = ds.dtype
+    if dt.names is not None or dt.subdtype is not None or dt.kind not in kinds or dt.itemsize > 8 \
+            or not np.can_cast(dt, np.float64, "same_kind"):
+        raise DatasetError(f"{path}: field {field!r} has dtype {dt}; expected {what}")
+
+
 class ShowerFile:
     """Read access to a shower file, validating as it reads; streams in batches, never loads all showers.
 
@@ -84,18 +95,37 @@ class ShowerFile:
             if os.path.isdir(self.path + ".chunks"):
                 hint = " (an unfinished simulation exists: run the same `caloforge simulate` again to finish it)"
             raise DatasetError(f"{self.path}: file not found{hint}")
+        if os.path.isdir(self.path):
+            raise DatasetError(f"{self.path}: is a directory; expected a shower file (HDF5)")
         try:
             self._h5 = h5py.File(self.path, "r")
         except OSError as err:
             raise DatasetError(f"{self.path}: not a readable HDF5 file ({err})") from None
+        try:
+            self._check(detector, expected_detector)
+        except BaseException:
+            self._h5.close()
+            raise
+        self._energies: np.ndarray | None = None
+        self._angles: np.ndarray | None = None
+        self._positions: np.ndarray | None = None
+        self._pdg: np.ndarray | None = None
+
+    def _check(self, detector: Detector | None, expected_detector: Detector | str | None) -> None:
+        """Validate the structure and attributes of the file (not the values: those are checked as read)."""
         h5 = self._h5
         for key in (ENERGIES, SHOWERS):
             if key not in h5:
                 raise DatasetError(f"{self.path}: missing dataset {key!r}; expected {ENERGIES!r} and {SHOWERS!r}")
+        for key, kinds, what in ((ENERGIES, "fiu", "real numbers (MeV)"), (SHOWERS, "fiu", "real numbers (MeV)"),
+                                 (ANGLES, "fiu", "real numbers (deg)"), (POSITIONS, "fiu", "real numbers (mm)"),
+                                 (PARTICLES, "iu", "integer PDG codes")):
+            if key in h5:
+                _check_dtype(self.path, key, h5[key], kinds, what)
         e, s = h5[ENERGIES], h5[SHOWERS]
         if e.ndim != 2 or e.shape[1] != 1:
             raise DatasetError(f"{self.path}: field {ENERGIES!r} has shape {e.shape}; expected (N, 1)")
-        if s.ndim != 2:
+        if s.ndim != 2 or s.shape[1] < 1:
             raise DatasetError(f"{self.path}: field {SHOWERS!r} has shape {s.shape}; expected (N, n_cells)")
         if s.shape[0] != e.shape[0]:
             raise DatasetError(
@@ -108,17 +138,34 @@ class ShowerFile:
                                f"({e.shape[0]}, 2) impact points (x, y) in mm")
         if PARTICLES in h5 and h5[PARTICLES].shape != e.shape:
             raise DatasetError(f"{self.path}: field {PARTICLES!r} has shape {h5[PARTICLES].shape}; expected {e.shape}")
-        if not bool(h5.attrs.get("complete", True)):
+        try:
+            self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in h5.attrs.items()}
+        except (OSError, TypeError, ValueError) as err:
+            raise DatasetError(f"{self.path}: unreadable attributes ({err})") from None
+        complete = self.attrs.get("complete", True)
+        if not isinstance(complete, bool | np.bool_ | int | np.integer) or complete not in (0, 1):
+            raise DatasetError(f"{self.path}: attribute 'complete' is {complete!r:.60}; expected a boolean")
+        if not complete:
             raise DatasetError(f"{self.path}: file is marked incomplete (an interrupted write)")
-        self.attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in h5.attrs.items()}
         self.detector = detector or self._detector_from_attrs()
         if self.detector is not None:
             try:
                 self.shape = self.detector.shape_for_cells(s.shape[1])
             except DetectorError as err:
                 raise DatasetError(f"{self.path}: field {SHOWERS!r}: {err}") from None
-        else:
-            self.shape = tuple(int(x) for x in self.attrs["shape"]) if "shape" in self.attrs else (s.shape[1],)
+        if "shape" in self.attrs:
+            try:
+                shape = tuple(int(x) for x in np.asarray(self.attrs["shape"]).reshape(-1))
+            except (TypeError, ValueError):
+                shape = ()
+            if not shape or int(np.prod(shape)) != s.shape[1] or (self.detector is not None and shape != self.shape):
+                want = f"{self.shape}" if self.detector is not None else f"dimensions multiplying to {s.shape[1]}"
+                raise DatasetError(f"{self.path}: attribute 'shape' is {self.attrs['shape']!r:.60}; expected {want} "
+                                   f"(the field {SHOWERS!r} has {s.shape[1]} cells per shower)")
+            if self.detector is None:
+                self.shape = shape
+        elif self.detector is None:
+            self.shape = (s.shape[1],)
         if expected_detector is not None:
             want = expected_detector if isinstance(expected_detector, Detector) else load_detector(expected_detector)
             got = self.detector
@@ -127,22 +174,26 @@ class ShowerFile:
                     f"{self.path}: attribute 'detector' is {getattr(got, 'name', None)!r}; expected detector "
                     f"{want.name!r} (the file was made for another detector)"
                 )
-        self._energies: np.ndarray | None = None
-        self._angles: np.ndarray | None = None
-        self._positions: np.ndarray | None = None
-        self._pdg: np.ndarray | None = None
 
     def _detector_from_attrs(self) -> Detector | None:
+        name = self.attrs.get("detector")
+        if name is not None and not isinstance(name, str | bytes):
+            raise DatasetError(f"{self.path}: attribute 'detector' is {name!r:.60}; expected a detector name")
+        name = name.decode(errors="replace") if isinstance(name, bytes) else name
         if "detector_json" in self.attrs:
+            text = self.attrs["detector_json"]
+            if not isinstance(text, str | bytes):
+                raise DatasetError(f"{self.path}: attribute 'detector_json' is {text!r:.60}; expected JSON text")
             try:
-                return Detector.from_json(self.attrs["detector_json"], f"{self.path}: attribute 'detector_json'")
-            except (DetectorError, json.JSONDecodeError) as err:
+                det = Detector.from_json(text, f"{self.path}: attribute 'detector_json'")
+            except (DetectorError, ValueError) as err:
                 raise DatasetError(f"{self.path}: attribute 'detector_json' is invalid: {err}") from None
-        if "detector" in self.attrs:
-            try:
-                return load_detector(str(self.attrs["detector"]))
-            except DetectorError:
-                return None
+            if name is not None and name != det.name:
+                raise DatasetError(f"{self.path}: attribute 'detector' is {name!r} but attribute 'detector_json' "
+                                   f"describes {det.name!r}; expected the same detector")
+            return det
+        if name is not None and name in builtin_detectors():  # a name only, never a path read from a data file
+            return load_detector(name)
         return None
 
     # ---- metadata -------------------------------------------------------------------------------
@@ -196,11 +247,12 @@ class ShowerFile:
                 if ds.dtype.kind not in "iu":
                     raise DatasetError(f"{self.path}: field {PARTICLES!r} has dtype {ds.dtype}; expected integer "
                                        f"PDG codes")
-                p = ds[:, 0].astype(np.int32)
-                bad = ~np.isin(p, list(PARTICLE_PDG.values()))
+                raw = ds[:, 0]
+                bad = ~np.isin(raw, list(PARTICLE_PDG.values()))  # before any cast: no code may wrap around
                 if np.any(bad):
-                    raise DatasetError(f"{self.path}: field {PARTICLES!r} holds code {int(p[bad][0])}; expected PDG "
+                    raise DatasetError(f"{self.path}: field {PARTICLES!r} holds code {int(raw[bad][0])}; expected PDG "
                                        f"codes {sorted(PARTICLE_PDG.values())}")
+                p = raw.astype(np.int32)
             else:
                 p = np.full(len(self), self._attr_pdg(), dtype=np.int32)
             self._pdg = p
@@ -409,7 +461,8 @@ def describe(path: str | Path) -> str:
 
 
 def torch_dataset(path: str | Path, expected_detector: Detector | str | None = None):
-    """A ``torch.utils.data.Dataset`` streaming (energy, angle, shower) rows from disk.
+    """A ``torch.utils.data.Dataset`` streaming (conditions (5,), shower) rows from disk; the conditions are the
+    columns :data:`~caloforge.conditions.CONDITION_COLUMNS` (energy MeV, angle deg, x mm, y mm, PDG code).
 
     Each worker process opens its own HDF5 handle; nothing but the conditions is held in memory.
     """
@@ -419,18 +472,17 @@ def torch_dataset(path: str | Path, expected_detector: Detector | str | None = N
     class _ShowerTorchDataset(Dataset):
         def __init__(self) -> None:
             f = ShowerFile(path, expected_detector)
-            self.energies = torch.as_tensor(f.energies, dtype=torch.float32)
-            self.angles = torch.as_tensor(f.angles, dtype=torch.float32)
+            self.cond = torch.as_tensor(f.conditions.as_array(), dtype=torch.float32)
             f.close()
             self._file: ShowerFile | None = None
 
         def __len__(self) -> int:
-            return len(self.energies)
+            return len(self.cond)
 
         def __getitem__(self, i: int):
             if self._file is None:
                 self._file = ShowerFile(path)
             b = self._file.read(int(i), int(i) + 1)
-            return self.energies[i], self.angles[i], torch.from_numpy(b.showers[0])
+            return self.cond[i], torch.from_numpy(b.showers[0])
 
     return _ShowerTorchDataset()

@@ -20,6 +20,12 @@ class DetectorError(ValueError):
     """A detector description is invalid or cannot be found."""
 
 
+#: Sanity bounds of a detector description (ild-ecal: 30 layers, 30 x 60 cells).
+MAX_LAYERS = 1000
+MAX_CELLS_PER_AXIS = 1000
+MAX_CELLS = 2_000_000
+
+
 @dataclass(frozen=True)
 class Layer:
     """One sampling layer: an absorber slab followed immediately by an active (scored) slab."""
@@ -57,6 +63,24 @@ class Detector:
     def __post_init__(self) -> None:
         if not self.layers:
             raise DetectorError(f"detector {self.name!r}: 'layers' is empty, expected at least one layer")
+        if len(self.layers) > MAX_LAYERS:
+            raise DetectorError(f"detector {self.name!r}: {len(self.layers)} layers; expected at most {MAX_LAYERS}")
+        numbers = {"size_x_mm": self.size_x_mm, "size_y_mm": self.size_y_mm, "cell_size_mm": self.cell_size_mm,
+                   "production_cut_mm": self.production_cut_mm, "readout.x_min_mm": self.readout.x_min_mm,
+                   "readout.y_min_mm": self.readout.y_min_mm}
+        for i, layer in enumerate(self.layers):
+            numbers.update({f"layer {i} absorber_mm": layer.absorber_mm, f"layer {i} active_mm": layer.active_mm})
+        for key, v in numbers.items():
+            if not np.isfinite(v) or abs(v) > 1e7:
+                raise DetectorError(f"detector {self.name!r}: {key} is {v}; expected a finite length in mm")
+        for key in ("n_x", "n_y", "n_y_angled"):
+            v = getattr(self.readout, key)
+            if v is not None and not 1 <= v <= MAX_CELLS_PER_AXIS:
+                raise DetectorError(f"detector {self.name!r}: readout.{key} is {v}; expected 1 to "
+                                    f"{MAX_CELLS_PER_AXIS} cells")
+        if self.n_cells(True) > MAX_CELLS:
+            raise DetectorError(f"detector {self.name!r}: {self.n_cells(True)} cells per shower; expected at most "
+                                f"{MAX_CELLS}")
         for i, layer in enumerate(self.layers):
             if layer.absorber_mm < 0 or layer.active_mm <= 0:
                 raise DetectorError(
@@ -110,6 +134,13 @@ class Detector:
             f"{self.shape(False)} nor {self.shape(True)}"
         )
 
+    def impact_region(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """((x_lo, x_hi), (y_lo, y_hi)) mm where a shower may hit the face: the normal-incidence readout window less
+        a margin that keeps the core in it (3 cells, at most a quarter of the window)."""
+        r, c = self.readout, self.cell_size_mm
+        mx, my = min(3, r.n_x // 4) * c, min(3, r.n_y // 4) * c
+        return ((r.x_min_mm + mx, r.x_min_mm + r.n_x * c - mx), (r.y_min_mm + my, r.y_min_mm + r.n_y * c - my))
+
     def layer_z_mm(self) -> np.ndarray:
         """z of the centre of each active layer (mm); the front face of layer 0 is at z = 0."""
         z, out = 0.0, []
@@ -148,10 +179,16 @@ class Detector:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "<dict>") -> Detector:
+        if not isinstance(d, dict):
+            raise DetectorError(f"{source}: detector description is {type(d).__name__}; expected a table of fields")
         try:
             layers: list[Layer] = []
+            if not isinstance(d["layers"], list):
+                raise DetectorError(f"{source}: field 'layers' is {d['layers']!r:.60}; expected a list of layers")
             for group in d["layers"]:
                 count = int(group.get("count", 1))
+                if not 1 <= count <= MAX_LAYERS - len(layers):
+                    raise DetectorError(f"{source}: layer 'count' is {count}; expected 1 to {MAX_LAYERS} layers in all")
                 layer = Layer(
                     absorber=str(group["absorber"]),
                     absorber_mm=float(group["absorber_mm"]),
@@ -180,7 +217,7 @@ class Detector:
             )
         except KeyError as err:
             raise DetectorError(f"{source}: missing field {err.args[0]!r} in detector description") from None
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, AttributeError, OverflowError) as err:
             if isinstance(err, DetectorError):
                 raise
             raise DetectorError(f"{source}: invalid detector description: {err}") from None
@@ -202,16 +239,27 @@ def load_detector(name_or_path: str | Path) -> Detector:
     if path.suffix.lower() in {".toml", ".yaml", ".yml", ".json"} or path.exists():
         if not path.exists():
             raise DetectorError(f"{path}: detector file not found")
-        text = path.read_text()
+        if not path.is_file():
+            raise DetectorError(f"{path}: is a directory; expected a detector file (.toml, .yaml or .json) or a "
+                                f"built-in detector name {builtin_detectors()}")
         suffix = path.suffix.lower()
-        if suffix == ".toml":
-            data = tomllib.loads(text)
-        elif suffix in {".yaml", ".yml"}:
-            import yaml
+        try:
+            text = path.read_text()
+            if suffix == ".toml":
+                data = tomllib.loads(text)
+            elif suffix in {".yaml", ".yml"}:
+                import yaml
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+                try:
+                    data = yaml.safe_load(text)
+                except yaml.YAMLError as err:
+                    raise ValueError(str(err)) from None
+            else:
+                data = json.loads(text)
+        except ValueError as err:  # TOML, JSON and YAML syntax errors, a binary file
+            kind = {".toml": "TOML", ".yaml": "YAML", ".yml": "YAML"}.get(suffix, "JSON")
+            raise DetectorError(f"{path}: not a valid {kind} detector description ({' '.join(str(err).split())})"
+                                ) from None
         return Detector.from_dict(data, str(path))
     name = str(name_or_path)
     if name not in builtin_detectors():
