@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from caloforge.conditions import (
-    ConditionSampler,
     Conditions,
+    ConditionSampler,
     ConditionsError,
     canonical_particle,
     parse_particles,
@@ -21,7 +21,6 @@ from caloforge.dataset import Batch, DatasetError, ShowerFile, write_showers
 from caloforge.models import ModelError, load_model, save_model
 from caloforge.models.base import LEGACY_FEATURES
 from conftest_models import TINY_CONFIGS, VARIANTS, family_of, tiny_model, toy_detector, toy_showers
-
 
 
 def _rngs():
@@ -246,3 +245,67 @@ def test_onnx_export_of_an_angled_model(family, tmp_path):
     out = sess.run(["showers"], feeds)[0]
     assert out.shape == (5, det.n_cells(True))
     np.testing.assert_allclose(out, ref, rtol=2e-3, atol=1e-4)
+
+
+# ---- the chain on an angled, two-particle toy file: train, generate with every condition option ---------------
+@pytest.fixture(scope="module")
+def angled_run(tmp_path_factory):
+    """A tiny layerflow trained by the CLI on an angled toy file with photons and electrons."""
+    from caloforge.cli import main
+
+    tmp = tmp_path_factory.mktemp("angled")
+    det, data = _angled_toy(160, seed=3)
+    c = data.conditions
+    c.pdg[1::2] = 11  # every other shower an electron
+    write_showers(tmp / "train.h5", det, c, data.showers, attrs={"particle": "gamma,e-"})
+    cfg = tmp / "tiny.toml"
+    cfg.write_text('family = "layerflow"\n[train]\nbatch_size = 32\nmax_steps = 40\nval_every = 20\n'
+                   'val_max_showers = 32\nlr = 3e-3\n[model]\nflow_blocks = 2\nflow_hidden = 16\n')
+    assert main(["train", "--data", str(tmp / "train.h5"), "--model", "layerflow", "--config", str(cfg),
+                 "-o", str(tmp / "run"), "--seed", "1", "-q"]) == 0
+    return det, tmp
+
+
+def test_trained_model_records_its_conditions(angled_run):
+    det, tmp = angled_run
+    meta = json.loads((tmp / "run" / "model.json").read_text())
+    assert meta["frame"] == "axis" and meta["particles"] == ["e-", "gamma"]
+    assert meta["conditions"]["angle_deg"][1] == pytest.approx(40.0, abs=1.0)
+    assert meta["condition_names"] == ["energy", "angle", "position", "particle"]
+    model = load_model(tmp / "run")
+    n = 300
+    pos = np.random.default_rng(5).uniform(0, 5, (n, 2))
+    y = {a: _centroid_y(model.sample(np.full(n, 5e4), a, seed=2, positions=pos, particles="e-", angled=True).numpy(),
+                        det, True)
+         for a in (0.0, 35.0)}
+    slope = np.polyfit(det.layer_z_mm(), y[35.0] - y[0.0], 1)[0]
+    assert slope == pytest.approx(np.tan(np.radians(35.0)), rel=0.3)
+
+
+def test_generate_with_every_condition_option(angled_run):
+    from caloforge.cli import main
+
+    det, tmp = angled_run
+    out = tmp / "g.h5"
+    assert main(["generate", "--model", str(tmp / "run"), "-n", "12", "--energy", "20,50", "--angle", "0,30",
+                 "--position", "cell", "--particle", "gamma,e-", "-o", str(out), "--seed", "3", "-q"]) == 0
+    with ShowerFile(out) as f:
+        c = f.conditions
+        assert f.n_cells == det.n_cells(True)  # an angle > 0 asks for the angled window
+        assert f.attrs["position_spec"] == "cell"
+    assert len({(e, a, p) for e, a, p in zip(c.energy, c.angle, c.pdg)}) == 8  # the 2 x 2 x 2 grid
+    assert np.all((c.x >= 0) & (c.x < 5))
+    normal = tmp / "normal.h5"
+    assert main(["generate", "--model", str(tmp / "run"), "-n", "5", "--energy", "50", "--particle", "e-",
+                 "-o", str(normal), "-q"]) == 0
+    with ShowerFile(normal) as f:
+        assert f.n_cells == det.n_cells(False) and f.conditions.particles == ["e-"] * 5
+    again = tmp / "again.h5"
+    assert main(["generate", "--model", str(tmp / "run"), "--conditions-from", str(out), "-o", str(again),
+                 "-q"]) == 0
+    with ShowerFile(again) as f:
+        np.testing.assert_array_equal(f.conditions.as_array(), c.as_array())
+    assert main(["generate", "--model", str(tmp / "run"), "-n", "2", "--particle", "e+", "-o",
+                 str(tmp / "x.h5"), "-q"]) == 2  # never trained on positrons: a clear error
+    assert main(["generate", "--model", str(tmp / "run"), "-n", "2", "--angle", "70", "-o",
+                 str(tmp / "y.h5"), "-q"]) == 2
