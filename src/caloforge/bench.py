@@ -14,6 +14,9 @@ import time
 import warnings
 from pathlib import Path
 
+#: The largest batch size timed (a batch of showers is held in memory).
+MAX_BATCH = 100_000
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="trained model directory (default: the shipped pretrained model)")
@@ -36,8 +39,8 @@ def _ints(text: str, what: str) -> list[int]:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--{what} {text!r}: expected comma-separated integers") from None
-    if not vals or min(vals) <= 0:
-        raise ValueError(f"--{what} {text!r}: expected positive integers")
+    if not vals or min(vals) <= 0 or max(vals) > MAX_BATCH:
+        raise ValueError(f"--{what} {text!r}: expected integers in [1, {MAX_BATCH}]")
     return vals
 
 
@@ -46,8 +49,10 @@ def _floats(text: str, what: str) -> list[float]:
         vals = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"--{what} {text!r}: expected comma-separated numbers") from None
-    if not vals or min(vals) <= 0:
-        raise ValueError(f"--{what} {text!r}: expected positive numbers")
+    from caloforge.conditions import MAX_ENERGY_GEV
+
+    if not vals or not all(0 < v <= MAX_ENERGY_GEV for v in vals):  # also refuses NaN
+        raise ValueError(f"--{what} {text!r}: expected numbers in (0, {MAX_ENERGY_GEV:g}] GeV")
     return vals
 
 
@@ -85,13 +90,24 @@ def time_model(model, batch_size: int, energies_gev: list[float], angle: float =
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from caloforge.conditions import canonical_particle
     from caloforge.models import default_model_path, load_model
     from caloforge.train import pick_device
+    from caloforge.validate import check_float, check_int, check_output_file
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     batch_sizes = _ints(args.batch_sizes, "batch-sizes")
     energies = _floats(args.energies, "energies")
+    check_float(args.angle, "--angle", 0.0, 90.0, hi_open=True)
+    check_int(args.repeats, "--repeats", 1, 10**6)
+    check_float(args.max_seconds, "--max-seconds", 0.0, 1e6, lo_open=True)
+    check_int(args.threads, "--threads", 0, 4096)
+    check_int(args.geant4_showers, "--geant4-showers", 1, 10**6)
+    if args.particle is not None:
+        canonical_particle(args.particle)
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     path = args.model or default_model_path()
     model = load_model(path, device=device)

@@ -53,7 +53,10 @@ class CaloChallengeGeometry:
 def parse_binning(text: str, particle: str | None = None, layer_pitch_mm: float = 1.0,
                   source: str = "<xml>") -> CaloChallengeGeometry:
     """A :class:`CaloChallengeGeometry` from the text of a CaloChallenge binning XML."""
-    root = ET.fromstring(text)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as err:
+        raise ValueError(f"{source}: not a valid binning XML ({err})") from None
     particles = root.findall("Particle") if root.tag != "Particle" else [root]
     if not particles:
         raise ValueError(f"{source}: no <Particle> element in the binning XML")
@@ -64,14 +67,31 @@ def parse_binning(text: str, particle: str | None = None, layer_pitch_mm: float 
         node = particles[names.index(particle)]
     else:
         raise ValueError(f"{source}: particle {particle!r} not in the binning XML (it has {names})")
-    layers = sorted(node.findall("Layer"), key=lambda e: int(e.get("id", 0)))
+    try:
+        layers = sorted(node.findall("Layer"), key=lambda e: int(e.get("id", 0)))
+    except ValueError:
+        raise ValueError(f"{source}: a <Layer> has a non-integer 'id'") from None
     if not layers:
         raise ValueError(f"{source}: particle {node.get('name')!r} has no <Layer> elements")
+    if len(layers) > 1000:
+        raise ValueError(f"{source}: {len(layers)} <Layer> elements; expected at most 1000")
     parts: dict[str, list] = {"x": [], "y": [], "l": [], "r": [], "a": []}
     r_edges, n_alpha = [], []
+    n_voxels = 0
     for i, layer in enumerate(layers):
-        edges = np.array([float(v) for v in layer.get("r_edges", "0").split(",") if v.strip()])
-        na = int(layer.get("n_bin_alpha", 1))
+        try:
+            edges = np.array([float(v) for v in layer.get("r_edges", "0").split(",") if v.strip()])
+            na = int(layer.get("n_bin_alpha", 1))
+        except ValueError:
+            raise ValueError(f"{source}: layer {layer.get('id', i)}: 'r_edges' must be comma-separated numbers and "
+                             f"'n_bin_alpha' an integer") from None
+        if len(edges) < 2 or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0) or edges[0] < 0:
+            raise ValueError(f"{source}: layer {layer.get('id', i)}: 'r_edges' must hold at least two increasing, "
+                             f"finite radii >= 0 (mm)")
+        n_voxels += na * (len(edges) - 1)
+        if not 1 <= na <= 4096 or n_voxels > 2_000_000:
+            raise ValueError(f"{source}: layer {layer.get('id', i)}: 'n_bin_alpha' is {na}; expected 1 to 4096 "
+                             f"(and at most 2000000 voxels in all)")
         r_c = 0.5 * (edges[:-1] + edges[1:])
         a_c = -np.pi + (np.arange(na) + 0.5) * 2 * np.pi / na
         aa, rr = np.meshgrid(a_c, r_c, indexing="ij")  # angle slow, radius fast
@@ -96,13 +116,28 @@ def parse_binning(text: str, particle: str | None = None, layer_pitch_mm: float 
 
 def read_binning(path: str | Path, particle: str | None = None, layer_pitch_mm: float = 1.0) -> CaloChallengeGeometry:
     """A :class:`CaloChallengeGeometry` from a CaloChallenge binning XML file."""
+    return parse_binning(_read_xml(path), particle, layer_pitch_mm, str(path))
+
+
+def _read_xml(path: str | Path) -> str:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: binning XML not found")
-    return parse_binning(path.read_text(), particle, layer_pitch_mm, str(path))
+    if not path.is_file():
+        raise ValueError(f"{path}: is a directory; expected a binning XML file")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; expected a binning XML file") from None
 
 
 # ---- conversion -------------------------------------------------------------------------------------------
+def _count(n: int, max_showers: int | None) -> int:
+    if max_showers is not None and max_showers <= 0:
+        raise ValueError(f"--max-showers {max_showers}: expected a positive number of showers")
+    return n if max_showers is None else min(max_showers, n)
+
+
 def to_calochallenge(src: str | Path, dst: str | Path, max_showers: int | None = None,
                      showers_dtype: str = "float32") -> int:
     """Write a caloforge file in the CaloChallenge layout (float64 energies, gzip); returns the shower count.
@@ -118,7 +153,7 @@ def to_calochallenge(src: str | Path, dst: str | Path, max_showers: int | None =
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     with ShowerFile(src) as f, h5py.File(tmp, "w") as out:
-        n = len(f) if max_showers is None else min(max_showers, len(f))
+        n = _count(len(f), max_showers)
         e_ds = out.create_dataset("incident_energies", (n, 1), dtype="f8", compression="gzip")
         s_ds = out.create_dataset("showers", (n, f.n_cells), dtype=showers_dtype, compression="gzip",
                                   chunks=(min(100, max(n, 1)), f.n_cells))
@@ -144,7 +179,7 @@ def from_calochallenge(src: str | Path, dst: str | Path, binning: str | Path | N
     from caloforge.detector import load_detector
 
     with ShowerFile(src) as f:
-        n = len(f) if max_showers is None else min(max_showers, len(f))
+        n = _count(len(f), max_showers)
         if detector is not None:
             with ShowerWriter(dst, load_detector(detector), f.n_cells, {"source": "calochallenge"}) as w:
                 for b in f.iter_batches(BATCH, stop=n):
@@ -152,7 +187,7 @@ def from_calochallenge(src: str | Path, dst: str | Path, binning: str | Path | N
             return n
         if binning is None:
             raise ValueError("from CaloChallenge: give --binning XML (or --detector NAME) to describe the cells")
-        xml_text = Path(binning).read_text()
+        xml_text = _read_xml(binning)
         geom = parse_binning(xml_text, particle, source=str(binning))
         if geom.n_cells != f.n_cells:
             raise ValueError(f"{src}: {f.n_cells} voxels per shower but {binning} describes {geom.n_cells}")
@@ -185,9 +220,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "official evaluator)")
     parser.add_argument("--showers-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the CaloChallenge showers dataset")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
 def run(args: argparse.Namespace) -> int:
+    from caloforge.validate import check_int, check_output_file, same_file
+
+    check_int(args.max_showers, "--max-showers", 1)
+    if same_file(args.input, args.output):
+        raise ValueError(f"{args.output}: is the input file; write to another file")
+    check_output_file(args.output, "output", overwrite=args.overwrite)
     if args.to == "calochallenge":
         n = to_calochallenge(args.input, args.output, args.max_showers, args.showers_dtype)
     else:

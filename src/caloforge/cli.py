@@ -50,10 +50,43 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         # Our own errors (DatasetError, DetectorError, ModelError, ...) are ValueErrors with clear messages.
-        print(f"caloforge {args.command}: error: {err}", file=sys.stderr)
+        print(f"caloforge {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except OSError as err:  # file not found, permission denied, a directory where a file was expected, disk full
+        if err.filename and err.strerror:
+            msg = f"{err.filename}: {err.strerror}"
+        else:
+            msg = _one_line(err)
+        print(f"caloforge {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+    except Exception as err:  # anything else is a bug: one line for the user, the traceback in a file
+        log = _write_traceback(args.command)
+        print(f"caloforge {args.command}: internal error (a bug): {type(err).__name__}: {_one_line(err)}; "
+              f"full traceback in {log}", file=sys.stderr)
+        return 3
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _write_traceback(command: str) -> str:
+    """Write the current exception's traceback to a file under the system temp dir; return its path."""
+    import tempfile
+    import traceback
+
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"caloforge-{command}-", suffix=".log")
+        with open(fd, "w") as f:
+            f.write(f"caloforge {__version__} {command}: {' '.join(map(str, sys.argv))}\n")
+            traceback.print_exc(file=f)
+        return path
+    except OSError:
+        traceback.print_exc()
+        return "(could not be written: printed above)"
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ class ShowerFile:
             try:
                 det = Detector.from_json(text, f"{self.path}: attribute 'detector_json'")
             except (DetectorError, ValueError) as err:
-                raise DatasetError(f"{self.path}: attribute 'detector_json' is invalid: {err}") from None
+                msg = str(err).removeprefix(f"{self.path}: attribute 'detector_json': ")
+                raise DatasetError(f"{self.path}: attribute 'detector_json' is invalid: {msg}") from None
             if name is not None and name != det.name:
                 raise DatasetError(f"{self.path}: attribute 'detector' is {name!r} but attribute 'detector_json' "
                                    f"describes {det.name!r}; expected the same detector")

@@ -219,7 +219,9 @@ class Detector:
             raise DetectorError(f"{source}: missing field {err.args[0]!r} in detector description") from None
         except (TypeError, ValueError, AttributeError, OverflowError) as err:
             if isinstance(err, DetectorError):
-                raise
+                if str(err).startswith(source):
+                    raise
+                raise DetectorError(f"{source}: {err}") from None
             raise DetectorError(f"{source}: invalid detector description: {err}") from None
 
     @classmethod

@@ -38,6 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--binning", help="CaloChallenge binning XML describing the cells (CaloChallenge files)")
     parser.add_argument("--particle", help="particle in the binning XML (default: the first)")
     parser.add_argument("--batch-size", type=int, default=500, help="showers read per batch (default 500)")
+    parser.add_argument("--grid-min-showers", type=int, default=50,
+                        help="reference showers a grid point needs to be evaluated (default 50)")
     parser.add_argument("--fail-on-flag", action="store_true", help="exit with status 1 if any metric is flagged")
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
 
@@ -64,16 +66,33 @@ def choose_rows(n: int, max_showers: int | None, rng: np.random.Generator) -> np
     return np.sort(rng.choice(n, max_showers, replace=False))
 
 
-def summarise_file(f, geometry, threshold_mev: float, rows: np.ndarray, batch_size: int = 500):
-    """Stream the rows of a ShowerFile into a SampleSummary."""
+def summarise_file(f, geometry, threshold_mev: float, rows: np.ndarray, batch_size: int = 500, on_batch=None):
+    """Stream the rows of a ShowerFile into a SampleSummary (``on_batch(batch)``, if given, sees every batch)."""
     from caloforge.observables import summarise
 
     def batches():
         contiguous = len(rows) == len(f)
         for i in range(0, len(rows), batch_size):
-            yield f.read(i, i + batch_size) if contiguous else f.read(index=rows[i:i + batch_size])
+            b = f.read(i, i + batch_size) if contiguous else f.read(index=rows[i:i + batch_size])
+            if on_batch is not None:
+                on_batch(b)
+            yield b
 
     return summarise(batches(), geometry, threshold_mev=threshold_mev)
+
+
+def reconstruction_collector(f, binning: str | None, threshold_mev: float):
+    """A :class:`~caloforge.gridpoints.SampleCollector` for files with a cartesian detector window, else None
+    (CaloChallenge binnings have no straight cells to fit an axis through)."""
+    from caloforge.gridpoints import SampleCollector
+    from caloforge.reconstruction import Window
+
+    if binning or f.detector is None:
+        return None
+    try:
+        return SampleCollector(Window.from_detector(f.detector, f.n_cells), threshold_mev)
+    except ValueError:
+        return None
 
 
 def run_classifiers(ref_file, cand_file, ref_sum, cand_sum, ref_rows, cand_rows, size: str, n_max: int,
@@ -101,13 +120,14 @@ def evaluate(reference: str, candidates: list[tuple[str, str]], output: str | Pa
              seed: int = 0, n_splits: int = 10,
              classifier: bool = True, classifier_size: str = "small", classifier_max: int = 10000,
              match_conditions: bool = False, binning: str | None = None, particle: str | None = None,
-             batch_size: int = 500, log=print) -> dict:
+             batch_size: int = 500, grid_min_showers: int = 50, log=print) -> dict:
     """Run every metric for each (label, path) candidate against ``reference``; write metrics.json and report.html.
 
     Returns the results dictionary written to metrics.json.
     """
     from caloforge import __version__
     from caloforge.dataset import ShowerFile
+    from caloforge.flags import apply_rule
     from caloforge.metrics import compare_conditions, compare_summaries, matched_indices
     from caloforge.report import render_html, write_metrics_json
 
@@ -119,24 +139,34 @@ def evaluate(reference: str, candidates: list[tuple[str, str]], output: str | Pa
     geom = geometry_for(ref_file, binning, particle)
     ref_rows = choose_rows(len(ref_file), max_showers, rng)
     log(f"reference {reference}: summarising {len(ref_rows)} of {len(ref_file)} showers")
-    ref_sum = summarise_file(ref_file, geom, threshold_mev, ref_rows, batch_size)
+    ref_collector = reconstruction_collector(ref_file, binning, threshold_mev)
+    ref_sum = summarise_file(ref_file, geom, threshold_mev, ref_rows, batch_size, on_batch=ref_collector)
     results: dict = {
         "caloforge_version": __version__, "threshold_mev": threshold_mev, "seed": seed, "warnings": [],
         "reference": {"label": reference_label, "path": str(reference), "n_total": len(ref_file),
                       "n_used": len(ref_rows), "geometry": geom.name},
         "options": {"max_showers": max_showers, "n_splits": n_splits, "classifier": classifier,
                     "classifier_size": classifier_size, "classifier_max": classifier_max,
-                    "match_conditions": match_conditions, "binning": binning, "particle": particle},
+                    "match_conditions": match_conditions, "binning": binning, "particle": particle,
+                    "grid_min_showers": grid_min_showers},
         "candidates": {},
     }
     summaries = {reference_label: ref_sum}
+    seed_samples = {}  # label -> gridpoints.SampleData, for the grid-point and label checks
     for label, path in candidates:
         cand_file = ShowerFile(path)
         if cand_file.n_cells != geom.n_cells:
             raise ValueError(f"{path}: {cand_file.n_cells} cells per shower; the reference has {geom.n_cells}")
+        if None not in (ref_file.detector, cand_file.detector) and \
+                cand_file.detector.to_dict() != ref_file.detector.to_dict():
+            raise ValueError(f"{path}: attribute 'detector_json' describes detector {cand_file.detector.name!r}; the "
+                             f"reference {reference} has {ref_file.detector.name!r} (expected the same detector)")
         cand_rows = choose_rows(len(cand_file), max_showers, rng)
         log(f"candidate {label} ({path}): summarising {len(cand_rows)} of {len(cand_file)} showers")
-        cand_sum = summarise_file(cand_file, geom, threshold_mev, cand_rows, batch_size)
+        cand_collector = reconstruction_collector(cand_file, binning, threshold_mev) if ref_collector else None
+        cand_sum = summarise_file(cand_file, geom, threshold_mev, cand_rows, batch_size, on_batch=cand_collector)
+        if cand_collector is not None:
+            seed_samples[label] = cand_collector.sample_data(cand_sum)
         cond = compare_conditions(ref_sum.energies, cand_sum.energies, ref_sum.angles, cand_sum.angles)
         r_sum, c_sum, r_rows, c_rows = ref_sum, cand_sum, ref_rows, cand_rows
         if cond["differ"]:
@@ -157,15 +187,19 @@ def evaluate(reference: str, candidates: list[tuple[str, str]], output: str | Pa
             log(f"  classifiers ({classifier_size})")
             res["classifier"] = run_classifiers(ref_file, cand_file, r_sum, c_sum, r_rows, c_rows, classifier_size,
                                                 classifier_max, seed)
-            for key, c in res["classifier"].items():
-                if c["flagged"]:
-                    res["flags"].append({"test": "classifier", "name": key, "metric": "auc", "value": c["auc"],
-                                         "floor": 0.5, "floor_std": c["auc_null_std"]})
-        res["n_flags"] = len(res["flags"])
+        apply_rule(res)  # the classifiers join the family of tests (and the grid checks below, when made)
         results["candidates"][label] = res
         summaries[label] = c_sum
         cand_file.close()
     ref_file.close()
+    if ref_collector is not None and len(seed_samples) == len(candidates):
+        from caloforge.gridpoints import add_to_results
+
+        log("grid points and label checks (reconstruction)")
+        add_to_results(results, ref_collector.sample_data(ref_sum), seed_samples, seed=seed,
+                       min_showers=grid_min_showers)
+        for res in results["candidates"].values():
+            apply_rule(res)  # one family per candidate: every metric, classifier, grid point and label check
     results["runtime_s"] = round(time.time() - t0, 2)
     write_metrics_json(results, out / "metrics.json")
     log("  report")
@@ -200,13 +234,23 @@ def run(args: argparse.Namespace) -> int:
     labels += [Path(p).stem for p in args.candidate[len(labels):]]
     if len(set(labels)) != len(labels) or args.reference_label in labels:
         raise ValueError(f"labels must be unique and differ from the reference label: {labels}")
+    from caloforge.validate import check_float, check_int, check_output_dir, check_seed
+
+    check_output_dir(args.output)
+    check_float(args.threshold_mev, "--threshold-mev", 0.0, 1e9)
+    check_int(args.max_showers, "--max-showers", 1)
+    check_seed(args.seed)
+    check_int(args.splits, "--splits", 1, 10_000)
+    check_int(args.classifier_max, "--classifier-max", 2)
+    check_int(args.batch_size, "--batch-size", 1, 1_000_000)
+    check_int(getattr(args, "grid_min_showers", None), "--grid-min-showers", 1)
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
     results = evaluate(
         args.reference, list(zip(labels, args.candidate)), args.output, reference_label=args.reference_label,
         threshold_mev=args.threshold_mev, max_showers=args.max_showers, seed=args.seed, n_splits=args.splits,
         classifier=not args.no_classifier, classifier_size=args.classifier_size, classifier_max=args.classifier_max,
         match_conditions=args.match_conditions, binning=args.binning, particle=args.particle,
-        batch_size=args.batch_size, log=log,
+        batch_size=args.batch_size, grid_min_showers=args.grid_min_showers, log=log,
     )
     if not args.quiet:
         print("\n".join(summary_lines(results)))

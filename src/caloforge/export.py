@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+#: The oldest ONNX opset the exported graphs use (the legacy exporter goes up to torch's own maximum).
+MIN_OPSET = 14
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="trained model directory (runs/NAME)")
@@ -126,10 +129,13 @@ def check_onnx(model, path: str | Path, n: int = 16, seed: int = 0, angled: bool
 
 
 def run(args: argparse.Namespace) -> int:
-    from caloforge.models import load_model
+    from torch.onnx._constants import ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise ValueError(f"{args.output}: exists; use --overwrite to replace it")
+    from caloforge.models import load_model
+    from caloforge.validate import check_int, check_output_file
+
+    check_output_file(args.output, "-o", overwrite=args.overwrite)
+    check_int(args.opset, "--opset", MIN_OPSET, ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET)
     model = load_model(args.model)
     angled = None if args.window == "auto" else args.window == "angled"
     out = export_onnx(model, args.output, args.opset, angled)

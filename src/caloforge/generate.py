@@ -15,6 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+#: Bounds of -n and --batch-size (all conditions are drawn up front; a batch of showers is held in memory).
+MAX_SHOWERS = 100_000_000
+MAX_BATCH = 100_000
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="trained model directory (runs/NAME); default: the shipped pretrained model")
@@ -99,11 +103,15 @@ def run(args: argparse.Namespace) -> int:
     from caloforge.dataset import ShowerFile
     from caloforge.models import default_model_path, load_model
     from caloforge.train import pick_device
+    from caloforge.validate import check_int, check_output_file, check_seed
 
+    check_output_file(args.output, "-o", overwrite=args.overwrite)
+    check_int(args.n_showers, "-n", 1, MAX_SHOWERS)
+    check_int(args.batch_size, "--batch-size", 1, MAX_BATCH)
+    check_int(args.threads, "--threads", 0, 4096)
+    check_seed(args.seed)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if Path(args.output).exists() and not args.overwrite:
-        raise ValueError(f"{args.output}: exists; use --overwrite to replace it")
     device = pick_device(args.device)
     path = args.model or default_model_path()
     model = load_model(path, device=device)

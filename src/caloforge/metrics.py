@@ -6,9 +6,12 @@ at the same size: reference half A vs a random candidate subset of N/2 (``value`
 random splits, beside the floor averaged over the same splits (``floor``, ``floor_std`` = spread of single
 splits). The full-size value (all reference vs all candidate) is reported too, as ``value_full``.
 
-A metric is *flagged* when ``value > floor + k * floor_std`` and ``value > 2.5 * floor`` (see :func:`exceeds_floor`),
-where k = 3 sigma corrected for the number of tests made on the candidate (Bonferroni: about 4.7 for 700 tests);
-pull-type tests (energy response) are flagged when |pull| exceeds the same kind of corrected threshold.
+Each comparison also carries the errors of both: ``err_value`` from a bootstrap (:func:`bootstrap_replicas`:
+both samples resampled with replacement, each replica scored like the data) and ``err_floor`` = floor_std /
+sqrt(number of splits), the error of the floor's mean; ``z`` = (value - floor) / sqrt(err_value^2 + err_floor^2) and
+its one-sided ``p_value``. Whether a test is *flagged* is decided over all tests of a candidate at once, by
+Holm-Bonferroni at a family-wise level of 5 % (:mod:`caloforge.flags`, called at the end of
+:func:`compare_summaries`); a lone comparison is flagged when its own p-value is below that level.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ import numpy as np
 from scipy import linalg, stats
 
 FLOOR_SIGMAS = 3.0
-FLOOR_RATIO = 2.5
 N_BINS = 40
+N_BOOT = 20  # bootstrap replicas for err_value
+BOOT_SPLITS = 3  # half-splits per bootstrap replica (the variance is corrected to the data's number of splits)
 
 
 # ---- one-dimensional distances ----------------------------------------------------------------------------
@@ -33,10 +37,13 @@ def _finite(a: np.ndarray) -> np.ndarray:
 
 def wasserstein1(a: np.ndarray, b: np.ndarray) -> float:
     """Wasserstein-1 (earth mover's) distance between two 1D samples, in the observable's unit; NaNs dropped."""
-    a, b = _finite(a), _finite(b)
+    a, b = np.sort(_finite(a)), np.sort(_finite(b))
     if len(a) == 0 or len(b) == 0:
         return float("nan")
-    return float(stats.wasserstein_distance(a, b))
+    grid = np.sort(np.concatenate([a, b]))  # scipy.stats.wasserstein_distance's algorithm, without its overhead
+    cdf_a = np.searchsorted(a, grid[:-1], side="right") / len(a)
+    cdf_b = np.searchsorted(b, grid[:-1], side="right") / len(b)
+    return float(np.sum(np.abs(cdf_a - cdf_b) * np.diff(grid)))
 
 
 def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
@@ -96,7 +103,7 @@ def profile_separation(a: np.ndarray, b: np.ndarray) -> float:
 # ---- floor and flags --------------------------------------------------------------------------------------
 @dataclass
 class FloorComparison:
-    """A metric at matched size (``value``) beside its floor; see the module docstring."""
+    """A metric at matched size (``value``) beside its floor, with their errors; see the module docstring."""
 
     value: float
     value_std: float
@@ -106,22 +113,13 @@ class FloorComparison:
     n_half: int
     n_splits: int
     flagged: bool
+    err_value: float = float("nan")
+    err_floor: float = float("nan")
+    z: float = float("nan")
+    p_value: float = float("nan")
 
     def to_dict(self) -> dict:
         return {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in asdict(self).items()}
-
-
-def exceeds_floor(value: float, floor: float, floor_std: float, n_sigma: float = FLOOR_SIGMAS) -> bool:
-    """The flag rule: value above floor + n_sigma x floor_std (spread of single splits) AND above 2.5 x floor.
-
-    Under the null hypothesis ``value`` scatters about as much as ``floor`` (the reference-candidate difference
-    is common to all splits, so ``floor_std`` underestimates the null spread), and quadratic metrics such as the
-    separation power have long tails, hence the ratio condition on top of the sigma condition. 2.5 rather than 2:
-    two independent 400-shower Geant4 samples gave a W1 at 2.3 x floor (and 5 floor_std) in one of three seeds.
-    """
-    if not np.isfinite(value) or not np.isfinite(floor):
-        return False
-    return bool(value > floor + n_sigma * floor_std + 1e-12 and value > FLOOR_RATIO * floor + 1e-12)
 
 
 def corrected_sigmas(n_tests: int, sigmas: float = FLOOR_SIGMAS) -> float:
@@ -141,6 +139,34 @@ def half_splits(n_ref: int, n_cand: int, n_splits: int, rng: np.random.Generator
     return out
 
 
+def bootstrap_replicas(n_ref: int, n_cand: int, rng: np.random.Generator, n_boot: int = N_BOOT,
+                       n_splits: int = BOOT_SPLITS) -> list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+    """Bootstrap replicas of a comparison, as index triples into the original samples: per replica, both samples
+    are resampled with replacement (N_ref and N_cand draws) and split like the data (:func:`half_splits`)."""
+    out = []
+    for _ in range(n_boot):
+        ir, ic = rng.integers(0, n_ref, n_ref), rng.integers(0, n_cand, n_cand)
+        out.append([(ir[a], ir[b], ic[c]) for a, b, c in half_splits(n_ref, n_cand, n_splits, rng)])
+    return out
+
+
+def bootstrap_error(values: np.ndarray, n_splits: int) -> float:
+    """Standard error of a mean over ``n_splits`` splits, from bootstrap replicas ``values`` (n_boot, k splits each).
+
+    Law of total variance: var(mean of n_splits) = var(replica means) - within * (1/k - 1/n_splits), with
+    ``within`` the mean variance between the splits of one replica; never below within / n_splits. Replicas with
+    an undefined value are dropped; fewer than 3 left give NaN.
+    """
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v).all(axis=1)]
+    if len(v) < 3:
+        return float("nan")
+    k = v.shape[1]
+    within = float(v.var(axis=1, ddof=1).mean()) if k > 1 else 0.0
+    var = float(v.mean(axis=1).var(ddof=1)) - within * (1.0 / k - 1.0 / n_splits)
+    return float(np.sqrt(max(var, within / n_splits, 0.0)))
+
+
 def _mean_std(x: np.ndarray) -> tuple[float, float]:
     x = x[np.isfinite(x)]
     return (float(x.mean()) if len(x) else float("nan")), (float(x.std(ddof=1)) if len(x) > 1 else 0.0)
@@ -148,24 +174,46 @@ def _mean_std(x: np.ndarray) -> tuple[float, float]:
 
 def compare_with_floor(ref: np.ndarray, cand: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
                        splits: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], full: bool = True,
-                       n_sigma: float = FLOOR_SIGMAS) -> FloorComparison:
-    """``metric`` (rows = showers) at matched size and its floor over the given :func:`half_splits`."""
-    floor, floor_std = _mean_std(np.array([metric(ref[a], ref[b]) for a, b, _ in splits]))
-    value, value_std = _mean_std(np.array([metric(ref[a], cand[c]) for a, _, c in splits]))
+                       replicas: list | None = None) -> FloorComparison:
+    """``metric`` (rows = showers) at matched size and its floor over the given :func:`half_splits`, with errors.
+
+    ``err_value``: :func:`bootstrap_error` over ``replicas`` (:func:`bootstrap_replicas`; default: N_BOOT replicas
+    seeded 0); ``err_floor``: floor_std / sqrt(splits), the error of the floor's mean over the splits (the floor
+    is a mean over random partitions of one reference sample). ``flagged`` here is the single-test decision
+    (p-value below :data:`caloforge.flags.ALPHA`); :func:`caloforge.flags.apply_rule` decides it over a family.
+    """
+    from caloforge.flags import ALPHA, p_one_sided, z_score
+
+    floors = np.array([metric(ref[a], ref[b]) for a, b, _ in splits], dtype=float)
+    floor, floor_std = _mean_std(floors)
+    value, value_std = _mean_std(np.array([metric(ref[a], cand[c]) for a, _, c in splits], dtype=float))
+    if replicas is None:
+        replicas = bootstrap_replicas(len(ref), len(cand), np.random.default_rng(0))
+    err_value = float("nan")
+    if np.isfinite(value):
+        boot = np.array([[metric(ref[a], cand[c]) for a, _, c in rep] for rep in replicas], dtype=float)
+        err_value = bootstrap_error(boot, len(splits))
+    n_floor = int(np.isfinite(floors).sum())
+    err_floor = floor_std / np.sqrt(n_floor) if n_floor > 1 else float("nan")
+    z = z_score(value, floor, err_value, err_floor)
+    p = p_one_sided(z)
     return FloorComparison(
         value=value, value_std=value_std, floor=floor, floor_std=floor_std,
         value_full=float(metric(ref, cand)) if full else float("nan"), n_half=len(splits[0][0]),
-        n_splits=len(splits), flagged=exceeds_floor(value, floor, floor_std, n_sigma),
+        n_splits=len(splits), flagged=bool(p <= ALPHA), err_value=err_value, err_floor=float(err_floor), z=z,
+        p_value=p,
     )
 
 
 def compare_observable(ref: np.ndarray, cand: np.ndarray, splits, n_bins: int = N_BINS,
-                       n_sigma: float = FLOOR_SIGMAS) -> dict[str, dict]:
-    """Separation power, W1 and KS of one scalar observable, each with its floor."""
+                       replicas: list | None = None) -> dict[str, dict]:
+    """Separation power, W1 and KS of one scalar observable, each with its floor and errors."""
     edges = common_edges(ref, n_bins)
     metrics = {"separation_power": lambda a, b: separation_power(a, b, edges), "wasserstein1": wasserstein1,
                "ks": ks_statistic}
-    return {k: compare_with_floor(ref, cand, m, splits, n_sigma=n_sigma).to_dict() for k, m in metrics.items()}
+    if replicas is None:
+        replicas = bootstrap_replicas(len(ref), len(cand), np.random.default_rng(0))
+    return {k: compare_with_floor(ref, cand, m, splits, replicas=replicas).to_dict() for k, m in metrics.items()}
 
 
 # ---- energy response --------------------------------------------------------------------------------------
@@ -236,7 +284,8 @@ def pull_threshold(n_tests: int, sigmas: float = 3.0) -> float:
 
 
 def compare_response(ref: list[dict], cand: list[dict]) -> list[dict]:
-    """Pulls (cand - ref) / combined error of mu90 and sigma90/mu90 at the energy points both samples have."""
+    """Pulls (cand - ref) / combined error of mu90 and sigma90/mu90 at the energy points both samples have, their
+    two-sided p-values and flags (Holm-Bonferroni at 5 % over these pulls; see :mod:`caloforge.flags`)."""
     by_e = {r["energy"]: r for r in ref}
     rows = []
     for c in cand:
@@ -248,14 +297,22 @@ def compare_response(ref: list[dict], cand: list[dict]) -> list[dict]:
             err = np.hypot(r[f"{key}_err"], c[f"{key}_err"])
             row[f"{key}_pull"] = float((c[key] - r[key]) / err) if err > 0 else 0.0
         rows.append(row)
-    thr = pull_threshold(2 * len(rows))
-    for row in rows:
-        row["flagged"] = bool(abs(row["mu90_pull"]) > thr or abs(row["resolution_pull"]) > thr)
-        row["pull_threshold"] = thr
+    from caloforge.flags import holm, p_two_sided  # alone: Holm over these pulls; in a report, over the family
+
+    p = [p_two_sided(row[f"{key}_pull"]) for row in rows for key in ("mu90", "resolution")]
+    rejected = holm(p)
+    for i, row in enumerate(rows):
+        row["mu90_p_value"], row["resolution_p_value"] = p[2 * i], p[2 * i + 1]
+        row["mu90_flagged"], row["resolution_flagged"] = bool(rejected[2 * i]), bool(rejected[2 * i + 1])
+        row["flagged"] = row["mu90_flagged"] or row["resolution_flagged"]
     return rows
 
 
 # ---- correlations -----------------------------------------------------------------------------------------
+#: Fewest rows per sample the Fisher-z test takes; below it every number is NaN with a ``note``.
+FISHER_MIN_ROWS = 4
+
+
 def fisher_z_test(a: np.ndarray, b: np.ndarray) -> dict:
     """Compare the correlation matrices of two samples (rows = showers, columns = features).
 
@@ -264,6 +321,12 @@ def fisher_z_test(a: np.ndarray, b: np.ndarray) -> dict:
     treated as independent, so compare chi2_ndf with its floor), max |z| and the z matrix.
     """
     a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < FISHER_MIN_ROWS or len(b) < FISHER_MIN_ROWS:  # the variance 1/(N-3) needs N > 3
+        k = a.shape[1] if a.ndim == 2 else 0
+        return {"chi2": float("nan"), "ndf": 0, "chi2_ndf": float("nan"), "p_value": float("nan"),
+                "max_abs_z": float("nan"), "z": np.zeros((k, k)),
+                "note": f"not enough showers for this test ({len(a)} and {len(b)}; needs at least {FISHER_MIN_ROWS} "
+                        f"per sample)"}
     with np.errstate(invalid="ignore", divide="ignore"):
         ra, rb = np.corrcoef(a, rowvar=False), np.corrcoef(b, rowvar=False)
     iu = np.triu_indices(a.shape[1], k=1)
@@ -422,24 +485,28 @@ def compare_summaries(ref, cand, n_splits: int = 10, seed: int = 0, fpd_kpd: boo
                     "seed": seed}
     result["conditions"] = compare_conditions(ref.energies, cand.energies, ref.angles, cand.angles)
     names = [n for n in ref.observables if n in cand.observables]
-    n_sigma = corrected_sigmas(3 * len(names) + 4)
-    result["n_sigma"] = n_sigma
+    replicas = bootstrap_replicas(ref.n, cand.n, rng)  # the same resampled showers for every observable
+    result["n_boot"] = len(replicas)
     result["observables"] = {name: compare_observable(ref.observables[name], cand.observables[name], splits,
-                                                      n_sigma=n_sigma) for name in names}
+                                                      replicas=replicas) for name in names}
     first = int(np.searchsorted(spectrum_edges(ref.threshold_mev), ref.threshold_mev * (1 - 1e-9)))
     cuts = {"longitudinal": slice(None), "radial": slice(None), "spectrum": slice(first, None)}
     profile_splits = splits + half_splits(ref.n, cand.n, 2 * n_splits, rng)  # cheap: more splits, better tails
     result["profiles"] = {name: compare_with_floor(ref.profiles[name][:, cut], cand.profiles[name][:, cut],
-                                                   profile_separation, profile_splits, n_sigma=n_sigma).to_dict()
+                                                   profile_separation, profile_splits, replicas=replicas).to_dict()
                           for name, cut in cuts.items()}
     corr_names = list(GLOBAL_OBSERVABLES) + sorted(n for n in ref.observables if n.startswith("e_layer_l"))
     ca, cb = _correlation_matrix_inputs(ref.observables, cand.observables, corr_names)
     corr_splits = half_splits(len(ca), len(cb), max(3, n_splits // 2), rng)
     full = fisher_z_test(ca, cb)
-    corr = compare_with_floor(ca, cb, correlation_chi2_ndf, corr_splits, n_sigma=n_sigma)
+    corr = compare_with_floor(ca, cb, correlation_chi2_ndf, corr_splits,
+                              replicas=bootstrap_replicas(len(ca), len(cb), rng) if len(ca) >= 4 else [])
     result["correlations"] = {**corr.to_dict(),
                               "p_value_full": full["p_value"], "max_abs_z_full": full["max_abs_z"],
                               "n_features": int(ca.shape[1])}
+    if corr.n_half < FISHER_MIN_ROWS:
+        result["correlations"]["note"] = (f"not enough showers for this test ({corr.n_half} per half-split; needs at "
+                                          f"least {FISHER_MIN_ROWS}): NaN, never flagged")
     if fpd_kpd:
         xr, xc, used = feature_matrices(ref.observables, cand.observables, feature_names(ref.observables))
         a, b, c = splits[0]  # matched size, like every other floor
@@ -447,8 +514,7 @@ def compare_summaries(ref, cand, n_splits: int = 10, seed: int = 0, fpd_kpd: boo
             val, err = fn(xr[a], xc[c], seed=seed)
             floor, floor_err = fn(xr[a], xr[b], seed=seed)
             result[key] = {"value": val, "error": err, "floor": floor, "floor_error": floor_err,
-                           "value_full": fn(xr, xc, seed=seed)[0], "n_half": len(a),
-                           "flagged": bool(val > max(FLOOR_RATIO * floor, 0.0) + n_sigma * np.hypot(err, floor_err))}
+                           "value_full": fn(xr, xc, seed=seed)[0], "n_half": len(a), "flagged": False}
         result["fpd"]["features"] = used
         result["kpd"]["degree"] = 4
     points_r, points_c = energy_points(ref.energies), energy_points(cand.energies)
@@ -460,37 +526,52 @@ def compare_summaries(ref, cand, n_splits: int = 10, seed: int = 0, fpd_kpd: boo
             c = energy_response(cand.energies, cand.observables[key], points, seed=seed)
             resp[key] = {"reference": r, "candidate": c, "comparison": compare_response(r, c)}
         result["response"] = resp
-    result["flags"] = collect_flags(result)
+    from caloforge.flags import apply_rule
+
+    apply_rule(result)  # sets every "flagged", result["flags"] and result["flag_rule"]
     return result
 
 
 def collect_flags(result: dict) -> list[dict]:
-    """Every flagged test of :func:`compare_summaries` as a flat list of {test, name, metric, value, floor}."""
+    """Every flagged test of a candidate's results (:func:`compare_summaries`, plus classifiers, grid points and
+    label checks when present) as a flat list of {test, name, metric, value, floor, floor_std, z, p_adjusted}."""
     flags = []
+
+    def add(test: str, name: str, metric: str, r: dict, value: float, floor: float, spread: float, z=None):
+        flags.append({"test": test, "name": name, "metric": metric, "value": value, "floor": floor,
+                      "floor_std": spread, "z": r.get("z", float("nan")) if z is None else z,
+                      "p_adjusted": r.get("p_adjusted", float("nan"))})
+
     for name, metrics in result.get("observables", {}).items():
         for metric, r in metrics.items():
             if r["flagged"]:
-                flags.append({"test": "observable", "name": name, "metric": metric, "value": r["value"],
-                              "floor": r["floor"], "floor_std": r["floor_std"]})
+                add("observable", name, metric, r, r["value"], r["floor"], r["floor_std"])
     for name, r in result.get("profiles", {}).items():
         if r["flagged"]:
-            flags.append({"test": "profile", "name": name, "metric": "separation_power", "value": r["value"],
-                          "floor": r["floor"], "floor_std": r["floor_std"]})
+            add("profile", name, "separation_power", r, r["value"], r["floor"], r["floor_std"])
     if result.get("correlations", {}).get("flagged"):
         r = result["correlations"]
-        flags.append({"test": "correlations", "name": "fisher_z", "metric": "chi2_ndf", "value": r["value"],
-                      "floor": r["floor"], "floor_std": r["floor_std"]})
+        add("correlations", "fisher_z", "chi2_ndf", r, r["value"], r["floor"], r["floor_std"])
     for key in ("fpd", "kpd"):
         if result.get(key, {}).get("flagged"):
             r = result[key]
-            flags.append({"test": key, "name": key, "metric": key, "value": r["value"], "floor": r["floor"],
-                          "floor_std": r["floor_error"]})
+            add(key, key, key, r, r["value"], r["floor"], r["floor_error"])
     for key, r in result.get("response", {}).items():
         for row in r["comparison"]:
             if row["flagged"]:
+                qs = [q for q in ("mu90", "resolution") if row.get(f"{q}_flagged", True)]
+                pull = max(abs(row[f"{q}_pull"]) for q in qs)
+                p_adj = [row[f"{q}_p_adjusted"] for q in qs if f"{q}_p_adjusted" in row]
                 flags.append({"test": "response", "name": f"{key}@{row['energy']:g}MeV", "metric": "pull",
-                              "value": max(abs(row["mu90_pull"]), abs(row["resolution_pull"])),
-                              "floor": 0.0, "floor_std": 1.0})
+                              "value": pull, "floor": 0.0, "floor_std": 1.0, "z": pull,
+                              "p_adjusted": float(np.min(p_adj)) if p_adj else float("nan")})
+    for key, r in result.get("classifier", {}).items():
+        if r.get("flagged"):
+            add("classifier", key, "auc", r, r["auc"], 0.5, r["auc_null_std"])
+    if result.get("grid") or result.get("labels"):
+        from caloforge.gridpoints import flags as grid_flags
+
+        flags += grid_flags(result)
     return flags
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,8 +35,12 @@ def run(args: argparse.Namespace) -> int:
     from caloforge.generate import generate_file
     from caloforge.models import default_model_path, load_model
     from caloforge.simulate import simulate
+    from caloforge.validate import check_int, check_output_dir, check_seed
 
-    out = Path(args.output)
+    out = check_output_dir(args.output)
+    check_int(args.n, "-n", 1)
+    check_int(args.workers, "--workers", 1, 4096)
+    check_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: None) if args.quiet else print
     t0 = time.perf_counter()

@@ -4,7 +4,8 @@ The HTML embeds every figure as a base64 PNG (matplotlib, Agg backend, mplhep CM
 conditions, a histogram with ratio panel for every global observable, per-layer observables at six
 representative layers and as mean-versus-layer profiles, longitudinal/radial/cell-energy profiles, mean images
 of four layers, the energy response (mu90, sigma90/mu90 versus E) when the files hold discrete energies, and a
-summary table in which flagged metrics (see caloforge.metrics) are highlighted.
+summary table in which flagged metrics (see caloforge.metrics) are highlighted. For cartesian detector windows:
+the grid-point tables and figures and the label checks of caloforge.gridpoints (``grid_html``, ``grid_figures``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from caloforge.flags import rule_sentence
+from caloforge.gridpoints import GRID_QUANTITIES
 from caloforge.metrics import common_edges
 from caloforge.observables import GLOBAL_OBSERVABLES, PER_LAYER_FAMILIES, SampleSummary, layer_name, spectrum_edges
 
@@ -272,6 +275,232 @@ def _response_figure(plt, response: dict[str, dict], key: str):
     return fig
 
 
+# ---- grid points and label checks (caloforge.gridpoints) ---------------------------------------------------
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+GRID_STAT_LABELS = {(q, stat): label for q, stat, label in GRID_QUANTITIES}  # (quantity, statistic) -> label
+
+
+def _sample_colour(k: int) -> str:
+    return COLOURS[k % len(COLOURS)] if k else "0.3"
+
+
+def _grid_curve(points: list[dict], label: str, quantity: str, stat: str, scale=None) -> tuple[np.ndarray, ...]:
+    """(values, errors) of one statistic over ``points`` for sample ``label``, optionally divided by ``scale``."""
+    v = np.array([p["stats"][label][quantity][stat] for p in points], float)
+    e = np.array([p["stats"][label][quantity][f"{stat}_err"] for p in points], float)
+    s = np.ones(len(points)) if scale is None else np.asarray(scale, float)
+    return v / s, e / s
+
+
+def _angular_response_figure(plt, grid: dict):
+    """Per particle: mean (reco - true) angle and the angular resolution sigma90 versus the true angle."""
+    points = grid["points"]
+    labels = list(points[0]["stats"])
+    particles = sorted({p["particle"] for p in points})
+    energies = sorted({p["energy"] for p in points})
+    fig, axes = plt.subplots(2, len(particles), figsize=(4.5 * len(particles) + 1, 7), squeeze=False)
+    for col, particle in enumerate(particles):
+        for k, label in enumerate(labels):
+            for m, energy in enumerate(energies):
+                sel = [p for p in points if p["particle"] == particle and p["energy"] == energy]
+                if not sel:
+                    continue
+                a = np.array([p["angle"] for p in sel]) + 0.4 * (k - (len(labels) - 1) / 2)
+                mean, mean_err = _grid_curve(sel, label, "angle", "mean")
+                width, width_err = _grid_curve(sel, label, "angle", "sigma90")
+                kw = dict(fmt=MARKERS[m % len(MARKERS)], ms=4, lw=1, color=_sample_colour(k),
+                          label=f"{label}, {energy / 1e3:g} GeV")
+                axes[0, col].errorbar(a, mean - np.array([p["angle"] for p in sel]), mean_err, **kw)
+                axes[1, col].errorbar(a, width, width_err, **kw)
+        axes[0, col].axhline(0.0, color="0.5", lw=0.8)
+        axes[0, col].set_title(particle)
+        axes[0, col].set_ylabel("mean reco. - true angle [deg]")
+        axes[1, col].set_ylabel("angular resolution sigma90 [deg]")
+        axes[1, col].set_xlabel("true incidence angle [deg]")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _grid_energy_figure(plt, grid: dict, quantity: str):
+    """Per angle: mu90 (over E_true) and sigma90/mu90 of ``quantity`` versus the incident energy, per particle."""
+    points = grid["points"]
+    labels = list(points[0]["stats"])
+    angles = sorted({p["angle"] for p in points})
+    particles = sorted({p["particle"] for p in points})
+    fig, axes = plt.subplots(2, len(angles), figsize=(4.2 * len(angles) + 1, 7), squeeze=False)
+    for col, angle in enumerate(angles):
+        for k, label in enumerate(labels):
+            for m, particle in enumerate(particles):
+                sel = sorted((p for p in points if p["angle"] == angle and p["particle"] == particle),
+                             key=lambda p: p["energy"])
+                if not sel:
+                    continue
+                e = np.array([p["energy"] for p in sel])
+                scale = e if quantity == "e_vis" else None
+                mu, mu_err = _grid_curve(sel, label, quantity, "mu90", scale)
+                res, res_err = _grid_curve(sel, label, quantity, "resolution")
+                kw = dict(fmt=MARKERS[m % len(MARKERS)] + "-", ms=4, lw=1, color=_sample_colour(k),
+                          label=f"{label}, {particle}")
+                x = e / 1e3 * (1 + 0.01 * k)
+                axes[0, col].errorbar(x, mu, mu_err, **kw)
+                axes[1, col].errorbar(x, res, res_err, **kw)
+        axes[0, col].set_title(f"{angle:g} deg")
+        axes[0, col].set_ylabel("mu90 / E_true" if quantity == "e_vis" else "mu90 of E_cal / E_true")
+        axes[1, col].set_ylabel("sigma90 / mu90")
+        axes[1, col].set_xlabel("incident energy [GeV]")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _grid_pull_figure(plt, results: dict):
+    """Pull (candidate - reference) / error of every compared statistic at every point, one panel per statistic;
+    flagged pulls ringed in black."""
+    names = [p["name"] for p in results["grid"]["points"]]
+    keys = list(GRID_STAT_LABELS)
+    fig, axes = plt.subplots(2, 5, figsize=(16, 6.5), sharex=True)
+    for ax, key in zip(axes.ravel(), keys):
+        for k, (label, res) in enumerate(results["candidates"].items(), start=1):
+            rows = [r for r in res.get("grid", {}).get("rows", []) if (r["quantity"], r["statistic"]) == key]
+            x = np.array([r["point"] for r in rows]) + 0.1 * (k - 1)
+            pulls = np.array([np.nan if r["pull"] is None else r["pull"] for r in rows], float)
+            ax.plot(x, pulls, "o", ms=4, color=_sample_colour(k), label=label)
+            flagged = np.array([r["flagged"] for r in rows], bool)
+            ax.plot(x[flagged], pulls[flagged], "o", ms=8, mfc="none", mec="k", mew=1.2)
+        ax.axhspan(-3, 3, color="0.92", zorder=0)
+        ax.axhline(0.0, color="0.5", lw=0.8)
+        ax.set_title(GRID_STAT_LABELS[key], fontsize=9)
+    for ax in axes[1]:
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=90, fontsize=6)
+    axes[0, 0].set_ylabel("pull")
+    axes[1, 0].set_ylabel("pull")
+    axes[0, 0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.95, bottom=0.28, hspace=0.25, wspace=0.3)
+    return fig
+
+
+def _labels_figure(plt, labels: dict):
+    """Per label: profile of reco versus true with the fitted line (top), mean reco - true per truth bin (bottom)."""
+    fits = labels["fits"]
+    names = list(next(iter(fits.values())))
+    fig, axes = plt.subplots(2, len(names), figsize=(4.2 * len(names), 7), squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1.4]})
+    for col, name in enumerate(names):
+        unit = labels["units"].get(name, "")
+        for k, (label, sample) in enumerate(fits.items()):
+            f = sample[name]
+            prof = f["profile"]
+            t, r, e = (np.array(prof[key], float) for key in ("true_mean", "reco_mean", "reco_err"))
+            if not len(t):
+                continue
+            text = f"{label}: slope {_fmt(f['slope'])} +- {_fmt(f['slope_err'])}" if f["truth_varies"] else \
+                f"{label}: bias {_fmt(f['bias'])}"
+            axes[0, col].errorbar(t, r, e, fmt=MARKERS[k % len(MARKERS)], ms=4, color=_sample_colour(k), label=text)
+            if f["truth_varies"] and np.isfinite(f["slope"]):
+                grid = np.linspace(t.min(), t.max(), 2)
+                axes[0, col].plot(grid, f["intercept"] + f["slope"] * grid, color=_sample_colour(k), lw=1)
+            axes[1, col].errorbar(t, r - t, e, fmt=MARKERS[k % len(MARKERS)], ms=3, color=_sample_colour(k))
+        lo, hi = axes[0, col].get_xlim()
+        axes[0, col].plot([lo, hi], [lo, hi], ls="--", color="0.6", lw=0.8)
+        axes[0, col].set_ylabel(f"reconstructed {name} [{unit}]")
+        axes[0, col].legend(fontsize=7)
+        axes[1, col].axhline(0.0, color="0.5", lw=0.8)
+        axes[1, col].set_ylabel(f"reco - true [{unit}]")
+        axes[1, col].set_xlabel(f"true {name} [{unit}]")
+    fig.tight_layout()
+    return fig
+
+
+def grid_figures(plt, results: dict) -> dict[str, list[tuple[str, str]]]:
+    """Report sections with the grid-point and label-check figures (empty when the evaluation has none)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    grid = results.get("grid")
+    if grid and grid.get("points"):
+        out["Grid points (after reconstruction)"] = [
+            ("angular response and resolution versus true angle", _png(_angular_response_figure(plt, grid))),
+            ("visible energy: mu90/E and sigma90/mu90 versus energy, per angle",
+             _png(_grid_energy_figure(plt, grid, "e_vis"))),
+            ("calibrated energy (reference calibration): response and resolution versus energy, per angle",
+             _png(_grid_energy_figure(plt, grid, "e_cal_response"))),
+        ]
+        if results["candidates"]:
+            pulls = _png(_grid_pull_figure(plt, results), tight=False)
+            out["Grid points (after reconstruction)"].append(("pulls per point (band: |pull| < 3; ringed: flagged)",
+                                                              pulls))
+    if results.get("labels"):
+        out["Label checks"] = [("reconstructed versus true impact x, y, angle and energy",
+                                _png(_labels_figure(plt, results["labels"])))]
+    return out
+
+
+def _pm(row: dict, key: str) -> str:
+    return f"{_fmt(row[key])} &plusmn; {_fmt(row[f'{key}_err'])}"
+
+
+def grid_summary_rows(res: dict) -> list[str]:
+    """Rows of a candidate's summary table for its grid-point and label comparisons."""
+    rows = []
+    for key, what in (("grid", "grid points: visible/calibrated energy, hits, CoG z, radius, angle (pulls)"),
+                      ("labels", "labels: reco vs true x, y, angle, energy (slope, RMS, bias pulls)")):
+        c = res.get(key)
+        if c:
+            pulls = [abs(r["pull"]) for r in c["rows"] if r["pull"] is not None]
+            rows.append(f"<tr><td>{what}</td><td>{c['n_flagged']} of {c['n_tests']} tests</td>"
+                        f"<td>max |pull| {_fmt(max(pulls, default=None))}</td>"
+                        f"<td>{'FLAG' if c['n_flagged'] else 'ok'}</td></tr>")
+    return rows
+
+
+def _comparison_table(rows: list[dict], first: tuple[str, ...]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in (*first, "reference", "candidate", "rel. diff", "pull"))
+    body = []
+    for r in rows:
+        cls = ' class="flag"' if r["flagged"] else ""
+        lead = "".join(f"<td>{html.escape(str(r[k]))}</td>" for k in first)
+        body.append(f"<tr>{lead}<td>{_pm(r, 'reference')}</td><td>{_pm(r, 'candidate')}</td>"
+                    f"<td>{_fmt(r['rel_diff'])}</td><td{cls}>{_fmt(r['pull'])}</td></tr>")
+    return f"<table class='summary'><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def grid_html(results: dict) -> str:
+    """The grid-point and label-check tables (empty string when the evaluation has none)."""
+    if not results.get("labels"):
+        return ""
+    cal = results.get("reconstruction", {}).get("calibration", {})
+    from caloforge.conditions import PDG_PARTICLE
+    from caloforge.reconstruction import MIN_LAYER_FRACTION
+
+    consts = ", ".join(f"{PDG_PARTICLE.get(int(k), k)} {_fmt(v)}" for k, v in cal.get("per_pdg", {}).items())
+    parts = ["<h2>Grid points and label checks</h2>",
+             f"<p>Reconstruction (docs/evaluation.md): calibrated energy = c x sampling-weighted visible energy, "
+             f"with c fitted on the reference ({html.escape(consts)}); axis = straight-line fit of the layer "
+             f"centroids (layers above {MIN_LAYER_FRACTION:.0%} of the shower), angle = atan(dy/dz), impact point = "
+             f"the axis at z = 0.</p>"]
+    grid = results.get("grid")
+    if grid:
+        rule = grid["rule"]
+        skipped = ", ".join(f"{p['name']} ({p['n']} showers)" for p in grid["skipped"])
+        parts.append(f"<p>{len(grid['points'])} grid points (distinct energy, angle, particle with at least "
+                     f"{rule['min_showers']} reference showers; at most {rule['max_points']} combinations)"
+                     + (f"; skipped: {html.escape(skipped)}" if skipped else "") + ".</p>")
+    else:
+        parts.append("<p>The reference is not a grid of conditions: no per-point section.</p>")
+    for label, res in results["candidates"].items():
+        if res.get("grid"):
+            rows = [{**r, "statistic": GRID_STAT_LABELS.get((r["quantity"], r["statistic"]), r["statistic"])}
+                    for r in res["grid"]["rows"]]
+            parts.append(f"<details><summary>{html.escape(label)}: grid points, {res['grid']['n_flagged']} of "
+                         f"{res['grid']['n_tests']} flagged</summary>{_comparison_table(rows, ('name', 'statistic'))}"
+                         "</details>")
+        if res.get("labels"):
+            parts.append(f"<details open><summary>{html.escape(label)}: labels, {res['labels']['n_flagged']} of "
+                         f"{res['labels']['n_tests']} flagged (fit reco = a + b true over the whole sample)</summary>"
+                         f"{_comparison_table(res['labels']['rows'], ('label', 'statistic'))}</details>")
+    return "\n".join(parts)
+
+
 # ---- HTML -------------------------------------------------------------------------------------------------
 def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
@@ -322,10 +551,11 @@ def _summary_table(label: str, res: dict) -> str:
                          f"<td>{'FLAG' if r['flagged'] else 'ok'}</td></tr>")
     for key, r in res.get("response", {}).items():
         bad = [row for row in r["comparison"] if row["flagged"]]
-        thr = _fmt(r["comparison"][0]["pull_threshold"]) if r["comparison"] else "-"
+        pulls = [abs(row[f"{q}_pull"]) for row in r["comparison"] for q in ("mu90", "resolution")]
         multi.append(f"<tr><td>energy response {key} (mu90, sigma90/mu90 pulls)</td><td>{len(bad)} of "
-                     f"{len(r['comparison'])} energies</td><td>|pull| &lt; {thr}</td>"
+                     f"{len(r['comparison'])} energies</td><td>max |pull| {_fmt(max(pulls, default=None))}</td>"
                      f"<td>{'FLAG' if bad else 'ok'}</td></tr>")
+    multi.extend(grid_summary_rows(res))
     multi.append("</table>")
     parts += multi
     parts.append(f"<table class='summary'>{head}{''.join(_observable_rows(n, res['observables'][n]) for n in glob)}"
@@ -382,15 +612,17 @@ def render_html(results: dict, summaries: dict[str, SampleSummary], path: str | 
             resp.append((f"energy response {key}", _png(_response_figure(plt, curves, key))))
         if resp:
             figures["Energy response"] = resp
+        figures.update(grid_figures(plt, results))
     body = [f"<h1>caloforge evaluation</h1><p>reference: {html.escape(results['reference']['label'])} "
             f"({html.escape(str(results['reference']['path']))}), threshold {results['threshold_mev']} MeV, "
-            f"seed {results['seed']}. Floors compare two disjoint halves of the reference; a metric is flagged when "
-            f"value &gt; floor + 3 sd and value &gt; 1.5 x floor (see docs/evaluation.md).</p>"]
+            f"seed {results['seed']}. Floors compare two disjoint halves of the reference. "
+            f"<span class='rule'>{html.escape(rule_sentence())}</span> (see docs/evaluation.md).</p>"]
     for w in results.get("warnings", []):
         body.append(f"<p class='warn'>{html.escape(w)}</p>")
     body.append("<h2>Summary</h2>")
     for label, res in results["candidates"].items():
         body.append(_summary_table(label, res))
+    body.append(grid_html(results))
     for section, figs in figures.items():
         body.append(f"<h2>{html.escape(section)}</h2>")
         body.extend(_figure_html(t, b) for t, b in figs)

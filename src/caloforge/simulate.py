@@ -29,6 +29,7 @@ from caloforge.dataset import ShowerFile, ShowerWriter
 from caloforge.detector import Detector, load_detector
 
 DEFAULT_CHUNK = 50
+MAX_SHOWERS = 100_000_000  # per run (-n), and per chunk
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,8 @@ class RunConfig:
         """
         m, first = self.chunk_rows(k), k * self.chunk_size
         rngs = tuple(np.random.default_rng(np.random.SeedSequence([self.seed, k, j])) for j in (1, 2, 4))
-        cond = self.sampler.sample(m, rngs, offset=first)
+        # Draw a whole chunk's worth and keep the first m rows: the first rows never depend on the run's length.
+        cond = self.sampler.sample(self.chunk_size, rngs, offset=first)[:m]
         g4_seed = int(np.random.SeedSequence([self.seed, k, 3]).generate_state(1)[0] % 2_147_483_647) or 1
         return cond, g4_seed
 
@@ -218,13 +220,10 @@ def check_window(det: Detector, sampler: ConditionSampler) -> None:
         raise ValueError(f"--angle {sampler.angle.text!r}: detector {det.name!r} has no angled readout window "
                          f"(readout.n_y_angled); only normal incidence (angle 0)")
     (x0, x1), (y0, y1) = sampler.position.bounds
-    c, r = det.cell_size_mm, det.readout
-    # The impact point must leave the shower core (3 cells) inside the normal-incidence window.
-    wx = (r.x_min_mm + 3 * c, r.x_min_mm + (r.n_x - 3) * c)
-    wy = (r.y_min_mm + 3 * c, r.y_min_mm + (r.n_y - 3) * c)
-    if x0 < wx[0] or x1 > wx[1] or y0 < wy[0] or y1 > wy[1]:
-        raise ValueError(f"--position {sampler.position.text!r}: impact points must lie within x {wx[0]:g}..{wx[1]:g}"
-                         f" mm and y {wy[0]:g}..{wy[1]:g} mm (the readout window of {det.name}, less 3 cells)")
+    (lo_x, hi_x), (lo_y, hi_y) = det.impact_region()
+    if x0 < lo_x or x1 > hi_x or y0 < lo_y or y1 > hi_y:
+        raise ValueError(f"--position {sampler.position.text!r}: impact points must lie within x {lo_x:g}..{hi_x:g}"
+                         f" mm and y {lo_y:g}..{hi_y:g} mm (the readout window of {det.name}, less a margin)")
 
 
 def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n: int, seed: int,
@@ -235,14 +234,18 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
     ``particle``: one particle or a list ('gamma,e-'); ``position``: impact point spec in mm ('0,0', 'cell', ...).
     """
     from caloforge.progress import progress
+    from caloforge.validate import check_int, check_output_file, check_seed
 
-    det = detector if isinstance(detector, Detector) else load_detector(detector)
-    if n <= 0:
-        raise ValueError(f"-n must be > 0, got {n}")
-    if chunk_size <= 0:
-        raise ValueError(f"--chunk-size must be > 0, got {chunk_size}")
+    if not 0 < n <= MAX_SHOWERS:
+        raise ValueError(f"-n must be > 0 and <= {MAX_SHOWERS}, got {n}")
+    if not 0 < chunk_size <= MAX_SHOWERS:
+        raise ValueError(f"--chunk-size must be > 0 and <= {MAX_SHOWERS}, got {chunk_size}")
     if workers is not None and workers <= 0:
         raise ValueError(f"--workers must be > 0, got {workers}")
+    check_int(workers, "--workers", 1, 4096)
+    check_seed(seed)
+    check_output_file(output, "-o")
+    det = detector if isinstance(detector, Detector) else load_detector(detector)
     sampler = ConditionSampler.parse(energy, angle, position, particle, det.cell_size_mm)
     check_window(det, sampler)
     cfg = RunConfig(det.to_json(), ",".join(sampler.particles), sampler.energy.text, sampler.angle.text, int(n),
@@ -386,12 +389,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.snapshot:
+        from caloforge.validate import check_output_file
+
+        check_output_file(args.snapshot, "--snapshot")
         rows = snapshot(args.output, args.snapshot)
         if not args.quiet:
             print(f"{args.snapshot}: {rows} showers from the unfinished run of {args.output}")
         return 0
     if args.n is None:
-        raise SystemExit("caloforge simulate: error: -n is required (the number of showers to simulate)")
+        raise ValueError("-n is required (the number of showers to simulate)")
     t0 = time.perf_counter()
     out = simulate(args.detector, args.particle, args.energy, args.angle, args.n, args.seed, args.output,
                    workers=args.workers, chunk_size=args.chunk_size, physics=args.physics, quiet=args.quiet,

@@ -20,7 +20,7 @@ import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -60,19 +60,30 @@ class TrainConfig:
     threads: int = 1  # torch CPU threads: 1 is fastest on a machine shared with Geant4 jobs
     seed: int = 0
 
+    #: Inclusive bounds of the numeric options, choices of the string options (checked by ``from_dict``).
+    bounds: ClassVar[dict[str, tuple]] = {
+        "batch_size": (1, 10**6), "lr": (1e-12, 10.0), "weight_decay": (0.0, 1e3), "epochs": (0.0, 1e6),
+        "max_steps": (1, 10**9), "lr_schedule": ("cosine", "constant"), "lr_min_factor": (0.0, 1.0),
+        "warmup_steps": (0, 10**9), "grad_clip": (0.0, 1e12), "checkpoint_every": (1, 10**9),
+        "val_every": (0, 10**9), "val_fraction": (0.0, 0.95), "val_max_showers": (1, 10**9),
+        "select": ("best", "last"), "split_seed": (0, 2**63 - 1), "log_every": (0, 10**9),
+        "max_rollbacks": (0, 1000), "rollback_lr_factor": (1e-6, 1.0), "divergence_threshold": (1e-12, 1e300),
+        "threads": (0, 4096), "seed": (0, 2**63 - 1),
+    }
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "train config") -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "train config [train]") -> TrainConfig:
+        from caloforge.validate import coerce_option
+
+        if not isinstance(d, dict):
+            raise TrainingError(f"{source}: [train] is {d!r:.60}; expected a table of options")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise TrainingError(f"{source}: unknown [train] option(s) {unknown}; known: {sorted(names)}")
         defaults = cls()
-        kw = {}
-        for k, v in d.items():
-            t = type(getattr(defaults, k))
-            kw[k] = bool(v) if t is bool else t(v)
-        if kw.get("select", "best") not in ("best", "last"):
-            raise TrainingError(f"{source}: [train] select is {kw['select']!r}; expected 'best' or 'last'")
+        kw = {k: coerce_option(k, v, getattr(defaults, k), f"{source}:", cls.bounds.get(k), TrainingError)
+              for k, v in d.items()}
         return cls(**kw)
 
 
@@ -97,15 +108,17 @@ def resolve_config(family: str, config_file: str | None, overrides: list[str]) -
             raise FileNotFoundError(f"{path}: config file not found")
         try:
             data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise TrainingError(f"{path}: invalid TOML ({err})") from None
         if "family" in data and data["family"] != family:
             raise TrainingError(f"{path}: field 'family' is {data['family']!r} but --model is {family!r}")
         unknown = sorted(set(data) - {"family", "train", "model"})
         if unknown:
             raise TrainingError(f"{path}: unknown top-level key(s) {unknown}; expected [train] and [model] tables")
-        train_d.update(data.get("train", {}))
-        model_d.update(data.get("model", {}))
+        for key, dest in (("train", train_d), ("model", model_d)):
+            if not isinstance(data.get(key, {}), dict):
+                raise TrainingError(f"{path}: [{key}] is {data[key]!r:.60}; expected a table of options")
+            dest.update(data.get(key, {}))
     train_names = {f.name for f in dataclasses.fields(TrainConfig)}
     model_names = {f.name for f in dataclasses.fields(cls.Config)}
     for item in overrides:
@@ -121,8 +134,9 @@ def resolve_config(family: str, config_file: str | None, overrides: list[str]) -
         else:
             raise TrainingError(f"--set {item!r}: unknown key {key!r}; train keys {sorted(train_names)}, "
                                 f"model keys {sorted(model_names)}")
-    train_cfg = TrainConfig.from_dict(train_d)
-    cls.Config.from_dict(model_d)  # validate now
+    source = f"{config_file} and --set" if config_file else "--set"
+    train_cfg = TrainConfig.from_dict(train_d, f"{source} [train]")
+    cls.Config.from_dict(model_d, f"{source} [model]")  # validate now
     return train_cfg, model_d
 
 
@@ -152,6 +166,7 @@ def load_training_data(path: str | Path, val_fraction: float, split_seed: int, q
         is_val[perm[:n_val]] = True
         dest = np.where(is_val, np.cumsum(is_val) - 1, np.cumsum(~is_val) - 1)
         cond_all = f.conditions
+        cond_all.validate(str(path))  # finite, physical (<= 10 TeV) conditions before any fit sees them
         train = np.empty((n - n_val, n_local if to_local is not None else f.n_cells), np.float32)
         val = np.empty((n_val, f.n_cells), np.float32)
         with progress(n, desc="loading data", unit="shower", quiet=quiet) as bar:
@@ -199,6 +214,78 @@ def training_range(train, val, provenance: dict) -> dict[str, list[float]]:
             continue
         rng[key] = [min(lo, rng[key][0]), max(hi, rng[key][1])]
     return rng
+
+
+# ---- resuming -----------------------------------------------------------------------------------------
+_FINGERPRINT_BYTES = 1 << 20
+
+
+def data_fingerprint(path: str | Path) -> dict[str, Any]:
+    """Size, modification time and a hash of the first and last MiB of a data file: cheap, and it changes when the
+    file is rewritten or replaced."""
+    import hashlib
+
+    p = Path(path)
+    st = p.stat()
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(_FINGERPRINT_BYTES))
+        if st.st_size > _FINGERPRINT_BYTES:
+            f.seek(max(st.st_size - _FINGERPRINT_BYTES, _FINGERPRINT_BYTES))
+            h.update(f.read(_FINGERPRINT_BYTES))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest()}
+
+
+def _read_run_file(path: Path) -> dict[str, Any]:
+    try:
+        run = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TrainingError(f"{path}: invalid JSON ({err}); the run cannot be resumed") from None
+    if not isinstance(run, dict):
+        raise TrainingError(f"{path}: expected a JSON object; the run cannot be resumed")
+    for key, kind in (("family", str), ("data", str), ("train", dict), ("model", dict)):
+        if not isinstance(run.get(key), kind):
+            raise TrainingError(f"{path}: field {key!r} is {run.get(key)!r:.60}; expected a {kind.__name__} (a run "
+                                f"written by `caloforge train`)")
+    return run
+
+
+def check_data_unchanged(run: dict[str, Any], run_file: Path) -> None:
+    """Refuse to resume when the training data file changed since the run started (its fingerprint in run.json)."""
+    want = run.get("data_fingerprint")
+    data = Path(run["data"])
+    if not want:
+        return  # a run started before fingerprints were recorded
+    if not data.is_file():
+        raise TrainingError(f"{run_file}: the training data {data} is gone; the run cannot be resumed")
+    got = data_fingerprint(data)
+    changed = [k for k in ("size", "mtime_ns", "head_tail_sha256") if got.get(k) != want.get(k)]
+    if changed:
+        raise TrainingError(f"{data}: the training data changed since the run in {run_file.parent} started "
+                            f"({', '.join(changed)} differ); resuming would train on other data: start a new run "
+                            f"(another -o)")
+
+
+def truncate_history(path: Path, step: int) -> None:
+    """Drop the history records past the checkpoint ``step`` (and any torn last line): the resumed run logs them
+    again, so every step appears once."""
+    if not path.is_file():
+        return
+    keep, dropped = [], False
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+            ok = isinstance(rec, dict) and int(rec.get("step", 0)) <= step
+        except (json.JSONDecodeError, TypeError, ValueError):
+            ok = False
+        if ok:
+            keep.append(line)
+        else:
+            dropped = True
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------
@@ -265,19 +352,28 @@ def load_checkpoint(path: Path, model, optimizers: dict, device) -> dict:
 
     if not path.is_file():
         raise TrainingError(f"{path}: no checkpoint to resume from")
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata() or {}
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except SafetensorError as err:
+        raise TrainingError(f"{path}: unreadable checkpoint ({err}); start a new run (another -o)") from None
     try:
         trainer_state = json.loads(metadata["trainer"])
         optim_meta = json.loads(metadata["optimizers"])
     except (KeyError, json.JSONDecodeError) as err:
         raise TrainingError(f"{path}: checkpoint metadata missing or invalid ({err})") from None
-    model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
-    for name, opt in optimizers.items():
-        if name not in optim_meta:
-            raise TrainingError(f"{path}: checkpoint has no state for optimiser {name!r}")
-        _optim_from_tensors(name, opt, tensors, optim_meta[name], device)
+    try:
+        model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")},
+                              strict=True)
+        for name, opt in optimizers.items():
+            if name not in optim_meta:
+                raise TrainingError(f"{path}: checkpoint has no state for optimiser {name!r}")
+            _optim_from_tensors(name, opt, tensors, optim_meta[name], device)
+    except (RuntimeError, KeyError, TypeError, AttributeError) as err:
+        raise TrainingError(f"{path}: checkpoint does not match the run's model and optimisers ({err})") from None
     torch.set_rng_state(tensors["rng/torch"])
     if "rng/cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng/cuda"])
@@ -341,13 +437,13 @@ class Trainer:
 
         self.out = Path(out_dir)
         self.run = run
-        self.cfg = TrainConfig.from_dict(run["train"])
+        self.cfg = TrainConfig.from_dict(run["train"], f"{self.out / RUN_FILE} [train]")
         self.quiet = quiet
         self.device = torch.device(device)
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
         cls = get_family(run["family"])
-        config = cls.Config.from_dict(run["model"])
+        config = cls.Config.from_dict(run["model"], f"{self.out / RUN_FILE} [model]")
         if data is None:
             with ShowerFile(run["data"]) as f:
                 det = f.detector
@@ -392,13 +488,15 @@ class Trainer:
                device: str = "cpu", quiet: bool = True, command: list[str] | None = None) -> Trainer:
         """A new run in ``out_dir`` (refuses a directory that already holds a run)."""
         from caloforge import __version__
+        from caloforge.validate import check_output_dir
 
-        out = Path(out_dir)
+        out = check_output_dir(out_dir)
         if (out / CHECKPOINT).exists() or (out / RUN_FILE).exists():
             raise TrainingError(f"{out}: already holds a training run; use --resume to continue it, or another -o")
         out.mkdir(parents=True, exist_ok=True)
         run = {"family": family, "data": str(Path(data).resolve()), "train": dataclasses.asdict(train_cfg),
-               "model": model_cfg, "caloforge_version": __version__, "command": command or []}
+               "model": model_cfg, "caloforge_version": __version__, "command": command or [],
+               "data_fingerprint": data_fingerprint(data) if Path(data).is_file() else None}
         trainer = cls(out, run, device, quiet)
         (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         return trainer
@@ -410,15 +508,18 @@ class Trainer:
         out = Path(out_dir)
         if not (out / RUN_FILE).is_file():
             raise TrainingError(f"{out}: no {RUN_FILE}; nothing to resume (start a run without --resume)")
-        run = json.loads((out / RUN_FILE).read_text())
+        run = _read_run_file(out / RUN_FILE)
+        check_data_unchanged(run, out / RUN_FILE)
         if max_steps is not None or epochs is not None:
             run["train"]["max_steps"] = max_steps if max_steps is not None else run["train"]["max_steps"]
             run["train"]["epochs"] = epochs if epochs is not None else (0.0 if max_steps is not None
                                                                         else run["train"]["epochs"])
+            TrainConfig.from_dict(run["train"], "--max-steps/--epochs [train]")  # refuse before run.json is rewritten
             (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
         trainer = cls(out, run, device, quiet)
         if (out / CHECKPOINT).is_file():
             trainer.state.update(load_checkpoint(out / CHECKPOINT, trainer.model, trainer.optimizers, trainer.device))
+        truncate_history(out / HISTORY, int(trainer.state["step"]))
         return trainer
 
     # ---- pieces -------------------------------------------------------------------------------------------

@@ -125,28 +125,42 @@ def as_conditions(conditions: Conditions | torch.Tensor | np.ndarray | float, an
 
 @dataclass
 class ModelConfig:
-    """Base of the per-family architecture configs (plain dataclasses of JSON-able values)."""
+    """Base of the per-family architecture configs (plain dataclasses of JSON-able values).
+
+    ``from_dict`` checks every value before anything is allocated: booleans must be JSON booleans, numbers numbers
+    (not strings, null or tables), within ``bounds`` (inclusive (lo, hi) per option, declared by each family;
+    integers without declared bounds lie in [0, :data:`caloforge.validate.INT_LIMIT`], floats must be finite), and
+    :meth:`weight_estimate` must stay under ``max_weights``.
+    """
+
+    #: Inclusive (lo, hi) bounds of numeric options (choices for strings); families declare theirs.
+    bounds: ClassVar[dict[str, tuple]] = {}
+    #: Largest architecture (by :meth:`weight_estimate`) a config may ask for: 2^28 weights, 1 GiB in float32.
+    max_weights: ClassVar[int] = 2**28
+
+    def weight_estimate(self) -> int:
+        """A rough count of the weights the architecture allocates (families with large options override it)."""
+        return 0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> ModelConfig:
+        from caloforge.validate import coerce_option
+
+        if not isinstance(d, dict):
+            raise ModelError(f"{source}: is {type(d).__name__} {d!r:.60}; expected a table of model options")
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ModelError(f"{source}: unknown model option(s) {unknown}; known: {sorted(names)}")
-        kw = {}
-        for k, v in d.items():
-            default = getattr(cls(), k)
-            if isinstance(default, bool):
-                kw[k] = bool(v)
-            elif isinstance(default, int) and not isinstance(v, bool):
-                kw[k] = int(v)
-            elif isinstance(default, float):
-                kw[k] = float(v)
-            elif isinstance(default, tuple):
-                kw[k] = tuple(v)
-            else:
-                kw[k] = v
-        return cls(**kw)
+        defaults = cls()
+        kw = {k: coerce_option(k, v, getattr(defaults, k), f"{source}:", cls.bounds.get(k), ModelError)
+              for k, v in d.items()}
+        config = cls(**kw)
+        n = config.weight_estimate()
+        if n > cls.max_weights:
+            raise ModelError(f"{source}: the architecture options make about {n:.3g} weights; expected at most "
+                             f"{cls.max_weights:.3g} (lower the widths or block counts)")
+        return config
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -344,18 +358,17 @@ class ShowerModel(nn.Module):
             raise ModelError(f"{source}: impact points other than (0, 0) requested; this {self.family} model was "
                              f"trained before impact positions were conditions (it knows the origin only)")
         if "position" in takes and len(c):
-            r, cs = self.detector.readout, self.detector.cell_size_mm
-            lo_x, hi_x = r.x_min_mm + 3 * cs, r.x_min_mm + (r.n_x - 3) * cs
-            lo_y, hi_y = r.y_min_mm + 3 * cs, r.y_min_mm + (r.n_y - 3) * cs
+            (lo_x, hi_x), (lo_y, hi_y) = self.detector.impact_region()
             bad = (c.x < lo_x) | (c.x > hi_x) | (c.y < lo_y) | (c.y > hi_y)
             if np.any(bad):
                 k = int(np.flatnonzero(bad)[0])
                 raise ModelError(f"{source}: impact point ({c.x[k]:g}, {c.y[k]:g}) mm at row {k} lies outside "
-                                 f"x {lo_x:g}..{hi_x:g}, y {lo_y:g}..{hi_y:g} mm (the readout window less 3 cells)")
+                                 f"x {lo_x:g}..{hi_x:g}, y {lo_y:g}..{hi_y:g} mm (the readout window less a margin)")
         if len(c) and np.any(c.angle > 0):
-            limit = 60.0 if self.detector.readout.n_y_angled else 0.0
-            if self.frame == "window" and self.shape == self.detector.shape(False):
-                limit = 0.0 if self.meta.get("conditions", {}).get("angle_deg", [0, 0])[1] == 0 else limit
+            if self.frame == "window":  # a legacy model writes its own window only
+                limit = 60.0 if self.shape != self.detector.shape(False) else 0.0
+            else:
+                limit = 60.0 if self.detector.readout.n_y_angled else 0.0
             if float(c.angle.max()) > limit:
                 raise ModelError(f"{source}: angle {float(c.angle.max()):g} deg requested; the {self.detector.name} "
                                  f"readout window of this model holds angles up to {limit:g} deg")
@@ -507,10 +520,48 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     for key in ("family", "config", "detector", "n_cells"):
         if key not in meta:
             raise ModelError(f"{meta_path}: missing field {key!r}")
-    if int(meta.get("format_version", 1)) > FORMAT_VERSION:
+    _check_meta_fields(meta, meta_path)
+    if meta.get("format_version", 1) > FORMAT_VERSION:
         raise ModelError(f"{meta_path}: field 'format_version' is {meta['format_version']}; this caloforge reads "
                          f"<= {FORMAT_VERSION} (upgrade caloforge)")
     return meta
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_meta_fields(meta: dict[str, Any], meta_path: Path) -> None:
+    """The types and ranges of the ``model.json`` fields loaders read (a ModelError naming the field)."""
+    def bad(key: str, want: str) -> ModelError:
+        return ModelError(f"{meta_path}: field {key!r} is {meta[key]!r:.80}; expected {want}")
+
+    if not isinstance(meta["family"], str):
+        raise bad("family", "a model family name")
+    for key in ("config", "detector"):
+        if not isinstance(meta[key], dict):
+            raise bad(key, "a JSON object")
+    if not _is_int(meta["n_cells"]) or not 0 < meta["n_cells"] <= 10**7:
+        raise bad("n_cells", "a positive integer (cells per shower)")
+    if "format_version" in meta and (not _is_int(meta["format_version"]) or meta["format_version"] < 1):
+        raise bad("format_version", "a positive integer")
+    if "conditions" in meta:
+        rng = meta["conditions"]
+        if not isinstance(rng, dict):
+            raise bad("conditions", "a JSON object of [lo, hi] ranges")
+        for key, v in rng.items():
+            if not (isinstance(v, list) and len(v) == 2 and all(_is_number(x) for x in v) and v[0] <= v[1]):
+                raise ModelError(f"{meta_path}: field 'conditions.{key}' is {v!r:.80}; expected [lo, hi], finite "
+                                 f"numbers with lo <= hi")
+    if "particles" in meta and not (isinstance(meta["particles"], list) and meta["particles"]
+                                    and all(p in PARTICLE_PDG for p in meta["particles"])):
+        raise bad("particles", f"a list of particle names from {list(PARTICLE_PDG)}")
+    if "particle" in meta and not isinstance(meta["particle"], str):
+        raise bad("particle", "a particle name")
 
 
 def load_model(path: str | Path, expected_detector: Detector | str | None = None,
@@ -543,11 +594,18 @@ def load_model(path: str | Path, expected_detector: Detector | str | None = None
         raise ModelError(f"{meta_path}: field 'condition_features' is {features!r}; expected a list of names")
     if not isinstance(frame, str):
         raise ModelError(f"{meta_path}: field 'frame' is {frame!r}; expected 'axis' or 'window'")
-    model = cls(detector, int(meta["n_cells"]), config, features=features, frame=frame)
+    try:
+        model = cls(detector, int(meta["n_cells"]), config, features=features, frame=frame)
+    except ModelError as err:
+        raise ModelError(f"{meta_path}: {err}") from None
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError) as err:
         raise ModelError(f"{weights_path}: unreadable safetensors file ({err})") from None
+    for name, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            raise ModelError(f"{weights_path}: tensor {name!r} holds NaN or inf; expected finite weights (a diverged "
+                             f"or damaged model)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -64,6 +64,22 @@ class LayerFlowConfig(ModelConfig):
     clamp_features: bool = False  # clamp flow samples to the training range of each feature (+- clamp_margin x range)
     clamp_margin: float = 0.1
     permutation_seed: int = 1234
+
+    bounds: ClassVar[dict[str, tuple]] = {
+        "flow_blocks": (1, 64), "flow_hidden": (1, 4096), "flow_layers": (0, 16), "count_blocks": (1, 64),
+        "count_hidden": (1, 4096), "mip_bins": (0, 1024), "permutation_seed": (0, 2**32 - 1),
+        "scale_clamp": (1e-3, 1e3), "dequant_mev": (0.0, 1e6), "centroid_reg_mev": (1e-9, 1e6),
+        "empty_layer_noise": (0.0, 1e3), "min_hit_prob": (0.0, 0.5), "cell_cap_margin": (1e-3, 1e6),
+        "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
+        "clamp_margin": (0.0, 1e3),
+    }
+
+    def weight_estimate(self) -> int:
+        def flow(blocks: int, hidden: int) -> int:
+            return blocks * (max(self.flow_layers - 1, 0) * hidden**2 + 512 * hidden)
+
+        return flow(self.flow_blocks, self.flow_hidden) + (flow(self.count_blocks, self.count_hidden)
+                                                           if self.hit_count else 0)
 
 
 def _asinh(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -42,6 +42,17 @@ class WGANConfig(ModelConfig):
     norm_fraction: float = 1e-5  # cells are normalised to norm_fraction * E_inc
     beta1: float = 0.5
     beta2: float = 0.9
+
+    bounds: ClassVar[dict[str, tuple]] = {
+        "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
+        "aux_channels": (1, 512), "n_critic": (1, 100), "gp_lambda": (0.0, 1e6), "aux_weight": (0.0, 1e6),
+        "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
+        "beta2": (0.0, 0.999999),
+    }
+
+    def weight_estimate(self) -> int:  # for a 30 x 30 window; the generator's first layer grows with the window
+        g, c = self.gen_channels, self.critic_channels
+        return 128 * self.latent_dim * g + 54 * g * g + 96 * c * c + 100 * c * self.critic_hidden
 
 
 def _lrelu() -> nn.Module:
@@ -113,6 +124,7 @@ class WGAN(ShowerModel):
 
     family = "wgan"
     Config = WGANConfig
+    sample_chunk = 256  # bounds the memory of placing the cells in the window (one index per cell)
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: WGANConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):

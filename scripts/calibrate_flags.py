@@ -1,0 +1,246 @@
+#!/usr/bin/env python
+"""Calibrate the flag rule (caloforge.flags): false flags on reference-vs-reference, flags on known deformations.
+
+    python scripts/calibrate_flags.py data/ild-gamma-test.h5                    # all showers, defaults below
+    python scripts/calibrate_flags.py SHOWERS.h5 --n 2000 --null-trials 20 --trials 10 --workers 2 --json out.json
+
+The file (any caloforge shower file with a detector, e.g. Geant4) is summarised once as it is, and once per
+deformation. Each trial draws a random split of its showers into two disjoint halves A and B (N/2 each) and runs
+every test of ``caloforge.metrics.compare_summaries`` with the report's rule (observables, profiles, correlations,
+FPD, KPD, energy response; not the classifiers, whose null spread is analytic):
+
+* null: A against B, both undeformed. A comparison with any flag is a false flag; the rule promises that at most
+  5 % of comparisons have one (family-wise level 5 %). Printed with a 95 % Clopper-Pearson interval.
+* power: A (undeformed) against B deformed, for each deformation; the fraction of comparisons with at least one
+  flag, and the tests flagged most often:
+
+  - ``energy``: every cell times ``--energy-scale`` (1.02);
+  - ``lateral``: the transverse cell positions stretched by ``--lateral-scale`` (1.05) about the mean shower
+    axis of each layer (the centroid of the layer's mean image) and resampled onto the cell grid by randomised
+    rounding with one random offset U per shower, layer and direction: the cell of index i moves to index
+    floor(c + 1.05 (i - c) + U), U uniform in [0, 1). The expected new position is exactly the stretched one, and
+    the map is one-to-one, so no cell is split or merged: cell energies and hits stay as they are (a rebinning by
+    overlap areas would split cells and raise the hit count instead). Cells pushed beyond the window are lost;
+  - ``layer``: the cells of one layer (``--layer``, default the layer with the most mean energy) times
+    ``--layer-scale`` (1.10): one layer's energy shifted against its neighbours.
+
+Deformations act on the cells, before the threshold, so every observable sees them as it would see a model's
+error. The two halves of one trial hold different showers, so a deformed half is not compared
+with its own undeformed copy. Sizes: ``--n N`` uses N random showers of the file (comparisons of N/2 vs N/2, metrics at
+matched size N/4). Results are printed, and written to ``--json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+DEFORMATIONS = ("energy", "lateral", "layer")
+
+
+# ---- deformations -----------------------------------------------------------------------------------------
+class Deformer:
+    """The deformations of one sample: cell arrays (N, n_cells) for ``energy`` and ``layer``, a geometry for
+    ``lateral``; ``mean_image`` (n_cells,) gives each layer's mean shower axis and energy."""
+
+    def __init__(self, geometry, mean_image: np.ndarray):
+        self.layer_of = np.asarray(geometry.cell_layer)
+        img = np.asarray(mean_image, float)
+        n_l = int(self.layer_of.max()) + 1
+        self.layer_energy = np.bincount(self.layer_of, img, n_l)
+        safe = np.where(self.layer_energy > 0, self.layer_energy, 1.0)
+        x, y = np.asarray(geometry.cell_x, float), np.asarray(geometry.cell_y, float)
+        self.x, self.y = x, y
+        self.cx = np.where(self.layer_energy > 0, np.bincount(self.layer_of, img * x, n_l) / safe, x.mean())
+        self.cy = np.where(self.layer_energy > 0, np.bincount(self.layer_of, img * y, n_l) / safe, y.mean())
+
+    def energy(self, showers: np.ndarray, scale: float) -> np.ndarray:
+        return showers * np.float32(scale)
+
+    def layer(self, showers: np.ndarray, layer: int, scale: float) -> np.ndarray:
+        return showers * np.where(self.layer_of == layer, np.float32(scale), np.float32(1.0))
+
+    def lateral(self, showers: np.ndarray, scale: float, shape: tuple[int, int, int],
+                rng: np.random.Generator) -> np.ndarray:
+        """Transverse positions stretched by ``scale`` about each layer's mean axis, resampled onto the cell grid
+        by randomised rounding with one random offset per shower, layer and direction: cell index i goes to
+        floor(c + scale (i - c) + U), U ~ uniform(0, 1). That is unbiased (the expected new index is exactly
+        c + scale (i - c)) and, for scale >= 1, one-to-one, so every cell keeps its energy: no cell is split or
+        merged and the hits stay the hits. Cells pushed beyond the window are lost, as for a wider shower."""
+        n, (n_l, n_x, n_y) = len(showers), shape
+        x = np.asarray(self.x, float).reshape(shape)[0, :, 0]
+        y = np.asarray(self.y, float).reshape(shape)[0, 0, :]
+        wx = float(np.median(np.diff(x))) if n_x > 1 else 1.0
+        wy = float(np.median(np.diff(y))) if n_y > 1 else 1.0
+        s = showers.reshape(n, n_l, n_x, n_y)
+        out = np.zeros_like(s)
+        rows = np.arange(n)[:, None, None]
+        for layer in range(n_l):
+            targets = []
+            for centres, w, c, m in ((x, wx, self.cx[layer], n_x), (y, wy, self.cy[layer], n_y)):
+                ci = (c - centres[0]) / w  # the axis in index units
+                t = np.floor(ci + scale * (np.arange(m) - ci) + rng.random((n, 1))).astype(np.int64)
+                targets.append(np.where((t >= 0) & (t < m), t, -1))
+            tx, ty = targets[0][:, :, None], targets[1][:, None, :]
+            keep = np.broadcast_to((tx >= 0) & (ty >= 0), s[:, layer].shape)
+            idx = np.broadcast_to(rows, keep.shape)[keep], np.broadcast_to(tx, keep.shape)[keep], \
+                np.broadcast_to(ty, keep.shape)[keep]
+            out[:, layer][idx] = s[:, layer][keep]
+        return out.reshape(n, -1)
+
+
+# ---- one comparison ---------------------------------------------------------------------------------------
+_STATE: dict = {}
+
+
+def _trial(job: tuple[str, int]) -> dict:
+    """Compare half A (undeformed) with half B of the sample ``name`` (undeformed for 'null') for one split."""
+    from caloforge.metrics import compare_summaries
+
+    name, t = job
+    base, other = _STATE["summaries"]["null"], _STATE["summaries"][name]
+    seed = _STATE["seed"] * 100_003 + 7919 * t + (0 if name == "null" else 1 + DEFORMATIONS.index(name))
+    perm = np.random.default_rng(seed).permutation(base.n)
+    half = base.n // 2
+    res = compare_summaries(base.subset(np.sort(perm[:half])), other.subset(np.sort(perm[half:2 * half])),
+                            n_splits=_STATE["splits"], seed=seed, fpd_kpd=_STATE["fpd_kpd"])
+    return {"sample": name, "trial": t, "n_flags": res["n_flags"], "n_tests": res["flag_rule"]["n_tests"],
+            "flags": [f"{f['test']}:{f['name']}:{f['metric']}" for f in res["flags"]],
+            "min_p_adjusted": min((f["p_adjusted"] for f in res["flags"]), default=float("nan"))}
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial confidence interval of k successes in n."""
+    a = (1 - level) / 2
+    lo = stats.beta.ppf(a, k, n - k + 1) if k > 0 else 0.0
+    hi = stats.beta.ppf(1 - a, k + 1, n - k) if k < n else 1.0
+    return float(lo), float(hi)
+
+
+def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, batch: int = 500):
+    """Summary of ``rows`` of a file, with the cells passed through ``deform`` (a function), and the file's
+    readout geometry."""
+    from caloforge.dataset import ShowerFile
+    from caloforge.evaluate import geometry_for
+    from caloforge.observables import summarise
+
+    with ShowerFile(path) as f:
+        geom = geometry_for(f)
+
+        def batches():
+            for i in range(0, len(rows), batch):
+                b = f.read(index=rows[i:i + batch])
+                showers = np.asarray(b.showers, np.float32)
+                yield types.SimpleNamespace(energies=b.energies, angles=b.angles,
+                                            showers=deform(showers) if deform else showers)
+
+        return summarise(batches(), geom, threshold_mev=threshold), geom
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("file", help="shower file (caloforge format with a detector), e.g. Geant4 showers")
+    parser.add_argument("--n", type=int, help="use N random showers of the file (default: all)")
+    parser.add_argument("--null-trials", type=int, default=20, help="reference-vs-reference splits (default 20)")
+    parser.add_argument("--trials", type=int, default=10, help="splits per deformation (default 10)")
+    parser.add_argument("--deformations", default=",".join(DEFORMATIONS),
+                        help=f"comma-separated subset of {','.join(DEFORMATIONS)}, or 'none'")
+    parser.add_argument("--energy-scale", type=float, default=1.02)
+    parser.add_argument("--lateral-scale", type=float, default=1.05)
+    parser.add_argument("--layer", type=int, help="layer of the 'layer' deformation (default: most mean energy)")
+    parser.add_argument("--layer-scale", type=float, default=1.10)
+    parser.add_argument("--splits", type=int, default=10, help="half-splits per comparison (evaluate's --splits)")
+    parser.add_argument("--no-fpd-kpd", action="store_true", help="leave FPD and KPD out (faster)")
+    parser.add_argument("--threshold-mev", type=float, default=0.075)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="parallel comparisons (processes, default 1)")
+    parser.add_argument("--json", help="write every trial's result here")
+    args = parser.parse_args(argv)
+
+    from caloforge.dataset import ShowerFile
+    from caloforge.flags import ALPHA, rule_sentence
+
+    t0 = time.time()
+    names = [] if args.deformations == "none" else [d.strip() for d in args.deformations.split(",") if d.strip()]
+    unknown = set(names) - set(DEFORMATIONS)
+    if unknown:
+        parser.error(f"unknown deformation(s) {sorted(unknown)}; choose from {', '.join(DEFORMATIONS)}")
+    with ShowerFile(args.file) as f:
+        n_file = len(f)
+    rng = np.random.default_rng(args.seed)
+    n = min(args.n or n_file, n_file)
+    if n < 8:
+        parser.error(f"{args.file}: {n} showers; need at least 8")
+    rows = np.sort(rng.choice(n_file, n, replace=False))
+    base, geom = summarise_file(args.file, rows, args.threshold_mev)
+    summaries = {"null": base}
+    settings = {}
+    if names:
+        deformer = Deformer(geom, base.mean_image())
+        shape, lateral_rng = tuple(ShowerFile(args.file).shape), np.random.default_rng([args.seed, 1])
+        if "lateral" in names and (len(shape) != 3 or int(np.prod(shape)) != geom.n_cells):
+            parser.error(f"{args.file}: cells of shape {shape}; the lateral deformation needs a (layer, x, y) grid")
+        layer = int(np.argmax(deformer.layer_energy)) if args.layer is None else args.layer
+        how = {"energy": ({"deform": lambda s: deformer.energy(s, args.energy_scale)},
+                          f"cells x {args.energy_scale:g}"),
+               "lateral": ({"deform": lambda s: deformer.lateral(s, args.lateral_scale, shape, lateral_rng)},
+                           f"transverse positions x {args.lateral_scale:g} about the mean axis"),
+               "layer": ({"deform": lambda s: deformer.layer(s, layer, args.layer_scale)},
+                         f"layer {layer} x {args.layer_scale:g}")}
+        for name in names:
+            summaries[name] = summarise_file(args.file, rows, args.threshold_mev, **how[name][0])[0]
+            settings[name] = how[name][1]
+            effect = {k: float(np.nanmean(summaries[name].observables[k]) / np.nanmean(base.observables[k]))
+                      for k in ("e_vis", "r_mean", f"width_x_l{layer:02d}", f"frac_l{layer:02d}", "n_hits")
+                      if k in base.observables}
+            settings[name] += " (mean ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in effect.items()) + ")"
+    print(f"{args.file}: {n} of {n_file} showers summarised ({1 + len(names)} versions) in {time.time() - t0:.0f} s; "
+          f"comparisons {n // 2} vs {n // 2}, metrics at matched size {n // 4}")
+    _STATE.update(summaries=summaries, seed=args.seed, splits=args.splits, fpd_kpd=not args.no_fpd_kpd)
+    jobs = [("null", t) for t in range(args.null_trials)] + [(d, t) for d in names for t in range(args.trials)]
+    if args.workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(args.workers) as pool:
+            results = pool.map(_trial, jobs, chunksize=1)
+    else:
+        results = [_trial(j) for j in jobs]
+
+    print(f"rule: {rule_sentence(ALPHA)}")
+    summary = {}
+    for name in ["null"] + names:
+        rs = [r for r in results if r["sample"] == name]
+        if not rs:
+            continue
+        k = sum(r["n_flags"] > 0 for r in rs)
+        lo, hi = clopper_pearson(k, len(rs))
+        counts: dict[str, int] = {}
+        for r in rs:
+            for fl in r["flags"]:
+                counts[fl] = counts.get(fl, 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:6]
+        what = "false-flag rate (any flag)" if name == "null" else f"flagged fraction ({settings[name]})"
+        print(f"{name:8s} {what}: {k}/{len(rs)} = {k / len(rs):.2f} [95 % CI {lo:.2f}-{hi:.2f}]; "
+              f"median flags {np.median([r['n_flags'] for r in rs]):.0f} of {rs[0]['n_tests']} tests")
+        if top:
+            print("         most often flagged: " + ", ".join(f"{t} ({c})" for t, c in top))
+        summary[name] = {"comparisons": len(rs), "flagged": k, "fraction": k / len(rs), "ci95": [lo, hi],
+                         "setting": settings.get(name, "A vs B, both undeformed"), "top_flags": top}
+    print(f"total {time.time() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"file": args.file, "n": n, "args": vars(args), "rule": rule_sentence(),
+                                               "summary": summary, "trials": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
