@@ -126,10 +126,16 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, batch: int = 500):
+def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, batch: int = 500,
+                   cache: Path | None = None):
     """Summary of ``rows`` of a file, with the cells passed through ``deform`` (a function), and the file's
-    readout geometry."""
+    readout geometry; kept in (and read back from) the pickle ``cache`` when given."""
+    import pickle
+
     from caloforge.dataset import ShowerFile
+
+    if cache is not None and cache.exists():
+        return pickle.loads(cache.read_bytes())
     from caloforge.evaluate import geometry_for
     from caloforge.observables import summarise
 
@@ -143,7 +149,11 @@ def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, b
                 yield types.SimpleNamespace(energies=b.energies, angles=b.angles,
                                             showers=deform(showers) if deform else showers)
 
-        return summarise(batches(), geom, threshold_mev=threshold), geom
+        out = summarise(batches(), geom, threshold_mev=threshold), geom
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps(out))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="parallel comparisons (processes, default 1)")
     parser.add_argument("--json", help="write every trial's result here")
+    parser.add_argument("--cache", help="directory keeping the summaries between runs (pickles; keyed by the file, "
+                                        "--n, --seed, the threshold and each deformation's setting)")
     args = parser.parse_args(argv)
 
     from caloforge.dataset import ShowerFile
@@ -181,7 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     if n < 8:
         parser.error(f"{args.file}: {n} showers; need at least 8")
     rows = np.sort(rng.choice(n_file, n, replace=False))
-    base, geom = summarise_file(args.file, rows, args.threshold_mev)
+    def cache(tag: str) -> Path | None:
+        if not args.cache:
+            return None
+        st = Path(args.file).stat()
+        key = f"{Path(args.file).name}-{st.st_size}-{int(st.st_mtime)}-n{n}-s{args.seed}-t{args.threshold_mev:g}-{tag}"
+        return Path(args.cache) / f"{key}.pkl"
+
+    base, geom = summarise_file(args.file, rows, args.threshold_mev, cache=cache("base"))
     summaries = {"null": base}
     settings = {}
     if names:
@@ -197,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                "layer": ({"deform": lambda s: deformer.layer(s, layer, args.layer_scale)},
                          f"layer {layer} x {args.layer_scale:g}")}
         for name in names:
-            summaries[name] = summarise_file(args.file, rows, args.threshold_mev, **how[name][0])[0]
+            tag = {"energy": f"energy{args.energy_scale:g}", "lateral": f"lateral{args.lateral_scale:g}",
+                   "layer": f"layer{layer}x{args.layer_scale:g}"}[name]
+            summaries[name] = summarise_file(args.file, rows, args.threshold_mev, cache=cache(tag),
+                                             **how[name][0])[0]
             settings[name] = how[name][1]
             effect = {k: float(np.nanmean(summaries[name].observables[k]) / np.nanmean(base.observables[k]))
                       for k in ("e_vis", "r_mean", f"width_x_l{layer:02d}", f"frac_l{layer:02d}", "n_hits")
@@ -207,13 +229,22 @@ def main(argv: list[str] | None = None) -> int:
           f"comparisons {n // 2} vs {n // 2}, metrics at matched size {n // 4}")
     _STATE.update(summaries=summaries, seed=args.seed, splits=args.splits, fpd_kpd=not args.no_fpd_kpd)
     jobs = [("null", t) for t in range(args.null_trials)] + [(d, t) for d in names for t in range(args.trials)]
+    results = []
+
+    def progress(r: dict) -> None:
+        results.append(r)
+        print(f"  [{len(results)}/{len(jobs)}, {time.time() - t0:.0f} s] {r['sample']} #{r['trial']}: "
+              f"{r['n_flags']} flags" + (f" ({', '.join(r['flags'][:4])})" if r["flags"] else ""), flush=True)
+
     if args.workers > 1:
         import multiprocessing as mp
 
         with mp.get_context("fork").Pool(args.workers) as pool:
-            results = pool.map(_trial, jobs, chunksize=1)
+            for r in pool.imap_unordered(_trial, jobs, chunksize=1):
+                progress(r)
     else:
-        results = [_trial(j) for j in jobs]
+        for j in jobs:
+            progress(_trial(j))
 
     print(f"rule: {rule_sentence(ALPHA)}")
     summary = {}

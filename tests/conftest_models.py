@@ -58,6 +58,9 @@ TINY_CONFIGS: dict[str, dict] = {
                             "count_hidden": 16, "clamp_features": True},
     "layerflow:counts_first": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                                "count_hidden": 16, "counts_first": True},
+    "layerflow:axis_features": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
+                                "count_hidden": 16, "counts_first": True, "axis_features": True,
+                                "offset_squares": True, "match_centroids": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
 }

@@ -33,6 +33,32 @@ def test_shipped_model_matches_geant4_sampling_fraction_at_50_gev(g4_sample):
     assert abs(n_hits / g4_hits - 1) < 0.1, (n_hits, g4_hits)
 
 
+def test_shipped_model_covers_angles_and_electrons(g4_sample):
+    """One default model for photons and electrons at 0-60 degrees, anywhere in a cell (the multi-condition set)."""
+    from caloforge.conditions import Conditions
+
+    model = load_model(default_model_path())
+    assert set(model.meta["particles"]) == {"gamma", "e-"} and model.condition_names[-1] == "particle"
+    assert model.meta["conditions"]["angle_deg"][1] == 60.0
+    g4 = read_showers(g4_sample("e-", "30", 20, 23, angle="40"))
+    rng = np.random.default_rng(0)
+    c = Conditions.make(np.full(300, 30e3), 40.0, rng.uniform(0, 0.1, (300, 2)), "e-")  # Geant4 hits (0, 0)
+    showers = model.sample(c, seed=4).numpy()
+    assert showers.shape == (300, 30 * 30 * 60)  # the angled window, because the angle is > 0
+    frac, g4_frac = showers.sum(axis=1) / 30e3, g4.showers.sum(axis=1) / g4.energies
+    assert abs(frac.mean() / g4_frac.mean() - 1) < 0.05, (frac.mean(), g4_frac.mean())
+    # the energy-weighted centroid in y follows the shower axis: y = tan(40 deg) z
+    y = (np.arange(60) + 0.5) * 5.0 - 75.0
+    def centroid(s: np.ndarray) -> np.ndarray:
+        e_y = s.reshape(len(s), 30, 30, 60).sum(axis=(0, 2))
+        return e_y @ y / e_y.sum(axis=1)
+    z = model.detector.layer_z_mm()
+    core = slice(3, 20)  # layers that hold most of a 30 GeV shower
+    np.testing.assert_allclose(centroid(showers)[core], centroid(g4.showers)[core], atol=2.5)
+    slope, g4_slope = (np.polyfit(z[core], centroid(s)[core], 1)[0] for s in (showers, g4.showers))
+    assert 0.6 < g4_slope < 0.9 and slope == pytest.approx(g4_slope, rel=0.1)  # tan(40 deg) = 0.84
+
+
 def test_generate_cli_works_without_model_or_data(tmp_path):
     from caloforge.cli import main
 

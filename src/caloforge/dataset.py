@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -34,6 +35,27 @@ POSITIONS = "incident_positions"
 PARTICLES = "incident_particles"
 CHUNK_ROWS = 100
 UNKNOWN_PDG = 0  # a file that records no particle (neither column nor attribute)
+# The sparse layout (attribute layout = "sparse"): row i's hits are hit_cells/hit_energies[hit_offsets[i]:
+# hit_offsets[i + 1]], flat cell indices in (layer, x, y) C order, strictly increasing within a row.
+HIT_OFFSETS = "hit_offsets"
+HIT_CELLS = "hit_cells"
+HIT_ENERGIES = "hit_energies"
+HIT_CHUNK = 1 << 15  # hits per HDF5 chunk of the sparse datasets
+SPARSE_READ_SPAN = 1 << 22  # at most this many hits are read at once (besides one row's own)
+LAYOUTS = ("dense", "sparse")
+COMPRESSIONS = ("gzip", "lzf", "none")
+
+
+def compression_options(compression: str | None) -> dict:
+    """h5py ``create_dataset`` options of a compression choice: ``gzip`` (level 1, shuffle; the default), ``lzf``
+    (shuffle) or ``none`` (also ``None``)."""
+    if compression is None or compression == "none":
+        return {}
+    if compression == "gzip":
+        return dict(compression="gzip", compression_opts=1, shuffle=True)
+    if compression == "lzf":
+        return dict(compression="lzf", shuffle=True)
+    raise ValueError(f"compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}")
 
 
 class DatasetError(ValueError):
@@ -114,17 +136,22 @@ class ShowerFile:
     def _check(self, detector: Detector | None, expected_detector: Detector | str | None) -> None:
         """Validate the structure and attributes of the file (not the values: those are checked as read)."""
         h5 = self._h5
-        for key in (ENERGIES, SHOWERS):
+        self.layout = "sparse" if SHOWERS not in h5 and HIT_OFFSETS in h5 else "dense"
+        for key in (ENERGIES, SHOWERS) if self.layout == "dense" else (ENERGIES, HIT_CELLS, HIT_ENERGIES):
             if key not in h5:
-                raise DatasetError(f"{self.path}: missing dataset {key!r}; expected {ENERGIES!r} and {SHOWERS!r}")
+                raise DatasetError(f"{self.path}: missing dataset {key!r}; expected {ENERGIES!r} and {SHOWERS!r}" + (
+                    "" if self.layout == "dense" else f" (or {HIT_OFFSETS!r}, {HIT_CELLS!r} and {HIT_ENERGIES!r})"))
         for key, kinds, what in ((ENERGIES, "fiu", "real numbers (MeV)"), (SHOWERS, "fiu", "real numbers (MeV)"),
                                  (ANGLES, "fiu", "real numbers (deg)"), (POSITIONS, "fiu", "real numbers (mm)"),
-                                 (PARTICLES, "iu", "integer PDG codes")):
+                                 (PARTICLES, "iu", "integer PDG codes"), (HIT_OFFSETS, "iu", "integer offsets"),
+                                 (HIT_CELLS, "iu", "integer cell numbers"), (HIT_ENERGIES, "fiu", "reals (MeV)")):
             if key in h5:
                 _check_dtype(self.path, key, h5[key], kinds, what)
-        e, s = h5[ENERGIES], h5[SHOWERS]
+        e = h5[ENERGIES]
         if e.ndim != 2 or e.shape[1] != 1:
             raise DatasetError(f"{self.path}: field {ENERGIES!r} has shape {e.shape}; expected (N, 1)")
+        s = h5[SHOWERS] if self.layout == "dense" else self._check_sparse(e.shape[0])
+        cells_field = SHOWERS if self.layout == "dense" else HIT_CELLS
         if s.ndim != 2 or s.shape[1] < 1:
             raise DatasetError(f"{self.path}: field {SHOWERS!r} has shape {s.shape}; expected (N, n_cells)")
         if s.shape[0] != e.shape[0]:
@@ -152,7 +179,7 @@ class ShowerFile:
             try:
                 self.shape = self.detector.shape_for_cells(s.shape[1])
             except DetectorError as err:
-                raise DatasetError(f"{self.path}: field {SHOWERS!r}: {err}") from None
+                raise DatasetError(f"{self.path}: field {cells_field!r}: {err}") from None
         if "shape" in self.attrs:
             try:
                 shape = tuple(int(x) for x in np.asarray(self.attrs["shape"]).reshape(-1))
@@ -161,7 +188,7 @@ class ShowerFile:
             if not shape or int(np.prod(shape)) != s.shape[1] or (self.detector is not None and shape != self.shape):
                 want = f"{self.shape}" if self.detector is not None else f"dimensions multiplying to {s.shape[1]}"
                 raise DatasetError(f"{self.path}: attribute 'shape' is {self.attrs['shape']!r:.60}; expected {want} "
-                                   f"(the field {SHOWERS!r} has {s.shape[1]} cells per shower)")
+                                   f"(the field {cells_field!r} has {s.shape[1]} cells per shower)")
             if self.detector is None:
                 self.shape = shape
         elif self.detector is None:
@@ -174,6 +201,60 @@ class ShowerFile:
                     f"{self.path}: attribute 'detector' is {getattr(got, 'name', None)!r}; expected detector "
                     f"{want.name!r} (the file was made for another detector)"
                 )
+
+    def _check_sparse(self, n_rows: int) -> SimpleNamespace:
+        """The structure of a sparse file (offsets read and checked here, hits as read); returns a stand-in for the
+        dense field: ``shape`` (N, n_cells)."""
+        h5 = self._h5
+        off, cells, en = h5[HIT_OFFSETS], h5[HIT_CELLS], h5[HIT_ENERGIES]
+        if off.shape != (n_rows + 1,):
+            raise DatasetError(f"{self.path}: field {HIT_OFFSETS!r} has shape {off.shape}; expected ({n_rows + 1},), "
+                               f"one more than the rows of {ENERGIES!r}")
+        if cells.ndim != 1 or en.shape != cells.shape:
+            raise DatasetError(f"{self.path}: fields {HIT_CELLS!r} and {HIT_ENERGIES!r} have shapes {cells.shape} and "
+                               f"{en.shape}; expected the same shape (n_hits,)")
+        try:
+            raw = h5.attrs.get("n_cells")
+        except (OSError, TypeError, ValueError):
+            raw = None
+        if isinstance(raw, np.ndarray) and raw.ndim == 0:
+            raw = raw.item()
+        if not isinstance(raw, int | np.integer) or isinstance(raw, bool | np.bool_) or not 0 < raw < 2**31:
+            raise DatasetError(f"{self.path}: attribute 'n_cells' is {raw!r:.60}; expected the number of cells per "
+                               f"shower (a positive integer; sparse layout)")
+        offsets = off[:].astype(np.int64)
+        if offsets[0] != 0 or np.any(np.diff(offsets) < 0) or offsets[-1] != cells.shape[0]:
+            raise DatasetError(f"{self.path}: field {HIT_OFFSETS!r} does not index the {cells.shape[0]} hits; expected "
+                               f"non-decreasing offsets from 0 to {cells.shape[0]}")
+        self._offsets = offsets
+        self._n_cells = int(raw)
+        return SimpleNamespace(ndim=2, shape=(n_rows, int(raw)))
+
+    def _sparse_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Dense showers (len(rows), n_cells) of the sorted rows ``rows`` of a sparse file, the hits checked."""
+        off, n_cells = self._offsets, self._n_cells
+        out = np.zeros((len(rows), n_cells), np.float32)
+        i = 0
+        while i < len(rows):  # groups of rows whose hits span at most SPARSE_READ_SPAN (at least one row)
+            lo = off[rows[i]]
+            j = i + max(1, int(np.searchsorted(off[rows[i:] + 1], lo + SPARSE_READ_SPAN, side="right")))
+            grp = rows[i:j]
+            hi = off[grp[-1] + 1]
+            cells = self._h5[HIT_CELLS][lo:hi].astype(np.int64)
+            energies = self._h5[HIT_ENERGIES][lo:hi]
+            counts = off[grp + 1] - off[grp]
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            sel = np.arange(int(counts.sum())) + np.repeat(off[grp] - lo - starts, counts)
+            local = np.repeat(np.arange(i, j), counts)
+            c = cells[sel]
+            key = local * n_cells + c
+            if len(c) and (c.min() < 0 or c.max() >= n_cells or np.any(np.diff(key) <= 0)):
+                raise DatasetError(f"{self.path}: field {HIT_CELLS!r} (rows {grp[0]}-{grp[-1]}) holds cell indices "
+                                   f"outside [0, {n_cells}) or not increasing within a row; expected each row's cells "
+                                   f"once, in increasing order")
+            out[local, c] = energies[sel]
+            i = j
+        return out
 
     def _detector_from_attrs(self) -> Detector | None:
         name = self.attrs.get("detector")
@@ -203,7 +284,7 @@ class ShowerFile:
 
     @property
     def n_cells(self) -> int:
-        return int(self._h5[SHOWERS].shape[1])
+        return self._n_cells if self.layout == "sparse" else int(self._h5[SHOWERS].shape[1])
 
     @property
     def energies(self) -> np.ndarray:
@@ -283,14 +364,14 @@ class ShowerFile:
         """Rows [start, stop) (or the sorted rows ``index``) as a validated :class:`Batch`."""
         if index is not None:
             index = np.asarray(index)
-            showers = self._h5[SHOWERS][np.sort(index)] if len(index) else np.zeros((0, self.n_cells), np.float32)
+            showers = self._rows(np.sort(index)) if len(index) else np.zeros((0, self.n_cells), np.float32)
             order = np.argsort(np.argsort(index))
             showers = showers[order]
             cond = self._conditions(index)
             first = 0
         else:
             stop = len(self) if stop is None else min(stop, len(self))
-            showers = self._h5[SHOWERS][start:stop]
+            showers = self._rows(slice(start, stop))
             cond = self._conditions(slice(start, stop))
             first = start
         showers = np.asarray(showers, dtype=np.float32)
@@ -301,6 +382,15 @@ class ShowerFile:
                 raise DatasetError(f"{err} (rows counted from {first})") from None
             raise
         return Batch(cond, showers)
+
+    def _rows(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Showers of a slice or of sorted row numbers, as stored (dense) or made dense (sparse)."""
+        if self.layout == "dense":
+            return self._h5[SHOWERS][rows]
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(len(self))
+            rows = np.arange(start, max(start, stop))
+        return self._sparse_rows(np.asarray(rows, np.int64))
 
     def iter_batches(self, batch_size: int = 1000, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         stop = len(self) if stop is None else min(stop, len(self))
@@ -331,23 +421,36 @@ class ShowerWriter:
     """Writes a shower file incrementally to ``PATH.tmp`` and renames it to ``PATH`` on :meth:`close`.
 
     A crash leaves only the ``.tmp`` file, never a file with the final name that looks complete.
+    ``layout``: ``dense`` (the ``showers`` field) or ``sparse`` (``hit_offsets``, ``hit_cells``, ``hit_energies``);
+    ``compression``: ``gzip`` (level 1, shuffle), ``lzf`` or ``none`` (see :func:`compression_options`).
     """
 
     def __init__(self, path: str | Path, detector: Detector, n_cells: int, attrs: dict | None = None,
-                 compression: str | None = "gzip"):
+                 compression: str | None = "gzip", layout: str = "dense"):
         self.path = str(path)
         self.tmp = self.path + ".tmp"
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+        kw = compression_options(compression)
+        self.layout = layout
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         detector.shape_for_cells(n_cells)
         self.detector = detector
+        self.n_cells = n_cells
+        self._n_hits = 0
         self._h5 = h5py.File(self.tmp, "w")
-        kw = dict(compression=compression, compression_opts=1, shuffle=True) if compression == "gzip" else {}
         self._h5.create_dataset(ENERGIES, shape=(0, 1), maxshape=(None, 1), dtype="f8", chunks=(CHUNK_ROWS, 1))
         self._h5.create_dataset(ANGLES, shape=(0, 1), maxshape=(None, 1), dtype="f8", chunks=(CHUNK_ROWS, 1))
         self._h5.create_dataset(POSITIONS, shape=(0, 2), maxshape=(None, 2), dtype="f8", chunks=(CHUNK_ROWS, 2))
         self._h5.create_dataset(PARTICLES, shape=(0, 1), maxshape=(None, 1), dtype="i4", chunks=(CHUNK_ROWS, 1))
-        self._h5.create_dataset(SHOWERS, shape=(0, n_cells), maxshape=(None, n_cells), dtype="f4",
-                                chunks=(min(CHUNK_ROWS, 32), n_cells), **kw)
+        if layout == "dense":
+            self._h5.create_dataset(SHOWERS, shape=(0, n_cells), maxshape=(None, n_cells), dtype="f4",
+                                    chunks=(min(CHUNK_ROWS, 32), n_cells), **kw)
+        else:
+            self._h5.create_dataset(HIT_OFFSETS, data=np.zeros(1, np.int64), maxshape=(None,), chunks=(HIT_CHUNK,),
+                                    **kw)
+            self._h5.create_dataset(HIT_CELLS, shape=(0,), maxshape=(None,), dtype="i4", chunks=(HIT_CHUNK,), **kw)
+            self._h5.create_dataset(HIT_ENERGIES, shape=(0,), maxshape=(None,), dtype="f4", chunks=(HIT_CHUNK,), **kw)
         base = {
             "detector": detector.name,
             "detector_json": detector.to_json(),
@@ -357,7 +460,11 @@ class ShowerWriter:
             "angle_unit": "deg",
             "position_unit": "mm",
             "particle_code": "PDG",
+            "layout": layout,
+            "compression": compression or "none",
         }
+        if layout == "sparse":
+            base["n_cells"] = int(n_cells)
         base.update(attrs or {})
         for k, v in base.items():
             self._h5.attrs[k] = v if not isinstance(v, dict) else json.dumps(v)
@@ -378,7 +485,7 @@ class ShowerWriter:
         c = conditions
         showers = np.asarray(showers, np.float32)
         n = len(c)
-        if showers.shape != (n, self._h5[SHOWERS].shape[1]):
+        if showers.shape != (n, self.n_cells):
             raise DatasetError(f"{self.path}: cannot append showers {showers.shape} for {n} rows of conditions")
         _check_values(self.path, SHOWERS, showers)
         _check_values(self.path, ENERGIES, c.energy, positive=True)
@@ -386,12 +493,31 @@ class ShowerWriter:
             c.validate(self.path)
         except ConditionsError as err:
             raise DatasetError(str(err)) from None
+        if self.layout == "sparse":  # hits in row-major order: rows, then cells increasing
+            flat = np.flatnonzero(showers)
+            row = flat // self.n_cells
+            self._write_hits(np.bincount(row, minlength=n), (flat - row * self.n_cells).astype(np.int32),
+                             showers.reshape(-1)[flat])
         for key, arr in ((ENERGIES, c.energy[:, None]), (ANGLES, c.angle[:, None]), (POSITIONS, c.position),
-                         (PARTICLES, c.pdg[:, None]), (SHOWERS, showers)):
+                         (PARTICLES, c.pdg[:, None])) + (((SHOWERS, showers),) if self.layout == "dense" else ()):
             ds = self._h5[key]
             ds.resize(self.n + n, axis=0)
             ds[self.n:] = arr
         self.n += n
+
+    def _write_hits(self, counts: np.ndarray, cells: np.ndarray, energies: np.ndarray) -> None:
+        """Append the hits of the next ``len(counts)`` rows (sparse layout); the caller appends their conditions."""
+        m = len(cells)
+        if m:
+            for key, arr in ((HIT_CELLS, cells), (HIT_ENERGIES, energies)):
+                ds = self._h5[key]
+                ds.resize(self._n_hits + m, axis=0)
+                ds[self._n_hits:] = arr
+        if len(counts):
+            off = self._h5[HIT_OFFSETS]
+            off.resize(self.n + len(counts) + 1, axis=0)
+            off[self.n + 1:] = self._n_hits + np.cumsum(counts, dtype=np.int64)
+        self._n_hits += m
 
     def close(self) -> None:
         """Finish the file and move it to its final name."""
@@ -416,13 +542,14 @@ class ShowerWriter:
 
 
 def write_showers(path: str | Path, detector: Detector, conditions: Conditions | np.ndarray, showers: np.ndarray,
-                  legacy_showers: np.ndarray | None = None, attrs: dict | None = None) -> None:
+                  legacy_showers: np.ndarray | None = None, attrs: dict | None = None, *, compression: str = "gzip",
+                  layout: str = "dense") -> None:
     """Write a whole shower file atomically (``write_showers(path, det, energies, angles, showers)`` also works)."""
     if not isinstance(conditions, Conditions):
         conditions = Conditions.make(conditions, showers, particle=str((attrs or {}).get("particle", "gamma")))
         showers = legacy_showers
     showers = np.asarray(showers, np.float32).reshape(len(conditions), -1)
-    with ShowerWriter(path, detector, showers.shape[1], attrs) as w:
+    with ShowerWriter(path, detector, showers.shape[1], attrs, compression, layout) as w:
         for i in range(0, len(conditions), 1000):
             w.append(conditions[i:i + 1000], showers[i:i + 1000])
 
@@ -435,7 +562,7 @@ def describe(path: str | Path) -> str:
         if f.detector is not None:
             lines.append(f"detector:          {f.detector.name}")
         for key in ("source", "particle", "physics_list", "geant4_version", "production_cut_mm", "seed",
-                    "caloforge_version", "energy_spec", "angle_spec", "model"):
+                    "caloforge_version", "energy_spec", "angle_spec", "model", "layout", "compression"):
             if key in f.attrs:
                 lines.append(f"{key + ':':<19}{f.attrs[key]}")
         if len(f):

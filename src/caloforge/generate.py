@@ -9,7 +9,10 @@ batched and seeded: the same model, conditions, seed and batch size give the sam
 from __future__ import annotations
 
 import argparse
+import queue
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -38,15 +41,69 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=1000, help="showers per model call (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the conditions and of the model noise")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--format", default="dense", choices=["dense", "sparse"],
+                   help="dense: the CaloChallenge 'showers' array (default); sparse: the hits only (hit_offsets, "
+                        "hit_cells, hit_energies), read back as dense showers by every caloforge command")
+    p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
+                   help="HDF5 compression of the showers: gzip (level 1, shuffle; default, smallest), lzf (faster, "
+                        "larger) or none (fastest, largest)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+class _BackgroundWriter:
+    """Appends batches to a :class:`~caloforge.dataset.ShowerWriter` from a thread of its own, so that batch k is
+    checked, compressed and written while batch k + 1 is generated. Until :meth:`finish` that thread is the only one
+    touching the file (h5py serialises its calls; one thread owning the file is safe). Its first error stops the
+    writing and is raised in the generating thread at the next :meth:`put` or at :meth:`finish`."""
+
+    def __init__(self, writer, depth: int = 1):
+        self.writer = writer
+        self.error: BaseException | None = None
+        self.write_s = 0.0  # time spent appending, in the writer thread
+        self.wait_s = 0.0  # time the generating thread waited for the writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._thread = threading.Thread(target=self._work, name="caloforge-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self.error is None:  # after an error: drain the queue without writing
+                t0 = time.perf_counter()
+                try:
+                    self.writer.append(*item)
+                except BaseException as err:  # noqa: BLE001 - handed to the generating thread
+                    self.error = err
+                self.write_s += time.perf_counter() - t0
+
+    def put(self, conditions, showers: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        t0 = time.perf_counter()
+        self._queue.put((conditions, showers))
+        self.wait_s += time.perf_counter() - t0
+
+    def finish(self, raise_error: bool = True) -> None:
+        """Wait until every batch is written (call it also after an error), then raise the writer's error."""
+        t0 = time.perf_counter()
+        self._queue.put(None)
+        self._thread.join()
+        self.wait_s += time.perf_counter() - t0
+        if raise_error and self.error is not None:
+            raise self.error
+
+
 def generate_file(model, output: str | Path, n: int, sampler=None, conditions=None, batch_size: int = 1000,
-                  seed: int = 0, quiet: bool = True, attrs: dict | None = None, angled: bool | None = None) -> Path:
+                  seed: int = 0, quiet: bool = True, attrs: dict | None = None, angled: bool | None = None,
+                  layout: str = "dense", compression: str = "gzip", overlap: bool = True,
+                  stats: dict | None = None) -> Path:
     """Generate ``n`` showers with ``model`` into ``output``; conditions from a
     :class:`~caloforge.conditions.ConditionSampler` or an explicit :class:`~caloforge.conditions.Conditions`.
 
-    ``angled`` picks the readout window (default: angled when any requested angle is > 0).
+    ``angled`` picks the readout window (default: angled when any requested angle is > 0). ``layout`` (``dense`` or
+    ``sparse``) and ``compression`` (``gzip``, ``lzf``, ``none``) choose the file layout (same showers either way).
+    ``overlap``: write batch k in a background thread while batch k + 1 is generated (the file is the same). An error
+    on either side removes the unfinished file. ``stats``: filled with seconds spent in the model (``model_s``),
+    writing (``write_s``, in the writer thread when overlapping) and waiting for the writer (``wait_s``).
     """
     import torch
 
@@ -84,15 +141,37 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
         meta.update(energy_spec=sampler.energy.text, angle_spec=sampler.angle.text,
                     position_spec=sampler.position.text)
     meta.update(attrs or {})
-    with ShowerWriter(output, model.detector, int(np.prod(shape)), meta) as writer, \
+    model_s = 0.0
+    with ShowerWriter(output, model.detector, int(np.prod(shape)), meta, compression, layout) as writer, \
             progress(n, desc=f"generate {model.family}", unit="shower", quiet=quiet) as bar, \
             warnings.catch_warnings():
         warnings.simplefilter("ignore", ConditionsWarning)  # warned once above
-        for start in range(0, n, batch_size):
-            c = conditions[start:start + batch_size]
-            showers = model.sample(c, generator=gen, angled=angled).float().cpu().numpy()
-            writer.append(c, showers)
-            bar.update(len(c))
+        bg = _BackgroundWriter(writer) if overlap else None
+        try:
+            for start in range(0, n, batch_size):
+                c = conditions[start:start + batch_size]
+                t0 = time.perf_counter()
+                showers = model.sample(c, generator=gen, angled=angled).float().cpu().numpy()
+                model_s += time.perf_counter() - t0
+                if bg is not None:
+                    bg.put(c, showers)
+                else:
+                    t0 = time.perf_counter()
+                    writer.append(c, showers)
+                    if stats is not None:
+                        stats["write_s"] = stats.get("write_s", 0.0) + time.perf_counter() - t0
+                bar.update(len(c))
+        except BaseException:
+            if bg is not None:
+                bg.finish(raise_error=False)  # the writer thread stops before the file is removed
+            raise
+        if bg is not None:
+            bg.finish()
+    if stats is not None:
+        stats["model_s"] = model_s
+        if bg is not None:
+            stats.update(write_s=bg.write_s, wait_s=bg.wait_s)
+        stats.setdefault("wait_s", 0.0)
     return Path(output)
 
 
@@ -143,7 +222,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         out = generate_file(model, args.output, n, sampler, conditions, args.batch_size, args.seed, args.quiet,
                             attrs={"conditions_from": str(args.conditions_from)} if args.conditions_from else None,
-                            angled=angled)
+                            angled=angled, layout=args.format, compression=args.compression)
     for w in caught:
         print(f"caloforge generate: warning: {w.message}", file=sys.stderr)
     if not args.quiet:

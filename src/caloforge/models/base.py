@@ -71,14 +71,21 @@ CONDITION_FEATURES: dict[str, tuple[str, Any]] = {
     "sec_angle": ("angle", lambda c, m: 1.0 / torch.cos(c[:, 1] * (math.pi / 180))),
     "frac_x": ("position", lambda c, m: _frac(c[:, 2] / m.detector.cell_size_mm)),
     "frac_y": ("position", lambda c, m: _frac(c[:, 3] / m.detector.cell_size_mm)),
+    # The offset within the cell as a phase: a shift by a whole cell is the same shower one cell over, so the
+    # features are periodic and the edges of the cell are no boundary of the training range.
+    "sin_x": ("position", lambda c, m: torch.sin(2 * math.pi * c[:, 2] / m.detector.cell_size_mm)),
+    "cos_x": ("position", lambda c, m: torch.cos(2 * math.pi * c[:, 2] / m.detector.cell_size_mm)),
+    "sin_y": ("position", lambda c, m: torch.sin(2 * math.pi * c[:, 3] / m.detector.cell_size_mm)),
+    "cos_y": ("position", lambda c, m: torch.cos(2 * math.pi * c[:, 3] / m.detector.cell_size_mm)),
     "is_photon": ("particle", lambda c, m: (c[:, 4] == 22).float()),
     "charge": ("particle", lambda c, m: torch.where(c[:, 4] == 22, torch.zeros_like(c[:, 4]), -torch.sign(c[:, 4]))),
 }
 #: Features of models saved before impact points and particles were conditions.
 LEGACY_FEATURES: tuple[str, ...] = ("log_e", "angle")
-DEFAULT_FEATURES: tuple[str, ...] = tuple(CONDITION_FEATURES)
+DEFAULT_FEATURES: tuple[str, ...] = ("log_e", "angle", "sec_angle", "sin_x", "cos_x", "sin_y", "cos_y", "is_photon",
+                                     "charge")
 #: Features the label regressors of adversarial families reconstruct.
-REGRESSED_FEATURES: tuple[str, ...] = ("log_e", "angle", "frac_x", "frac_y")
+REGRESSED_FEATURES: tuple[str, ...] = ("log_e", "angle", "frac_x", "frac_y", "sin_x", "cos_x", "sin_y", "cos_y")
 
 
 @dataclass

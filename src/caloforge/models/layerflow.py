@@ -37,6 +37,7 @@ from torch import nn
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 
+TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
 
 
@@ -63,6 +64,10 @@ class LayerFlowConfig(ModelConfig):
     counts_first: bool = False  # order p(counts) p(layer features | counts) instead of p(features) p(counts | features)
     clamp_features: bool = False  # clamp flow samples to the training range of each feature (+- clamp_margin x range)
     clamp_margin: float = 0.1
+    axis_features: bool = False  # centroids and mean r^2 measured from the shower axis, not from the local grid
+    offset_squares: bool = False  # the squared axis offsets as cell covariates too (how a cell shares with its
+    # neighbours depends on how far the axis passes from the cell centre: E_ratio, the hottest cell)
+    match_centroids: bool = False  # tilt each layer's cell energies so its centroid is the flow's (sampling only)
     permutation_seed: int = 1234
 
     bounds: ClassVar[dict[str, tuple]] = {
@@ -141,9 +146,9 @@ class LayerFlow(ShowerModel):
         self.n_layers, self.n_lat = n_l, n_x * n_y
         self.n_feat = N_FEAT + int(cfg.hit_count)
         n_cf = self.n_cond_features
-        self.cell_offsets = "frac_x" in self.features  # the axis's per-layer offset within its cell as covariates
+        self.cell_offsets = "position" in self.condition_names  # the axis's per-layer offset in its cell as covariates
         # covariates per cell: 1, the standardised layer features, the condition features (, the axis offsets)
-        self.n_cov = self.n_feat + 1 + n_cf + 2 * self.cell_offsets
+        self.n_cov = self.n_feat + 1 + n_cf + (2 + 2 * cfg.offset_squares) * self.cell_offsets
         self.flow_dim = N_FEAT * n_l  # the layer flow; with hit_count a second flow models the L log hit counts
         self.dim = self.n_feat * n_l
         x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
@@ -209,19 +214,30 @@ class LayerFlow(ShowerModel):
         if not self.cell_offsets:
             return None
         _, _, fx, fy = self.axis_cells(cond)
-        return torch.stack([fx[None].expand(self.n_layers, -1), fy.transpose(0, 1)], dim=2) - 0.5
+        off = torch.stack([fx[None].expand(self.n_layers, -1), fy.transpose(0, 1)], dim=2) - 0.5
+        return torch.cat([off, off ** 2 - 1.0 / 12], dim=2) if self.config.offset_squares else off
 
     def layer_features(self, showers: torch.Tensor, energies: torch.Tensor, u: torch.Tensor | None = None,
-                       u_count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       u_count: torch.Tensor | None = None, cond: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw per-layer features (n, n_feat L) laid out [logfrac | cx | cy | log r2 (| log(1 + hits))], and layer
-        energies (n, L). ``u`` and ``u_count`` dequantise the layer energy and the hit count (default 0.5)."""
+        energies (n, L). ``u`` and ``u_count`` dequantise the layer energy and the hit count (default 0.5).
+
+        With ``axis_features`` the centroid and the mean squared radius are measured from where the shower axis
+        crosses the layer (from ``cond``): in the shower-axis frame that point jumps by a cell from layer to layer
+        of an inclined shower, a saw-tooth in (angle, impact, depth) that the flow would otherwise have to learn."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         s = showers.reshape(len(showers), self.n_layers, self.n_lat).float()
         e_l = s.sum(dim=2)
         den = e_l + cfg.centroid_reg_mev
-        cx = (s @ self.cell_x) / den
-        cy = (s @ self.cell_y) / den
-        r2 = (s @ (self.cell_x ** 2 + self.cell_y ** 2)) / den
+        sx, sy = s @ self.cell_x, s @ self.cell_y
+        sr2 = s @ (self.cell_x ** 2 + self.cell_y ** 2)
+        if cfg.axis_features and cond is not None and self.cell_offsets:
+            axis = (self._offsets(cond)[..., :2] + 0.5).permute(1, 0, 2)  # (n, L, 2), the axis in local cell units
+            ax, ay = axis[..., 0], axis[..., 1]
+            sr2 = sr2 - 2 * ax * sx - 2 * ay * sy + (ax ** 2 + ay ** 2) * e_l
+            sx, sy = sx - ax * e_l, sy - ay * e_l
+        cx, cy, r2 = sx / den, sy / den, (sr2 / den).clamp(min=0.0)
         u = torch.full_like(e_l, 0.5) if u is None else u
         logfrac = torch.log((e_l + cfg.dequant_mev * u) / energies.float()[:, None])
         feats = [logfrac, cx, cy, torch.log(r2 + 0.25)]
@@ -258,7 +274,7 @@ class LayerFlow(ShowerModel):
         cell_layer = torch.arange(n_l).repeat_interleave(n_lat)
         for i in range(0, n, chunk):
             x = torch.as_tensor(np.asarray(showers[i:i + chunk]), dtype=torch.float32)
-            feats.append(self.layer_features(x, energies[i:i + chunk])[0])
+            feats.append(self.layer_features(x, energies[i:i + chunk], cond=cond[i:i + chunk])[0])
             h = x > 0
             ly = torch.log(torch.where(h, x, torch.ones_like(x))).double()
             hits += h.sum(0)
@@ -416,7 +432,7 @@ class LayerFlow(ShowerModel):
         n_l = self.n_layers
         u = torch.rand(len(batch), n_l, device=cf.device)
         u_count = torch.rand(len(batch), n_l, device=cf.device) if cfg.hit_count else None
-        feat, e_l = self.layer_features(batch.showers, batch.energies, u, u_count)
+        feat, e_l = self.layer_features(batch.showers, batch.energies, u, u_count, cond=batch.cond)
         fs = (feat - self.feat_mean) / self.feat_std
         # Lateral features of empty layers are arbitrary: spread them so the flow sees no point mass.
         empty = (e_l <= 0).repeat(1, self.n_feat)
@@ -465,6 +481,47 @@ class LayerFlow(ShowerModel):
         if self.config.hit_count:  # the energy quantiles of the hits, apart from the choice of the hit cells
             shapes.append(((n, self.n_cells), "uniform"))
         return shapes
+
+    def _tilt_to_centroids(self, e_hit: torch.Tensor, seg: torch.Tensor, col: torch.Tensor, fs: torch.Tensor,
+                           e_layer: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Reweight the hits of each layer by exp(a_x (x - c_x) + a_y (y - c_y)) so that the layer's centroid becomes
+        the flow's (the per-cell laws respond to the axis position only to first or second order; the flow's
+        centroids carry it exactly). (a_x, a_y) solve the 2 x 2 moment equations of the linear tilt
+        1 + a_x (x - c_x) + a_y (y - c_y), which keeps the layer energy; its exponential agrees to first order and
+        never removes a hit. Layers with fewer than 3 hits or a degenerate spread are left alone."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        n_l = self.n_layers
+        raw = fs[:, n_l:3 * n_l] * self.feat_std[n_l:3 * n_l] + self.feat_mean[n_l:3 * n_l]
+        tx, ty = raw[:, :n_l], raw[:, n_l:]
+        e_l = e_layer.clamp(min=1e-6)
+        tx, ty = tx * (e_l + cfg.centroid_reg_mev) / e_l, ty * (e_l + cfg.centroid_reg_mev) / e_l
+        if cfg.axis_features and self.cell_offsets:
+            axis = (self._offsets(cond)[..., :2] + 0.5).permute(1, 0, 2)  # (n, L, 2)
+            tx, ty = tx + axis[..., 0], ty + axis[..., 1]
+        x, y = self.cell_x[col], self.cell_y[col]
+        m = e_layer.numel()
+
+        def ssum(v: torch.Tensor) -> torch.Tensor:
+            return torch.zeros(m, dtype=v.dtype, device=v.device).scatter_add(0, seg, v)
+
+        # Only hits well above the readout threshold are tilted (they carry the centroid); the soft hits keep their
+        # energies, so the number of hits above any threshold below TILT_MIN_MEV does not change.
+        hard = e_hit > TILT_MIN_MEV
+        e_all = ssum(e_hit)
+        e_hard = torch.where(hard, e_hit, torch.zeros_like(e_hit))
+        e = ssum(e_hard)
+        safe = e_all.clamp(min=1e-30)
+        cx, cy = ssum(e_hit * x) / safe, ssum(e_hit * y) / safe  # the centroid of all hits
+        dx, dy = x - cx[seg], y - cy[seg]
+        vxx, vyy, vxy = ssum(e_hard * dx * dx), ssum(e_hard * dy * dy), ssum(e_hard * dx * dy)
+        rx, ry = (tx.reshape(-1) - cx) * e_all, (ty.reshape(-1) - cy) * e_all
+        det = vxx * vyy - vxy * vxy
+        ok = (ssum(hard.to(e_hit.dtype)) >= 3) & (det > 1e-9 * (vxx * vyy).clamp(min=1e-30)) & (e > 0)
+        det = torch.where(ok, det, torch.ones_like(det))
+        ax = torch.where(ok, (vyy * rx - vxy * ry) / det, torch.zeros_like(det))
+        ay = torch.where(ok, (vxx * ry - vxy * rx) / det, torch.zeros_like(det))
+        # exp of the linear tilt: the same to first order, never zero, bounded to a factor e
+        return torch.where(hard, e_hit * torch.exp((ax[seg] * dx + ay[seg] * dy).clamp(-1.0, 1.0)), e_hit)
 
     def _hits_exactly(self, logit: torch.Tensor, u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         """Hit mask (L, n, n_lat) with exactly ``count`` (n, L) hits per layer: Pareto order sampling.
@@ -539,8 +596,10 @@ class LayerFlow(ShowerModel):
         if cfg.mip_bins > 0:
             y_hit = torch.where(soft, y_soft, y_hit)
         e_hit = torch.exp(torch.minimum(y_hit, self.cell_log_e_max[flat]))
-        # Rescale each layer to the flow's layer energy.
         seg = row * n_l + lay
+        if cfg.match_centroids:
+            e_hit = self._tilt_to_centroids(e_hit, seg, col, fs, e_layer, cond)
+        # Rescale each layer to the flow's layer energy.
         target = e_layer.reshape(-1)
         total = torch.zeros_like(target).scatter_add(0, seg, e_hit)  # (index_add exports without the add)
         scale = torch.where(total > 0, target / total.clamp(min=1e-30), torch.zeros_like(total))

@@ -1,0 +1,233 @@
+"""A faster generate: the sparse hit layout, the compression choice, the background writer, bench's whole-job timing."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from caloforge.cli import main
+from caloforge.dataset import (
+    HIT_CELLS,
+    HIT_ENERGIES,
+    HIT_OFFSETS,
+    SHOWERS,
+    DatasetError,
+    ShowerFile,
+    ShowerWriter,
+    torch_dataset,
+    write_showers,
+)
+from caloforge.generate import generate_file
+from caloforge.models import load_model, save_model
+from conftest_models import tiny_model, toy_detector, toy_showers
+
+H5_COMPRESSION = {"gzip": "gzip", "lzf": "lzf", "none": None}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    det = toy_detector()
+    model = tiny_model("layerflow", det, toy_showers(det, 40, seed=2))
+    model.meta["particle"] = "gamma"
+    return save_model(model, tmp_path_factory.mktemp("model") / "m")
+
+
+def _showers(n: int = 30, seed: int = 1):
+    det = toy_detector()
+    b = toy_showers(det, n, seed=seed)
+    b.showers[3] = 0.0  # a row without hits
+    b.showers[5, -1] = 7.5  # the last cell
+    return det, b
+
+
+def _generate(model_dir, out, *extra) -> None:
+    assert main(["generate", "--model", str(model_dir), "-n", "25", "--energy", "20:90", "--batch-size", "10",
+                 "--seed", "5", "--quiet", "--device", "cpu", "-o", str(out), *extra]) == 0
+
+
+def test_sparse_and_dense_generate_hold_the_same_showers(model_dir, tmp_path):
+    _generate(model_dir, tmp_path / "dense.h5")
+    _generate(model_dir, tmp_path / "sparse.h5", "--format", "sparse")
+    _generate(model_dir, tmp_path / "sparse-none.h5", "--format", "sparse", "--compression", "none")
+    with ShowerFile(tmp_path / "dense.h5") as d, ShowerFile(tmp_path / "sparse.h5", toy_detector()) as s, \
+            ShowerFile(tmp_path / "sparse-none.h5") as s2:
+        assert d.layout == "dense" and s.layout == "sparse" and s.n_cells == d.n_cells and s.shape == d.shape
+        rd, rs, rs2 = d.read(), s.read(), s2.read()
+        assert rd.showers.any() and np.array_equal(rd.showers, rs.showers) and np.array_equal(rd.showers, rs2.showers)
+        assert np.array_equal(rd.conditions.as_array(), rs.conditions.as_array())
+        assert s.attrs["layout"] == "sparse" and s.attrs["compression"] == "gzip" and s.attrs["n_cells"] == d.n_cells
+        assert s.attrs["source"] == "model:layerflow" and s.attrs["seed"] == 5
+    with h5py.File(tmp_path / "sparse.h5") as h:
+        assert SHOWERS not in h and h[HIT_OFFSETS].dtype == np.int64 and h[HIT_OFFSETS].shape == (26,)
+        assert h[HIT_CELLS].dtype == np.int32 and h[HIT_ENERGIES].dtype == np.float32
+        off = h[HIT_OFFSETS][:]
+        row = np.repeat(np.arange(25), np.diff(off))
+        assert np.array_equal(rd.showers[row, h[HIT_CELLS][:]], h[HIT_ENERGIES][:])
+        assert off[-1] == np.count_nonzero(rd.showers)
+    # evaluate/info read sparse files unchanged
+    assert main(["info", str(tmp_path / "sparse.h5")]) == 0
+
+
+def test_sparse_file_reads_back_exactly(tmp_path):
+    det, b = _showers()
+    path = tmp_path / "s.h5"
+    with ShowerWriter(path, det, b.showers.shape[1], {"particle": "gamma"}, layout="sparse") as w:
+        for i in range(0, len(b), 7):
+            w.append(b.conditions[i:i + 7], b.showers[i:i + 7])
+    with ShowerFile(path, expected_detector=det) as f:
+        assert len(f) == len(b) and f.n_cells == b.showers.shape[1]
+        assert np.array_equal(f.read().showers, b.showers)
+        assert np.array_equal(np.concatenate([x.showers for x in f.iter_batches(4)]), b.showers)
+        idx = np.array([17, 3, 29, 0, 5])
+        assert np.array_equal(f.read(index=idx).showers, b.showers[idx])
+        assert f.read(index=np.array([], int)).showers.shape == (0, f.n_cells)
+        assert np.array_equal(f.read(28, 99).showers, b.showers[28:])
+        assert np.array_equal(f.conditions.energy, b.conditions.energy)
+    ds = torch_dataset(path)
+    assert torch.equal(ds[5][1], torch.from_numpy(b.showers[5]))
+    import caloforge.dataset as dataset  # reads in groups of at most SPARSE_READ_SPAN hits: exercise the grouping
+
+    old, dataset.SPARSE_READ_SPAN = dataset.SPARSE_READ_SPAN, 50
+    try:
+        with ShowerFile(path) as f:
+            assert np.array_equal(f.read().showers, b.showers)
+            assert np.array_equal(f.read(index=idx).showers, b.showers[idx])
+    finally:
+        dataset.SPARSE_READ_SPAN = old
+
+
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+@pytest.mark.parametrize("compression", ["gzip", "lzf", "none"])
+def test_compression_round_trips(tmp_path, layout, compression):
+    det, b = _showers(12)
+    path = tmp_path / "c.h5"
+    write_showers(path, det, b.conditions, b.showers, attrs={"particle": "gamma"}, compression=compression,
+                  layout=layout)
+    with h5py.File(path) as h:
+        ds = h[SHOWERS] if layout == "dense" else h[HIT_ENERGIES]
+        assert ds.compression == H5_COMPRESSION[compression] and h.attrs["compression"] == compression
+        assert h.attrs["layout"] == layout
+    with ShowerFile(path) as f:
+        assert f.layout == layout and np.array_equal(f.read().showers, b.showers)
+
+
+def test_bad_layout_or_compression(model_dir, tmp_path, capsys):
+    det, b = _showers(6)
+    with pytest.raises(ValueError, match="compression 'zstd'"):
+        ShowerWriter(tmp_path / "x.h5", det, b.showers.shape[1], compression="zstd")
+    with pytest.raises(ValueError, match="layout 'coo'"):
+        ShowerWriter(tmp_path / "x.h5", det, b.showers.shape[1], layout="coo")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(model_dir), "-n", "2", "-o", str(tmp_path / "y.h5"), "--format", "coo"])
+    assert not (tmp_path / "y.h5").exists()
+
+
+def _corrupt(path, key, fn) -> None:
+    with h5py.File(path, "r+") as h:
+        a = fn(h[key][:])
+        del h[key]
+        h[key] = a
+
+
+@pytest.mark.parametrize("key, fn, match", [
+    (HIT_OFFSETS, lambda a: a[:-1], "hit_offsets.*shape"),
+    (HIT_OFFSETS, lambda a: a + 1, "hit_offsets.*non-decreasing"),
+    (HIT_CELLS, lambda a: np.where(np.arange(len(a)) == 4, 10**6, a), "outside"),
+    (HIT_CELLS, lambda a: np.where(np.arange(len(a)) == 1, a[0], a), "increasing"),
+    (HIT_ENERGIES, lambda a: np.where(np.arange(len(a)) == 2, -1.0, a).astype(np.float32), "negative"),
+    (HIT_ENERGIES, lambda a: a[:-1], "same shape"),
+])
+def test_corrupt_sparse_files_are_refused(tmp_path, key, fn, match):
+    det, b = _showers(6)
+    path = tmp_path / "s.h5"
+    write_showers(path, det, b.conditions, b.showers, attrs={"particle": "gamma"}, layout="sparse")
+    _corrupt(path, key, fn)
+    with pytest.raises(DatasetError, match=match):
+        with ShowerFile(path) as f:
+            f.read()
+
+
+def test_sparse_needs_n_cells(tmp_path):
+    det, b = _showers(6)
+    path = tmp_path / "s.h5"
+    write_showers(path, det, b.conditions, b.showers, attrs={"particle": "gamma"}, layout="sparse")
+    with h5py.File(path, "r+") as h:
+        h.attrs["n_cells"] = "many"
+    with pytest.raises(DatasetError, match="'n_cells'"):
+        ShowerFile(path)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("side", ["model", "writer"])
+def test_failure_mid_generation_leaves_no_file(model_dir, tmp_path, monkeypatch, overlap, side):
+    from caloforge.conditions import ConditionSampler
+
+    model = load_model(model_dir, device="cpu")
+    sampler = ConditionSampler.parse("20:90", "0", "0,0", "gamma", model.detector.cell_size_mm)
+    calls = []
+    if side == "model":
+        sample = model.sample
+
+        def failing(*a, **k):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("model failed")
+            return sample(*a, **k)
+
+        monkeypatch.setattr(model, "sample", failing)
+    else:
+        append = ShowerWriter.append
+
+        def failing(self, *a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                raise OSError("disk full")
+            return append(self, *a, **k)
+
+        monkeypatch.setattr(ShowerWriter, "append", failing)
+    out = tmp_path / "g.h5"
+    with pytest.raises(RuntimeError if side == "model" else OSError, match="failed" if side == "model" else "disk"):
+        generate_file(model, out, 50, sampler, batch_size=5, overlap=overlap)
+    assert not list(tmp_path.iterdir())  # neither the file nor its .tmp
+    if side == "writer":
+        assert len(calls) < 10  # generation stopped soon after the writer failed
+
+
+def test_background_writer_gives_the_same_file(model_dir, tmp_path):
+    from caloforge.conditions import ConditionSampler
+
+    model = load_model(model_dir, device="cpu")
+    sampler = ConditionSampler.parse("20:90", "0", "0,0", "gamma", model.detector.cell_size_mm)
+    stats: dict = {}
+    generate_file(model, tmp_path / "a.h5", 23, sampler, batch_size=4, seed=2, overlap=True, stats=stats)
+    generate_file(model, tmp_path / "b.h5", 23, sampler, batch_size=4, seed=2, overlap=False, layout="sparse")
+    assert set(stats) >= {"model_s", "write_s", "wait_s"} and stats["model_s"] > 0
+    with ShowerFile(tmp_path / "a.h5") as a, ShowerFile(tmp_path / "b.h5") as b:
+        assert np.array_equal(a.read().showers, b.read().showers)
+
+
+def test_bench_whole_job(model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(model_dir), "--batch-sizes", "4", "--energies", "20,50", "--repeats", "1",
+                 "--no-geant4", "--whole-job", "6", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["torch_threads"] == 1 and r["cpu_cores"] >= 1
+    jobs = {(j["format"], j["compression"], j["overlap"]) for j in r["whole_job"]}
+    assert len(jobs) == 7 and ("dense", "gzip", False) in jobs and ("sparse", "none", True) in jobs
+    for j in r["whole_job"]:
+        assert j["n_showers"] == 6 and j["ms_per_shower"] > 0 and j["file_bytes"] > 0
+    text = capsys.readouterr().out
+    assert "whole job" in text and "sparse" in text and "threads" in text
+    assert not list(tmp_path.glob("*.h5"))
+    assert main(["bench", "--model", str(model_dir), "--whole-job", "2", "--whole-job-formats", "dense:zip",
+                 "--no-geant4"]) == 2
