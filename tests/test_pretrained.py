@@ -33,16 +33,16 @@ def test_shipped_model_matches_geant4_sampling_fraction_at_50_gev(g4_sample):
     assert abs(n_hits / g4_hits - 1) < 0.1, (n_hits, g4_hits)
 
 
-def test_shipped_model_covers_angles_and_electrons(g4_sample):
-    """One default model for photons and electrons at 0-60 degrees, anywhere in a cell (the multi-condition set)."""
+def test_shipped_multi_model_covers_angles_and_electrons(g4_sample):
+    """The shipped `multi` model: photons and electrons at 0-60 degrees, anywhere in a cell (ild-multi-train)."""
     from caloforge.conditions import Conditions
 
-    model = load_model(default_model_path())
+    model = load_model("multi")
     assert set(model.meta["particles"]) == {"gamma", "e-"} and model.condition_names[-1] == "particle"
     assert model.meta["conditions"]["angle_deg"][1] == 60.0
     g4 = read_showers(g4_sample("e-", "30", 20, 23, angle="40"))
     rng = np.random.default_rng(0)
-    c = Conditions.make(np.full(300, 30e3), 40.0, rng.uniform(0, 0.1, (300, 2)), "e-")  # Geant4 hits (0, 0)
+    c = Conditions.make(np.full(300, 30e3), 40.0, rng.uniform(0, 0.1, (300, 2)), "e-")  # Geant4 hits near (0, 0)
     showers = model.sample(c, seed=4).numpy()
     assert showers.shape == (300, 30 * 30 * 60)  # the angled window, because the angle is > 0
     frac, g4_frac = showers.sum(axis=1) / 30e3, g4.showers.sum(axis=1) / g4.energies
@@ -79,3 +79,14 @@ def test_main_job_runs_end_to_end(tmp_path):
     results = json.loads((out / "report" / "metrics.json").read_text())
     assert results["reference"]["n_used"] == 40 and "layerflow" in results["candidates"]
     assert (out / "report" / "report.html").stat().st_size > 10_000
+
+
+def test_shipped_models_are_listed_and_load_by_name(capsys):
+    from caloforge.cli import main
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "default" in out and "multi" in out and "0-60 deg" in out
+    assert load_model("default").n_cells == load_model("multi").n_cells == 27000
+    with pytest.raises(Exception, match="model not found"):
+        load_model("no-such-model")

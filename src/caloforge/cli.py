@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("caloforge.export", "export a trained model to ONNX"),
     "convert": ("caloforge.calochallenge", "convert between caloforge and CaloChallenge files"),
     "run": ("caloforge.pipeline", "the whole chain: Geant4 sample, generation, evaluation report"),
+    "models": ("caloforge.zoo", "list the models shipped inside the package"),
 }
 
 

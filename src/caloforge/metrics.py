@@ -7,11 +7,12 @@ random splits, beside the floor averaged over the same splits (``floor``, ``floo
 splits). The full-size value (all reference vs all candidate) is reported too, as ``value_full``.
 
 Each comparison also carries the errors of both: ``err_value`` from a bootstrap (:func:`bootstrap_replicas`:
-both samples resampled with replacement, each replica scored like the data) and ``err_floor`` = floor_std /
-sqrt(number of splits), the error of the floor's mean; ``z`` = (value - floor) / sqrt(err_value^2 + err_floor^2) and
-its one-sided ``p_value``. Whether a test is *flagged* is decided over all tests of a candidate at once, by
-Holm-Bonferroni at a family-wise level of 5 % (:mod:`caloforge.flags`, called at the end of
-:func:`compare_summaries`); a lone comparison is flagged when its own p-value is below that level.
+both samples resampled with replacement, each replica scored like the data; N_BOOT replicas, N_BOOT_REFINE for the
+tests whose z lies in REFINE_Z) and ``err_floor`` = floor_std / sqrt(number of splits), the error of the floor's
+mean; ``z`` = (value - floor) / sqrt(err_value^2 + err_floor^2) and its one-sided ``p_value``. Whether a test is
+*flagged* is decided over all tests of a candidate at once, by Holm-Bonferroni at a family-wise level of 5 %
+(:mod:`caloforge.flags`, called at the end of :func:`compare_summaries`); a lone comparison is flagged when its own
+p-value is below that level.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ FLOOR_SIGMAS = 3.0
 N_BINS = 40
 N_BOOT = 20  # bootstrap replicas for err_value
 BOOT_SPLITS = 3  # half-splits per bootstrap replica (the variance is corrected to the data's number of splits)
+N_BOOT_REFINE = 200  # replicas for the tests whose z after N_BOOT replicas lies in REFINE_Z
+REFINE_Z = (2.5, 8.0)  # a 20-replica error scatters by ~30 %: enough to make a 2.5-sigma fluctuation look like 4
 
 
 # ---- one-dimensional distances ----------------------------------------------------------------------------
@@ -117,6 +120,7 @@ class FloorComparison:
     err_floor: float = float("nan")
     z: float = float("nan")
     p_value: float = float("nan")
+    n_boot: int = 0
 
     def to_dict(self) -> dict:
         return {k: (float(v) if isinstance(v, float | np.floating) else v) for k, v in asdict(self).items()}
@@ -202,8 +206,13 @@ def _floor_comparisons(ref: np.ndarray, cand: np.ndarray, metric: Callable, spli
         out.append(FloorComparison(
             value=value, value_std=value_std, floor=floor, floor_std=floor_std, value_full=float(full_values[j]),
             n_half=len(splits[0][0]), n_splits=len(splits), flagged=bool(p <= ALPHA), err_value=err_value,
-            err_floor=err_floor, z=z, p_value=p))
+            err_floor=err_floor, z=z, p_value=p, n_boot=len(replicas) if boot is not None else 0))
     return out
+
+
+def _needs_refinement(r: dict) -> bool:
+    """Whether a comparison's z lies where the noise of a N_BOOT-replica error could decide its flag."""
+    return bool(REFINE_Z[0] < r.get("z", float("nan")) < REFINE_Z[1])
 
 
 def compare_with_floor(ref: np.ndarray, cand: np.ndarray, metric: Callable[[np.ndarray, np.ndarray], float],
@@ -534,6 +543,28 @@ def compare_summaries(ref, cand, n_splits: int = 10, seed: int = 0, fpd_kpd: boo
     if corr.n_half < FISHER_MIN_ROWS:
         result["correlations"]["note"] = (f"not enough showers for this test ({corr.n_half} per half-split; needs at "
                                           f"least {FISHER_MIN_ROWS}): NaN, never flagged")
+    # Tests near the threshold: their error again from N_BOOT_REFINE replicas (same splits, same value and floor).
+    refine_rng = np.random.default_rng([seed, 1])
+    big: dict[tuple[int, int], list] = {}
+
+    def more(n_r: int, n_c: int) -> list:
+        if (n_r, n_c) not in big:
+            big[(n_r, n_c)] = bootstrap_replicas(n_r, n_c, refine_rng, n_boot=N_BOOT_REFINE)
+        return big[(n_r, n_c)]
+
+    for name, metrics in result["observables"].items():
+        if any(_needs_refinement(r) for r in metrics.values()):
+            again = compare_observable(ref.observables[name], cand.observables[name], splits,
+                                       replicas=more(ref.n, cand.n))
+            metrics.update({k: again[k] for k, r in metrics.items() if _needs_refinement(r)})
+    for name, cut in cuts.items():
+        if _needs_refinement(result["profiles"][name]):
+            result["profiles"][name] = compare_with_floor(ref.profiles[name][:, cut], cand.profiles[name][:, cut],
+                                                          profile_separation, profile_splits,
+                                                          replicas=more(ref.n, cand.n)).to_dict()
+    if _needs_refinement(result["correlations"]):
+        again = compare_with_floor(ca, cb, correlation_chi2_ndf, corr_splits, replicas=more(len(ca), len(cb)))
+        result["correlations"].update(again.to_dict())
     if fpd_kpd:
         xr, xc, used = feature_matrices(ref.observables, cand.observables, feature_names(ref.observables))
         a, b, c = splits[0]  # matched size, like every other floor

@@ -501,8 +501,23 @@ def save_model(model: ShowerModel, path: str | Path, extra: dict[str, Any] | Non
     return path
 
 
+def shipped_model_path(name: str) -> Path | None:
+    """The directory of a model shipped inside the package: ``default`` (``caloforge/pretrained``) or the name of one
+    of its subdirectories (``multi``); None if there is no such model."""
+    from importlib import resources
+
+    root = Path(str(resources.files("caloforge").joinpath("pretrained")))
+    path = root if name == "default" else root / name
+    if name != "default" and (not name or "/" in name or "\\" in name or name.startswith(".")):
+        return None
+    return path if (path / META_FILE).is_file() else None
+
+
 def _resolve(path: str | Path) -> tuple[Path, Path]:
     p = Path(path)
+    if not p.exists():
+        shipped = shipped_model_path(str(path))
+        p = shipped if shipped is not None else p
     if p.is_file() and p.name in (WEIGHTS_FILE, META_FILE):
         p = p.parent
     if not p.exists():
