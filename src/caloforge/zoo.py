@@ -29,7 +29,8 @@ def describe_model(path: Path) -> str:
     particles = ",".join(meta.get("particles") or [str(meta.get("particle", "?"))])
     takes = ", ".join(meta.get("condition_names", ["energy", "angle"]))
     size = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.")) / 1e6
-    return (f"{meta['family']:<10} detector {meta['detector']['name']}, {particles}, {e[0] / 1e3:g}-{e[1] / 1e3:g} GeV, "
+    energies = f"{e[0] / 1e3:g}-{e[1] / 1e3:g} GeV"
+    return (f"{meta['family']:<10} detector {meta['detector']['name']}, {particles}, {energies}, "
             f"{a[0]:g}-{a[1]:g} deg; conditions: {takes}; {size:.1f} MB")
 
 
