@@ -16,18 +16,20 @@ FPD, KPD, energy response; not the classifiers, whose null spread is analytic):
 
   - ``energy``: every cell times ``--energy-scale`` (1.02);
   - ``lateral``: the transverse cell positions stretched by ``--lateral-scale`` (1.05) about the mean shower
-    axis of each layer (the centroid of the layer's mean image) and resampled onto the cell grid by randomised
-    rounding with one random offset U per shower, layer and direction: the cell of index i moves to index
-    floor(c + 1.05 (i - c) + U), U uniform in [0, 1). The expected new position is exactly the stretched one, and
-    the map is one-to-one, so no cell is split or merged: cell energies and hits stay as they are (a rebinning by
-    overlap areas would split cells and raise the hit count instead). Cells pushed beyond the window are lost;
+    axis of each layer (the centroid of the layer's mean image): the deformed half is summarised with a readout
+    whose cells sit at x' = c + 1.05 (x - c), y' likewise. Every shower is then exactly 5 % wider (centroid
+    offsets, widths and mean radius all x 1.05) with its cells, energies and hits unchanged. Resampling the
+    stretched showers onto the fixed 5 mm grid instead would either split cells (more, smaller hits) or move whole
+    cells by a full cell with a small probability (a few showers much wider), both artefacts that the hit and
+    centroid tests would flag on their own. The radial profile is binned in fractions of the readout width, which
+    stretches too, so it does not see this deformation: the power measured is a lower bound;
   - ``layer``: the cells of one layer (``--layer``, default the layer with the most mean energy) times
     ``--layer-scale`` (1.10): one layer's energy shifted against its neighbours.
 
-Deformations act on the cells, before the threshold, so every observable sees them as it would see a model's
-error. The two halves of one trial hold different showers, so a deformed half is not compared
-with its own undeformed copy. Sizes: ``--n N`` uses N random showers of the file (comparisons of N/2 vs N/2, metrics at
-matched size N/4). Results are printed, and written to ``--json``.
+The energy and layer deformations act on the cells, before the threshold, so every observable sees them as it
+would see a model's error. The two halves of one trial hold different showers, so a deformed half is not compared
+with its own undeformed copy. Sizes: ``--n N`` uses N random showers of the file (comparisons of N/2 vs N/2,
+metrics at matched size N/4). Results are printed, and written to ``--json``.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class Deformer:
         self.layer_energy = np.bincount(self.layer_of, img, n_l)
         safe = np.where(self.layer_energy > 0, self.layer_energy, 1.0)
         x, y = np.asarray(geometry.cell_x, float), np.asarray(geometry.cell_y, float)
-        self.x, self.y = x, y
         self.cx = np.where(self.layer_energy > 0, np.bincount(self.layer_of, img * x, n_l) / safe, x.mean())
         self.cy = np.where(self.layer_energy > 0, np.bincount(self.layer_of, img * y, n_l) / safe, y.mean())
 
@@ -69,33 +70,17 @@ class Deformer:
     def layer(self, showers: np.ndarray, layer: int, scale: float) -> np.ndarray:
         return showers * np.where(self.layer_of == layer, np.float32(scale), np.float32(1.0))
 
-    def lateral(self, showers: np.ndarray, scale: float, shape: tuple[int, int, int],
-                rng: np.random.Generator) -> np.ndarray:
-        """Transverse positions stretched by ``scale`` about each layer's mean axis, resampled onto the cell grid
-        by randomised rounding with one random offset per shower, layer and direction: cell index i goes to
-        floor(c + scale (i - c) + U), U ~ uniform(0, 1). That is unbiased (the expected new index is exactly
-        c + scale (i - c)) and, for scale >= 1, one-to-one, so every cell keeps its energy: no cell is split or
-        merged and the hits stay the hits. Cells pushed beyond the window are lost, as for a wider shower."""
-        n, (n_l, n_x, n_y) = len(showers), shape
-        x = np.asarray(self.x, float).reshape(shape)[0, :, 0]
-        y = np.asarray(self.y, float).reshape(shape)[0, 0, :]
-        wx = float(np.median(np.diff(x))) if n_x > 1 else 1.0
-        wy = float(np.median(np.diff(y))) if n_y > 1 else 1.0
-        s = showers.reshape(n, n_l, n_x, n_y)
-        out = np.zeros_like(s)
-        rows = np.arange(n)[:, None, None]
-        for layer in range(n_l):
-            targets = []
-            for centres, w, c, m in ((x, wx, self.cx[layer], n_x), (y, wy, self.cy[layer], n_y)):
-                ci = (c - centres[0]) / w  # the axis in index units
-                t = np.floor(ci + scale * (np.arange(m) - ci) + rng.random((n, 1))).astype(np.int64)
-                targets.append(np.where((t >= 0) & (t < m), t, -1))
-            tx, ty = targets[0][:, :, None], targets[1][:, None, :]
-            keep = np.broadcast_to((tx >= 0) & (ty >= 0), s[:, layer].shape)
-            idx = np.broadcast_to(rows, keep.shape)[keep], np.broadcast_to(tx, keep.shape)[keep], \
-                np.broadcast_to(ty, keep.shape)[keep]
-            out[:, layer][idx] = s[:, layer][keep]
-        return out.reshape(n, -1)
+    def lateral_geometry(self, geometry, scale: float):
+        """The readout with every cell's transverse position stretched by ``scale`` about the mean shower axis of
+        its layer: x -> c + scale (x - c). Summarised with it, every shower is ``scale`` times wider about that
+        axis, exactly, with its cells, energies and hits unchanged."""
+        from caloforge.observables import CellGeometry
+
+        x, y = np.asarray(geometry.cell_x, float), np.asarray(geometry.cell_y, float)
+        layer = np.asarray(geometry.cell_layer)
+        cx, cy = self.cx[layer], self.cy[layer]
+        return CellGeometry(cx + scale * (x - cx), cy + scale * (y - cy), layer, np.asarray(geometry.layer_z, float),
+                            np.asarray(geometry.layer_weights, float), f"{getattr(geometry, 'name', '')}-stretched")
 
 
 # ---- one comparison ---------------------------------------------------------------------------------------
@@ -126,10 +111,10 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, batch: int = 500,
+def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, geometry=None, batch: int = 500,
                    cache: Path | None = None):
-    """Summary of ``rows`` of a file, with the cells passed through ``deform`` (a function), and the file's
-    readout geometry; kept in (and read back from) the pickle ``cache`` when given."""
+    """Summary of ``rows`` of a file, with the cells passed through ``deform`` and the readout through ``geometry``
+    (functions, optional), and the file's readout geometry; kept in (and read back from) the pickle ``cache``."""
     import pickle
 
     from caloforge.dataset import ShowerFile
@@ -149,7 +134,7 @@ def summarise_file(path: str, rows: np.ndarray, threshold: float, deform=None, b
                 yield types.SimpleNamespace(energies=b.energies, angles=b.angles,
                                             showers=deform(showers) if deform else showers)
 
-        out = summarise(batches(), geom, threshold_mev=threshold), geom
+        out = summarise(batches(), geometry(geom) if geometry else geom, threshold_mev=threshold), geom
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_bytes(pickle.dumps(out))
@@ -205,18 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     settings = {}
     if names:
         deformer = Deformer(geom, base.mean_image())
-        shape, lateral_rng = tuple(ShowerFile(args.file).shape), np.random.default_rng([args.seed, 1])
-        if "lateral" in names and (len(shape) != 3 or int(np.prod(shape)) != geom.n_cells):
-            parser.error(f"{args.file}: cells of shape {shape}; the lateral deformation needs a (layer, x, y) grid")
         layer = int(np.argmax(deformer.layer_energy)) if args.layer is None else args.layer
         how = {"energy": ({"deform": lambda s: deformer.energy(s, args.energy_scale)},
                           f"cells x {args.energy_scale:g}"),
-               "lateral": ({"deform": lambda s: deformer.lateral(s, args.lateral_scale, shape, lateral_rng)},
+               "lateral": ({"geometry": lambda g: deformer.lateral_geometry(g, args.lateral_scale)},
                            f"transverse positions x {args.lateral_scale:g} about the mean axis"),
                "layer": ({"deform": lambda s: deformer.layer(s, layer, args.layer_scale)},
                          f"layer {layer} x {args.layer_scale:g}")}
         for name in names:
-            tag = {"energy": f"energy{args.energy_scale:g}", "lateral": f"lateral{args.lateral_scale:g}",
+            tag = {"energy": f"energy{args.energy_scale:g}", "lateral": f"lateralgeom{args.lateral_scale:g}",
                    "layer": f"layer{layer}x{args.layer_scale:g}"}[name]
             summaries[name] = summarise_file(args.file, rows, args.threshold_mev, cache=cache(tag),
                                              **how[name][0])[0]
