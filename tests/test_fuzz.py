@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import math
+import os
 import shutil
 import signal
 import threading
@@ -41,8 +42,12 @@ BUDGET_CPU_S = 15.0
 BUDGET_WALL_S = 180.0
 
 
+#: A release run scales every case count: CALOFORGE_FUZZ_SCALE=3 python -m pytest tests/test_fuzz.py (1350 cases).
+FUZZ_SCALE = max(1, int(os.environ.get("CALOFORGE_FUZZ_SCALE", "1")))
+
+
 def fuzz_settings(n: int) -> settings:
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None, print_blob=False,
+    return settings(max_examples=n * FUZZ_SCALE, deadline=None, derandomize=True, database=None, print_blob=False,
                     suppress_health_check=list(HealthCheck))
 
 
