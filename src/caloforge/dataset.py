@@ -8,6 +8,11 @@ describe where the
 showers come from: detector name and full description (JSON), cell-array shape, particle, physics list,
 Geant4 version, seed, caloforge version and ``source`` (``geant4`` or ``model:<family>``).
 
+The sparse layout (attribute ``layout = "sparse"``, written by ``ShowerWriter(..., layout="sparse")``) replaces
+``showers`` by the hits: ``hit_offsets`` (N+1,) int64, ``hit_cells`` (n_hits,) int32 flat cell indices (increasing
+within a row) and ``hit_energies`` (n_hits,) float32 MeV, plus the attribute ``n_cells``; :class:`ShowerFile` reads
+both layouts and always returns dense showers. ``compression`` is ``gzip`` (default), ``lzf`` or ``none``.
+
 Files are written to a temporary name and renamed when complete, so a file with the final name is whole.
 Everything read is validated; problems raise :class:`DatasetError` naming the file and the field.
 """
@@ -447,7 +452,7 @@ class ShowerWriter:
             self._h5.create_dataset(SHOWERS, shape=(0, n_cells), maxshape=(None, n_cells), dtype="f4",
                                     chunks=(min(CHUNK_ROWS, 32), n_cells), **kw)
         else:
-            self._h5.create_dataset(HIT_OFFSETS, data=np.zeros(1, np.int64), maxshape=(None,), chunks=(HIT_CHUNK,),
+            self._h5.create_dataset(HIT_OFFSETS, data=np.zeros(1, np.int64), maxshape=(None,), chunks=(4096,),
                                     **kw)
             self._h5.create_dataset(HIT_CELLS, shape=(0,), maxshape=(None,), dtype="i4", chunks=(HIT_CHUNK,), **kw)
             self._h5.create_dataset(HIT_ENERGIES, shape=(0,), maxshape=(None,), dtype="f4", chunks=(HIT_CHUNK,), **kw)
