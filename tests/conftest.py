@@ -31,3 +31,15 @@ def g4_sample(tmp_path_factory):
 def g4_pair(g4_sample):
     """Two independent Geant4 photon samples of the same configuration (different seeds)."""
     return g4_sample("gamma", "2:6", 400, 101), g4_sample("gamma", "2:6", 400, 102)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny (untrained) layerflow model for the toy detector, saved as a model directory."""
+    from caloforge.models import save_model
+    from conftest_models import tiny_model, toy_detector, toy_showers
+
+    det = toy_detector()
+    model = tiny_model("layerflow", det, toy_showers(det, 40, seed=2))
+    model.meta["particle"] = "gamma"
+    return save_model(model, tmp_path_factory.mktemp("model") / "m")

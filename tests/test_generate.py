@@ -11,8 +11,7 @@ import torch
 from caloforge.cli import main
 from caloforge.conditions import parse_angle_spec, parse_energy_spec
 from caloforge.dataset import ShowerFile
-from caloforge.models import save_model
-from conftest_models import tiny_model, toy_detector, toy_showers, write_toy_file
+from conftest_models import toy_detector, write_toy_file
 
 
 @pytest.fixture(autouse=True)
@@ -53,14 +52,6 @@ def test_angle_specs():
 
 
 # ---- generate -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    det = toy_detector()
-    model = tiny_model("layerflow", det, toy_showers(det, 40, seed=2))
-    model.meta["particle"] = "gamma"
-    return save_model(model, tmp_path_factory.mktemp("model") / "m")
-
-
 def test_generate_cli_writes_a_seeded_dataset(model_dir, tmp_path):
     args = ["generate", "--model", str(model_dir), "-n", "25", "--energy", "20,50,80", "--angle", "0",
             "--batch-size", "10", "--seed", "3", "--quiet", "--device", "cpu"]

@@ -22,8 +22,8 @@ from caloforge.dataset import (
     write_showers,
 )
 from caloforge.generate import generate_file
-from caloforge.models import load_model, save_model
-from conftest_models import tiny_model, toy_detector, toy_showers
+from caloforge.models import load_model
+from conftest_models import toy_detector, toy_showers
 
 H5_COMPRESSION = {"gzip": "gzip", "lzf": "lzf", "none": None}
 
@@ -31,14 +31,6 @@ H5_COMPRESSION = {"gzip": "gzip", "lzf": "lzf", "none": None}
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    det = toy_detector()
-    model = tiny_model("layerflow", det, toy_showers(det, 40, seed=2))
-    model.meta["particle"] = "gamma"
-    return save_model(model, tmp_path_factory.mktemp("model") / "m")
 
 
 def _showers(n: int = 30, seed: int = 1):
