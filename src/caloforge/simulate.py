@@ -5,7 +5,8 @@ seed from ``(seed, k)`` alone, so the showers do not depend on the number of wor
 showers of a run are the same whatever ``-n`` is. Workers (separate processes: one Geant4 per process)
 write each finished chunk atomically to ``OUTPUT.chunks/``; a killed run started again with the same command
 skips the chunks already there. When all chunks exist they are merged into ``OUTPUT`` (written as
-``OUTPUT.tmp`` and renamed), so a file with the final name is always complete.
+``OUTPUT.tmp`` and renamed), so a file with the final name is always complete. ``--backend dask`` runs the same
+chunks as Dask tasks (:mod:`caloforge.dask_backend`), on a local cluster or a remote or batch one: the same file.
 """
 
 from __future__ import annotations
@@ -120,18 +121,30 @@ def _worker_init(cfg: RunConfig, quiet_stdout: bool = True, parent: int | None =
     _APP = Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=cfg.physics)
 
 
+def simulate_chunk(app, cfg: RunConfig, k: int) -> dict[str, np.ndarray]:
+    """Chunk ``k`` of the run with a Geant4 app: its conditions and showers as sparse arrays (what a chunk file
+    holds; the same for any backend, worker or order)."""
+    cond, g4_seed = cfg.chunk_conditions(k)
+    showers = app.simulate(cond, seed=g4_seed, angled=cfg.angled)
+    rows, cells = np.nonzero(showers)
+    return {"conditions": cond.as_array(), "rows": rows.astype(np.int32), "cells": cells.astype(np.int32),
+            "values": showers[rows, cells], "n_cells": np.int64(showers.shape[1])}
+
+
+def write_chunk(chunk_dir: str | Path, k: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write chunk ``k`` atomically (a temporary file renamed), so a chunk file that exists is complete."""
+    final = Path(chunk_dir) / f"chunk-{k:06d}.npz"
+    tmp = final.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, final)
+
+
 def _run_chunk(args: tuple[int, str]) -> tuple[int, int]:
     k, chunk_dir = args
     assert _APP is not None and _CFG is not None
-    cond, g4_seed = _CFG.chunk_conditions(k)
-    showers = _APP.simulate(cond, seed=g4_seed, angled=_CFG.angled)
-    rows, cells = np.nonzero(showers)
-    final = Path(chunk_dir) / f"chunk-{k:06d}.npz"
-    tmp = final.with_suffix(".tmp.npz")
-    np.savez(tmp, conditions=cond.as_array(), rows=rows.astype(np.int32), cells=cells.astype(np.int32),
-             values=showers[rows, cells], n_cells=np.int64(showers.shape[1]))
-    os.replace(tmp, final)
-    return k, len(cond)
+    arrays = simulate_chunk(_APP, _CFG, k)
+    write_chunk(chunk_dir, k, arrays)
+    return k, len(arrays["conditions"])
 
 
 def _load_chunk(path: Path, cfg: RunConfig) -> tuple[Conditions, np.ndarray]:
@@ -228,10 +241,15 @@ def check_window(det: Detector, sampler: ConditionSampler) -> None:
 
 def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n: int, seed: int,
              output: str | Path, workers: int | None = None, chunk_size: int = DEFAULT_CHUNK,
-             physics: str = "auto", quiet: bool = False, overwrite: bool = False, position: str = "0,0") -> Path:
+             physics: str = "auto", quiet: bool = False, overwrite: bool = False, position: str = "0,0",
+             backend: str = "pool", scheduler: str | None = None, cluster: str | None = None,
+             cluster_config: str | Path | None = None, retries: int = 3) -> Path:
     """Simulate ``n`` showers into ``output`` (resumable, reproducible for a seed whatever ``workers``).
 
     ``particle``: one particle or a list ('gamma,e-'); ``position``: impact point spec in mm ('0,0', 'cell', ...).
+    ``backend``: ``pool`` (local worker processes) or ``dask`` (a LocalCluster of ``workers`` processes, the
+    scheduler at ``scheduler``, or a dask-jobqueue ``cluster`` with options from ``cluster_config``; see
+    :mod:`caloforge.dask_backend`); the file is the same for either.
     """
     from caloforge.progress import progress
     from caloforge.validate import check_int, check_output_file, check_seed
@@ -243,6 +261,17 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
     if workers is not None and workers <= 0:
         raise ValueError(f"--workers must be > 0, got {workers}")
     check_int(workers, "--workers", 1, 4096)
+    check_int(retries, "--retries", 0, 100)
+    if backend not in ("pool", "dask"):
+        raise ValueError(f"--backend {backend!r}: expected pool or dask")
+    if backend == "pool" and (scheduler or cluster or cluster_config):
+        raise ValueError("--scheduler, --cluster and --cluster-config need --backend dask")
+    if cluster_config and not cluster:
+        raise ValueError("--cluster-config needs --cluster slurm|htcondor")
+    if backend == "dask":
+        from caloforge.dask_backend import check_options
+
+        cluster_options = check_options(scheduler, cluster, cluster_config)
     check_seed(seed)
     check_output_file(output, "-o")
     det = detector if isinstance(detector, Detector) else load_detector(detector)
@@ -276,8 +305,15 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
         print(f"{output}: resuming, {done_rows} of {n} showers already simulated")
     if todo:
         with progress(total=n, desc="geant4", unit="shower", quiet=quiet, initial=done_rows) as bar:
-            for m in _run_chunks(cfg, chunk_dir, todo, workers):
-                bar.update(m)
+            if backend == "dask":
+                from caloforge.dask_backend import open_client, run_chunks
+
+                with open_client(workers, scheduler, cluster, cluster_options, str(cluster_config)) as client:
+                    for m in run_chunks(client, cfg, chunk_dir, todo, retries):
+                        bar.update(m)
+            else:
+                for m in _run_chunks(cfg, chunk_dir, todo, workers):
+                    bar.update(m)
     _merge(cfg, chunk_dir, output, list(range(cfg.n_chunks)))
     shutil.rmtree(chunk_dir, ignore_errors=True)
     return output
@@ -376,7 +412,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", type=int, help="number of showers (required unless --snapshot)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("-o", "--output", required=True, help="output HDF5 file")
-    p.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: all cores); with --backend dask the LocalCluster's or batch "
+                        "cluster's workers (ignored with --scheduler)")
+    p.add_argument("--backend", choices=["pool", "dask"], default=None,
+                   help="pool: local process pool (default); dask: Dask tasks (a LocalCluster by default; implied by "
+                        "--scheduler and --cluster)")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="with dask: a running Dask scheduler, e.g. tcp://host:8786")
+    p.add_argument("--cluster", choices=["slurm", "htcondor"],
+                   help="with dask: start a dask-jobqueue batch cluster of --workers workers")
+    p.add_argument("--cluster-config", metavar="FILE",
+                   help="TOML/YAML table of dask-jobqueue options for --cluster (cores, memory, queue, walltime, ...)")
+    p.add_argument("--retries", type=int, default=3, help="with dask: retries of a chunk whose task fails (default 3)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                    help="showers per chunk (part of the run's identity: changing it changes the showers)")
     p.add_argument("--physics", default="auto", choices=["auto", "standard", "data-free"],
@@ -401,7 +448,9 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = simulate(args.detector, args.particle, args.energy, args.angle, args.n, args.seed, args.output,
                    workers=args.workers, chunk_size=args.chunk_size, physics=args.physics, quiet=args.quiet,
-                   overwrite=args.overwrite, position=args.position)
+                   overwrite=args.overwrite, position=args.position, retries=args.retries,
+                   backend=args.backend or ("dask" if args.scheduler or args.cluster else "pool"),
+                   scheduler=args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config)
     if not args.quiet:
         print(f"{out}: {args.n} showers ({time.perf_counter() - t0:.0f} s)")
     return 0
