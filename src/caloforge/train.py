@@ -266,6 +266,13 @@ def check_data_unchanged(run: dict[str, Any], run_file: Path) -> None:
                             f"(another -o)")
 
 
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write a JSON file atomically (other ranks of a torchrun job may read it meanwhile)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def truncate_history(path: Path, step: int) -> None:
     """Drop the history records past the checkpoint ``step`` (and any torn last line): the resumed run logs them
     again, so every step appears once."""
@@ -432,13 +439,16 @@ class Trainer:
                  data=None):
         import torch
 
+        from caloforge import distributed
         from caloforge.dataset import ShowerFile
         from caloforge.models import get_family
 
         self.out = Path(out_dir)
         self.run = run
         self.cfg = TrainConfig.from_dict(run["train"], f"{self.out / RUN_FILE} [train]")
-        self.quiet = quiet
+        self.dist = distributed.context()  # None, or this rank of a torchrun process group
+        self.is_main = self.dist is None or self.dist.is_main
+        self.quiet = quiet or not self.is_main
         self.device = torch.device(device)
         if self.cfg.threads > 0:
             torch.set_num_threads(self.cfg.threads)
@@ -463,11 +473,16 @@ class Trainer:
         self.model.meta["training"] = {"data": provenance, "seed": self.cfg.seed, "train": dataclasses.asdict(self.cfg)}
         if particle is not None:
             self.model.meta["particle"] = str(particle)
+        if self.dist is not None:
+            self.model.meta["training"]["processes"] = self.dist.world
         self.model.to(self.device)
+        distributed.broadcast_state(self.model)  # rank 0's initial weights and preprocessing on every rank
+        self._sync_buffers = self.dist is not None and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
         self.optimizers = self.model.configure_optimizers(self.cfg.lr, self.cfg.weight_decay)
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.validator = (Validator(val, detector, self.model.shape, self.cfg.val_max_showers)
-                          if len(val.energies) else None)
+                          if len(val.energies) and self.is_main else None)  # rank 0 validates
         self.latest_validation: dict[str, float] | None = None
         self.showers = torch.from_numpy(train.showers)
         self.cond = torch.as_tensor(train.conditions.as_array(), dtype=torch.float32)
@@ -487,24 +502,29 @@ class Trainer:
     def create(cls, data: str, family: str, out_dir: str | Path, train_cfg: TrainConfig, model_cfg: dict,
                device: str = "cpu", quiet: bool = True, command: list[str] | None = None) -> Trainer:
         """A new run in ``out_dir`` (refuses a directory that already holds a run)."""
-        from caloforge import __version__
+        from caloforge import __version__, distributed
         from caloforge.validate import check_output_dir
 
         out = check_output_dir(out_dir)
-        if (out / CHECKPOINT).exists() or (out / RUN_FILE).exists():
+        main = distributed.is_main()  # under torchrun rank 0 alone writes the run directory
+        if main and ((out / CHECKPOINT).exists() or (out / RUN_FILE).exists()):
             raise TrainingError(f"{out}: already holds a training run; use --resume to continue it, or another -o")
-        out.mkdir(parents=True, exist_ok=True)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
         run = {"family": family, "data": str(Path(data).resolve()), "train": dataclasses.asdict(train_cfg),
                "model": model_cfg, "caloforge_version": __version__, "command": command or [],
                "data_fingerprint": data_fingerprint(data) if Path(data).is_file() else None}
         trainer = cls(out, run, device, quiet)
-        (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+        if main:
+            _write_json(out / RUN_FILE, run)
         return trainer
 
     @classmethod
     def resume(cls, out_dir: str | Path, device: str = "cpu", quiet: bool = True,
                max_steps: int | None = None, epochs: float | None = None) -> Trainer:
         """Reopen a run from ``run.json`` and its checkpoint; optionally extend its length."""
+        from caloforge import distributed
+
         out = Path(out_dir)
         if not (out / RUN_FILE).is_file():
             raise TrainingError(f"{out}: no {RUN_FILE}; nothing to resume (start a run without --resume)")
@@ -515,11 +535,13 @@ class Trainer:
             run["train"]["epochs"] = epochs if epochs is not None else (0.0 if max_steps is not None
                                                                         else run["train"]["epochs"])
             TrainConfig.from_dict(run["train"], "--max-steps/--epochs [train]")  # refuse before run.json is rewritten
-            (out / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+            if distributed.is_main():
+                _write_json(out / RUN_FILE, run)
         trainer = cls(out, run, device, quiet)
         if (out / CHECKPOINT).is_file():
             trainer.state.update(load_checkpoint(out / CHECKPOINT, trainer.model, trainer.optimizers, trainer.device))
-        truncate_history(out / HISTORY, int(trainer.state["step"]))
+        if trainer.is_main:
+            truncate_history(out / HISTORY, int(trainer.state["step"]))
         return trainer
 
     # ---- pieces -------------------------------------------------------------------------------------------
@@ -542,6 +564,7 @@ class Trainer:
     def _batch(self, step: int):
         import torch
 
+        from caloforge import distributed
         from caloforge.models.base import TrainBatch
 
         epoch, i = divmod(step, self.steps_per_epoch)
@@ -549,6 +572,11 @@ class Trainer:
             perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_train)
             self._perm, self._perm_epoch = torch.as_tensor(perm, device=self.showers.device), epoch
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.dist is not None:  # this rank's shard of the global batch
+            rows = distributed.shard(len(idx))
+            mine = idx[rows]
+            return TrainBatch(self.cond[mine].to(self.device), self.showers[mine].to(self.device, non_blocking=True),
+                              rows=rows, total=len(idx))
         return TrainBatch(self.cond[idx].to(self.device), self.showers[idx].to(self.device, non_blocking=True))
 
     def _autocast(self):
@@ -559,15 +587,23 @@ class Trainer:
         return None
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
         with open(self.out / HISTORY, "a") as f:
             f.write(json.dumps(record) + "\n")
 
     def checkpoint(self) -> None:
-        save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizers, self.state)
+        from caloforge import distributed
+
+        if self.is_main:
+            save_checkpoint(self.out / CHECKPOINT, self.model, self.optimizers, self.state)
+        distributed.barrier()  # every rank may read it (a rollback) once it is complete
 
     def export(self, path: Path) -> None:
         from caloforge.models import save_model
 
+        if not self.is_main:
+            return
         meta = dict(self.model.meta.get("training", {}))
         meta.update(step=self.state["step"], best_score=self.state["best_score"])
         self.model.meta["training"] = meta
@@ -611,17 +647,19 @@ class Trainer:
         st["rollbacks"], st["lr_scale"] = rollbacks, lr_scale
         msg = (f"step {bad_step}: {reason}; rolled back to the checkpoint at step {st['step']} with learning rate "
                f"x{lr_scale:g} (rollback {rollbacks}/{self.cfg.max_rollbacks})")
-        print(f"caloforge train: warning: {msg}", file=sys.stderr)
+        if self.is_main:
+            print(f"caloforge train: warning: {msg}", file=sys.stderr)
         self._log({"step": bad_step, "kind": "rollback", "reason": reason, "to_step": st["step"],
                    "lr_scale": lr_scale})
 
     # ---- the loop -----------------------------------------------------------------------------------------
     def fit(self, callback=None) -> dict[str, Any]:
         """Train to ``total_steps``; ``callback(trainer)`` runs after each step (tests use it to interrupt)."""
+        from caloforge import distributed
         from caloforge.progress import progress
 
         st, cfg = self.state, self.cfg
-        if not (self.out / CHECKPOINT).exists():
+        if distributed.agree(not (self.out / CHECKPOINT).exists()):  # rank 0 decides: it writes the file
             self.checkpoint()  # the rollback target before the first step
         t0 = time.time()
         avg: dict[str, float] = {}
@@ -631,14 +669,17 @@ class Trainer:
             while st["step"] < self.total_steps:
                 step = st["step"]
                 self._set_lr(step)
-                losses = self.model.training_step(self._batch(step), self.optimizers, step, cfg.grad_clip,
-                                                  self._autocast())
+                batch = self._batch(step)
+                losses = self.model.training_step(batch, self.optimizers, step, cfg.grad_clip, self._autocast())
+                losses = distributed.mean_losses(losses, batch.share)  # the whole batch's losses (all ranks)
                 reason = self._diverged(losses)
                 if reason:
                     self._rollback(reason)
                     bar.n = st["step"]
                     continue
                 st["step"] = step + 1
+                if self._sync_buffers:
+                    distributed.broadcast_buffers(self.model)
                 for k, v in losses.items():
                     avg[k] = v if k not in avg else 0.95 * avg[k] + 0.05 * v
                 bar.update(1)
@@ -649,6 +690,7 @@ class Trainer:
                                "lr": self._lr_factor(step) * cfg.lr, **losses})
                 if (cfg.val_every and st["step"] % cfg.val_every == 0) or st["step"] == self.total_steps:
                     res = self.validate()
+                    distributed.sync_rng()
                     if res is not None and not self.quiet:
                         bar.write(f"step {st['step']}: validation " +
                                   " ".join(f"{k}={v:.4f}" for k, v in res.items()))
@@ -697,7 +739,17 @@ def pick_device(name: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    device = pick_device(args.device)
+    """Train in this process, or as one rank of ``torchrun --nproc-per-node N -m caloforge train ...``."""
+    from caloforge import distributed
+
+    ctx, device = distributed.init_from_env(pick_device(args.device))
+    try:
+        return _run(args, device, ctx is None or ctx.is_main)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace, device: str, main: bool) -> int:
     if args.resume:
         trainer = Trainer.resume(args.output, device, args.quiet, args.max_steps, args.epochs)
     else:
@@ -718,7 +770,7 @@ def run(args: argparse.Namespace) -> int:
                                  command=sys.argv)
     t0 = time.time()
     state = trainer.fit()
-    if not args.quiet:
+    if not args.quiet and main:
         print(f"trained {trainer.model.family} for {state['step']} steps in {time.time() - t0:.0f} s; "
               f"best validation score {state['best_score']} at step {state['best_step']}; "
               f"model in {trainer.out}", file=sys.stderr)

@@ -91,10 +91,34 @@ REGRESSED_FEATURES: tuple[str, ...] = ("log_e", "angle", "frac_x", "frac_y", "si
 @dataclass
 class TrainBatch:
     """One training batch on the model's device: raw conditions ``cond`` (n, 5) (columns
-    :data:`~caloforge.conditions.CONDITION_COLUMNS`) and showers (n, n_cells) MeV in the model's own cells."""
+    :data:`~caloforge.conditions.CONDITION_COLUMNS`) and showers (n, n_cells) MeV in the model's own cells.
+
+    In data-parallel training (:mod:`caloforge.distributed`) it is one process's shard: ``rows`` of a global batch
+    of ``total`` rows. Draw training noise with :meth:`rand` and :meth:`randn`: they draw it for the whole batch and
+    keep this shard's rows, so the shards see the numbers one process would and the random streams stay in step.
+    """
 
     cond: torch.Tensor
     showers: torch.Tensor
+    rows: slice | None = None
+    total: int | None = None
+
+    @property
+    def share(self) -> float:
+        """This shard's fraction of the global batch (1 for a whole batch)."""
+        return len(self) / self.total if self.total else 1.0
+
+    def rand(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Uniform noise (n, *shape) for the rows of this batch."""
+        return self._noise(torch.rand, shape, dtype)
+
+    def randn(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Standard normal noise (n, *shape) for the rows of this batch."""
+        return self._noise(torch.randn, shape, dtype)
+
+    def _noise(self, draw: Any, shape: tuple[int, ...], dtype: torch.dtype | None) -> torch.Tensor:
+        x = draw((self.total or len(self), *shape), device=self.cond.device, dtype=dtype)
+        return x if self.rows is None else x[self.rows]
 
     @property
     def energies(self) -> torch.Tensor:
@@ -434,13 +458,16 @@ class ShowerModel(nn.Module):
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         """One optimisation step; returns the losses to log. Non-finite values make the trainer roll back."""
+        from caloforge.distributed import reduce_gradients, weighted_sum
+
         opt = optimizers["main"]
         opt.zero_grad(set_to_none=True)
         with autocast if autocast is not None else _nullcontext():
             loss = self.loss(batch)
-        if not torch.isfinite(loss):
+        if not torch.isfinite(weighted_sum(loss.detach(), batch.share)):  # the whole batch's loss (all shards)
             return {"loss": float(loss.detach())}
         loss.backward()
+        reduce_gradients(self.parameters(), batch.share)  # data-parallel: the whole batch's gradient
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters(), grad_clip)
         opt.step()

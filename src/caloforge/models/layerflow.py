@@ -430,15 +430,15 @@ class LayerFlow(ShowerModel):
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         cf = self.condition_features(batch.cond)
         n_l = self.n_layers
-        u = torch.rand(len(batch), n_l, device=cf.device)
-        u_count = torch.rand(len(batch), n_l, device=cf.device) if cfg.hit_count else None
+        u = batch.rand(n_l)  # noise through the batch: the same numbers in data-parallel shards
+        u_count = batch.rand(n_l) if cfg.hit_count else None
         feat, e_l = self.layer_features(batch.showers, batch.energies, u, u_count, cond=batch.cond)
         fs = (feat - self.feat_mean) / self.feat_std
         # Lateral features of empty layers are arbitrary: spread them so the flow sees no point mass.
         empty = (e_l <= 0).repeat(1, self.n_feat)
         empty[:, :n_l] = False
         empty[:, N_FEAT * n_l:] = False  # the hit count (0) of an empty layer is meaningful
-        noise = torch.randn_like(fs) * cfg.empty_layer_noise
+        noise = batch.randn(*fs.shape[1:], dtype=fs.dtype) * cfg.empty_layer_noise
         fs_flow = torch.where(empty, fs + noise, fs)
         y = (fs_flow - self._cond_basis(cf) @ self.flow_coef) / self.flow_std
         z, logdet = self._flow_forward(y, self._flow_cond(cf))

@@ -200,25 +200,28 @@ class WGAN(ShowerModel):
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
-        """One critic + regressor update; a generator update every ``n_critic`` steps."""
+        """One critic + regressor update; a generator update every ``n_critic`` steps (noise through the batch and
+        gradients reduced over the shards in data-parallel training, :mod:`caloforge.distributed`)."""
+        from caloforge.distributed import reduce_gradients, weighted_sum
+
         cfg: WGANConfig = self.config  # type: ignore[assignment]
-        n = len(batch)
         cf = self.condition_features(batch.cond)
         y_real = self.to_image(batch.showers, batch.energies)
         # Critic.
         with torch.no_grad():
-            y_fake = self.generator(torch.randn(n, cfg.latent_dim, device=cf.device), cf)
-        eps = torch.rand(n, 1, 1, 1, device=cf.device)
+            y_fake = self.generator(batch.randn(cfg.latent_dim), cf)
+        eps = batch.rand(1, 1, 1)
         y_hat = (eps * y_real + (1 - eps) * y_fake).requires_grad_(True)
         grad, = torch.autograd.grad(self.critic_score(y_hat, cf).sum(), y_hat, create_graph=True)
         gp = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
         w_dist = self.critic_score(y_real, cf).mean() - self.critic_score(y_fake, cf).mean()
         loss_c = -w_dist + cfg.gp_lambda * gp
         out = {"critic": float(loss_c.detach()), "w": float(w_dist.detach()), "gp": float(gp.detach())}
-        if not torch.isfinite(loss_c):
+        if not torch.isfinite(weighted_sum(loss_c.detach(), batch.share)):
             return out
         optimizers["critic"].zero_grad(set_to_none=True)
         loss_c.backward()
+        reduce_gradients(self.critic.parameters(), batch.share)
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), grad_clip)
         optimizers["critic"].step()
@@ -226,16 +229,18 @@ class WGAN(ShowerModel):
         reg_real = self._regression_loss(y_real, batch.energies, cf)
         optimizers["regressors"].zero_grad(set_to_none=True)
         reg_real.sum().backward()
+        reduce_gradients(self.regressors.parameters(), batch.share)
         optimizers["regressors"].step()
         out["reg"] = float(reg_real.sum().detach())
         # Generator.
         if (step + 1) % cfg.n_critic == 0:
-            y_gen = self.generator(torch.randn(n, cfg.latent_dim, device=cf.device), cf)
+            y_gen = self.generator(batch.randn(cfg.latent_dim), cf)
             g_adv = -self.critic_score(y_gen, cf).mean()
             reg_fake = self._regression_loss(y_gen, batch.energies, cf)
             loss_g = g_adv + cfg.aux_weight * (reg_real.detach() - reg_fake).abs().sum()
             optimizers["generator"].zero_grad(set_to_none=True)
             loss_g.backward()
+            reduce_gradients(self.generator.parameters(), batch.share)
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.generator.parameters(), grad_clip)
             optimizers["generator"].step()
