@@ -223,3 +223,39 @@ def test_bench_whole_job(model_dir, tmp_path, capsys):
     assert not list(tmp_path.glob("*.h5"))
     assert main(["bench", "--model", str(model_dir), "--whole-job", "2", "--whole-job-formats", "dense:zip",
                  "--no-geant4"]) == 2
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_hits_found_on_the_device_give_the_same_file(model_dir, tmp_path, overlap):
+    """The GPU path (hits found where the showers are, only hits copied) writes the same bytes of hits; run on CPU."""
+    from caloforge.conditions import ConditionSampler
+
+    model = load_model(model_dir, device="cpu")
+    sampler = ConditionSampler.parse("20:90", "0", "0,0", "gamma", model.detector.cell_size_mm)
+    generate_file(model, tmp_path / "a.h5", 23, sampler, batch_size=4, seed=2, layout="sparse", overlap=overlap)
+    generate_file(model, tmp_path / "b.h5", 23, sampler, batch_size=4, seed=2, layout="sparse", overlap=overlap,
+                  hits_on_device=True)
+    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
+        assert a[HIT_CELLS].shape[0] > 0
+        for key in (HIT_OFFSETS, HIT_CELLS, HIT_ENERGIES):
+            assert a[key].dtype == b[key].dtype and np.array_equal(a[key][:], b[key][:]), key
+
+
+def test_append_hits_refuses_inconsistent_hits(tmp_path):
+    det, b = _showers(6)
+    c, showers = b.conditions[:4], b.showers[:4]
+    with ShowerWriter(tmp_path / "d.h5", det, det.n_cells(), layout="dense") as w:
+        with pytest.raises(DatasetError, match="needs the sparse layout"):
+            w.append_hits(c, np.zeros(4), [], [])
+        w.append(c, showers)
+    with ShowerWriter(tmp_path / "s.h5", det, det.n_cells(), layout="sparse") as w:
+        with pytest.raises(DatasetError, match="counts"):
+            w.append_hits(c, [1, 0, 0, 0], [3, 4], [1.0, 2.0])
+        with pytest.raises(DatasetError, match="cell indices"):
+            w.append_hits(c, [1, 0, 0, 0], [det.n_cells()], [1.0])
+        with pytest.raises(DatasetError, match="NaN"):
+            w.append_hits(c, [1, 0, 0, 0], [3], [np.nan])
+        w.append_hits(c, [1, 0, 0, 1], [3, 5], [1.0, 2.0])
+    with ShowerFile(tmp_path / "s.h5") as f:
+        s = f.read().showers
+    assert s[0, 3] == 1.0 and s[3, 5] == 2.0 and s.sum() == 3.0

@@ -493,18 +493,48 @@ class ShowerWriter:
         if showers.shape != (n, self.n_cells):
             raise DatasetError(f"{self.path}: cannot append showers {showers.shape} for {n} rows of conditions")
         _check_values(self.path, SHOWERS, showers)
+        if self.layout == "sparse":  # hits in row-major order: rows, then cells increasing
+            flat = np.flatnonzero(showers)
+            row = flat // self.n_cells
+            self._append(c, hits=(np.bincount(row, minlength=n), (flat - row * self.n_cells).astype(np.int32),
+                                  showers.reshape(-1)[flat]))
+        else:
+            self._append(c, showers=showers)
+
+    def append_hits(self, conditions: Conditions, counts: np.ndarray, cells: np.ndarray, energies: np.ndarray) -> None:
+        """Append showers given as their hits (sparse layout only): ``counts`` (n,) hits per shower, then ``cells``
+        (cell index within the shower) and ``energies`` (MeV) of every hit, shower after shower, cells increasing.
+        This is what a GPU hands back without the dense array; the file is the same as :meth:`append` would write."""
+        n = len(conditions)
+        if self.layout != "sparse":
+            raise DatasetError(f"{self.path}: append_hits needs the sparse layout; this file is {self.layout}")
+        counts = np.asarray(counts, np.int64).reshape(-1)
+        cells = np.asarray(cells, np.int32).reshape(-1)
+        energies = np.asarray(energies, np.float32).reshape(-1)
+        if counts.shape != (n,) or counts.min(initial=0) < 0 or int(counts.sum()) != len(cells) \
+                or len(energies) != len(cells):
+            raise DatasetError(f"{self.path}: append_hits got {counts.shape} counts (sum {int(counts.sum())}), "
+                               f"{len(cells)} cells and {len(energies)} energies for {n} rows; expected n counts "
+                               f"summing to the number of hits")
+        if len(cells) and (cells.min() < 0 or cells.max() >= self.n_cells):
+            raise DatasetError(f"{self.path}: hit cell indices span [{cells.min()}, {cells.max()}]; expected "
+                               f"[0, {self.n_cells})")
+        _check_values(self.path, HIT_ENERGIES, energies)
+        self._append(conditions, hits=(counts, cells, energies))
+
+    def _append(self, c: Conditions, showers: np.ndarray | None = None,
+                hits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:
+        """Check the conditions, then append them with the dense showers or the hits (counts, cells, energies)."""
+        n = len(c)
         _check_values(self.path, ENERGIES, c.energy, positive=True)
         try:
             c.validate(self.path)
         except ConditionsError as err:
             raise DatasetError(str(err)) from None
-        if self.layout == "sparse":  # hits in row-major order: rows, then cells increasing
-            flat = np.flatnonzero(showers)
-            row = flat // self.n_cells
-            self._write_hits(np.bincount(row, minlength=n), (flat - row * self.n_cells).astype(np.int32),
-                             showers.reshape(-1)[flat])
+        if hits is not None:
+            self._write_hits(*hits)
         for key, arr in ((ENERGIES, c.energy[:, None]), (ANGLES, c.angle[:, None]), (POSITIONS, c.position),
-                         (PARTICLES, c.pdg[:, None])) + (((SHOWERS, showers),) if self.layout == "dense" else ()):
+                         (PARTICLES, c.pdg[:, None])) + (((SHOWERS, showers),) if showers is not None else ()):
             ds = self._h5[key]
             ds.resize(self.n + n, axis=0)
             ds[self.n:] = arr

@@ -70,16 +70,18 @@ class _BackgroundWriter:
             if self.error is None:  # after an error: drain the queue without writing
                 t0 = time.perf_counter()
                 try:
-                    self.writer.append(*item)
+                    method, args = item
+                    getattr(self.writer, method)(*args)
                 except BaseException as err:  # noqa: BLE001 - handed to the generating thread
                     self.error = err
                 self.write_s += time.perf_counter() - t0
 
-    def put(self, conditions, showers: np.ndarray) -> None:
+    def put(self, method: str, *args) -> None:
+        """Queue ``writer.<method>(*args)`` (``append`` or ``append_hits``)."""
         if self.error is not None:
             raise self.error
         t0 = time.perf_counter()
-        self._queue.put((conditions, showers))
+        self._queue.put((method, args))
         self.wait_s += time.perf_counter() - t0
 
     def finish(self, raise_error: bool = True) -> None:
@@ -92,10 +94,37 @@ class _BackgroundWriter:
             raise self.error
 
 
+def hits_of(showers) -> tuple:
+    """(counts per shower, cell indices, energies) of the non-zero cells of a (n, cells) tensor, row-major, computed
+    where the tensor lives; only the hits then cross to the host."""
+    import torch
+
+    n, n_cells = showers.shape
+    flat = showers.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    row = torch.div(idx, n_cells, rounding_mode="floor")
+    counts = torch.bincount(row, minlength=n)
+    return counts.cpu().numpy(), (idx - row * n_cells).int().cpu().numpy(), flat[idx].float().cpu().numpy()
+
+
+def _to_host(showers, layout: str, hits_on_device: bool) -> tuple[str, tuple]:
+    """The writer method and its arguments for one generated batch: hits found on the device (sparse), or the dense
+    array (through pinned memory from a GPU: a pageable copy runs at a tenth of the speed)."""
+    import torch
+
+    if hits_on_device:
+        return "append_hits", hits_of(showers)
+    if showers.is_cuda:
+        host = torch.empty(showers.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(showers)
+        return "append", (host.numpy(),)
+    return "append", (showers.float().numpy(),)
+
+
 def generate_file(model, output: str | Path, n: int, sampler=None, conditions=None, batch_size: int = 1000,
                   seed: int = 0, quiet: bool = True, attrs: dict | None = None, angled: bool | None = None,
                   layout: str = "dense", compression: str = "gzip", overlap: bool = True,
-                  stats: dict | None = None) -> Path:
+                  stats: dict | None = None, hits_on_device: bool | None = None) -> Path:
     """Generate ``n`` showers with ``model`` into ``output``; conditions from a
     :class:`~caloforge.conditions.ConditionSampler` or an explicit :class:`~caloforge.conditions.Conditions`.
 
@@ -104,6 +133,8 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
     ``overlap``: write batch k in a background thread while batch k + 1 is generated (the file is the same). An error
     on either side removes the unfinished file. ``stats``: filled with seconds spent in the model (``model_s``),
     writing (``write_s``, in the writer thread when overlapping) and waiting for the writer (``wait_s``).
+    ``hits_on_device`` (sparse layout; default: when the model is on a GPU): find the hits where the showers are and
+    copy only them to the host; dense showers from a GPU go through pinned memory. The file is the same either way.
     """
     import torch
 
@@ -141,6 +172,9 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
         meta.update(energy_spec=sampler.energy.text, angle_spec=sampler.angle.text,
                     position_spec=sampler.position.text)
     meta.update(attrs or {})
+    if hits_on_device is None:
+        hits_on_device = model.cond_mean.device.type == "cuda"
+    on_device = layout == "sparse" and hits_on_device
     model_s = 0.0
     with ShowerWriter(output, model.detector, int(np.prod(shape)), meta, compression, layout) as writer, \
             progress(n, desc=f"generate {model.family}", unit="shower", quiet=quiet) as bar, \
@@ -151,13 +185,13 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
             for start in range(0, n, batch_size):
                 c = conditions[start:start + batch_size]
                 t0 = time.perf_counter()
-                showers = model.sample(c, generator=gen, angled=angled).float().cpu().numpy()
+                method, payload = _to_host(model.sample(c, generator=gen, angled=angled), layout, on_device)
                 model_s += time.perf_counter() - t0
                 if bg is not None:
-                    bg.put(c, showers)
+                    bg.put(method, c, *payload)
                 else:
                     t0 = time.perf_counter()
-                    writer.append(c, showers)
+                    getattr(writer, method)(c, *payload)
                     if stats is not None:
                         stats["write_s"] = stats.get("write_s", 0.0) + time.perf_counter() - t0
                 bar.update(len(c))
