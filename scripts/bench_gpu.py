@@ -232,6 +232,26 @@ def whole_jobs(name: str, n: int, batch: int) -> list[dict]:
     return time_whole_job(model, n, jobs, [10.0, 50.0, 100.0], batch_size=batch)
 
 
+def profile(name: str, batch: int) -> dict:
+    """Where the GPU time of one batch goes: the top CUDA kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    from caloforge.models import load_model
+
+    model = load_model(name, device=DEVICE)
+    c = conditions(model, batch)
+    angled = bool(np.any(c.angle > 0))
+    model.sample(c, seed=0, angled=angled)
+    sync()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        model.sample(c, seed=0, angled=angled)
+        sync()
+    table = p.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60)
+    print(table, flush=True)
+    return {"model": name, "batch": batch, "table": table}
+
+
 class _Kill(Exception):
     pass
 
@@ -301,7 +321,7 @@ def main() -> int:
     p.add_argument("--batches", default="1000,10000,100000")
     p.add_argument("--whole-job", type=int, default=50000)
     p.add_argument("--train-steps", type=int, default=200)
-    p.add_argument("--sections", default="gen,pipe,bf16,cpu,whole,train")
+    p.add_argument("--sections", default="gen,bf16,train,pipe,whole,cpu,profile")
     p.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of the whole and train sections")
     args = p.parse_args()
     global DEVICE
@@ -337,6 +357,7 @@ def main() -> int:
     section("pipe", lambda: [pipelined(m, 10000, 10) for m in models])
     section("whole", lambda: {m: whole_jobs(m, args.whole_job, 10000) for m in models[:1]})
     section("cpu", lambda: [cpu_same_machine(m, 1000) for m in models])
+    section("profile", lambda: [profile(m, 10000) for m in models])
     save(args.json)
     log("done")
     return 0
