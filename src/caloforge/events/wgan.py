@@ -1,0 +1,278 @@
+"""The event WGAN of the RWTH talk: conditional WGAN-GP on Gaussianised high-level variables.
+
+Generator and critic are feed-forward with 6 hidden layers of 288 ReLU units. The generator maps noise and the
+process label (ttbb = 0, ttH = 1, fed as -1 / +1) to the 26 Gaussianised variables; the critic sees the variables
+and the label. Losses: critic -C(x) + C(G(z)) + lambda GP (two-sided gradient penalty on interpolates, lambda = 10),
+generator -C(G(z)); 5 critic steps per generator step, Adam (lr 1e-4, betas 0.5, 0.9). Generated values go back
+through the inverse Gaussianisation. A run directory holds ``model.safetensors`` (weights and the Gaussianiser's
+quantile tables as tensors), ``model.json`` (configuration, variable names), ``checkpoint.safetensors`` +
+``checkpoint.json`` (optimiser and RNG states, for ``--resume``) and ``history.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from caloforge.events import PROCESSES
+from caloforge.events.eventfile import Events, read_events, write_events
+from caloforge.events.gauss import Gaussianiser
+
+MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
+CKPT_FILE, CKPT_JSON, HISTORY = "checkpoint.safetensors", "checkpoint.json", "history.jsonl"
+
+
+class EventModelError(ValueError):
+    """A run directory that cannot be loaded or resumed."""
+
+
+@dataclass
+class WGANConfig:
+    hidden: int = 288
+    layers: int = 6
+    noise_dim: int = 32
+    n_critic: int = 5
+    gp_lambda: float = 10.0
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.9
+    batch_size: int = 256
+    steps: int = 20000
+    checkpoint_every: int = 1000
+    log_every: int = 200
+    seed: int = 0
+
+
+def mlp(n_in: int, n_out: int, hidden: int = 288, layers: int = 6):
+    """Feed-forward net: ``layers`` hidden layers of ``hidden`` ReLU units, linear output."""
+    import torch.nn as nn
+
+    mods, width = [], n_in
+    for _ in range(layers):
+        mods += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    mods.append(nn.Linear(width, n_out))
+    return nn.Sequential(*mods)
+
+
+def _label(process):
+    """Process labels (0 ttbb, 1 ttH) as a (N, 1) float tensor of -1 / +1."""
+    import torch
+
+    return (2.0 * torch.as_tensor(process, dtype=torch.float32) - 1.0).reshape(-1, 1)
+
+
+class EventWGAN:
+    """Generator, critic and the Gaussianiser of one run."""
+
+    def __init__(self, cfg: WGANConfig, gauss: Gaussianiser, names: list[str]) -> None:
+        self.cfg, self.gauss, self.names = cfg, gauss, names
+        d = gauss.dim
+        self.generator = mlp(cfg.noise_dim + 1, d, cfg.hidden, cfg.layers)
+        self.critic = mlp(d + 1, 1, cfg.hidden, cfg.layers)
+
+    # ---- persistence -------------------------------------------------------------------------------------
+    def save(self, run_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"generator.{k}": v.detach().contiguous() for k, v in self.generator.state_dict().items()}
+        tensors |= {f"critic.{k}": v.detach().contiguous() for k, v in self.critic.state_dict().items()}
+        tensors |= self.gauss.tensors()
+        _atomic(run_dir / MODEL_FILE, lambda p: save_file(tensors, str(p)))
+        meta = {"family": "eventwgan", "config": asdict(self.cfg), "names": self.names,
+                "processes": PROCESSES, "condition": "process label: ttbb -> -1, ttH -> +1"}
+        _atomic(run_dir / MODEL_JSON, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> EventWGAN:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        run_dir = Path(run_dir)
+        meta_path, w_path = run_dir / MODEL_JSON, run_dir / MODEL_FILE
+        if not meta_path.exists() or not w_path.exists():
+            raise EventModelError(f"{run_dir}: expected {MODEL_JSON} and {MODEL_FILE} (a caloforge events train run)")
+        try:
+            meta = json.loads(meta_path.read_text())
+            cfg = WGANConfig(**meta["config"])
+            tensors = load_file(str(w_path))
+        except (json.JSONDecodeError, KeyError, TypeError, SafetensorError) as err:
+            raise EventModelError(f"{run_dir}: unreadable model ({type(err).__name__}: {err})") from None
+        if meta.get("family") != "eventwgan":
+            raise EventModelError(f"{meta_path}: field 'family': expected 'eventwgan', got {meta.get('family')!r}")
+        model = cls(cfg, Gaussianiser.from_tensors(tensors), meta["names"])
+        for name, net in (("generator", model.generator), ("critic", model.critic)):
+            sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            try:
+                net.load_state_dict(sd)
+            except RuntimeError as err:
+                raise EventModelError(f"{w_path}: {name} weights do not fit the configuration ({err})") from None
+        return model
+
+    # ---- generation --------------------------------------------------------------------------------------
+    def sample(self, process: np.ndarray, seed: int = 0, batch_size: int = 100000) -> np.ndarray:
+        """High-level variables (N, D) for the given process labels."""
+        import torch
+
+        gen = torch.Generator().manual_seed(seed)
+        out = []
+        self.generator.eval()
+        with torch.no_grad():
+            for i in range(0, len(process), batch_size):
+                lab = _label(process[i:i + batch_size])
+                z = torch.randn(len(lab), self.cfg.noise_dim, generator=gen)
+                out.append(self.generator(torch.cat([z, lab], 1)).double().numpy())
+        g = np.concatenate(out) if out else np.zeros((0, self.gauss.dim))
+        return self.gauss.inverse(g)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def gradient_penalty(critic, real, fake, lab):
+    import torch
+
+    eps = torch.rand(len(real), 1)
+    x = (eps * real + (1 - eps) * fake).requires_grad_(True)
+    out = critic(torch.cat([x, lab], 1))
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return ((grad.norm(dim=1) - 1.0) ** 2).mean()
+
+
+def _save_checkpoint(run_dir: Path, model: EventWGAN, opt_g, opt_c, step: int) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {"rng": torch.get_rng_state()}
+    for name, net in (("generator", model.generator), ("critic", model.critic)):
+        tensors |= {f"{name}.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    for name, opt in (("opt_g", opt_g), ("opt_c", opt_c)):
+        for idx, st in opt.state_dict()["state"].items():
+            for key, val in st.items():
+                tensors[f"{name}.{idx}.{key}"] = val.detach().reshape(-1) if key == "step" else val.detach()
+    _atomic(run_dir / CKPT_FILE, lambda p: save_file(tensors, str(p)))
+    _atomic(run_dir / CKPT_JSON, lambda p: Path(p).write_text(json.dumps({"step": step})))
+
+
+def _load_checkpoint(run_dir: Path, model: EventWGAN, opt_g, opt_c) -> int:
+    import torch
+    from safetensors.torch import load_file
+
+    t = load_file(str(run_dir / CKPT_FILE))
+    for name, net in (("generator", model.generator), ("critic", model.critic)):
+        net.load_state_dict({k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".")})
+    for name, opt in (("opt_g", opt_g), ("opt_c", opt_c)):
+        sd = opt.state_dict()
+        n_params = len(sd["param_groups"][0]["params"])
+        sd["state"] = {i: {key: (t[f"{name}.{i}.{key}"].reshape(()) if key == "step" else t[f"{name}.{i}.{key}"])
+                           for key in ("step", "exp_avg", "exp_avg_sq")} for i in range(n_params)}
+        opt.load_state_dict(sd)
+    torch.set_rng_state(t["rng"])
+    return int(json.loads((run_dir / CKPT_JSON).read_text())["step"])
+
+
+def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, seed: int = 0, threads: int = 1,
+          resume: bool = False, quiet: bool = False, cfg: WGANConfig | None = None) -> EventWGAN:
+    """Train (or resume) an event WGAN on the high-level variables of an event file."""
+    import torch
+
+    from caloforge.progress import progress
+
+    run_dir = Path(output)
+    ev = read_events(data)
+    if len(ev) < 100:
+        raise ValueError(f"{data}: {len(ev)} events; the event WGAN needs at least 100")
+    cfg = cfg or WGANConfig(steps=steps, batch_size=batch_size, seed=seed)
+    if resume:
+        if not (run_dir / CKPT_JSON).exists():
+            raise EventModelError(f"{run_dir}: no checkpoint to resume ({CKPT_JSON} missing)")
+        meta = json.loads((run_dir / MODEL_JSON).read_text())
+        cfg = WGANConfig(**{**meta["config"], "steps": steps})
+    torch.set_num_threads(max(threads, 1))
+    torch.manual_seed(cfg.seed)
+    gauss = Gaussianiser.fit(ev.high_level)
+    x = torch.from_numpy(gauss.forward(ev.high_level).astype(np.float32))
+    lab_all = _label(ev.process)
+    model = EventWGAN(cfg, gauss, ev.names)
+    opt_g = torch.optim.Adam(model.generator.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt_c = torch.optim.Adam(model.critic.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if resume:
+        start = _load_checkpoint(run_dir, model, opt_g, opt_c)
+    else:
+        (run_dir / HISTORY).unlink(missing_ok=True)
+        model.save(run_dir)
+    hist = open(run_dir / HISTORY, "a")
+    n = len(x)
+    t0 = time.time()
+    bar = progress(total=cfg.steps, desc="eventwgan", unit="step", quiet=quiet, initial=start)
+    w_est = float("nan")
+    for step in range(start, cfg.steps):
+        for _ in range(cfg.n_critic):
+            idx = torch.randint(n, (cfg.batch_size,))
+            real, lab = x[idx], lab_all[idx]
+            with torch.no_grad():
+                fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim), lab], 1))
+            c_real = model.critic(torch.cat([real, lab], 1)).mean()
+            c_fake = model.critic(torch.cat([fake, lab], 1)).mean()
+            gp = gradient_penalty(model.critic, real, fake, lab)
+            loss_c = c_fake - c_real + cfg.gp_lambda * gp
+            opt_c.zero_grad(set_to_none=True)
+            loss_c.backward()
+            opt_c.step()
+            w_est = float(c_real - c_fake)
+        lab = lab_all[torch.randint(n, (cfg.batch_size,))]
+        fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim), lab], 1))
+        loss_g = -model.critic(torch.cat([fake, lab], 1)).mean()
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        if not np.isfinite(w_est):
+            raise ValueError(f"{run_dir}: training diverged at step {step} (critic loss not finite)")
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0:
+            hist.write(json.dumps({"step": step + 1, "w_estimate": w_est, "gp": float(gp),
+                                   "loss_g": float(loss_g), "time_s": round(time.time() - t0, 1)}) + "\n")
+            hist.flush()
+            bar.set_postfix(w=f"{w_est:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _save_checkpoint(run_dir, model, opt_g, opt_c, step + 1)
+            model.save(run_dir)
+    bar.close()
+    hist.close()
+    model.save(run_dir)
+    return model
+
+
+def generate_file(model_dir: str, output: str, n: int | None = None, conditions_from: str | None = None,
+                  processes: list[str] | None = None, seed: int = 0, threads: int = 1) -> int:
+    """Write generated events: the process labels of ``conditions_from``, or ``n`` per process interleaved."""
+    import torch
+
+    torch.set_num_threads(max(threads, 1))
+    model = EventWGAN.load(model_dir)
+    if conditions_from:
+        proc = read_events(conditions_from).process
+        if n is not None:
+            proc = proc[: n * 2]
+    else:
+        if n is None or n < 1:
+            raise ValueError("-n: give the number of events per process (>= 1), or --conditions-from FILE")
+        for p in processes or []:
+            if p not in PROCESSES:
+                raise ValueError(f"--process {p!r}: expected tth or ttbb")
+        labels = [PROCESSES[p] for p in (processes or list(PROCESSES))]
+        proc = np.tile(np.array(labels, dtype=np.int8), n)
+    hl = model.sample(proc, seed=seed)
+    write_events(output, Events(hl, proc.astype(np.int8), model.names),
+                 {"source": "model:eventwgan", "model": str(model_dir), "seed": seed})
+    return len(proc)
