@@ -73,6 +73,19 @@ def test_resume_under_torchrun(runs):
 
 
 @pytest.mark.slow
+def test_a_torchrun_run_resumes_in_one_process(runs):
+    """The ranks' random streams stay in step and the global batch is fixed: a run started under torchrun resumes
+    with another number of processes (here one) and continues as the single-process run."""
+    import shutil
+
+    root, data = runs
+    _train(root / "half", data, "--max-steps", "4", procs=2)
+    shutil.copytree(root / "half", root / "half-one")
+    _train(root / "half-one", data, "--resume", "--max-steps", "6")
+    _assert_same_training(root / "one", root / "half-one", kinds=("train",))
+
+
+@pytest.mark.slow
 def test_wgan_under_torchrun(tmp_path):
     """The adversarial family (several optimisers, gradient penalty) trains under torchrun too. Its batch-norm
     statistics are per shard, as with DDP, so it is close to, not equal to, one process."""
