@@ -56,12 +56,11 @@ _WORKER: dict[str, Any] = {}
 def _start_geant4(cfg) -> Any:
     import os
 
-    from caloforge.conditions import parse_particles
-    from caloforge.geant4_app import Geant4App
+    from caloforge.simulate import make_app
 
     devnull = os.open(os.devnull, os.O_WRONLY)  # Geant4 prints its banner and messages on stdout
     os.dup2(devnull, 1)
-    return Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=cfg.physics)
+    return make_app(cfg)  # with the run's fast-simulation model, if any
 
 
 def chunk_task(cfg_json: str, k: int) -> dict[str, np.ndarray]:
@@ -195,7 +194,7 @@ def run_chunks(client, cfg, chunk_dir: Path, todo: list[int], retries: int = 3) 
             write_chunk(chunk_dir, k, arrays)
             pending.discard(fut)
             fut.release()
-            yield len(arrays["conditions"])
+            yield len(arrays["conditions"]) // cfg.multiplicity  # events (rows of the file)
     finally:
         if pending:
             client.cancel(list(pending))

@@ -554,6 +554,18 @@ class ShowerWriter:
             off[self.n + 1:] = self._n_hits + np.cumsum(counts, dtype=np.int64)
         self._n_hits += m
 
+    def add_table(self, name: str, columns: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+        """A group ``name`` of 1-D columns of equal length beside the showers (per-event records: readers of
+        shower files ignore it)."""
+        lengths = {len(np.asarray(v)) for v in columns.values()}
+        if len(lengths) > 1:
+            raise DatasetError(f"{self.path}: table {name!r} has columns of different lengths {sorted(lengths)}")
+        group = self._h5.create_group(name)
+        for key, v in columns.items():
+            group.create_dataset(key, data=np.asarray(v))
+        for key, v in (attrs or {}).items():
+            group.attrs[key] = v
+
     def close(self) -> None:
         """Finish the file and move it to its final name."""
         self._h5.attrs["complete"] = True

@@ -24,9 +24,19 @@ class Geant4App:
     """A ready-to-run Geant4 application for one detector; each event's particle, energy, angle and impact point
     come from the :class:`~caloforge.conditions.Conditions` passed to :meth:`simulate`."""
 
-    def __init__(self, detector: Detector, particle: str = "gamma", physics: str = "auto", verbose: int = 0):
+    def __init__(self, detector: Detector, particle: str = "gamma", physics: str = "auto", verbose: int = 0,
+                 fastsim=None, gate: bool | None = None):
+        """``fastsim``: a :class:`caloforge.fastsim.FastSim`: e/gamma entering the calorimeter that its model takes
+        get their shower from the model. ``gate`` (default: with ``fastsim``): build the gate volume in front of
+        the face that records (and, with ``fastsim``, intercepts) the particles entering the calorimeter; a gate
+        without ``fastsim`` is the full-simulation run of the same application."""
         self.g4 = g4 = import_geant4()
         self.detector = detector
+        self.fastsim = fastsim
+        self.gate = fastsim is not None if gate is None else bool(gate)
+        self.current_event = 0
+        self.multiplicity = 1
+        self.last_records: dict[str, np.ndarray] | None = None
         self.particle = canonical_particle(particle)  # the default for simulate(energies, angles)
         if physics == "auto":
             use_standard = real_em_data() is not None
@@ -41,7 +51,7 @@ class Geant4App:
 
         g4.G4UImanager.GetUIpointer().ApplyCommand("/control/verbose 0")
         self.run_manager = g4.G4RunManagerFactory.CreateRunManager(g4.G4RunManagerType.Serial)
-        self._geometry = _Geometry(g4, detector)
+        self._geometry = _Geometry(g4, detector, self)
         self.run_manager.SetUserInitialization(self._geometry)
         self.physics_list, self.physics_name = make_physics_list(g4, use_standard)
         self.run_manager.SetUserInitialization(self.physics_list)
@@ -58,11 +68,14 @@ class Geant4App:
         self._out: np.ndarray = np.zeros((0, 0), np.float32)
 
     def simulate(self, conditions: Conditions | np.ndarray, angles_deg: np.ndarray | None = None, seed: int = 1,
-                 angled: bool | None = None) -> np.ndarray:
+                 angled: bool | None = None, multiplicity: int = 1) -> np.ndarray:
         """Showers (n, n_cells) in MeV for the given conditions, reproducible for a seed.
 
         ``conditions``: a :class:`Conditions`, or incident energies (MeV) with ``angles_deg`` (this app's particle,
         impact at the origin). ``angled`` selects the readout window (default: angled if any angle is > 0).
+        ``multiplicity``: primaries per event; event ``i`` fires rows ``i * multiplicity ...`` of the conditions and
+        its readout holds all their showers. With a gate, :attr:`last_records` holds the particles that entered the
+        calorimeter (:mod:`caloforge.fastsim`); with fast simulation on, the model's showers are added in.
         """
         if not isinstance(conditions, Conditions):
             conditions = Conditions.make(conditions, 0.0 if angles_deg is None else angles_deg,
@@ -72,17 +85,28 @@ class Geant4App:
             angled = bool(np.any(cond.angle > 0))
         self._window = self._geometry.window(angled)
         n_cells = int(np.prod(self.detector.shape(angled)))
-        self._cond = cond
-        self._out = np.zeros((len(cond), n_cells), np.float32)
+        if multiplicity < 1 or len(cond) % multiplicity:
+            raise ValueError(f"{len(cond)} rows of conditions do not make events of {multiplicity} primaries")
+        n_events = len(cond) // multiplicity
+        self._cond, self.multiplicity = cond, multiplicity
+        self._out = np.zeros((n_events, n_cells), np.float32)
         self.g4.HepRandom.setTheSeed(int(seed) % 2_147_483_647)
-        self.run_manager.BeamOn(len(cond))
+        self.run_manager.BeamOn(n_events)
+        if self.gate:
+            from caloforge.fastsim import records_from_rows
+
+            sd = self._geometry.gate_sd
+            self.last_records, sd.rows = records_from_rows(sd.rows), []
+            fast = self.last_records["reason"] == 0
+            if self.fastsim is not None and fast.any():
+                np.add.at(self._out, self.last_records["event"][fast], self.fastsim.showers(self.last_records, angled))
         return self._out
 
 
 class _Geometry:
     """Factory for the G4VUserDetectorConstruction subclass (defined lazily: needs the geant4 module)."""
 
-    def __new__(cls, g4, detector: Detector):
+    def __new__(cls, g4, detector: Detector, app: Geant4App):
         class Construction(g4.G4VUserDetectorConstruction):
             def __init__(self) -> None:
                 super().__init__()
@@ -113,6 +137,15 @@ class _Geometry:
                 calo_p = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, depth / 2 * mm), calo_l, "Calo",
                                           world_l, False, 0)
                 self._keep += [world_s, world_l, world_p, calo_s, calo_l, calo_p]
+                self.gate_volume = None
+                if app.gate:  # fast simulation: a slab of the world material just upstream of the face
+                    from caloforge.fastsim import GATE_MM
+
+                    gate_s = g4.G4Box("Gate", half_x * mm, half_y * mm, GATE_MM / 2 * mm)
+                    self.gate_volume = g4.G4LogicalVolume(gate_s, world_mat, "Gate")
+                    gate_p = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, -GATE_MM / 2 * mm), self.gate_volume,
+                                              "Gate", world_l, False, 0)
+                    self._keep += [gate_s, self.gate_volume, gate_p]
                 self.cell_volumes = []
                 active_cache: dict[tuple[str, float], object] = {}
                 z = -depth / 2
@@ -164,6 +197,12 @@ class _Geometry:
                 for lv in self.cell_volumes:
                     self.SetSensitiveDetector(lv, mfd)
                 self._keep += [mfd, scorer]
+                if self.gate_volume is not None:
+                    from caloforge.fastsim import gate_detector
+
+                    self.gate_sd = gate_detector(g4, app)
+                    sdm.AddNewDetector(self.gate_sd)
+                    self.SetSensitiveDetector(self.gate_volume, self.gate_sd)
 
         return Construction()
 
@@ -180,17 +219,22 @@ class _Actions:
                 self.definitions = {code: table.FindParticle(name) for code, name in PDG_PARTICLE.items()}
 
             def GeneratePrimaries(self, event) -> None:
-                i = event.GetEventID()
-                c = app._cond
-                a = np.radians(c.angle[i])
-                # Start 1 mm upstream in vacuum, aimed to reach (x, y, 0) on the front face.
-                d = 1.0
-                self.gun.SetParticleDefinition(self.definitions[int(c.pdg[i])])
-                self.gun.SetParticleEnergy(float(c.energy[i]) * g4.MeV)
-                self.gun.SetParticlePosition(g4.G4ThreeVector(float(c.x[i]) * g4.mm,
-                                                              (float(c.y[i]) - np.tan(a) * d) * g4.mm, -d * g4.mm))
-                self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, np.sin(a), np.cos(a)))
-                self.gun.GeneratePrimaryVertex(event)
+                app.current_event = event.GetEventID()
+                c, k = app._cond, app.multiplicity
+                for i in range(app.current_event * k, (app.current_event + 1) * k):
+                    a = np.radians(c.angle[i])
+                    # Start 1 mm upstream in vacuum, aimed to reach (x, y, 0) on the front face.
+                    d = 1.0
+                    pdg = int(c.pdg[i])
+                    if pdg not in self.definitions:  # any particle Geant4 knows (tests fire muons)
+                        self.definitions[pdg] = g4.G4ParticleTable.GetParticleTable().FindParticle(pdg)
+                    self.gun.SetParticleDefinition(self.definitions[pdg])
+                    self.gun.SetParticleEnergy(float(c.energy[i]) * g4.MeV)
+                    self.gun.SetParticlePosition(g4.G4ThreeVector(float(c.x[i]) * g4.mm,
+                                                                  (float(c.y[i]) - np.tan(a) * d) * g4.mm,
+                                                                  -d * g4.mm))
+                    self.gun.SetParticleMomentumDirection(g4.G4ThreeVector(0, np.sin(a), np.cos(a)))
+                    self.gun.GeneratePrimaryVertex(event)
 
         class EventAction(g4.G4UserEventAction):
             def __init__(self) -> None:

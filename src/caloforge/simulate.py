@@ -46,6 +46,9 @@ class RunConfig:
     chunk_size: int
     physics: str  # "standard" or "data-free"
     position: str = "0,0"  # impact point spec (mm); runs recorded before positions existed hit the origin
+    multiplicity: int = 1  # primaries per event (rows of conditions per shower row)
+    fastsim: str = ""  # a model (shipped name or directory): e/gamma it takes get their shower from it
+    fastsim_threshold_mev: float = 0.0  # 0: the model's lowest training energy
 
     @property
     def detector(self) -> Detector:
@@ -72,10 +75,10 @@ class RunConfig:
 
         Separate random streams per quantity keep the first rows of a chunk identical whatever its length.
         """
-        m, first = self.chunk_rows(k), k * self.chunk_size
+        m, first, mult = self.chunk_rows(k), k * self.chunk_size, self.multiplicity
         rngs = tuple(np.random.default_rng(np.random.SeedSequence([self.seed, k, j])) for j in (1, 2, 4))
         # Draw a whole chunk's worth and keep the first m rows: the first rows never depend on the run's length.
-        cond = self.sampler.sample(self.chunk_size, rngs, offset=first)[:m]
+        cond = self.sampler.sample(self.chunk_size * mult, rngs, offset=first * mult)[:m * mult]
         g4_seed = int(np.random.SeedSequence([self.seed, k, 3]).generate_state(1)[0] % 2_147_483_647) or 1
         return cond, g4_seed
 
@@ -115,20 +118,38 @@ def _worker_init(cfg: RunConfig, quiet_stdout: bool = True, parent: int | None =
     if quiet_stdout:  # Geant4 prints its banner and messages on stdout; keep the user's terminal clean
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
+    _CFG = cfg
+    _APP = make_app(cfg)
+
+
+def make_app(cfg: RunConfig):
+    """The Geant4 application of a run: with its fast-simulation model when the run has one."""
     from caloforge.geant4_app import Geant4App
 
-    _CFG = cfg
-    _APP = Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=cfg.physics)
+    fastsim = None
+    if cfg.fastsim:
+        import torch
+
+        from caloforge.fastsim import FastSim
+
+        torch.set_num_threads(1)  # one Geant4 and one model per worker process
+        fastsim = FastSim.load(cfg.fastsim, cfg.detector, threshold_mev=cfg.fastsim_threshold_mev or None)
+    return Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=cfg.physics, fastsim=fastsim)
 
 
 def simulate_chunk(app, cfg: RunConfig, k: int) -> dict[str, np.ndarray]:
     """Chunk ``k`` of the run with a Geant4 app: its conditions and showers as sparse arrays (what a chunk file
     holds; the same for any backend, worker or order)."""
     cond, g4_seed = cfg.chunk_conditions(k)
-    showers = app.simulate(cond, seed=g4_seed, angled=cfg.angled)
+    if app.fastsim is not None:  # the model's noise depends on the chunk alone, not on the worker
+        app.fastsim.seed, app.fastsim._calls = int(np.random.SeedSequence([cfg.seed, k, 5]).generate_state(1)[0]), 0
+    showers = app.simulate(cond, seed=g4_seed, angled=cfg.angled, multiplicity=cfg.multiplicity)
     rows, cells = np.nonzero(showers)
-    return {"conditions": cond.as_array(), "rows": rows.astype(np.int32), "cells": cells.astype(np.int32),
-            "values": showers[rows, cells], "n_cells": np.int64(showers.shape[1])}
+    out = {"conditions": cond.as_array(), "rows": rows.astype(np.int32), "cells": cells.astype(np.int32),
+           "values": showers[rows, cells], "n_cells": np.int64(showers.shape[1])}
+    if app.gate:
+        out.update({f"fastsim_{key}": v for key, v in app.last_records.items()})
+    return out
 
 
 def write_chunk(chunk_dir: str | Path, k: int, arrays: dict[str, np.ndarray]) -> None:
@@ -144,18 +165,20 @@ def _run_chunk(args: tuple[int, str]) -> tuple[int, int]:
     assert _APP is not None and _CFG is not None
     arrays = simulate_chunk(_APP, _CFG, k)
     write_chunk(chunk_dir, k, arrays)
-    return k, len(arrays["conditions"])
+    return k, len(arrays["conditions"]) // _CFG.multiplicity
 
 
-def _load_chunk(path: Path, cfg: RunConfig) -> tuple[Conditions, np.ndarray]:
+def _load_chunk(path: Path, cfg: RunConfig) -> tuple[Conditions, np.ndarray, dict[str, np.ndarray]]:
+    """A chunk's conditions (the first primary of each event), showers and fast-simulation records."""
     with np.load(path, allow_pickle=False) as z:
         if "conditions" in z:
-            cond = Conditions.from_array(z["conditions"])
+            cond = Conditions.from_array(z["conditions"])[::cfg.multiplicity]
         else:  # a chunk written before positions and particles were recorded: photons at the origin
             cond = Conditions.make(z["energies"], z["angles"], particle=parse_particles(cfg.particle)[0])
         showers = np.zeros((len(cond), int(z["n_cells"])), np.float32)
         showers[z["rows"], z["cells"]] = z["values"]
-    return cond, showers
+        records = {key.removeprefix("fastsim_"): z[key] for key in z.files if key.startswith("fastsim_")}
+    return cond, showers, records
 
 
 # ---- driver side ---------------------------------------------------------------------------------
@@ -204,7 +227,9 @@ def _attrs(cfg: RunConfig, complete_rows: int) -> dict:
         "position_spec": cfg.position,
         "chunk_size": cfg.chunk_size,
         "run_config": json.dumps({**asdict(cfg), "n": complete_rows}),
-    }
+    } | ({"multiplicity": cfg.multiplicity} if cfg.multiplicity > 1 else {}) | ({
+        "source": "geant4+fastsim", "fastsim_model": cfg.fastsim,
+        "fastsim_threshold_mev": cfg.fastsim_threshold_mev} if cfg.fastsim else {})
 
 
 def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int], snapshot: bool = False) -> int:
@@ -213,9 +238,20 @@ def _merge(cfg: RunConfig, chunk_dir: Path, output: Path, chunks: list[int], sna
     if snapshot:
         attrs.update(snapshot=True, snapshot_of_n=cfg.n)
     writer = ShowerWriter(output, cfg.detector, cfg.detector.n_cells(cfg.angled), attrs)
+    tables: list[dict[str, np.ndarray]] = []
     try:
         for k in chunks:
-            writer.append(*_load_chunk(chunk_dir / f"chunk-{k:06d}.npz", cfg))
+            cond, showers, records = _load_chunk(chunk_dir / f"chunk-{k:06d}.npz", cfg)
+            writer.append(cond, showers)
+            if records:
+                tables.append(dict(records, event=records["event"] + k * cfg.chunk_size))
+        if tables:
+            from caloforge.fastsim import REASONS
+
+            writer.add_table("fastsim", {key: np.concatenate([t[key] for t in tables]) for key in tables[0]},
+                             {"reasons": json.dumps(REASONS), "units": "energy MeV, angle and xtilt deg, x y mm",
+                              "about": "one row per particle entering the calorimeter: reason 0 = shower made by "
+                                       "the fast-simulation model, else tracked by Geant4 (see reasons)"})
     except BaseException:
         writer.abort()
         raise
@@ -243,13 +279,17 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
              output: str | Path, workers: int | None = None, chunk_size: int = DEFAULT_CHUNK,
              physics: str = "auto", quiet: bool = False, overwrite: bool = False, position: str = "0,0",
              backend: str = "pool", scheduler: str | None = None, cluster: str | None = None,
-             cluster_config: str | Path | None = None, retries: int = 3) -> Path:
+             cluster_config: str | Path | None = None, retries: int = 3, multiplicity: int = 1,
+             fastsim: str | Path | None = None, fastsim_threshold_gev: float | None = None) -> Path:
     """Simulate ``n`` showers into ``output`` (resumable, reproducible for a seed whatever ``workers``).
 
     ``particle``: one particle or a list ('gamma,e-'); ``position``: impact point spec in mm ('0,0', 'cell', ...).
     ``backend``: ``pool`` (local worker processes) or ``dask`` (a LocalCluster of ``workers`` processes, the
     scheduler at ``scheduler``, or a dask-jobqueue ``cluster`` with options from ``cluster_config``; see
-    :mod:`caloforge.dask_backend`); the file is the same for either.
+    :mod:`caloforge.dask_backend`); the file is the same for either. ``multiplicity``: primaries per event (each
+    shower row then holds the showers of that many particles). ``fastsim``: a model (shipped name or directory):
+    e/gamma entering the calorimeter that it takes (above ``fastsim_threshold_gev``, default its lowest training
+    energy) get their shower from the model inside the Geant4 run (:mod:`caloforge.fastsim`).
     """
     from caloforge.progress import progress
     from caloforge.validate import check_int, check_output_file, check_seed
@@ -273,12 +313,26 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
 
         cluster_options = check_options(scheduler, cluster, cluster_config)
     check_seed(seed)
+    check_int(multiplicity, "--multiplicity", 1, 1000)
     check_output_file(output, "-o")
     det = detector if isinstance(detector, Detector) else load_detector(detector)
     sampler = ConditionSampler.parse(energy, angle, position, particle, det.cell_size_mm)
     check_window(det, sampler)
+    fastsim_spec, threshold_mev = "", 0.0
+    if fastsim_threshold_gev is not None and not fastsim:
+        raise ValueError("--fastsim-threshold needs --fastsim MODEL")
+    if fastsim:
+        from caloforge.fastsim import FastSim
+
+        fastsim_spec = str(Path(fastsim).resolve()) if Path(fastsim).exists() else str(fastsim)
+        if fastsim_threshold_gev is not None:
+            if not fastsim_threshold_gev > 0:
+                raise ValueError(f"--fastsim-threshold {fastsim_threshold_gev!r}: expected an energy > 0 GeV")
+            threshold_mev = float(fastsim_threshold_gev) * 1e3
+        FastSim.load(fastsim_spec, det, threshold_mev=threshold_mev or None)  # refuse a wrong model here, not later
     cfg = RunConfig(det.to_json(), ",".join(sampler.particles), sampler.energy.text, sampler.angle.text, int(n),
-                    int(seed), int(chunk_size), resolve_physics(physics), sampler.position.text)
+                    int(seed), int(chunk_size), resolve_physics(physics), sampler.position.text, int(multiplicity),
+                    fastsim_spec, threshold_mev)
     output = Path(output)
     if output.exists():
         if overwrite:
@@ -424,6 +478,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-config", metavar="FILE",
                    help="TOML/YAML table of dask-jobqueue options for --cluster (cores, memory, queue, walltime, ...)")
     p.add_argument("--retries", type=int, default=3, help="with dask: retries of a chunk whose task fails (default 3)")
+    p.add_argument("--multiplicity", type=int, default=1,
+                   help="primaries per event, each drawn from the condition specs (default 1); a row of the file "
+                        "holds the showers of all of them")
+    p.add_argument("--fastsim", metavar="MODEL",
+                   help="fast simulation inside Geant4: e/gamma entering the calorimeter that this model (shipped "
+                        "name or directory) takes get their shower from it; everything else is tracked by Geant4")
+    p.add_argument("--fastsim-threshold", type=float, metavar="GEV",
+                   help="e/gamma below this energy are tracked by Geant4 (default: the model's lowest training "
+                        "energy)")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK,
                    help="showers per chunk (part of the run's identity: changing it changes the showers)")
     p.add_argument("--physics", default="auto", choices=["auto", "standard", "data-free"],
@@ -450,7 +513,8 @@ def run(args: argparse.Namespace) -> int:
                    workers=args.workers, chunk_size=args.chunk_size, physics=args.physics, quiet=args.quiet,
                    overwrite=args.overwrite, position=args.position, retries=args.retries,
                    backend=args.backend or ("dask" if args.scheduler or args.cluster else "pool"),
-                   scheduler=args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config)
+                   scheduler=args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config,
+                   multiplicity=args.multiplicity, fastsim=args.fastsim, fastsim_threshold_gev=args.fastsim_threshold)
     if not args.quiet:
         print(f"{out}: {args.n} showers ({time.perf_counter() - t0:.0f} s)")
     return 0
