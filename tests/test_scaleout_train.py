@@ -63,6 +63,7 @@ def test_two_processes_train_as_one(runs):
     assert not list((root / "two").glob("*.tmp")), "rank 0 alone writes, atomically"
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun(runs):
     """A torchrun run stopped at step 4 and resumed under torchrun to step 6 is the 6-step single-process run."""
     root, data = runs
