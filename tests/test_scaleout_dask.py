@@ -104,7 +104,9 @@ def test_bad_backend_options_are_refused(tmp_path, capsys, monkeypatch):
         simulate(energy="3", n=2, output=out, backend="dask", cluster_config="c.toml", **RUN)
     with pytest.raises(DaskBackendError, match="cannot connect"):
         simulate(energy="3", n=2, output=out, backend="dask", scheduler="tcp://127.0.0.1:9", **RUN)
-    assert main(["simulate", "-n", "2", "-o", out, "--cluster", "slurm", "--cluster-config",
+    with pytest.raises(ValueError, match="needs --workers"):
+        simulate(energy="3", n=2, output=out, backend="dask", cluster="slurm", **RUN)
+    assert main(["simulate", "-n", "2", "-o", out, "--cluster", "slurm", "--workers", "4", "--cluster-config",
                  str(tmp_path / "missing.toml")]) == 2
     assert "missing.toml: file not found" in capsys.readouterr().err
 

@@ -308,6 +308,8 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
         raise ValueError("--scheduler, --cluster and --cluster-config need --backend dask")
     if cluster_config and not cluster:
         raise ValueError("--cluster-config needs --cluster slurm|htcondor")
+    if cluster and workers is None:
+        raise ValueError(f"--cluster {cluster} needs --workers: the number of worker processes to request")
     if backend == "dask":
         from caloforge.dask_backend import check_options
 
