@@ -1,19 +1,25 @@
 """Sampling calorimeters described as data.
 
-A detector is an ordered stack of layers (absorber then active sensor), a transverse size, a square
-cell size, and the readout window of cells that a dataset stores. Built-in detectors live as TOML files
-in ``caloforge/detectors``; users load their own TOML/YAML/JSON file with :func:`load_detector`.
+A detector is an ordered stack of readout layers, a transverse size, and the cells that a dataset stores.
+A readout layer is ``samplings`` repetitions of (passive slabs, absorber, active sensor) whose active energy is
+read out together. The simple case (the house detector) has one square cell size for every layer and a readout
+window of (layer, x, y) cells; otherwise every layer carries its own cells (:mod:`caloforge.readout`: a grid of
+its own cell size and extent, hexagons, or (r, phi) bins) and a shower is the concatenation of the layers' cells.
+Built-in detectors live as TOML files in ``caloforge/detectors``; users load their own TOML/YAML/JSON file with
+:func:`load_detector` (docs/detectors.md).
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
+
+from caloforge.readout import Cells, ReadoutError, cells_from_dict
 
 
 class DetectorError(ValueError):
@@ -22,18 +28,70 @@ class DetectorError(ValueError):
 
 #: Sanity bounds of a detector description (ild-ecal: 30 layers, 30 x 60 cells).
 MAX_LAYERS = 1000
+MAX_SAMPLINGS = 1000
+#: Radiation lengths (mm) of the NIST materials used by the built-in detectors (PDG tables), for the sampling
+#: weights of stacks that mix absorber materials; other materials need a detector of one absorber material.
+X0_MM = {"G4_W": 3.504, "G4_Pb": 5.612, "G4_Cu": 14.36, "G4_Fe": 17.57, "G4_Al": 88.97, "G4_Si": 93.70,
+         "G4_lAr": 140.0, "G4_Galactic": float("inf"), "G4_AIR": 303_900.0, "G4_KAPTON": 285.7,
+         "G4_POLYSTYRENE": 413.1, "G4_PLASTIC_SC_VINYLTOLUENE": 425.4, "G4_PbWO4": 8.903}
+#: Minimum-ionising energy loss (MeV/mm: PDG <dE/dx>_min times the density) of the same materials, for MIP
+#: sampling fractions (docs/detectors.md derives the expected sampling fraction of each built-in detector).
+MIP_DEDX = {"G4_W": 2.210, "G4_Pb": 1.273, "G4_Cu": 1.257, "G4_Fe": 1.143, "G4_Al": 0.4359, "G4_Si": 0.3876,
+            "G4_lAr": 0.2121, "G4_Galactic": 0.0, "G4_AIR": 0.0002187, "G4_KAPTON": 0.2492, "G4_POLYSTYRENE": 0.2052,
+            "G4_PLASTIC_SC_VINYLTOLUENE": 0.2019, "G4_PbWO4": 1.040}
 MAX_CELLS_PER_AXIS = 1000
 MAX_CELLS = 2_000_000
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One sampling layer: an absorber slab followed immediately by an active (scored) slab."""
+    """One readout layer: ``samplings`` times (``passive`` slabs, an absorber slab, an active slab), front to back;
+    the energy of all its active slabs is read out in its ``cells`` (None: the detector's uniform grid)."""
 
     absorber: str
     absorber_mm: float
     active: str
     active_mm: float
+    samplings: int = 1
+    passive: tuple[tuple[str, float], ...] = ()
+    cells: Cells | None = None
+
+    @property
+    def sampling_mm(self) -> float:
+        """Thickness of one (passive, absorber, active) repetition."""
+        return sum(t for _, t in self.passive) + self.absorber_mm + self.active_mm
+
+    @property
+    def depth_mm(self) -> float:
+        return self.samplings * self.sampling_mm
+
+    def passive_x0(self) -> float:
+        """Radiation lengths of passive material (absorber and passive slabs) in the whole readout layer."""
+        slabs = [*self.passive, (self.absorber, self.absorber_mm)]
+        missing = [m for m, t in slabs if t > 0 and m not in X0_MM]
+        if missing:
+            raise DetectorError(f"no radiation length known for material {missing[0]!r} (known: {sorted(X0_MM)})")
+        return self.samplings * sum(t / X0_MM[m] for m, t in slabs if t > 0)
+
+    def mip_sampling_fraction(self) -> float:
+        """Share of a minimum-ionising particle's energy loss that falls in the active slabs."""
+        slabs = [*self.passive, (self.absorber, self.absorber_mm), (self.active, self.active_mm)]
+        missing = [m for m, t in slabs if t > 0 and m not in MIP_DEDX]
+        if missing:
+            raise DetectorError(f"no MIP energy loss known for material {missing[0]!r} (known: {sorted(MIP_DEDX)})")
+        active = MIP_DEDX[self.active] * self.active_mm
+        return active / sum(MIP_DEDX[m] * t for m, t in slabs if t > 0)
+
+    def to_dict(self) -> dict:
+        d = {"absorber": self.absorber, "absorber_mm": self.absorber_mm, "active": self.active,
+             "active_mm": self.active_mm}
+        if self.samplings != 1:
+            d["samplings"] = self.samplings
+        if self.passive:
+            d["passive"] = [[m, t] for m, t in self.passive]
+        if self.cells is not None:
+            d["cells"] = self.cells.to_dict()
+        return d
 
 
 @dataclass(frozen=True)
@@ -53,8 +111,8 @@ class Detector:
     layers: tuple[Layer, ...]
     size_x_mm: float
     size_y_mm: float
-    cell_size_mm: float
-    readout: Readout
+    cell_size_mm: float | None
+    readout: Readout | None
     description: str = ""
     world_material: str = "G4_Galactic"
     production_cut_mm: float = 0.7
@@ -65,11 +123,58 @@ class Detector:
             raise DetectorError(f"detector {self.name!r}: 'layers' is empty, expected at least one layer")
         if len(self.layers) > MAX_LAYERS:
             raise DetectorError(f"detector {self.name!r}: {len(self.layers)} layers; expected at most {MAX_LAYERS}")
-        numbers = {"size_x_mm": self.size_x_mm, "size_y_mm": self.size_y_mm, "cell_size_mm": self.cell_size_mm,
-                   "production_cut_mm": self.production_cut_mm, "readout.x_min_mm": self.readout.x_min_mm,
-                   "readout.y_min_mm": self.readout.y_min_mm}
+        numbers = {"size_x_mm": self.size_x_mm, "size_y_mm": self.size_y_mm,
+                   "production_cut_mm": self.production_cut_mm}
         for i, layer in enumerate(self.layers):
             numbers.update({f"layer {i} absorber_mm": layer.absorber_mm, f"layer {i} active_mm": layer.active_mm})
+            numbers.update({f"layer {i} passive {m}": t for m, t in layer.passive})
+        for key, v in numbers.items():
+            if not np.isfinite(v) or abs(v) > 1e7:
+                raise DetectorError(f"detector {self.name!r}: {key} is {v}; expected a finite length in mm")
+        for i, layer in enumerate(self.layers):
+            if layer.absorber_mm < 0 or layer.active_mm <= 0 or any(t < 0 for _, t in layer.passive):
+                raise DetectorError(
+                    f"detector {self.name!r}: layer {i} has absorber_mm={layer.absorber_mm}, "
+                    f"active_mm={layer.active_mm}; expected absorber_mm >= 0 and active_mm > 0"
+                    + (" and passive thicknesses >= 0" if layer.passive else "")
+                )
+            if not 1 <= layer.samplings <= MAX_SAMPLINGS:
+                raise DetectorError(f"detector {self.name!r}: layer {i} has samplings={layer.samplings}; expected "
+                                    f"1 to {MAX_SAMPLINGS} (absorber, active) repetitions")
+        segmented = [layer.cells is not None for layer in self.layers]
+        if any(segmented):
+            self._check_segmented(segmented)
+        else:
+            self._check_uniform()
+
+    def _check_segmented(self, segmented: list[bool]) -> None:
+        """Per-layer cells: every layer has its own, inside the transverse size; no uniform grid fields."""
+        if not all(segmented):
+            i = segmented.index(False)
+            raise DetectorError(f"detector {self.name!r}: layer {i} has no 'cells' while others do; expected "
+                                f"'cells' on every layer group (or on none, with cell_size_mm and readout)")
+        if self.size_x_mm <= 0 or self.size_y_mm <= 0:
+            raise DetectorError(f"detector {self.name!r}: size_x_mm and size_y_mm must be > 0")
+        if self.cell_size_mm is not None or self.readout is not None:
+            raise DetectorError(f"detector {self.name!r}: with per-layer 'cells', 'cell_size_mm' and 'readout' "
+                                f"must be left out (each layer's cells give its cell sizes and extent)")
+        if self.n_cells() > MAX_CELLS:
+            raise DetectorError(f"detector {self.name!r}: {self.n_cells()} cells per shower; expected at most "
+                                f"{MAX_CELLS}")
+        hx, hy = self.size_x_mm / 2 + 1e-9, self.size_y_mm / 2 + 1e-9
+        for i, layer in enumerate(self.layers):
+            x0, x1, y0, y1 = layer.cells.bounds()
+            if x0 < -hx or x1 > hx or y0 < -hy or y1 > hy:
+                raise DetectorError(f"detector {self.name!r}: layer {i} cells cover x {x0:g}..{x1:g}, y {y0:g}..{y1:g}"
+                                    f" mm, which leaves the detector ({self.size_x_mm:g} x {self.size_y_mm:g} mm)")
+
+    def _check_uniform(self) -> None:
+        if self.cell_size_mm is None or self.readout is None:
+            raise DetectorError(f"detector {self.name!r}: missing field "
+                                f"{'cell_size_mm' if self.cell_size_mm is None else 'readout'!r} (or give every "
+                                f"layer its own 'cells')")
+        numbers = {"cell_size_mm": self.cell_size_mm, "readout.x_min_mm": self.readout.x_min_mm,
+                   "readout.y_min_mm": self.readout.y_min_mm}
         for key, v in numbers.items():
             if not np.isfinite(v) or abs(v) > 1e7:
                 raise DetectorError(f"detector {self.name!r}: {key} is {v}; expected a finite length in mm")
@@ -81,12 +186,6 @@ class Detector:
         if self.n_cells(True) > MAX_CELLS:
             raise DetectorError(f"detector {self.name!r}: {self.n_cells(True)} cells per shower; expected at most "
                                 f"{MAX_CELLS}")
-        for i, layer in enumerate(self.layers):
-            if layer.absorber_mm < 0 or layer.active_mm <= 0:
-                raise DetectorError(
-                    f"detector {self.name!r}: layer {i} has absorber_mm={layer.absorber_mm}, "
-                    f"active_mm={layer.active_mm}; expected absorber_mm >= 0 and active_mm > 0"
-                )
         if self.cell_size_mm <= 0:
             raise DetectorError(f"detector {self.name!r}: cell_size_mm must be > 0, got {self.cell_size_mm}")
         for axis in ("x", "y"):
@@ -113,22 +212,35 @@ class Detector:
         return len(self.layers)
 
     @property
-    def depth_mm(self) -> float:
-        return float(sum(layer.absorber_mm + layer.active_mm for layer in self.layers))
+    def is_uniform(self) -> bool:
+        """True for one square cell grid and a (layer, x, y) window (the house detector's kind of readout)."""
+        return self.layers[0].cells is None
 
-    def shape(self, angled: bool = False) -> tuple[int, int, int]:
-        """Cell-array shape (layer, x, y) stored for normal (``angled=False``) or angled incidence."""
+    @property
+    def depth_mm(self) -> float:
+        if self.is_uniform and all(ly.samplings == 1 and not ly.passive for ly in self.layers):
+            return float(sum(layer.absorber_mm + layer.active_mm for layer in self.layers))
+        return float(sum(layer.depth_mm for layer in self.layers))
+
+    def shape(self, angled: bool = False) -> tuple[int, ...]:
+        """Cell-array shape stored for normal (``angled=False``) or angled incidence: (layer, x, y) for a uniform
+        detector, (n_cells,) (the layers' cells one after the other) for per-layer cells, any angle."""
+        if not self.is_uniform:
+            return (int(sum(layer.cells.n_cells for layer in self.layers)),)
         n_y = self.readout.n_y_angled if (angled and self.readout.n_y_angled) else self.readout.n_y
         return (self.n_layers, self.readout.n_x, n_y)
 
     def n_cells(self, angled: bool = False) -> int:
         return int(np.prod(self.shape(angled)))
 
-    def shape_for_cells(self, n_cells: int) -> tuple[int, int, int]:
+    def shape_for_cells(self, n_cells: int) -> tuple[int, ...]:
         """The window shape that holds ``n_cells`` cells, or a DetectorError."""
         for angled in (False, True):
             if self.n_cells(angled) == n_cells:
                 return self.shape(angled)
+        if not self.is_uniform:
+            raise DetectorError(f"detector {self.name!r}: {n_cells} cells per shower; its readout has "
+                                f"{self.n_cells()} cells")
         raise DetectorError(
             f"detector {self.name!r}: {n_cells} cells per shower match neither window "
             f"{self.shape(False)} nor {self.shape(True)}"
@@ -136,42 +248,115 @@ class Detector:
 
     def impact_region(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """((x_lo, x_hi), (y_lo, y_hi)) mm where a shower may hit the face: the normal-incidence readout window less
-        a margin that keeps the core in it (3 cells, at most a quarter of the window)."""
+        a margin that keeps the core in it (3 cells, at most a quarter of the window). Per-layer cells: the middle
+        half of the area that every layer's cells cover."""
+        if not self.is_uniform:
+            b = np.array([layer.cells.bounds() for layer in self.layers])
+            x0, x1, y0, y1 = b[:, 0].max(), b[:, 1].min(), b[:, 2].max(), b[:, 3].min()
+            mx, my = max(x1 - x0, 0) / 4, max(y1 - y0, 0) / 4
+            return ((float(x0 + mx), float(x1 - mx)), (float(y0 + my), float(y1 - my)))
         r, c = self.readout, self.cell_size_mm
         mx, my = min(3, r.n_x // 4) * c, min(3, r.n_y // 4) * c
         return ((r.x_min_mm + mx, r.x_min_mm + r.n_x * c - mx), (r.y_min_mm + my, r.y_min_mm + r.n_y * c - my))
 
     def layer_z_mm(self) -> np.ndarray:
-        """z of the centre of each active layer (mm); the front face of layer 0 is at z = 0."""
+        """z of the centre of each readout layer's active slabs (their mean for several samplings), mm; the front
+        face of layer 0 is at z = 0."""
         z, out = 0.0, []
         for layer in self.layers:
-            z += layer.absorber_mm
-            out.append(z + layer.active_mm / 2)
-            z += layer.active_mm
+            if layer.samplings == 1 and not layer.passive:
+                z += layer.absorber_mm
+                out.append(z + layer.active_mm / 2)
+                z += layer.active_mm
+                continue
+            centres = []
+            for _ in range(layer.samplings):
+                z += sum(t for _, t in layer.passive) + layer.absorber_mm
+                centres.append(z + layer.active_mm / 2)
+                z += layer.active_mm
+            out.append(float(np.mean(centres)))
         return np.asarray(out)
 
+    def layer_slabs(self) -> list[tuple[int, str, str, float, float]]:
+        """Every slab front to back: (readout layer, role 'passive'|'absorber'|'active', material, z_front, mm)."""
+        z, out = 0.0, []
+        for i, layer in enumerate(self.layers):
+            for _ in range(layer.samplings):
+                for m, t in [*layer.passive, (layer.absorber, layer.absorber_mm)]:
+                    if t > 0:
+                        out.append((i, "passive" if (m, t) in layer.passive else "absorber", m, z, t))
+                        z += t
+                out.append((i, "active", layer.active, z, layer.active_mm))
+                z += layer.active_mm
+        return out
+
     def cell_centers_mm(self, angled: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Centres (x along axis 1, y along axis 2, z along axis 0) of the stored cells, in mm."""
+        """Centres (x along axis 1, y along axis 2, z along axis 0) of the stored cells, in mm (uniform detectors;
+        :meth:`cell_table` works for every readout)."""
+        if not self.is_uniform:
+            raise DetectorError(f"detector {self.name!r} has per-layer cells, not one (layer, x, y) grid; use "
+                                f"cell_table()")
         n_l, n_x, n_y = self.shape(angled)
         c = self.cell_size_mm
         x = self.readout.x_min_mm + (np.arange(n_x) + 0.5) * c
         y = self.readout.y_min_mm + (np.arange(n_y) + 0.5) * c
         return x, y, self.layer_z_mm()
 
+    def cell_table(self, angled: bool = False) -> dict[str, np.ndarray]:
+        """Every stored cell in file order: ``layer`` (int), centre ``x``, ``y``, ``z`` (mm) and ``area`` (mm^2)."""
+        z_layer = self.layer_z_mm()
+        if self.is_uniform:
+            n_l, n_x, n_y = self.shape(angled)
+            x, y, _ = self.cell_centers_mm(angled)
+            cx, cy = np.meshgrid(x, y, indexing="ij")
+            layer = np.repeat(np.arange(n_l), n_x * n_y)
+            return {"layer": layer, "x": np.tile(cx.ravel(), n_l), "y": np.tile(cy.ravel(), n_l),
+                    "z": z_layer[layer], "area": np.full(len(layer), self.cell_size_mm**2)}
+        parts: dict[str, list] = {"layer": [], "x": [], "y": [], "area": []}
+        for i, layer in enumerate(self.layers):
+            x, y = layer.cells.centres()
+            parts["layer"].append(np.full(len(x), i))
+            parts["x"].append(x)
+            parts["y"].append(y)
+            parts["area"].append(layer.cells.areas())
+        out = {k: np.concatenate(v) for k, v in parts.items()}
+        out["z"] = z_layer[out["layer"]]
+        return out
+
+    def layer_offsets(self) -> np.ndarray:
+        """Index of each layer's first cell in a shower row, and the total: (n_layers + 1,)."""
+        if self.is_uniform:
+            per = self.n_cells() // self.n_layers
+            return np.arange(self.n_layers + 1) * per
+        return np.concatenate([[0], np.cumsum([layer.cells.n_cells for layer in self.layers])])
+
     def sampling_weights(self) -> np.ndarray:
         """Per-layer weights that equalise the sampling: absorber thickness relative to the thinnest.
 
-        For ild-ecal this is 1 for layers 0-19 and 2 for layers 20-29.
+        For ild-ecal this is 1 for layers 0-19 and 2 for layers 20-29. Stacks with several absorber materials,
+        passive slabs or several samplings per layer: the passive radiation lengths per active slab, relative to
+        the inverse MIP sampling fraction of each layer relative to the smallest, so that ``sum_l w_l E_l`` is
+        proportional to the energy deposited in the whole stack.
         """
         t = np.array([layer.absorber_mm for layer in self.layers], dtype=float)
-        thinnest = t[t > 0].min() if np.any(t > 0) else 1.0
-        return np.where(t > 0, t / thinnest, 1.0)
+        simple = (len({ly.absorber for ly in self.layers}) == 1 and len({ly.active_mm for ly in self.layers}) == 1
+                  and all(ly.samplings == 1 and not ly.passive for ly in self.layers))
+        if simple:
+            thinnest = t[t > 0].min() if np.any(t > 0) else 1.0
+            return np.where(t > 0, t / thinnest, 1.0)
+        inv = 1.0 / np.array([ly.mip_sampling_fraction() for ly in self.layers])
+        return inv / inv.min()
 
     # ---- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["layers"] = [asdict(layer) for layer in self.layers]
+        """The description as plain data (one entry per layer); fields of the per-layer readout appear only when
+        used, so a uniform detector's description is what it always was."""
+        d = asdict(self) if self.is_uniform else {f.name: getattr(self, f.name) for f in fields(self)}
+        d["layers"] = [layer.to_dict() for layer in self.layers]
         d.pop("extra")
+        if not self.is_uniform:
+            d.pop("cell_size_mm")
+            d.pop("readout")
         return d
 
     def to_json(self) -> str:
@@ -189,27 +374,34 @@ class Detector:
                 count = int(group.get("count", 1))
                 if not 1 <= count <= MAX_LAYERS - len(layers):
                     raise DetectorError(f"{source}: layer 'count' is {count}; expected 1 to {MAX_LAYERS} layers in all")
+                where = f"{source}: layer {len(layers)}"
                 layer = Layer(
                     absorber=str(group["absorber"]),
                     absorber_mm=float(group["absorber_mm"]),
                     active=str(group["active"]),
                     active_mm=float(group["active_mm"]),
+                    samplings=_integer(group.get("samplings", 1), f"{where}: 'samplings'"),
+                    passive=_passive(group.get("passive", []), where),
+                    cells=cells_from_dict(group["cells"], f"{where} cells") if "cells" in group else None,
                 )
                 layers.extend([layer] * count)
-            r = d["readout"]
-            readout = Readout(
-                x_min_mm=float(r["x_min_mm"]),
-                n_x=int(r["n_x"]),
-                y_min_mm=float(r["y_min_mm"]),
-                n_y=int(r["n_y"]),
-                n_y_angled=int(r["n_y_angled"]) if r.get("n_y_angled") is not None else None,
-            )
+            segmented = layers and layers[0].cells is not None
+            readout = None
+            if not segmented or "readout" in d:
+                r = d["readout"]
+                readout = Readout(
+                    x_min_mm=float(r["x_min_mm"]),
+                    n_x=int(r["n_x"]),
+                    y_min_mm=float(r["y_min_mm"]),
+                    n_y=int(r["n_y"]),
+                    n_y_angled=int(r["n_y_angled"]) if r.get("n_y_angled") is not None else None,
+                )
             return cls(
                 name=str(d["name"]),
                 layers=tuple(layers),
                 size_x_mm=float(d["size_x_mm"]),
                 size_y_mm=float(d["size_y_mm"]),
-                cell_size_mm=float(d["cell_size_mm"]),
+                cell_size_mm=float(d["cell_size_mm"]) if (not segmented or "cell_size_mm" in d) else None,
                 readout=readout,
                 description=str(d.get("description", "")),
                 world_material=str(d.get("world_material", "G4_Galactic")),
@@ -218,15 +410,30 @@ class Detector:
         except KeyError as err:
             raise DetectorError(f"{source}: missing field {err.args[0]!r} in detector description") from None
         except (TypeError, ValueError, AttributeError, OverflowError) as err:
-            if isinstance(err, DetectorError):
+            if isinstance(err, DetectorError | ReadoutError):
                 if str(err).startswith(source):
-                    raise
+                    raise DetectorError(str(err)) from None
                 raise DetectorError(f"{source}: {err}") from None
             raise DetectorError(f"{source}: invalid detector description: {err}") from None
 
     @classmethod
     def from_json(cls, text: str, source: str = "<json>") -> Detector:
         return cls.from_dict(json.loads(text), source)
+
+
+def _integer(v, where: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int | float) or float(v) != int(v):
+        raise DetectorError(f"{where} is {v!r:.60}; expected an integer")
+    return int(v)
+
+
+def _passive(v, where: str) -> tuple[tuple[str, float], ...]:
+    """``passive = [["G4_Cu", 6.0], ...]``: extra slabs (material, mm) in front of each absorber."""
+    try:
+        out = tuple((str(m), float(t)) for m, t in v)
+    except (TypeError, ValueError):
+        raise DetectorError(f"{where}: 'passive' is {v!r:.60}; expected a list of [material, thickness_mm]") from None
+    return out
 
 
 def builtin_detectors() -> list[str]:

@@ -73,7 +73,13 @@ class CellGeometry:
 
 
 @lru_cache(maxsize=16)
-def _detector_geometry(detector: Detector, shape: tuple[int, int, int]) -> CellGeometry:
+def _detector_geometry(detector: Detector, shape: tuple[int, ...]) -> CellGeometry:
+    if not detector.is_uniform:  # per-layer cells: every cell's centre from the description
+        if shape != detector.shape():
+            raise ValueError(f"detector {detector.name!r} has no window of shape {shape}")
+        t = detector.cell_table()
+        return CellGeometry(cell_x=t["x"], cell_y=t["y"], cell_layer=t["layer"], layer_z=detector.layer_z_mm(),
+                            layer_weights=np.asarray(detector.sampling_weights(), float), name=detector.name)
     n_l, n_x, n_y = shape
     x, y, z = detector.cell_centers_mm(angled=shape == detector.shape(True) and shape != detector.shape(False))
     if len(x) != n_x or len(y) != n_y or len(z) != n_l:
