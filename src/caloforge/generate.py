@@ -37,7 +37,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="take the conditions (energy, angle, impact point, particle) row by row from a shower file")
     p.add_argument("-o", "--output", required=True, help="output shower file (.h5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or auto (default). The same seed gives the same showers on the same kind of "
+                        "device; CPU and CUDA draw different random numbers, so their showers differ (same "
+                        "distribution). The file's 'device' attribute says which was used.")
     p.add_argument("--batch-size", type=int, default=1000, help="showers per model call (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the conditions and of the model noise")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
