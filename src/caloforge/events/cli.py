@@ -27,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output event file (.h5); chunks in OUT.chunks/")
     p.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     p.add_argument("--min-btags", type=int, default=2, help="b-tagged jets the selection needs (default 2)")
-    p.add_argument("--snapshot", action="store_true", help="write what the finished chunks hold now, then stop")
+    p.add_argument("--snapshot", metavar="FILE", help="write what the finished chunks of -o hold now into FILE "
+                                                      "(a running or interrupted production), then stop")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("split", help="split an event file into parts by a seeded permutation")

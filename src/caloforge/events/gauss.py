@@ -35,7 +35,7 @@ class Gaussianiser:
         lo, hi = 0.5 / n, 1.0 - 0.5 / n
         probs = np.linspace(lo, hi, min(knots, n))
         # the quantile at probability p of the sorted sample, interpolating between order statistics
-        q = np.quantile(x, (probs * n - 0.5) / (n - 1), axis=0, method="linear").T
+        q = np.quantile(x, np.clip((probs * n - 0.5) / (n - 1), 0.0, 1.0), axis=0, method="linear").T
         return cls(q, probs)
 
     @property

@@ -25,6 +25,7 @@ def plot_distributions(reference, candidates: list, output: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import mplhep
+    from matplotlib.ticker import MaxNLocator
 
     files = []
     names = reference.names
@@ -42,33 +43,36 @@ def plot_distributions(reference, candidates: list, output: Path) -> list[str]:
                 r, c = divmod(i, ncol)
                 ax, rax = fig.add_subplot(grid[2 * r, c]), fig.add_subplot(grid[2 * r + 1, c])
                 edges = _edges(ref[:, i])
+                centres = 0.5 * (edges[1:] + edges[:-1])
                 h_ref, _ = np.histogram(ref[:, i], edges)
                 norm_ref = max(h_ref.sum(), 1)
-                mplhep.histplot(h_ref / norm_ref, edges, yerr=np.sqrt(h_ref) / norm_ref, ax=ax, histtype="fill",
-                                alpha=0.3, color="grey", label="Pythia")
+                ax.stairs(h_ref / norm_ref, edges, fill=True, alpha=0.3, color="grey", label="Pythia")
+                ax.errorbar(centres, h_ref / norm_ref, yerr=np.sqrt(h_ref) / norm_ref, fmt="none", color="grey")
                 for k, (clab, cand) in enumerate(candidates):
                     x = cand.high_level[cand.process == lab][:, i]
                     h, _ = np.histogram(x, edges)
                     norm = max(h.sum(), 1)
                     col = colors[k % len(colors)]
-                    mplhep.histplot(h / norm, edges, yerr=np.sqrt(h) / norm, ax=ax, color=col, label=clab)
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        ratio = (h / norm) / (h_ref / norm_ref)
-                        err = ratio * np.sqrt(1 / np.maximum(h, 1) + 1 / np.maximum(h_ref, 1))
-                    centres = 0.5 * (edges[1:] + edges[:-1])
-                    rax.errorbar(centres, ratio, yerr=err, fmt=".", color=col, ms=3)
+                    ax.stairs(h / norm, edges, color=col, label=clab)
+                    ok = (h_ref > 0) & (h > 0)
+                    ratio = (h[ok] / norm) / (h_ref[ok] / norm_ref)
+                    err = ratio * np.sqrt(1 / h[ok] + 1 / h_ref[ok])
+                    rax.errorbar(centres[ok], ratio, yerr=err, fmt=".", color=col, ms=3)
                 rax.axhline(1.0, color="grey", lw=1)
                 rax.set_ylim(0.5, 1.5)
                 rax.set_xlabel(name, fontsize=10)
                 rax.set_ylabel("ratio", fontsize=9)
+                for a in (ax, rax):  # few ticks: 52 axes with the style's minor ticks take a minute to draw
+                    a.minorticks_off()
+                    a.xaxis.set_major_locator(MaxNLocator(4))
+                    a.yaxis.set_major_locator(MaxNLocator(3))
+                    a.tick_params(labelsize=8)
                 ax.set_xticklabels([])
-                ax.tick_params(labelsize=8)
-                rax.tick_params(labelsize=8)
                 if i == 0:
                     ax.legend(fontsize=8)
-            fig.suptitle(f"{proc}: per-variable distributions (normalised), candidate / Pythia", fontsize=14)
+            fig.suptitle(f"{proc}: per-variable distributions (normalised), candidate / Pythia", fontsize=14, y=0.93)
             path = Path(output) / f"distributions-{proc}.png"
-            fig.savefig(path, dpi=60, bbox_inches="tight")
+            fig.savefig(path, dpi=60)
             plt.close(fig)
             files.append(path.name)
     return files

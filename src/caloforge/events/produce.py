@@ -4,9 +4,9 @@ Work is cut into chunks of a fixed number of Pythia tries; chunk k of a process 
 response seed, so the events depend only on the seed and the command, not on ``--workers``. Finished chunks are
 kept as small HDF5 files in ``OUT.chunks/`` (written to a temporary name, then renamed); running the same command
 again skips them. The output takes the first chunks of each process in order until it has ``n`` selected events
-per process, interleaved ttH, ttbb, ttH, ... . ``--snapshot`` writes what the chunks hold so far. The cost per
-selected event (CPU seconds: Pythia, then FastJet + response + variables) is stored in the file's ``cost``
-attribute.
+per process, interleaved ttH, ttbb, ttH, ... . ``--snapshot FILE`` writes what the chunks hold so far into FILE.
+The cost per selected event (CPU seconds: Pythia, then FastJet + response + variables) is stored in the file's
+``cost`` attribute. Chunks go first to the process with the fewest events (ttbb costs ~15x more per event).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _interleave(labels: list[np.ndarray]) -> np.ndarray:
 
 
 def produce(processes: list[str], n: int, output: str | Path, seed: int = 1, workers: int = 1,
-            min_btags: int = 2, snapshot: bool = False, quiet: bool = False,
+            min_btags: int = 2, snapshot: str | Path | None = None, quiet: bool = False,
             chunk_tries: dict[str, int] | None = None) -> dict[str, int]:
     """Produce (or resume) n selected events per process into ``output``; returns the events per process."""
     import pythia8mc
@@ -165,9 +165,12 @@ def produce(processes: list[str], n: int, output: str | Path, seed: int = 1, wor
     settings = {"seed": seed, "min_btags": min_btags, "chunk_tries": {p: tries[p] for p in processes},
                 "pythia": pythia8mc.__version__ if hasattr(pythia8mc, "__version__") else "8.3",
                 "response": RESPONSE_DOC, "processes": processes}
-    _check_manifest(chunks, {k: settings[k] for k in ("seed", "min_btags", "chunk_tries")})
+    if not snapshot:
+        _check_manifest(chunks, {k: settings[k] for k in ("seed", "min_btags", "chunk_tries")})
     if snapshot:
-        return assemble(chunks, processes, n, output, settings)
+        if not (chunks / MANIFEST).exists():
+            raise ValueError(f"{chunks}: no production to snapshot")
+        return assemble(chunks, processes, n, Path(snapshot), settings)
 
     selected = {p: {k: load_chunk(_chunk_path(chunks, p, k))["selected"] for k in _done_prefix(chunks, p)}
                 for p in processes}
@@ -178,11 +181,15 @@ def produce(processes: list[str], n: int, output: str | Path, seed: int = 1, wor
                 selected[p][k] = load_chunk(f)["selected"]
     in_flight: dict = {}
 
+    def _per_chunk(p: str) -> float:
+        """Selected events per chunk seen so far (a guess before the first chunk)."""
+        return max(sum(selected[p].values()) / len(selected[p]), 0.5) if selected[p] else tries[p] * 0.01
+
     def need_more(p: str) -> list[int]:
         """Chunk indices to submit next for p, from the yield seen so far (at least one while short)."""
         got = sum(selected[p].values())
         pending = [k for (q, k) in in_flight.values() if q == p]
-        per_chunk = max(got / len(selected[p]), 0.5) if selected[p] else tries[p] * 0.05
+        per_chunk = _per_chunk(p)
         short = n - got - per_chunk * len(pending)
         k, out = 0, []
         while short > 0:
@@ -207,16 +214,14 @@ def produce(processes: list[str], n: int, output: str | Path, seed: int = 1, wor
     bar.update(min(sum(min(sum(s.values()), n) for s in selected.values()), n * len(processes)))
     with ProcessPoolExecutor(max_workers=workers) as pool:
         while True:
-            while len(in_flight) < 2 * workers:
-                submitted = False
-                for p in processes:
-                    todo = [] if complete(p) else need_more(p)
-                    if todo and len(in_flight) < 2 * workers:
-                        fut = pool.submit(run_chunk, p, seed, todo[0], tries[p], min_btags)
-                        in_flight[fut] = (p, todo[0])
-                        submitted = True
-                if not submitted:
+            while len(in_flight) < 2 * workers:  # the process with the fewest (expected) events goes first
+                todo = {p: need_more(p) for p in processes if not complete(p)}
+                todo = {p: ks for p, ks in todo.items() if ks}
+                if not todo:
                     break
+                p = min(todo, key=lambda q: n - len(todo[q]) * _per_chunk(q))
+                fut = pool.submit(run_chunk, p, seed, todo[p][0], tries[p], min_btags)
+                in_flight[fut] = (p, todo[p][0])
             if not in_flight:
                 break
             done, _ = wait(list(in_flight), return_when=FIRST_COMPLETED)

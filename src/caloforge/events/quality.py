@@ -56,7 +56,8 @@ def destroyed(reference: Events, process: np.ndarray, seed: int = 0) -> Events:
 
 # ---- Wasserstein critic -----------------------------------------------------------------------------------
 def critic_estimate(a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray, steps: int = 3000,
-                    seed: int = 0, batch_size: int = 512, gp_lambda: float = 10.0) -> float:
+                    seed: int = 0, batch_size: int = 512, gp_lambda: float = 10.0, hidden: int = 288,
+                    layers: int = 6, lr: float = 1e-4) -> float:
     """Train a WGAN-GP critic on half of each sample; E_a C - E_b C on the other halves."""
     import torch
 
@@ -72,8 +73,8 @@ def critic_estimate(a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray
 
     (xa, ya), (xb, yb) = t(a, la, pa[:ha]), t(b, lb, pb[:hb])
     (ta, tya), (tb, tyb) = t(a, la, pa[ha:]), t(b, lb, pb[hb:])
-    critic = mlp(a.shape[1] + 1, 1)
-    opt = torch.optim.Adam(critic.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    critic = mlp(a.shape[1] + 1, 1, hidden, layers)
+    opt = torch.optim.Adam(critic.parameters(), lr=lr, betas=(0.5, 0.9))
     for _ in range(steps):
         ia, ib = torch.randint(len(xa), (batch_size,)), torch.randint(len(xb), (batch_size,))
         ca = critic(torch.cat([xa[ia], ya[ia]], 1)).mean()
@@ -89,15 +90,17 @@ def critic_estimate(a: np.ndarray, la: np.ndarray, b: np.ndarray, lb: np.ndarray
 
 
 # ---- classification benchmark -----------------------------------------------------------------------------
-def classifier_auc(train: Events, test: Events, seed: int = 0) -> float:
+def classifier_auc(train: Events, test: Events, seed: int = 0, threads: int = 1) -> float:
     """ROC AUC on ``test`` of a ttH-vs-ttbb gradient-boosted classifier trained on ``train``."""
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
+    from threadpoolctl import threadpool_limits
 
     clf = HistGradientBoostingClassifier(max_iter=300, learning_rate=0.1, early_stopping=True,
                                          validation_fraction=0.2, n_iter_no_change=20, random_state=seed)
-    clf.fit(train.high_level, train.process)
-    return float(roc_auc_score(test.process, clf.predict_proba(test.high_level)[:, 1]))
+    with threadpool_limits(threads):  # OpenMP threads spin on a shared machine: keep them to what we were given
+        clf.fit(train.high_level, train.process)
+        return float(roc_auc_score(test.process, clf.predict_proba(test.high_level)[:, 1]))
 
 
 def balanced_subset(ev: Events, n_per_process: int, seed: int) -> Events:
@@ -145,14 +148,14 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
     result = {"reference": reference, "n_reference": len(ref), "seed": seed, "critic_steps": critic_steps,
               "classifier_events_per_process": n_clf}
     result["floor"] = {"fisher_z": fisher_z(ref_a, ref_b), "wasserstein": w_est(ref_a, ref_b, seed)}
-    result["classifier_pythia_auc"] = classifier_auc(balanced_subset(pythia_train, n_clf, seed), test, seed)
+    result["classifier_pythia_auc"] = classifier_auc(balanced_subset(pythia_train, n_clf, seed), test, seed, threads)
     result["candidates"] = {}
     for lab, c in cands:
         if max_events and len(c) > max_events:
             c = c.select(np.sort(rng.choice(len(c), max_events, replace=False)))
         c_half = c.select(np.arange(min(len(c), len(ref_b))))
         r = {"n": len(c), "fisher_z": fisher_z(ref_a, c_half), "wasserstein": w_est(ref_a, c_half, seed),
-             "classifier_auc": classifier_auc(balanced_subset(c, n_clf, seed), test, seed)}
+             "classifier_auc": classifier_auc(balanced_subset(c, n_clf, seed), test, seed, threads)}
         r["fisher_z_over_floor"] = r["fisher_z"]["all"]["chi2_ndf"] / result["floor"]["fisher_z"]["all"]["chi2_ndf"]
         r["wasserstein_over_floor"] = r["wasserstein"] / abs(result["floor"]["wasserstein"])
         r["classifier_auc_minus_pythia"] = r["classifier_auc"] - result["classifier_pythia_auc"]

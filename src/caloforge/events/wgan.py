@@ -229,7 +229,7 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             opt_c.step()
-            w_est = float(c_real - c_fake)
+            w_est = float((c_real - c_fake).detach())
         lab = lab_all[torch.randint(n, (cfg.batch_size,))]
         fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim), lab], 1))
         loss_g = -model.critic(torch.cat([fake, lab], 1)).mean()

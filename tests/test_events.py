@@ -1,0 +1,179 @@
+"""Event-level generation: Gaussianisation, Fisher-z, the event WGAN, quality measures, a tiny Pythia run."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from caloforge.events import PROCESSES
+from caloforge.events.eventfile import EventFileError, Events, read_events, split_file, write_events
+from caloforge.events.gauss import Gaussianiser
+from caloforge.events.quality import classifier_auc, critic_estimate, destroyed, evaluate_files, fisher_z
+from caloforge.events.variables import AUX, HIGH_LEVEL, LOW_LEVEL
+
+
+def correlated_events(n: int, seed: int, dim: int = 26) -> Events:
+    """Two processes with different, strongly correlated, non-Gaussian variables."""
+    rng = np.random.default_rng(seed)
+    proc = (np.arange(n) % 2).astype(np.int8)
+    a = np.random.default_rng(99).normal(size=(dim, dim)) / np.sqrt(dim)
+    z = rng.standard_normal((n, dim)) @ (np.eye(dim) + 0.8 * a)
+    x = np.exp(0.5 * z) + proc[:, None] * 0.7
+    x[:, 3] = np.round(x[:, 3])  # a discrete column (spikes)
+    return Events(x, proc, [f"v{i}" for i in range(dim)])
+
+
+def test_gaussianisation_round_trips_and_is_normal():
+    ev = correlated_events(4000, 0)
+    g = Gaussianiser.fit(ev.high_level)
+    z = g.forward(ev.high_level)
+    cont = [i for i in range(26) if i != 3]
+    assert np.abs(z[:, cont].mean(axis=0)).max() < 0.02
+    assert np.abs(z[:, cont].std(axis=0) - 1).max() < 0.03
+    back = g.inverse(z)
+    np.testing.assert_allclose(back, ev.high_level, rtol=1e-9, atol=1e-9)  # spikes included
+    fresh = correlated_events(1000, 1).high_level
+    inside = (fresh >= g.quantiles[:, 0]) & (fresh <= g.quantiles[:, -1])
+    np.testing.assert_allclose(g.inverse(g.forward(fresh))[inside], fresh[inside], rtol=1e-9, atol=1e-9)
+    out = g.inverse(np.random.default_rng(2).standard_normal((5000, 26)) * 3)
+    assert (out >= g.quantiles[:, :1].T).all() and (out <= g.quantiles[:, -1:].T).all()
+    with pytest.raises(ValueError, match=r"expected \(N, 26\)"):
+        g.forward(np.zeros((3, 5)))
+
+
+def test_fisher_z_is_one_on_halves_and_large_when_correlations_are_destroyed():
+    ev = correlated_events(8000, 3)
+    # two halves of one sample: chi2/ndf ~ 1 (325 pairs per process; 650 in all)
+    a, b = ev.select(np.arange(4000)), ev.select(np.arange(4000, 8000))
+    fz = fisher_z(a, b)
+    assert fz["tth"]["ndf"] == 325 and fz["all"]["ndf"] == 650
+    assert 0.7 < fz["all"]["chi2_ndf"] < 1.4
+    d = destroyed(a, b.process, seed=1)
+    for lab in PROCESSES.values():  # marginals kept
+        med_d = np.median(d.high_level[d.process == lab], axis=0)
+        med_a = np.median(a.high_level[a.process == lab], axis=0)
+        assert np.allclose(med_d, med_a, rtol=0.1, atol=0.05)
+    assert fisher_z(a, d)["all"]["chi2_ndf"] > 10
+
+
+def test_quality_measures_separate_good_from_destroyed():
+    torch = pytest.importorskip("torch")
+    torch.set_num_threads(1)
+    ref = correlated_events(2000, 4)
+    good = correlated_events(2000, 5)
+    bad = destroyed(ref, good.process, seed=2)
+    g = Gaussianiser.fit(ref.high_level)
+    w_good = critic_estimate(g.forward(ref.high_level), ref.process, g.forward(good.high_level), good.process,
+                             steps=200, seed=0, batch_size=128, hidden=64, layers=3, lr=1e-3)
+    w_bad = critic_estimate(g.forward(ref.high_level), ref.process, g.forward(bad.high_level), bad.process,
+                            steps=200, seed=0, batch_size=128, hidden=64, layers=3, lr=1e-3)
+    assert w_bad > w_good + 0.05
+    auc = classifier_auc(good, ref)
+    assert 0.8 < auc <= 1.0  # the two synthetic processes differ by a shift
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from caloforge.events.wgan import WGANConfig, train
+
+    tmp = tmp_path_factory.mktemp("ewgan")
+    ev = correlated_events(600, 6)
+    write_events(tmp / "train.h5", ev, {"source": "test"})
+    cfg = WGANConfig(steps=8, batch_size=64, checkpoint_every=4, log_every=4, hidden=32, layers=6)
+    train(str(tmp / "train.h5"), str(tmp / "run"), quiet=True, cfg=cfg)
+    return tmp, cfg
+
+
+def test_event_wgan_trains_saves_loads_generates_and_resumes(trained_run):
+    from safetensors.torch import load_file
+
+    from caloforge.events.wgan import EventWGAN, WGANConfig, generate_file, train
+
+    tmp, cfg = trained_run
+    model = EventWGAN.load(tmp / "run")
+    assert len(model.generator) == 2 * 6 + 1 and model.gauss.dim == 26
+    tensors = load_file(str(tmp / "run" / "model.safetensors"))
+    assert "gauss.quantiles" in tensors and tensors["gauss.quantiles"].shape[0] == 26
+    n = generate_file(str(tmp / "run"), str(tmp / "gen.h5"), n=50, seed=3)
+    gen = read_events(tmp / "gen.h5")
+    assert n == 100 and gen.high_level.shape == (100, 26) and np.isfinite(gen.high_level).all()
+    assert gen.attrs["source"] == "model:eventwgan" and (gen.process == 1).sum() == 50
+    generate_file(str(tmp / "run"), str(tmp / "gen2.h5"), n=50, seed=3)
+    np.testing.assert_array_equal(read_events(tmp / "gen2.h5").high_level, gen.high_level)  # seeded
+    # 4 steps, then resume to 8: the same weights as 8 steps in one go
+    half = WGANConfig(**{**cfg.__dict__, "steps": 4})
+    train(str(tmp / "train.h5"), str(tmp / "run2"), quiet=True, cfg=half)
+    train(str(tmp / "train.h5"), str(tmp / "run2"), steps=8, resume=True, quiet=True)
+    a, b = load_file(str(tmp / "run" / "model.safetensors")), load_file(str(tmp / "run2" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_evaluate_files_writes_every_measure(trained_run, tmp_path):
+    from caloforge.events.wgan import generate_file
+
+    tmp, _ = trained_run
+    ref = correlated_events(800, 7)
+    write_events(tmp_path / "ref.h5", ref, {"source": "test"})
+    generate_file(str(tmp / "run"), str(tmp_path / "gen.h5"), conditions_from=str(tmp_path / "ref.h5"))
+    res = evaluate_files(str(tmp_path / "ref.h5"), [str(tmp_path / "gen.h5")], ["wgan"], str(tmp_path / "rep"),
+                         critic_steps=10, quiet=True)
+    assert set(res["candidates"]) == {"wgan", "destroyed correlations"}
+    for c in res["candidates"].values():
+        assert {"fisher_z", "wasserstein", "classifier_auc", "fisher_z_over_floor"} <= set(c)
+    assert res["candidates"]["destroyed correlations"]["fisher_z_over_floor"] > 2
+    saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert saved["floor"]["fisher_z"]["all"]["ndf"] == 650
+    assert (tmp_path / "rep" / "distributions-tth.png").stat().st_size > 10000
+
+
+def test_event_files_refuse_bad_input(tmp_path):
+    with h5py.File(tmp_path / "shower.h5", "w") as h5:
+        h5.attrs["kind"] = "showers"
+    with pytest.raises(EventFileError, match=r"shower.h5: attribute 'kind': expected 'events'"):
+        read_events(tmp_path / "shower.h5")
+    ev = correlated_events(20, 0)
+    ev.high_level[3, 2] = np.nan
+    write_events(tmp_path / "nan.h5", ev)
+    with pytest.raises(EventFileError, match=r"nan.h5: field 'high_level': expected finite"):
+        read_events(tmp_path / "nan.h5")
+    write_events(tmp_path / "ok.h5", correlated_events(20, 0))
+    with h5py.File(tmp_path / "ok.h5", "a") as h5:
+        del h5["process"]
+        h5["process"] = np.full(20, 3)
+    with pytest.raises(EventFileError, match=r"field 'process': expected"):
+        read_events(tmp_path / "ok.h5")
+    write_events(tmp_path / "all.h5", correlated_events(100, 0))
+    sizes = split_file(str(tmp_path / "all.h5"), [0.75, 0.25], [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")])
+    assert sizes == [75, 25] and len(read_events(tmp_path / "b.h5")) == 25
+
+
+def test_tiny_pythia_run_produces_the_variables(tmp_path):
+    pytest.importorskip("pythia8mc")
+    pytest.importorskip("fastjet")
+    from caloforge.events.produce import produce
+
+    out = tmp_path / "tth.h5"
+    counts = produce(["tth"], 5, out, seed=5, workers=1, quiet=True, chunk_tries={"tth": 30})
+    ev = read_events(out)
+    assert counts == {"tth": len(ev)} and len(ev) == 5 and (ev.process == 1).all()
+    assert ev.names == HIGH_LEVEL and ev.low_level_names == LOW_LEVEL and ev.aux_names == AUX
+    assert ev.high_level.shape == (5, 26) and ev.low_level.shape == (5, 32)
+    hl = dict(zip(HIGH_LEVEL, ev.high_level.T))
+    assert ((hl["aplanarity"] >= 0) & (hl["aplanarity"] <= 0.5)).all()
+    assert ((hl["sphericity"] >= 0) & (hl["sphericity"] <= 1)).all()
+    assert (hl["jet_sum_pt"] >= 4 * 25).all() and (np.abs(hl["wlep_helicity"]) <= 1).all()
+    aux = dict(zip(AUX, ev.aux.T))
+    assert (aux["n_jets"] >= 4).all() and (aux["n_btags"] >= 2).all()
+    cost = json.loads(ev.attrs["cost"])["tth"]
+    assert cost["cpu_s_per_event"] > 0 and cost["selected"] >= 5
+    # resuming: the same command makes no new chunk and the same file
+    before = sorted(p.name for p in (tmp_path / "tth.h5.chunks").iterdir())
+    produce(["tth"], 5, out, seed=5, workers=1, quiet=True, chunk_tries={"tth": 30})
+    assert sorted(p.name for p in (tmp_path / "tth.h5.chunks").iterdir()) == before
+    np.testing.assert_array_equal(read_events(out).high_level, ev.high_level)
+    with pytest.raises(ValueError, match="other settings"):
+        produce(["tth"], 5, out, seed=6, workers=1, quiet=True, chunk_tries={"tth": 30})
