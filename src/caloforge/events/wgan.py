@@ -80,8 +80,8 @@ class EventWGAN:
     def save(self, run_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        tensors = {f"generator.{k}": v.detach().contiguous() for k, v in self.generator.state_dict().items()}
-        tensors |= {f"critic.{k}": v.detach().contiguous() for k, v in self.critic.state_dict().items()}
+        tensors = {f"generator.{k}": v.detach().cpu().contiguous() for k, v in self.generator.state_dict().items()}
+        tensors |= {f"critic.{k}": v.detach().cpu().contiguous() for k, v in self.critic.state_dict().items()}
         tensors |= self.gauss.tensors()
         _atomic(run_dir / MODEL_FILE, lambda p: save_file(tensors, str(p)))
         meta = {"family": "eventwgan", "config": asdict(self.cfg), "names": self.names,
@@ -140,7 +140,7 @@ def _atomic(path: Path, write) -> None:
 def gradient_penalty(critic, real, fake, lab):
     import torch
 
-    eps = torch.rand(len(real), 1)
+    eps = torch.rand(len(real), 1, device=real.device)
     x = (eps * real + (1 - eps) * fake).requires_grad_(True)
     out = critic(torch.cat([x, lab], 1))
     (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
@@ -153,11 +153,11 @@ def _save_checkpoint(run_dir: Path, model: EventWGAN, opt_g, opt_c, step: int) -
 
     tensors = {"rng": torch.get_rng_state()}
     for name, net in (("generator", model.generator), ("critic", model.critic)):
-        tensors |= {f"{name}.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+        tensors |= {f"{name}.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     for name, opt in (("opt_g", opt_g), ("opt_c", opt_c)):
         for idx, st in opt.state_dict()["state"].items():
             for key, val in st.items():
-                tensors[f"{name}.{idx}.{key}"] = val.detach().reshape(-1) if key == "step" else val.detach()
+                tensors[f"{name}.{idx}.{key}"] = val.detach().cpu().reshape(-1) if key == "step" else val.detach().cpu()
     _atomic(run_dir / CKPT_FILE, lambda p: save_file(tensors, str(p)))
     _atomic(run_dir / CKPT_JSON, lambda p: Path(p).write_text(json.dumps({"step": step})))
 
@@ -166,7 +166,7 @@ def _load_checkpoint(run_dir: Path, model: EventWGAN, opt_g, opt_c) -> int:
     import torch
     from safetensors.torch import load_file
 
-    t = load_file(str(run_dir / CKPT_FILE))
+    t = load_file(str(run_dir / CKPT_FILE), device=str(next(model.generator.parameters()).device))
     for name, net in (("generator", model.generator), ("critic", model.critic)):
         net.load_state_dict({k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".")})
     for name, opt in (("opt_g", opt_g), ("opt_c", opt_c)):
@@ -175,13 +175,16 @@ def _load_checkpoint(run_dir: Path, model: EventWGAN, opt_g, opt_c) -> int:
         sd["state"] = {i: {key: (t[f"{name}.{i}.{key}"].reshape(()) if key == "step" else t[f"{name}.{i}.{key}"])
                            for key in ("step", "exp_avg", "exp_avg_sq")} for i in range(n_params)}
         opt.load_state_dict(sd)
-    torch.set_rng_state(t["rng"])
+    torch.set_rng_state(t["rng"].cpu())
     return int(json.loads((run_dir / CKPT_JSON).read_text())["step"])
 
 
 def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, seed: int = 0, threads: int = 1,
-          resume: bool = False, quiet: bool = False, cfg: WGANConfig | None = None) -> EventWGAN:
-    """Train (or resume) an event WGAN on the high-level variables of an event file."""
+          resume: bool = False, quiet: bool = False, cfg: WGANConfig | None = None, device: str = "cpu") -> EventWGAN:
+    """Train (or resume) an event WGAN on the high-level variables of an event file.
+
+    On ``device="cuda"`` the run is seeded but not bit-for-bit resumable (the CUDA RNG state is not checkpointed).
+    """
     import torch
 
     from caloforge.progress import progress
@@ -199,9 +202,12 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     torch.set_num_threads(max(threads, 1))
     torch.manual_seed(cfg.seed)
     gauss = Gaussianiser.fit(ev.high_level)
-    x = torch.from_numpy(gauss.forward(ev.high_level).astype(np.float32))
-    lab_all = _label(ev.process)
+    dev = torch.device(device)
+    x = torch.from_numpy(gauss.forward(ev.high_level).astype(np.float32)).to(dev)
+    lab_all = _label(ev.process).to(dev)
     model = EventWGAN(cfg, gauss, ev.names)
+    model.generator.to(dev)
+    model.critic.to(dev)
     opt_g = torch.optim.Adam(model.generator.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_c = torch.optim.Adam(model.critic.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -218,10 +224,10 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     w_est = float("nan")
     for step in range(start, cfg.steps):
         for _ in range(cfg.n_critic):
-            idx = torch.randint(n, (cfg.batch_size,))
+            idx = torch.randint(n, (cfg.batch_size,), device=dev)
             real, lab = x[idx], lab_all[idx]
             with torch.no_grad():
-                fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim), lab], 1))
+                fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim, device=dev), lab], 1))
             c_real = model.critic(torch.cat([real, lab], 1)).mean()
             c_fake = model.critic(torch.cat([fake, lab], 1)).mean()
             gp = gradient_penalty(model.critic, real, fake, lab)
@@ -230,8 +236,8 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             loss_c.backward()
             opt_c.step()
             w_est = float((c_real - c_fake).detach())
-        lab = lab_all[torch.randint(n, (cfg.batch_size,))]
-        fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim), lab], 1))
+        lab = lab_all[torch.randint(n, (cfg.batch_size,), device=dev)]
+        fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim, device=dev), lab], 1))
         loss_g = -model.critic(torch.cat([fake, lab], 1)).mean()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
