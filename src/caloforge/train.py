@@ -5,7 +5,8 @@
 atomically every ``checkpoint_every`` steps and at the end), ``history.jsonl`` (losses and validation metrics),
 ``model.safetensors`` + ``model.json`` (the best model on the validation split, or the final weights with
 ``select = "last"``: what generate/export use) and ``last/`` (the final weights). ``--resume`` continues a killed
-run exactly where its last checkpoint stopped.
+run exactly where its last checkpoint stopped. ``torchrun --nproc-per-node N -m caloforge train ...`` trains with N
+processes, each on a shard of every batch, as one process would (:mod:`caloforge.distributed`; rank 0 writes).
 """
 
 from __future__ import annotations
