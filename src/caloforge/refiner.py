@@ -3,23 +3,27 @@
 Trained adversarially on *unpaired* samples (simulated showers, "data" showers) with a WGAN-GP critic, plus a
 closeness term that keeps each refined shower near its input (the SimGAN / arXiv:1802.03325 recipe of the RWTH
 talk). Why this form (docs/refiner.md): the mismatch between a simulation and a real readout is mostly local and
-per channel (calibration per layer, dead cells, noise, a threshold), so the refiner is an explicit, readable
-correction plus a small residual convolutional network for whatever else is local:
+per channel (calibration per layer, dead cells, noise, a threshold), so the refiner is the identity plus an explicit,
+readable residual correction, and a small residual convolutional network for whatever else is local:
 
-    v = x * exp(g_layer + g_cell + r(x)) + sigma_layer * z          (z ~ N(0, 1) per cell)
-    y = v  where v > t_layer, else 0
+    v = x * exp(g_layer + g_cell + r(x)) + sigma * z          (z ~ N(0, 1) per cell)
+    y = v  where v > t, else 0
 
 ``x``: the shower (layers as channels of 30 x 30 images), ``g``: learned log-gains per layer and per cell (zero at
-the start: the identity), ``r``: a residual CNN on log(1 + x / scale) with a zero-initialised output, bounded to
-+-``max_log_correction``; ``sigma``: learned noise per layer (the refiner is stochastic: a seeded noise draw, so
-noise the simulation lacks can be added); ``t``: a learned threshold per layer (initialised at the smallest non-zero
-cell energy of the data sample; trained through a sigmoid gate of width ``tau_mev`` with the hard cut in the
-forward pass, a straight-through estimator). The critic sees u = log1p(y / scale) as images (three strided
-convolutions) plus per-layer energies and occupancies; the gradient penalty acts in u.
+the start, except cells that never fire in the data although the simulation fills them: dead, started at -10),
+``r``: a residual CNN on log(1 + x / scale) with a zero-initialised output, bounded to +-``max_log_correction``
+(0 turns it off); ``sigma``: learned noise (the refiner is stochastic: a seeded noise draw adds noise the simulation
+lacks); ``t``: a learned threshold (started at the smallest non-zero cell energy of the data; trained through a
+sigmoid gate of width ``tau_mev`` with the hard cut in the forward pass, a straight-through estimator).
 
-A run directory holds ``run.json`` (configuration, data fingerprints), ``checkpoint.safetensors`` (refiner, critic,
-optimisers and RNG state: exact resume), ``history.jsonl`` and the refiner as ``refiner.safetensors`` +
-``refiner.json`` (what ``caloforge refine apply`` reads; no code is ever loaded).
+The critic sees u = log1p(y / scale) as images (three strided convolutions), per-layer energies, energy fractions and
+occupancies, and the incident energy (a test beam knows it; without it the refiner learns the difference between
+the two samples' energy spectra, which is itself a bias). The gradient penalty acts in u. The saved refiner is an
+exponential moving average of the weights (``ema_decay``), which damps the adversarial oscillation.
+
+A run directory holds ``run.json`` (configuration, data fingerprints), ``checkpoint.safetensors`` (refiner, its
+average, critic, optimisers and RNG state: exact resume), ``history.jsonl`` and the refiner as
+``refiner.safetensors`` + ``refiner.json`` (what ``caloforge refine apply`` reads; no code is ever loaded).
 """
 
 from __future__ import annotations
@@ -53,22 +57,24 @@ class RefinerError(ValueError):
 class RefinerConfig:
     """Architecture and training settings (all stored in run.json and refiner.json)."""
 
-    hidden: int = 32  # channels of the residual CNN
+    hidden: int = 16  # channels of the residual CNN
     blocks: int = 1  # residual blocks
     critic_channels: int = 16
     critic_hidden: int = 128
     scale_mev: float = 0.015  # u = log1p(E / scale): 0.1 MIP, so MIP-like cells are well resolved
-    max_log_correction: float = 0.5  # bound of the CNN's log-gain correction
+    max_log_correction: float = 0.2  # bound of the CNN's log-gain correction
     tau_mev: float = 0.005  # width of the soft threshold gate (gradients only)
     steps: int = 1200
     batch_size: int = 32
-    n_critic: int = 2
-    lr: float = 2e-4  # CNN and critic
-    lr_params: float = 1e-3  # per-layer gains, noise and thresholds
-    lr_cells: float = 1e-4  # per-cell gains (dead cells): slow, so that they do not follow the critic's noise
+    n_critic: int = 3
+    lr: float = 5e-4  # the critic
+    lr_net: float = 1e-4  # the residual CNN: slow, a correction on top of the explicit terms
+    lr_params: float = 3e-3  # per-layer log-gains
+    lr_readout: float = 1e-2  # log noise sigma and threshold (per layer)
+    lr_cells: float = 1e-4  # per-cell gains: slow, so that they do not follow the critic's noise
     gp_lambda: float = 10.0
-    closeness: float = 0.1  # weight of the closeness term (relative L1 between refined and input shower)
-    ema_decay: float = 0.98  # the saved refiner is this moving average of the weights (damps the GAN's oscillation)
+    closeness: float = 1.0  # weight of the closeness term (relative L1 between refined and input shower)
+    ema_decay: float = 0.99  # the saved refiner is this moving average of the weights (damps the GAN's oscillation)
     checkpoint_every: int = 100
     log_every: int = 25
     threads: int = 1  # torch CPU threads: 1 is fastest on a machine shared with other jobs
@@ -78,7 +84,8 @@ class RefinerConfig:
         "hidden": (1, 512), "blocks": (0, 16), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
         "scale_mev": (1e-6, 1e3), "max_log_correction": (0.0, 5.0), "tau_mev": (1e-6, 10.0), "steps": (1, 10**7),
         "batch_size": (1, 4096), "n_critic": (1, 100), "lr": (1e-9, 1.0), "lr_params": (1e-9, 1.0),
-        "lr_cells": (0.0, 1.0), "gp_lambda": (0.0, 1e4), "ema_decay": (0.0, 0.9999), "closeness": (0.0, 1e4),
+        "lr_cells": (0.0, 1.0), "lr_net": (0.0, 1.0), "lr_readout": (0.0, 1.0),
+        "gp_lambda": (0.0, 1e4), "ema_decay": (0.0, 0.9999), "closeness": (0.0, 1e4),
         "checkpoint_every": (1, 10**7), "log_every": (1, 10**7), "threads": (0, 256), "seed": (0, 2**63 - 1),
     }
 
@@ -116,10 +123,10 @@ def _modules():
             self.shape, self.cfg = tuple(shape), cfg
             self.log_gain_layer = nn.Parameter(torch.zeros(n_l))
             self.log_gain_cell = nn.Parameter(torch.zeros(n_l, n_x, n_y))
-            self.log_noise = nn.Parameter(torch.full((n_l,), math.log(max(0.05 * threshold_mev, 1e-4))))
+            self.log_noise = nn.Parameter(torch.full((1,), math.log(max(0.05 * threshold_mev, 1e-4))))
             # threshold = scale * softplus(raw): positive; softplus^-1(a) = a + log(1 - exp(-a))
             a = max(threshold_mev / cfg.scale_mev, 1e-4)
-            self.raw_threshold = nn.Parameter(torch.full((n_l,), a + math.log(-math.expm1(-a))))
+            self.raw_threshold = nn.Parameter(torch.full((1,), a + math.log(-math.expm1(-a))))
             h = cfg.hidden
             self.inp = nn.Conv2d(n_l, h, 3, padding=1)
             self.blocks = nn.ModuleList(nn.Sequential(nn.LeakyReLU(0.2), nn.Conv2d(h, h, 3, padding=1),
@@ -143,14 +150,15 @@ def _modules():
             m = cfg.max_log_correction
             r = m * torch.tanh(self.out(nn.functional.leaky_relu(h, 0.2)) / m) if m > 0 else 0.0
             gain = self.log_gain_layer[:, None, None] + self.log_gain_cell + r
-            v = x * torch.exp(gain) + self.noise_sigma()[:, None, None] * z
-            t = self.threshold()[:, None, None]
+            v = x * torch.exp(gain) + self.noise_sigma() * z
+            t = self.threshold()
             hard = (v > t).to(v.dtype)
             soft = torch.sigmoid((v - t) / cfg.tau_mev)
             return v.clamp_min(0.0) * (hard + soft - soft.detach())  # forward: the hard cut; backward: the gate
 
     class Critic(nn.Module):
-        """WGAN critic on u = log1p(y / scale) (B, L, X, Y): strided convolutions + per-layer sums."""
+        """WGAN critic on u = log1p(y / scale) (B, L, X, Y): three strided convolutions (each cell still has its own
+        weights in the first) + per-layer energies, energy fractions (the longitudinal shape) and occupancies."""
 
         def __init__(self, shape: tuple[int, int, int], cfg: RefinerConfig):
             super().__init__()
@@ -158,21 +166,21 @@ def _modules():
             c = cfg.critic_channels
             self.scale = cfg.scale_mev
             self.conv = nn.Sequential(
-                nn.Conv2d(n_l, c, 3, padding=1), nn.LeakyReLU(0.2),
+                nn.Conv2d(n_l, c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
                 nn.Conv2d(c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2),
-                nn.Conv2d(2 * c, 2 * c, 4, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Flatten())
+                nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1), nn.LeakyReLU(0.2), nn.Flatten())
             with torch.no_grad():
                 n_flat = self.conv(torch.zeros(1, n_l, n_x, n_y)).shape[1]
-            self.head = nn.Sequential(nn.Linear(n_flat + 3 * n_l, cfg.critic_hidden), nn.LeakyReLU(0.2),
+            self.head = nn.Sequential(nn.Linear(n_flat + 3 * n_l + 1, cfg.critic_hidden), nn.LeakyReLU(0.2),
                                       nn.Linear(cfg.critic_hidden, 1))
             self.n_cells_layer = n_x * n_y
 
-        def forward(self, u: torch.Tensor) -> torch.Tensor:
+        def forward(self, u: torch.Tensor, log_e: torch.Tensor) -> torch.Tensor:
             e = torch.expm1(u).sum(dim=(2, 3))  # layer energies in scale units
             e_layer = torch.log1p(e / 100.0)
             frac = torch.log(e / e.sum(dim=1, keepdim=True).clamp_min(1e-6) + 1e-4)  # the longitudinal shape
             occupancy = torch.tanh(u).sum(dim=(2, 3)) / math.sqrt(self.n_cells_layer)
-            return self.head(torch.cat([self.conv(u), e_layer, frac, occupancy], dim=1)).squeeze(1)
+            return self.head(torch.cat([self.conv(u), e_layer, frac, occupancy, log_e[:, None]], dim=1)).squeeze(1)
 
     return Refiner, Critic
 
@@ -227,10 +235,10 @@ def load_refiner(directory: str | Path):
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else meta
         raise RefinerError(f"{meta_path}: field 'format' is {got!r:.60}; expected {FORMAT!r}")
-    cfg = RefinerConfig.from_dict(meta.get("config"), f"{meta_path} field 'config'")
     shape = meta.get("shape")
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and 0 < s <= 4096 for s in shape)):
         raise RefinerError(f"{meta_path}: field 'shape' is {shape!r:.60}; expected [layers, x, y] positive integers")
+    cfg = RefinerConfig.from_dict(meta.get("config"), f"{meta_path} field 'config'")
     try:
         detector = Detector.from_dict(meta["detector"], f"{meta_path} field 'detector'")
     except (KeyError, TypeError, DetectorError) as err:
@@ -302,7 +310,7 @@ def _load_sample(path: str | Path, max_showers: int | None, detector=None):
         if n < 2:
             raise RefinerError(f"{path}: {len(f)} showers; expected at least 2 to train a refiner")
         b = f.read(0, n)
-        return b.showers.reshape(n, *f.shape), f.detector, f.attrs
+        return b.showers.reshape(n, *f.shape), f.detector, f.attrs, b.energies
 
 
 def data_threshold(showers: np.ndarray) -> float:
@@ -311,11 +319,26 @@ def data_threshold(showers: np.ndarray) -> float:
     return float(np.quantile(pos, 0.001)) if pos.size else 0.0
 
 
+def init_dead_cells(refiner, sim: np.ndarray, data: np.ndarray, threshold: float, min_hits: float = 10.0) -> int:
+    """Start the gain of cells that never fire in the data, though the simulation puts more than the data threshold in
+    them ``min_hits`` times or more (scaled to the data sample's size), at exp(-10): the occupancy-map way of finding
+    dead channels (a live cell would fire about ``min_hits`` times; the chance of none is exp(-10) = 5e-5).
+    Returns the count."""
+    import torch
+
+    expected = (sim > threshold).sum(axis=0) * (len(data) / len(sim))
+    dead = (expected >= min_hits) & ~(data > 0).any(axis=0)
+    with torch.no_grad():
+        refiner.log_gain_cell[torch.from_numpy(dead)] = -10.0
+    return int(dead.sum())
+
+
 class RefinerTrainer:
     """Adversarial training of a refiner on two in-memory samples; seeded, checkpointed, exactly resumable."""
 
     def __init__(self, sim: np.ndarray, data: np.ndarray, cfg: RefinerConfig, out: str | Path, detector,
-                 run: dict[str, Any] | None = None, quiet: bool = True):
+                 run: dict[str, Any] | None = None, quiet: bool = True, sim_energies: np.ndarray | None = None,
+                 data_energies: np.ndarray | None = None):
         import torch
 
         if sim.shape[1:] != data.shape[1:]:
@@ -328,17 +351,29 @@ class RefinerTrainer:
         torch.manual_seed(cfg.seed)
         self.sim = torch.from_numpy(np.ascontiguousarray(sim, np.float32))
         self.data = torch.from_numpy(np.ascontiguousarray(data, np.float32))
+        # The critic compares showers at the same incident energy (a test beam knows its energy): otherwise the
+        # refiner would learn the difference between the two samples' energy spectra, which is a bias.
+        if sim_energies is None or data_energies is None:
+            self.sim_le, self.data_le = torch.zeros(len(sim)), torch.zeros(len(data))
+        else:
+            le_d, le_s = np.log(np.asarray(data_energies, float)), np.log(np.asarray(sim_energies, float))
+            mu, sd = le_d.mean(), le_d.std() or 1.0
+            self.sim_le = torch.from_numpy(((le_s - mu) / sd).astype(np.float32))
+            self.data_le = torch.from_numpy(((le_d - mu) / sd).astype(np.float32))
         self.shape = tuple(sim.shape[1:])
-        self.refiner = make_refiner(self.shape, cfg, data_threshold(data))
+        threshold = data_threshold(data)
+        self.refiner = make_refiner(self.shape, cfg, threshold)
+        self.n_dead_init = init_dead_cells(self.refiner, sim, data, threshold)
         self.critic = make_critic(self.shape, cfg)
         self.ema = copy.deepcopy(self.refiner).requires_grad_(False)  # the weights' moving average: the result
         self.nets = torch.nn.ModuleDict({"refiner": self.refiner, "critic": self.critic, "ema": self.ema})
         r = self.refiner
-        params = [r.log_gain_layer, r.log_noise, r.raw_threshold]
-        ids = {id(p) for p in params} | {id(r.log_gain_cell)}
-        nets = [p for p in r.parameters() if id(p) not in ids]
-        groups = [{"params": params, "lr": cfg.lr_params}, {"params": [r.log_gain_cell], "lr": cfg.lr_cells},
-                  {"params": nets, "lr": cfg.lr}]
+        named = [r.log_gain_layer, r.log_gain_cell, r.log_noise, r.raw_threshold]
+        nets = [p for p in r.parameters() if all(p is not q for q in named)]
+        groups = [{"params": [r.log_gain_layer], "lr": cfg.lr_params},
+                  {"params": [r.log_gain_cell], "lr": cfg.lr_cells},
+                  {"params": [r.log_noise, r.raw_threshold], "lr": cfg.lr_readout},
+                  {"params": nets, "lr": cfg.lr_net}]
         self.optimizers = {
             "refiner": torch.optim.Adam(groups, betas=(0.5, 0.9)),
             "critic": torch.optim.Adam(self.critic.parameters(), lr=cfg.lr, betas=(0.5, 0.9)),
@@ -350,10 +385,11 @@ class RefinerTrainer:
 
         return torch.log1p(y / self.cfg.scale_mev)
 
-    def _batch(self, sample):
+    def _batch(self, sample, log_e):
         import torch
 
-        return sample[torch.randint(len(sample), (self.cfg.batch_size,))]
+        rows = torch.randint(len(sample), (self.cfg.batch_size,))
+        return sample[rows], log_e[rows]
 
     def train_step(self) -> dict[str, float]:
         """``n_critic`` critic updates, then one refiner update. Returns the losses."""
@@ -362,24 +398,25 @@ class RefinerTrainer:
         cfg = self.cfg
         out: dict[str, float] = {}
         for _ in range(cfg.n_critic):
-            x, d = self._batch(self.sim), self._batch(self.data)
+            (x, le_x), (d, le_d) = self._batch(self.sim, self.sim_le), self._batch(self.data, self.data_le)
             with torch.no_grad():
                 u_fake = self._u(self.refiner(x, torch.randn_like(x)))
             u_real = self._u(d)
             eps = torch.rand(len(x), 1, 1, 1)
             u_hat = (eps * u_real + (1 - eps) * u_fake).requires_grad_(True)
-            grad, = torch.autograd.grad(self.critic(u_hat).sum(), u_hat, create_graph=True)
+            le_hat = eps.flatten() * le_d + (1 - eps.flatten()) * le_x
+            grad, = torch.autograd.grad(self.critic(u_hat, le_hat).sum(), u_hat, create_graph=True)
             gp = ((grad.flatten(1).norm(dim=1) - 1) ** 2).mean()
-            w = self.critic(u_real).mean() - self.critic(u_fake).mean()
+            w = self.critic(u_real, le_d).mean() - self.critic(u_fake, le_x).mean()
             loss_c = -w + cfg.gp_lambda * gp
             self.optimizers["critic"].zero_grad(set_to_none=True)
             loss_c.backward()
             self.optimizers["critic"].step()
             out.update(w=float(w.detach()), gp=float(gp.detach()))
-        x = self._batch(self.sim)
+        x, le_x = self._batch(self.sim, self.sim_le)
         y = self.refiner(x, torch.randn_like(x))
         close = ((y - x).abs().sum(dim=(1, 2, 3)) / x.sum(dim=(1, 2, 3)).clamp_min(1e-6)).mean()
-        loss_r = -self.critic(self._u(y)).mean() + cfg.closeness * close
+        loss_r = -self.critic(self._u(y), le_x).mean() + cfg.closeness * close
         self.optimizers["refiner"].zero_grad(set_to_none=True)
         loss_r.backward()
         self.optimizers["refiner"].step()
@@ -398,7 +435,8 @@ class RefinerTrainer:
         r = self.ema
         with torch.no_grad():
             return {"gain_layer": torch.exp(r.log_gain_layer).tolist(), "threshold_mev": r.threshold().tolist(),
-                    "noise_mev": r.noise_sigma().tolist()}
+                    "noise_mev": r.noise_sigma().tolist(), "dead_cells": int((r.log_gain_cell < -5).sum()),
+                    "dead_cells_init": self.n_dead_init}
 
     def save_checkpoint(self) -> None:
         from caloforge.train import save_checkpoint
@@ -461,15 +499,16 @@ def create_run(sim_path: str | Path, data_path: str | Path, out: str | Path, cfg
     """A new run: check the samples, write run.json, return the trainer (not yet trained)."""
     from caloforge.train import data_fingerprint
 
-    sim, det, _ = _load_sample(sim_path, max_showers)
-    data, _, data_attrs = _load_sample(data_path, max_showers, det)
+    sim, det, _, e_sim = _load_sample(sim_path, max_showers)
+    data, _, data_attrs, e_data = _load_sample(data_path, max_showers, det)
     run = {"sim": str(sim_path), "data": str(data_path), "max_showers": max_showers, "config": cfg.to_dict(),
            "sim_fingerprint": data_fingerprint(sim_path), "data_fingerprint": data_fingerprint(data_path),
            "data_effects": data_attrs.get("detector_effects"), "command": sys.argv}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / RUN_FILE).write_text(json.dumps(run, indent=1) + "\n")
-    return RefinerTrainer(sim, data, cfg, out, det, {k: run[k] for k in ("sim", "data", "max_showers")}, quiet)
+    return RefinerTrainer(sim, data, cfg, out, det, {k: run[k] for k in ("sim", "data", "max_showers")}, quiet,
+                          e_sim, e_data)
 
 
 def resume_run(out: str | Path, quiet: bool = True) -> RefinerTrainer:
@@ -487,9 +526,10 @@ def resume_run(out: str | Path, quiet: bool = True) -> RefinerTrainer:
     for key in ("sim", "data"):
         if data_fingerprint(run[key]) != run[f"{key}_fingerprint"]:
             raise RefinerError(f"{run[key]}: changed since the run started ({out / RUN_FILE}); expected the same file")
-    sim, det, _ = _load_sample(run["sim"], run.get("max_showers"))
-    data, _, _ = _load_sample(run["data"], run.get("max_showers"), det)
-    trainer = RefinerTrainer(sim, data, cfg, out, det, {k: run[k] for k in ("sim", "data", "max_showers")}, quiet)
+    sim, det, _, e_sim = _load_sample(run["sim"], run.get("max_showers"))
+    data, _, _, e_data = _load_sample(run["data"], run.get("max_showers"), det)
+    trainer = RefinerTrainer(sim, data, cfg, out, det, {k: run[k] for k in ("sim", "data", "max_showers")}, quiet,
+                             e_sim, e_data)
     trainer.load_checkpoint()
     return trainer
 
