@@ -177,3 +177,32 @@ def test_tiny_pythia_run_produces_the_variables(tmp_path):
     np.testing.assert_array_equal(read_events(out).high_level, ev.high_level)
     with pytest.raises(ValueError, match="other settings"):
         produce(["tth"], 5, out, seed=6, workers=1, quiet=True, chunk_tries={"tth": 30})
+
+
+def test_shower_commands_hand_event_files_to_the_event_code(tmp_path, monkeypatch, capsys):
+    import caloforge.events.quality as quality
+    import caloforge.events.wgan as wgan
+    from caloforge.cli import main
+
+    write_events(tmp_path / "ref.h5", correlated_events(40, 0))
+    seen = {}
+
+    def fake_evaluate(reference, candidates, labels, output, **kw):
+        seen["evaluate"] = (reference, candidates, kw["seed"])
+        return {"summary": ["ok"]}
+
+    def fake_train(data, output, **kw):
+        seen["train"] = (data, output, kw["steps"], kw["device"])
+
+    monkeypatch.setattr(quality, "evaluate_files", fake_evaluate)
+    monkeypatch.setattr(wgan, "train", fake_train)
+    ref = str(tmp_path / "ref.h5")
+    assert main(["evaluate", "--reference", ref, "--candidate", ref, "-o", str(tmp_path / "r"), "--seed", "4"]) == 0
+    assert seen["evaluate"] == (ref, [ref], 4)
+    assert main(["train", "--model", "eventwgan", "--data", ref, "-o", str(tmp_path / "run"), "--max-steps", "7",
+                 "--device", "cpu"]) == 0
+    assert seen["train"] == (ref, str(tmp_path / "run"), 7, "cpu")
+    # a bad model directory is a one-line error naming the directory and what was expected
+    assert main(["events", "generate", "--model", str(tmp_path), "-n", "3", "-o", str(tmp_path / "g.h5")]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path) in err and "model.json" in err and len(err.strip().splitlines()) == 1

@@ -228,6 +228,16 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from caloforge.events.eventfile import is_event_file
+
+    if is_event_file(args.reference):  # event-level files (kind = "events"): the RWTH talk's measures
+        from caloforge.events.quality import evaluate_files
+
+        result = evaluate_files(args.reference, args.candidate, args.label, args.output, seed=args.seed,
+                                max_events=args.max_showers, quiet=args.quiet)
+        for line in result["summary"]:
+            print(line)
+        return 0
     labels = list(args.label)
     if len(labels) > len(args.candidate):
         raise ValueError(f"{len(labels)} --label given for {len(args.candidate)} --candidate files")

@@ -728,7 +728,7 @@ class Trainer:
 # ---- CLI ----------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="training shower file (HDF5); a validation split is held out of it")
-    p.add_argument("--model", dest="family", help="model family (see docs/models.md): layerflow, wgan")
+    p.add_argument("--model", dest="family", help="model family: layerflow, wgan (docs/models.md); eventwgan")
     p.add_argument("--config", help="TOML file with [train] and [model] tables (configs/*.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 --set model.flow_hidden=128")
@@ -758,6 +758,14 @@ def pick_device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Train in this process, or as one rank of ``torchrun --nproc-per-node N -m caloforge train ...``."""
+    if args.family == "eventwgan":  # event-level files have their own trainer (docs/events.md)
+        from caloforge.events.wgan import train as train_events
+
+        if not args.data:
+            raise ValueError("--model eventwgan: give --data EVENTS.h5 (an event file)")
+        train_events(args.data, args.output, steps=args.max_steps or 20000, seed=args.seed or 0,
+                     threads=args.threads or 1, resume=args.resume, quiet=args.quiet, device=pick_device(args.device))
+        return 0
     from caloforge import distributed
 
     ctx, device = distributed.init_from_env(pick_device(args.device))

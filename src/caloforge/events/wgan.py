@@ -246,8 +246,8 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             raise ValueError(f"{run_dir}: training diverged at step {step} (critic loss not finite)")
         bar.update(1)
         if (step + 1) % cfg.log_every == 0:
-            hist.write(json.dumps({"step": step + 1, "w_estimate": w_est, "gp": float(gp),
-                                   "loss_g": float(loss_g), "time_s": round(time.time() - t0, 1)}) + "\n")
+            hist.write(json.dumps({"step": step + 1, "w_estimate": w_est, "gp": float(gp.detach()),
+                                   "loss_g": float(loss_g.detach()), "time_s": round(time.time() - t0, 1)}) + "\n")
             hist.flush()
             bar.set_postfix(w=f"{w_est:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
