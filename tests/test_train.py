@@ -157,3 +157,34 @@ def test_training_is_deterministic_by_default(toy_file, tmp_path):
     assert TrainConfig().deterministic
     Trainer.create(str(toy_file), "layerflow", tmp_path / "d", _cfg(), TINY_CONFIGS["layerflow"])
     assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_mirror_x_is_the_detector_mirror_image(toy_file, tmp_path):
+    """A shower mirrored in the shower-axis frame, placed back in the window, is the window's mirror image."""
+    import numpy as np
+
+    from caloforge.conditions import Conditions
+
+    trainer = Trainer.create(str(toy_file), "layerflow", tmp_path / "m", _cfg(mirror_x=True),
+                             TINY_CONFIGS["layerflow"])
+    model = trainer.model
+    det = model.detector
+    rng = np.random.default_rng(0)
+    n = 12
+    n_l, nx, ny = det.shape(False)
+    window = rng.random((n, n_l, nx, ny)).astype(np.float32)
+    # keep a one-cell border empty: the local grid moves by a cell with the impact point (and one more when mirrored)
+    window[:, :, [0, -1], :] = 0.0
+    window[:, :, :, [0, -1]] = 0.0
+    c = det.cell_size_mm
+    cond = Conditions(np.full(n, 3e4), 0.0, rng.uniform(-c, c, n), rng.uniform(-c, c, n), 22)
+    local = torch.as_tensor(model.to_local(window.reshape(n, -1), cond.as_array()))
+    raw = torch.as_tensor(cond.as_array(), dtype=torch.float32)
+    mask = torch.as_tensor(np.arange(n) % 2 == 0)
+    m_cond, m_local = trainer._mirror_x(raw, local, mask)
+    back = model.to_window(m_local, m_cond, False).numpy().reshape(n, n_l, nx, ny)
+    assert np.allclose(back[~mask.numpy()], window[~mask.numpy()])  # untouched rows
+    assert np.allclose(back[mask.numpy()], window[mask.numpy()][:, :, ::-1, :])  # x -> -x
+    assert np.allclose(m_cond[mask, 2].numpy(), -raw[mask, 2].numpy())
+    # a training step runs with mirroring on
+    trainer.fit()

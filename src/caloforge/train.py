@@ -59,6 +59,7 @@ class TrainConfig:
     divergence_threshold: float = 1e7  # |loss| above this counts as divergence
     amp: bool = False  # bf16 autocast on CUDA (ignored on CPU); measured no faster for layerflow on an H200
     deterministic: bool = True  # deterministic kernels: same seed, same weights, and resumes bit-identical
+    mirror_x: bool = False  # mirror a random half of each batch in x (the detector's symmetry; shower-axis frame)
     threads: int = 1  # torch CPU threads: 1 is fastest on a machine shared with Geant4 jobs
     seed: int = 0
 
@@ -502,6 +503,8 @@ class Trainer:
         self.validator = (Validator(val, detector, self.model.shape, self.cfg.val_max_showers)
                           if len(val.energies) and self.is_main else None)  # rank 0 validates
         self.latest_validation: dict[str, float] | None = None
+        if self.cfg.mirror_x and self.model.frame != "axis":
+            raise TrainingError(f"{self.out / RUN_FILE}: train.mirror_x needs a model in the shower-axis frame")
         self.showers = torch.from_numpy(train.showers)
         self.cond = torch.as_tensor(train.conditions.as_array(), dtype=torch.float32)
         if self.device.type == "cuda":
@@ -590,12 +593,35 @@ class Trainer:
             perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n_train)
             self._perm, self._perm_epoch = torch.as_tensor(perm, device=self.showers.device), epoch
         idx = self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+        if self.cfg.mirror_x:  # the same rows mirrored whatever the number of processes
+            flip = torch.as_tensor(np.random.default_rng([self.cfg.seed, 7, step]).random(len(idx)) < 0.5)
         if self.dist is not None:  # this rank's shard of the global batch
             rows = distributed.shard(len(idx))
             mine = idx[rows]
-            return TrainBatch(self.cond[mine].to(self.device), self.showers[mine].to(self.device, non_blocking=True),
-                              rows=rows, total=len(idx))
-        return TrainBatch(self.cond[idx].to(self.device), self.showers[idx].to(self.device, non_blocking=True))
+            cond, showers = self.cond[mine].to(self.device), self.showers[mine].to(self.device, non_blocking=True)
+            if self.cfg.mirror_x:
+                cond, showers = self._mirror_x(cond, showers, flip[rows].to(self.device))
+            return TrainBatch(cond, showers, rows=rows, total=len(idx))
+        cond, showers = self.cond[idx].to(self.device), self.showers[idx].to(self.device, non_blocking=True)
+        if self.cfg.mirror_x:
+            cond, showers = self._mirror_x(cond, showers, flip.to(self.device))
+        return TrainBatch(cond, showers)
+
+    def _mirror_x(self, cond, showers, mask):
+        """Showers of the rows in ``mask`` mirrored in x (x -> -x): the calorimeter is symmetric under it at any
+        angle (the tilt is in the y-z plane). In the shower-axis frame the local column i becomes 30 - i (the
+        axis cell moves by one), so the mirrored grid shifts by one column; its outermost column (75 mm from the
+        axis) is dropped."""
+        import torch
+
+        n_l, nx, ny = self.model.shape
+        s = showers[mask].reshape(-1, n_l, nx, ny).flip(2)
+        moved = torch.zeros_like(s)
+        moved[:, :, 1:, :] = s[:, :, :-1, :]
+        showers, cond = showers.clone(), cond.clone()
+        showers[mask] = moved.reshape(len(moved), -1)
+        cond[mask, 2] = -cond[mask, 2]
+        return cond, showers
 
     def _autocast(self):
         import torch
