@@ -62,7 +62,7 @@ class RefinerConfig:
     critic_channels: int = 16
     critic_hidden: int = 128
     scale_mev: float = 0.015  # u = log1p(E / scale): 0.1 MIP, so MIP-like cells are well resolved
-    max_log_correction: float = 0.2  # bound of the CNN's log-gain correction
+    max_log_correction: float = 0.0  # bound of the CNN's log-gain correction; 0: the CNN is off (docs/refiner.md)
     tau_mev: float = 0.005  # width of the soft threshold gate (gradients only)
     steps: int = 1200
     batch_size: int = 32
@@ -144,12 +144,13 @@ def _modules():
 
         def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
             cfg = self.cfg
-            h = self.inp(torch.log1p(x / cfg.scale_mev))
-            for blk in self.blocks:
-                h = h + blk(h)
+            gain = self.log_gain_layer[:, None, None] + self.log_gain_cell
             m = cfg.max_log_correction
-            r = m * torch.tanh(self.out(nn.functional.leaky_relu(h, 0.2)) / m) if m > 0 else 0.0
-            gain = self.log_gain_layer[:, None, None] + self.log_gain_cell + r
+            if m > 0:  # the residual CNN
+                h = self.inp(torch.log1p(x / cfg.scale_mev))
+                for blk in self.blocks:
+                    h = h + blk(h)
+                gain = gain + m * torch.tanh(self.out(nn.functional.leaky_relu(h, 0.2)) / m)
             v = x * torch.exp(gain) + self.noise_sigma() * z
             t = self.threshold()
             hard = (v > t).to(v.dtype)
