@@ -25,11 +25,13 @@ class Geant4App:
     come from the :class:`~caloforge.conditions.Conditions` passed to :meth:`simulate`."""
 
     def __init__(self, detector: Detector, particle: str = "gamma", physics: str = "auto", verbose: int = 0,
-                 fastsim=None, gate: bool | None = None):
+                 fastsim=None, gate: bool | None = None, deposits: bool = False):
         """``fastsim``: a :class:`caloforge.fastsim.FastSim`: e/gamma entering the calorimeter that its model takes
         get their shower from the model. ``gate`` (default: with ``fastsim``): build the gate volume in front of
         the face that records (and, with ``fastsim``, intercepts) the particles entering the calorimeter; a gate
-        without ``fastsim`` is the full-simulation run of the same application."""
+        without ``fastsim`` is the full-simulation run of the same application. ``deposits``: also score the energy
+        in the passive slabs and in active material outside the stored cells (:attr:`last_deposits`; always on
+        for detectors with per-layer cells)."""
         self.g4 = g4 = import_geant4()
         self.detector = detector
         self.fastsim = fastsim
@@ -37,6 +39,10 @@ class Geant4App:
         self.current_event = 0
         self.multiplicity = 1
         self.last_records: dict[str, np.ndarray] | None = None
+        #: per event of the last :meth:`simulate`: (energy in the stored cells, in active material outside them,
+        #: in passive material), MeV; with ``deposits`` or per-layer cells, else None.
+        self.last_deposits: np.ndarray | None = None
+        self.deposits = bool(deposits) or not detector.is_uniform
         self.particle = canonical_particle(particle)  # the default for simulate(energies, angles)
         if physics == "auto":
             use_standard = real_em_data() is not None
@@ -90,8 +96,11 @@ class Geant4App:
         n_events = len(cond) // multiplicity
         self._cond, self.multiplicity = cond, multiplicity
         self._out = np.zeros((n_events, n_cells), np.float32)
+        self._dep = np.zeros((n_events, 2))
         self.g4.HepRandom.setTheSeed(int(seed) % 2_147_483_647)
         self.run_manager.BeamOn(n_events)
+        if self.deposits:
+            self.last_deposits = np.column_stack([self._out.sum(axis=1, dtype=np.float64), self._dep])
         if self.gate:
             from caloforge.fastsim import records_from_rows
 
@@ -112,12 +121,20 @@ class _Geometry:
                 super().__init__()
                 self.detector = detector
                 self._keep: list = []
+                self.segmented = None
+                if not detector.is_uniform:
+                    from caloforge.geant4_readout import SegmentedReadout
+
+                    self.segmented = SegmentedReadout(g4, detector)
+                    return
                 c = detector.cell_size_mm
                 self.n_x_total = int(round(detector.size_x_mm / c))
                 self.n_y_total = int(round(detector.size_y_mm / c))
 
-            def window(self, angled: bool) -> tuple[slice, slice]:
+            def window(self, angled: bool) -> tuple[slice, slice] | None:
                 """Slices of the full x and y cell ranges that form the stored readout window."""
+                if self.segmented is not None:
+                    return None
                 d, c = self.detector, self.detector.cell_size_mm
                 _, n_x, n_y = d.shape(angled)
                 x0 = int(round((d.readout.x_min_mm + d.size_x_mm / 2) / c))
@@ -147,6 +164,10 @@ class _Geometry:
                                               "Gate", world_l, False, 0)
                     self._keep += [gate_s, self.gate_volume, gate_p]
                 self.cell_volumes = []
+                self.passive_volumes = []
+                if self.segmented is not None:
+                    self.segmented.build(calo_l, depth)
+                    return world_p
                 active_cache: dict[tuple[str, float], object] = {}
                 z = -depth / 2
                 for i, layer in enumerate(d.layers):
@@ -157,6 +178,7 @@ class _Geometry:
                         pv = g4.G4PVPlacement(None, g4.G4ThreeVector(0, 0, (z + layer.absorber_mm / 2) * mm), lv,
                                               key, calo_l, False, i)
                         self._keep += [s, lv, pv]
+                        self.passive_volumes.append(lv)
                         z += layer.absorber_mm
                     akey = (layer.active, layer.active_mm)
                     if akey not in active_cache:
@@ -188,6 +210,10 @@ class _Geometry:
             def ConstructSDandField(self) -> None:
                 sdm = g4.G4SDManager.GetSDMpointer()
                 sdm.SetVerboseLevel(0)
+                if self.segmented is not None:
+                    self.segmented.make_sensitive(self)
+                    self._gate_sd()
+                    return
                 mfd = g4.G4MultiFunctionalDetector("CaloSi")
                 # index = layer * (ny * nx) + y * nx + x: layer is the copy number two levels up.
                 scorer = g4.G4PSEnergyDeposit3D("edep", self.detector.n_layers, self.n_y_total, self.n_x_total,
@@ -197,6 +223,18 @@ class _Geometry:
                 for lv in self.cell_volumes:
                     self.SetSensitiveDetector(lv, mfd)
                 self._keep += [mfd, scorer]
+                if app.deposits:  # energy in the absorbers (the active slabs are all scored above)
+                    pmfd = g4.G4MultiFunctionalDetector("Passive")
+                    pscorer = g4.G4PSEnergyDeposit("edep", 0)
+                    pmfd.RegisterPrimitive(pscorer)
+                    sdm.AddNewDetector(pmfd)
+                    for lv in self.passive_volumes:
+                        self.SetSensitiveDetector(lv, pmfd)
+                    self._keep += [pmfd, pscorer]
+                self._gate_sd()
+
+            def _gate_sd(self) -> None:
+                sdm = g4.G4SDManager.GetSDMpointer()
                 if self.gate_volume is not None:
                     from caloforge.fastsim import gate_detector
 
@@ -240,20 +278,31 @@ class _Actions:
             def __init__(self) -> None:
                 super().__init__()
                 self.hc_id = -1
+                self.passive_id = -1
 
             def EndOfEventAction(self, event) -> None:
-                if self.hc_id < 0:
+                if self.hc_id < 0 and app._geometry.segmented is None:
                     self.hc_id = g4.G4SDManager.GetSDMpointer().GetCollectionID("CaloSi/edep")
                 hce = event.GetHCofThisEvent()
                 if hce is None:
                     return
-                hits = hce.GetHC(self.hc_id)
                 geo = app._geometry
+                if geo.segmented is not None:
+                    app._dep[event.GetEventID()] = geo.segmented.read(hce, app._out[event.GetEventID()])
+                    return
+                hits = hce.GetHC(self.hc_id)
                 n_l, n_yt, n_xt = app.detector.n_layers, geo.n_y_total, geo.n_x_total
                 xs, ys = app._window
                 n_x, n_y = xs.stop - xs.start, ys.stop - ys.start
                 pairs = [(k, v) for k, v in hits]
+                if app.deposits:
+                    if self.passive_id < 0:
+                        self.passive_id = g4.G4SDManager.GetSDMpointer().GetCollectionID("Passive/edep")
+                    passive = sum(v for _, v in hce.GetHC(self.passive_id)) / g4.MeV
+                    total = sum(v for _, v in pairs) / g4.MeV
                 if not pairs:
+                    if app.deposits:
+                        app._dep[event.GetEventID()] = (0.0, passive)
                     return
                 idx = np.fromiter((k for k, _ in pairs), np.int64, len(pairs))
                 val = np.fromiter((v for _, v in pairs), np.float64, len(pairs)) / g4.MeV
@@ -263,6 +312,8 @@ class _Actions:
                 flat = (layer[keep] * n_x + (x[keep] - xs.start)) * n_y + (y[keep] - ys.start)
                 row = app._out[event.GetEventID()]
                 np.add.at(row, flat, val[keep].astype(np.float32))
+                if app.deposits:
+                    app._dep[event.GetEventID()] = (total - float(val[keep].sum()), passive)
 
         class Actions(g4.G4VUserActionInitialization):
             def Build(self) -> None:

@@ -68,7 +68,7 @@ class RunConfig:
     @property
     def sampler(self) -> ConditionSampler:
         return ConditionSampler.parse(self.energy, self.angle, self.position, self.particle,
-                                      self.detector.cell_size_mm)
+                                      self.detector.cell_size_mm or 0.0)
 
     def chunk_conditions(self, k: int) -> tuple[Conditions, int]:
         """The conditions and the Geant4 seed of chunk ``k``.
@@ -265,7 +265,7 @@ def check_window(det: Detector, sampler: ConditionSampler) -> None:
     if hi_a > 60:
         raise ValueError(f"--angle {sampler.angle.text!r}: the incidence angle must be within 0-60 degrees "
                          f"(the {det.name} readout window holds showers tilted up to 60 degrees towards +y)")
-    if hi_a > 0 and not det.readout.n_y_angled:
+    if hi_a > 0 and det.is_uniform and not det.readout.n_y_angled:
         raise ValueError(f"--angle {sampler.angle.text!r}: detector {det.name!r} has no angled readout window "
                          f"(readout.n_y_angled); only normal incidence (angle 0)")
     (x0, x1), (y0, y1) = sampler.position.bounds
@@ -318,7 +318,10 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
     check_int(multiplicity, "--multiplicity", 1, 1000)
     check_output_file(output, "-o")
     det = detector if isinstance(detector, Detector) else load_detector(detector)
-    sampler = ConditionSampler.parse(energy, angle, position, particle, det.cell_size_mm)
+    if not det.is_uniform and str(position).strip().lower() == "cell":
+        raise ValueError(f"--position cell: detector {det.name!r} has cells of several sizes and shapes; give the "
+                         f"impact points as 'X,Y' or 'X0:X1,Y0:Y1' (mm)")
+    sampler = ConditionSampler.parse(energy, angle, position, particle, det.cell_size_mm or 0.0)
     check_window(det, sampler)
     fastsim_spec, threshold_mev = "", 0.0
     if fastsim_threshold_gev is not None and not fastsim:
