@@ -25,7 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("caloforge.pipeline", "the whole chain: Geant4 sample, generation, evaluation report"),
     "models": ("caloforge.zoo", "list the models shipped inside the package"),
     "tune": ("caloforge.tune", "scan a model family's hyper-parameters with Optuna (resumable study)"),
-    "events": ("caloforge.events.cli", "event-level ttH/ttbb variables: produce, split, train, generate, evaluate, bench"),
+    "events": ("caloforge.events.cli",
+               "event-level ttH/ttbb variables: produce, split, train, generate, evaluate, bench"),
     "digitize": ("caloforge.digitize", "apply detector effects (noise, threshold, dead cells, calibration)"),
     "refine": ("caloforge.refiner", "train and apply a refiner that makes simulated showers look like data"),
 }
