@@ -129,12 +129,14 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
     if max_events and len(ref) > max_events:
         ref = ref.select(np.sort(rng.choice(len(ref), max_events, replace=False)))
     perm = rng.permutation(len(ref))
-    ref_a, ref_b = ref.select(np.sort(perm[: len(ref) // 2])), ref.select(np.sort(perm[len(ref) // 2:]))
-    if train_reference:
+    if train_reference:  # floor: the held-out reference against as many Pythia training events (independent)
         pythia_train = read_events(train_reference)
-        test = ref
-    else:  # the classifier trained on Pythia uses half A; every classifier is tested on half B
-        pythia_train, test = ref_a, ref_b
+        base, test = ref, ref
+        other = pythia_train.select(np.sort(rng.permutation(len(pythia_train))[: len(ref)]))
+    else:  # floor: half A against half B; the classifier trained on Pythia uses A, every classifier is tested on B
+        base = ref.select(np.sort(perm[: len(ref) // 2]))
+        other = ref.select(np.sort(perm[len(ref) // 2:]))
+        pythia_train, test = base, other
     gauss = Gaussianiser.fit(ref.high_level)
 
     def w_est(a: Events, b: Events, s: int) -> float:
@@ -142,19 +144,21 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
                                steps=critic_steps, seed=s)
 
     cands = [(lab, read_events(c)) for lab, c in zip(labels, candidates)]
-    cands.append(("destroyed correlations", destroyed(pythia_train, ref_b.process, seed=seed + 7)))
+    cands.append(("destroyed correlations", destroyed(pythia_train, pythia_train.process, seed=seed + 7)))
     n_clf = min(int(min((pythia_train.process == v).sum() for v in PROCESSES.values())),
                 *(int(min((c.process == v).sum() for v in PROCESSES.values())) for _, c in cands))
     result = {"reference": reference, "n_reference": len(ref), "seed": seed, "critic_steps": critic_steps,
               "classifier_events_per_process": n_clf}
-    result["floor"] = {"fisher_z": fisher_z(ref_a, ref_b), "wasserstein": w_est(ref_a, ref_b, seed)}
+    result["floor"] = {"fisher_z": fisher_z(base, other), "wasserstein": w_est(base, other, seed),
+                       "n": [len(base), len(other)]}
     result["classifier_pythia_auc"] = classifier_auc(balanced_subset(pythia_train, n_clf, seed), test, seed, threads)
     result["candidates"] = {}
     for lab, c in cands:
         if max_events and len(c) > max_events:
             c = c.select(np.sort(rng.choice(len(c), max_events, replace=False)))
-        c_half = c.select(np.arange(min(len(c), len(ref_b))))
-        r = {"n": len(c), "fisher_z": fisher_z(ref_a, c_half), "wasserstein": w_est(ref_a, c_half, seed),
+        c_sub = c.select(np.sort(rng.permutation(len(c))[: len(other)]))
+        r = {"n": len(c), "n_compared": len(c_sub), "fisher_z": fisher_z(base, c_sub),
+             "wasserstein": w_est(base, c_sub, seed),
              "classifier_auc": classifier_auc(balanced_subset(c, n_clf, seed), test, seed, threads)}
         r["fisher_z_over_floor"] = r["fisher_z"]["all"]["chi2_ndf"] / result["floor"]["fisher_z"]["all"]["chi2_ndf"]
         r["wasserstein_over_floor"] = r["wasserstein"] / abs(result["floor"]["wasserstein"])
@@ -172,7 +176,7 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
 
 def summary_lines(r: dict) -> list[str]:
     fl = r["floor"]
-    lines = [f"reference {r['reference']}: {r['n_reference']} events; floors (Pythia half vs half): Fisher-z "
+    lines = [f"reference {r['reference']}: {r['n_reference']} events; floors (two independent Pythia samples): Fisher-z "
              f"chi2/ndf {fl['fisher_z']['all']['chi2_ndf']:.3f} (ndf {fl['fisher_z']['all']['ndf']}), Wasserstein "
              f"{fl['wasserstein']:.4f}; classifier trained on Pythia: AUC {r['classifier_pythia_auc']:.4f}"]
     for lab, c in r["candidates"].items():
