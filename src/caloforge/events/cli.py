@@ -47,6 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("generate", help="generate events with a trained event WGAN")
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
         from caloforge.events.wgan import train
 
         train(args.data, args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
-              threads=args.threads, resume=args.resume, quiet=args.quiet, device=args.device)
+              threads=args.threads, resume=args.resume, quiet=args.quiet, device=args.device,
+              checkpoint_every=args.checkpoint_every)
         return 0
     if step == "generate":
         from caloforge.events.wgan import generate_file

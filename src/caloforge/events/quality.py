@@ -176,9 +176,9 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
 
 def summary_lines(r: dict) -> list[str]:
     fl = r["floor"]
-    lines = [f"reference {r['reference']}: {r['n_reference']} events; floors (two independent Pythia samples): Fisher-z "
-             f"chi2/ndf {fl['fisher_z']['all']['chi2_ndf']:.3f} (ndf {fl['fisher_z']['all']['ndf']}), Wasserstein "
-             f"{fl['wasserstein']:.4f}; classifier trained on Pythia: AUC {r['classifier_pythia_auc']:.4f}"]
+    lines = [f"reference {r['reference']}: {r['n_reference']} events; floors (two independent Pythia samples): "
+             f"Fisher-z chi2/ndf {fl['fisher_z']['all']['chi2_ndf']:.3f} (ndf {fl['fisher_z']['all']['ndf']}), "
+             f"Wasserstein {fl['wasserstein']:.4f}; classifier trained on Pythia: AUC {r['classifier_pythia_auc']:.4f}"]
     for lab, c in r["candidates"].items():
         lines.append(f"{lab}: Fisher-z chi2/ndf {c['fisher_z']['all']['chi2_ndf']:.3f} "
                      f"({c['fisher_z_over_floor']:.2f}x floor), Wasserstein {c['wasserstein']:.4f} "

@@ -180,7 +180,8 @@ def _load_checkpoint(run_dir: Path, model: EventWGAN, opt_g, opt_c) -> int:
 
 
 def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, seed: int = 0, threads: int = 1,
-          resume: bool = False, quiet: bool = False, cfg: WGANConfig | None = None, device: str = "cpu") -> EventWGAN:
+          resume: bool = False, quiet: bool = False, cfg: WGANConfig | None = None, device: str = "cpu",
+          checkpoint_every: int | None = None) -> EventWGAN:
     """Train (or resume) an event WGAN on the high-level variables of an event file.
 
     On ``device="cuda"`` the run is seeded but not bit-for-bit resumable (the CUDA RNG state is not checkpointed).
@@ -199,6 +200,8 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             raise EventModelError(f"{run_dir}: no checkpoint to resume ({CKPT_JSON} missing)")
         meta = json.loads((run_dir / MODEL_JSON).read_text())
         cfg = WGANConfig(**{**meta["config"], "steps": steps})
+    if checkpoint_every:
+        cfg = WGANConfig(**{**asdict(cfg), "checkpoint_every": checkpoint_every})
     torch.set_num_threads(max(threads, 1))
     torch.manual_seed(cfg.seed)
     gauss = Gaussianiser.fit(ev.high_level)
