@@ -68,14 +68,16 @@ def chunk_task(cfg_json: str, k: int) -> dict[str, np.ndarray]:
     from caloforge.simulate import RunConfig, simulate_chunk
 
     cfg = RunConfig(**json.loads(cfg_json))
-    key = json.dumps([cfg.detector_json, cfg.physics])
+    # what the worker's app is built from (the other fields vary from chunk to chunk or run to run harmlessly)
+    key = json.dumps({name: v for name, v in asdict(cfg).items()
+                      if name in ("detector_json", "physics", "fastsim", "fastsim_threshold_mev")})
     with _LOCK:
         if not _WORKER:
             thread = ThreadPoolExecutor(1, thread_name_prefix="geant4")
             _WORKER.update(key=key, thread=thread, app=thread.submit(_start_geant4, cfg).result())
         elif _WORKER["key"] != key:
-            raise RuntimeError("this Dask worker process already runs Geant4 for another detector or physics list "
-                               "(one Geant4 per process): give each run its own workers")
+            raise RuntimeError("this Dask worker process already runs Geant4 for another detector, physics list or "
+                               "fast-simulation model (one Geant4 per process): give each run its own workers")
     return _WORKER["thread"].submit(simulate_chunk, _WORKER["app"], cfg, k).result()
 
 
