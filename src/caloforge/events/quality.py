@@ -116,7 +116,8 @@ def balanced_subset(ev: Events, n_per_process: int, seed: int) -> Events:
 # ---- the whole evaluation ---------------------------------------------------------------------------------
 def evaluate_files(reference: str, candidates: list[str], labels: list[str], output: str,
                    train_reference: str | None = None, critic_steps: int = 3000, max_events: int | None = None,
-                   seed: int = 0, threads: int = 1, quiet: bool = False) -> dict:
+                   seed: int = 0, threads: int = 1, quiet: bool = False, critic_lr: float = 1e-4,
+                   critic_batch: int = 512) -> dict:
     """Every measure for each candidate and the destroyed-correlation baseline; writes metrics.json and plots."""
     import torch
 
@@ -141,13 +142,14 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
 
     def w_est(a: Events, b: Events, s: int) -> float:
         return critic_estimate(gauss.forward(a.high_level), a.process, gauss.forward(b.high_level), b.process,
-                               steps=critic_steps, seed=s)
+                               steps=critic_steps, seed=s, lr=critic_lr, batch_size=critic_batch)
 
     cands = [(lab, read_events(c)) for lab, c in zip(labels, candidates)]
     cands.append(("destroyed correlations", destroyed(pythia_train, pythia_train.process, seed=seed + 7)))
     n_clf = min(int(min((pythia_train.process == v).sum() for v in PROCESSES.values())),
                 *(int(min((c.process == v).sum() for v in PROCESSES.values())) for _, c in cands))
     result = {"reference": reference, "n_reference": len(ref), "seed": seed, "critic_steps": critic_steps,
+              "critic_lr": critic_lr, "critic_batch": critic_batch,
               "classifier_events_per_process": n_clf}
     result["floor"] = {"fisher_z": fisher_z(base, other), "wasserstein": w_est(base, other, seed),
                        "n": [len(base), len(other)]}
