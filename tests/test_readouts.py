@@ -266,3 +266,78 @@ def test_builtin_files_parse_as_plain_toml():
     for name in NEW:
         text = resources.files("caloforge.detectors").joinpath(f"{name}.toml").read_text()
         assert tomllib.loads(text)["name"] == name
+
+
+# ---- files, CaloChallenge -----------------------------------------------------------------------------------
+def _toy_file(path, name, n=6, seed=0):
+    from caloforge.conditions import Conditions
+    from caloforge.dataset import ShowerWriter
+
+    d = load_detector(name)
+    rng = np.random.default_rng(seed)
+    showers = (rng.random((n, d.n_cells())) < 0.05) * rng.exponential(1.0, (n, d.n_cells()))
+    with ShowerWriter(path, d, d.n_cells(), {"source": "test"}) as w:
+        w.append(Conditions.make(np.linspace(1e3, 5e4, n), 0.0, np.zeros((n, 2)), 11), showers.astype(np.float32))
+    return d, showers.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", ["calogan-3layer", "atlas-4layer", "hgcal-proto", "cc-ds2"])
+def test_shower_files_carry_the_readout(name, tmp_path):
+    from caloforge.dataset import DatasetError, ShowerFile
+
+    d, showers = _toy_file(tmp_path / "a.h5", name)
+    with ShowerFile(tmp_path / "a.h5", expected_detector=name) as f:
+        assert f.detector == d and f.shape == (d.n_cells(),)
+        np.testing.assert_array_equal(f.read(0, len(f)).showers, showers)
+    with pytest.raises(DatasetError, match="expected detector 'ild-ecal'"):
+        ShowerFile(tmp_path / "a.h5", expected_detector="ild-ecal")
+
+
+def test_cc_ds2_binning_xml_is_the_challenge_binning():
+    from caloforge.calochallenge import binning_xml, parse_binning
+
+    d = load_detector("cc-ds2")
+    xml = binning_xml(d)
+    g = parse_binning(xml, "electron")
+    t = d.cell_table()
+    assert g.n_cells == d.n_cells() == 6480 and g.n_alpha == (16,) * 45
+    np.testing.assert_allclose(g.cell_x, t["x"], atol=1e-9)
+    np.testing.assert_allclose(g.cell_y, t["y"], atol=1e-9)
+    np.testing.assert_array_equal(g.cell_layer, t["layer"])
+    assert '<Layer id="44" r_edges="0,4.65,9.3,13.95,18.6,23.25,27.9,32.55,37.2,41.85" n_bin_alpha="16" />' in xml
+    with pytest.raises(ValueError, match="not read out in \\(r, phi\\) bins"):
+        binning_xml(load_detector("calogan-3layer"))
+
+
+def test_cc_ds2_converts_to_and_from_calochallenge(tmp_path):
+    from caloforge.cli import main
+    from caloforge.dataset import ShowerFile
+
+    _, showers = _toy_file(tmp_path / "a.h5", "cc-ds2")
+    assert main(["convert", str(tmp_path / "a.h5"), str(tmp_path / "cc.h5"), "--to", "calochallenge",
+                 "--binning-out", str(tmp_path / "binning.xml")]) == 0
+    assert main(["convert", str(tmp_path / "cc.h5"), str(tmp_path / "back.h5"), "--to", "caloforge",
+                 "--detector", "cc-ds2"]) == 0
+    assert main(["convert", str(tmp_path / "cc.h5"), str(tmp_path / "xml.h5"), "--to", "caloforge",
+                 "--binning", str(tmp_path / "binning.xml")]) == 0
+    with ShowerFile(tmp_path / "back.h5", expected_detector="cc-ds2") as f:
+        np.testing.assert_array_equal(f.read(0, len(f)).showers, showers)
+    from caloforge.evaluate import geometry_for
+
+    with ShowerFile(tmp_path / "xml.h5") as fx, ShowerFile(tmp_path / "back.h5") as fd:
+        gx, gd = geometry_for(fx), geometry_for(fd)
+        np.testing.assert_allclose(gx.cell_x, gd.cell_x, atol=1e-9)
+        np.testing.assert_array_equal(gx.cell_layer, gd.cell_layer)
+
+
+def test_detectors_command(tmp_path, capsys):
+    from caloforge.cli import main
+
+    assert main(["detectors"]) == 0
+    out = capsys.readouterr().out
+    assert "hgcal-proto      896 cells: 7 x [128 hexagons of 11.2 mm]" in out
+    assert main(["detectors", "atlas-4layer"]) == 0
+    assert "15 x [1.5 mm G4_Pb + 4 mm G4_lAr]" in capsys.readouterr().out
+    assert main(["detectors", "cc-ds2", "--binning-xml", str(tmp_path / "b.xml")]) == 0
+    assert (tmp_path / "b.xml").read_text().count("<Layer ") == 45
+    assert main(["detectors", "hgcal-proto", "--binning-xml", str(tmp_path / "c.xml")]) == 2

@@ -57,9 +57,10 @@ def parse_binning(text: str, particle: str | None = None, layer_pitch_mm: float 
         root = ET.fromstring(text)
     except ET.ParseError as err:
         raise ValueError(f"{source}: not a valid binning XML ({err})") from None
-    particles = root.findall("Particle") if root.tag != "Particle" else [root]
+    # dataset 1 files hold <Particle> elements, datasets 2 and 3 <Bin> elements (the evaluator reads either)
+    particles = root.findall("Particle") + root.findall("Bin") if root.tag not in ("Particle", "Bin") else [root]
     if not particles:
-        raise ValueError(f"{source}: no <Particle> element in the binning XML")
+        raise ValueError(f"{source}: no <Particle> or <Bin> element in the binning XML")
     names = [p.get("name", "") for p in particles]
     if particle is None:
         node = particles[0]
@@ -112,6 +113,22 @@ def parse_binning(text: str, particle: str | None = None, layer_pitch_mm: float 
         layer_weights=np.ones(n_layers), r_edges=tuple(r_edges), n_alpha=tuple(n_alpha),
         name=f"calochallenge:{node.get('name', '')}",
     )
+
+
+def binning_xml(detector, particle: str = "electron", pid: int = 11) -> str:
+    """The CaloChallenge binning XML of a detector whose every layer has (r, phi) cells starting at -180 degrees
+    (e.g. ``cc-ds2``): what the community's evaluator (``XMLHandler``) reads. Other readouts raise ValueError."""
+    from caloforge.readout import PolarCells
+
+    lines = ["<Bins>", f'   <Bin pid="{int(pid)}" name="{particle}">']
+    for i, layer in enumerate(detector.layers):
+        c = layer.cells
+        if not isinstance(c, PolarCells) or abs(c.phi0_deg + 180.0) > 1e-9:
+            raise ValueError(f"detector {detector.name!r}: layer {i} is not read out in (r, phi) bins from -180 "
+                             f"degrees; the CaloChallenge binning XML describes only such bins")
+        edges = ",".join(f"{e:g}" for e in c.r_edges_mm)
+        lines.append(f'      <Layer id="{i}" r_edges="{edges}" n_bin_alpha="{c.n_phi}" />')
+    return "\n".join([*lines, "   </Bin>", "</Bins>", ""])
 
 
 def read_binning(path: str | Path, particle: str | None = None, layer_pitch_mm: float = 1.0) -> CaloChallengeGeometry:
@@ -220,6 +237,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                           "official evaluator)")
     parser.add_argument("--showers-dtype", choices=["float32", "float64"], default="float32",
                         help="dtype of the CaloChallenge showers dataset")
+    parser.add_argument("--binning-out", help="also write the file's binning XML here (--to calochallenge; detectors "
+                                              "read out in (r, phi) bins, e.g. cc-ds2)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
 
 
@@ -230,8 +249,22 @@ def run(args: argparse.Namespace) -> int:
     if same_file(args.input, args.output):
         raise ValueError(f"{args.output}: is the input file; write to another file")
     check_output_file(args.output, "output", overwrite=args.overwrite)
+    if args.binning_out and args.to != "calochallenge":
+        raise ValueError("--binning-out goes with --to calochallenge")
     if args.to == "calochallenge":
+        xml = None
+        if args.binning_out:
+            from caloforge.dataset import ShowerFile
+
+            check_output_file(args.binning_out, "--binning-out", overwrite=args.overwrite)
+            with ShowerFile(args.input) as f:
+                if f.detector is None:
+                    raise ValueError(f"{args.input}: no detector description in the file (attribute 'detector_json')")
+                xml = binning_xml(f.detector, args.particle or "electron")
         n = to_calochallenge(args.input, args.output, args.max_showers, args.showers_dtype)
+        if xml is not None:
+            Path(args.binning_out).write_text(xml)
+            print(f"wrote the binning XML to {args.binning_out}")
     else:
         n = from_calochallenge(args.input, args.output, args.binning, args.particle, args.detector, args.max_showers)
     print(f"wrote {n} showers to {args.output} ({args.to} layout)")

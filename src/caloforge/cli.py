@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("caloforge.calochallenge", "convert between caloforge and CaloChallenge files"),
     "run": ("caloforge.pipeline", "the whole chain: Geant4 sample, generation, evaluation report"),
     "models": ("caloforge.zoo", "list the models shipped inside the package"),
+    "detectors": ("caloforge.detector_cli", "list the detectors, describe one, export a CaloChallenge binning XML"),
     "tune": ("caloforge.tune", "scan a model family's hyper-parameters with Optuna (resumable study)"),
     "events": ("caloforge.events.cli",
                "event-level ttH/ttbb variables: produce, split, train, generate, evaluate, bench"),

@@ -347,6 +347,27 @@ class Detector:
         inv = 1.0 / np.array([ly.mip_sampling_fraction() for ly in self.layers])
         return inv / inv.min()
 
+    def readout_summary(self) -> str:
+        """One line: the layers' cells, e.g. ``7 layers x 128 hex (11.2 mm)`` or ``30 x 30 x 30 grid (5 mm)``."""
+        if self.is_uniform:
+            return f"{' x '.join(map(str, self.shape()))} grid of {self.cell_size_mm:g} mm cells"
+        groups: list[list] = []
+        for layer in self.layers:
+            if groups and groups[-1][0] == layer.cells:
+                groups[-1][1] += 1
+            else:
+                groups.append([layer.cells, 1])
+        parts = []
+        for c, k in groups:
+            if c.kind == "grid":
+                what = f"{c.n_x} x {c.n_y} grid of {c.cell_x_mm:g} x {c.cell_y_mm:g} mm"
+            elif c.kind == "hex":
+                what = f"{c.n_cells} hexagons of {c.pitch_mm:g} mm"
+            else:
+                what = f"{c.n_phi} phi x {c.n_r} r bins to {c.r_edges_mm[-1]:g} mm"
+            parts.append(f"{k} x [{what}]" if k > 1 else what)
+        return f"{self.n_cells()} cells: " + " + ".join(parts)
+
     # ---- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """The description as plain data (one entry per layer); fields of the per-layer readout appear only when
