@@ -77,6 +77,7 @@ def world(tmp_path_factory):
     (root / "binning.xml").write_text(XML)
     (root / "plain.txt").write_text("not a shower file")
     (root / "a_dir").mkdir()
+    (root / "out").mkdir()  # the cases' outputs (commands create their own parents; the damaged copies need it)
     (root / "garbage.toml").write_text("name = [")
     (root / "garbage.json").write_bytes(b"\x00\xff\xfe")
     (root / "garbage.xml").write_text("<Bins><Particle")
@@ -318,7 +319,8 @@ def damage_file(draw, src: Path, dst: Path) -> Path:
             return dst
         with h5:
             field = draw(st.sampled_from(FIELDS))
-            n = h5["incident_energies"].shape[0] if "incident_energies" in h5 else 30
+            old_e = h5.get("incident_energies")  # an earlier damage may have made it a group or a scalar
+            n = old_e.shape[0] if isinstance(old_e, h5py.Dataset) and old_e.ndim else 30
             if op == "delete" and field in h5:
                 del h5[field]
             elif op in ("reshape", "dtype", "group", "empty") and field in h5:
