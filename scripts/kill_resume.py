@@ -75,7 +75,7 @@ def trial_simulate(work: Path, rng: np.random.Generator, ref: Path | None, base:
     delay = float(rng.uniform(0.1, 0.9) * t_full)
     while not _run(cmd, kill_after=delay):
         kills += 1
-        delay = float(rng.uniform(0.2, 1.0) * t_full)
+        delay = float(rng.uniform(0.2, 1.0) * t_full * 1.5**kills)  # longer each time: a loaded machine ends too
     return {"kills": kills, "differs": _same(_h5_arrays(ref), _h5_arrays(out))}
 
 
@@ -94,7 +94,7 @@ def trial_train(work: Path, rng: np.random.Generator, ref: Path | None, base: li
         else:  # killed before the run existed: start it again
             shutil.rmtree(out, ignore_errors=True)
             cmd = [*base, "-o", str(out)]
-        done = _run(cmd, kill_after=float(rng.uniform(0.2, 1.0) * t_full))
+        done = _run(cmd, kill_after=float(rng.uniform(0.2, 1.0) * t_full * 1.5**kills))
     steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "train"]
     differs = _same(_safetensors(ref / "last" / "model.safetensors"), _safetensors(out / "last" / "model.safetensors"))
