@@ -131,11 +131,12 @@ def reduce_gradients(params: Iterable[torch.nn.Parameter], share: float) -> None
                        else torch.zeros(p.numel(), dtype=torch.float32, device=ref.device)) for p in params]
                      + [torch.tensor([float(p.grad is not None) for p in params], device=ref.device)])
     dist.all_reduce(flat)
+    has_grad = flat[-len(params):].tolist()  # one device-to-host copy, not one per parameter
     offset = 0
     for i, p in enumerate(params):
         g = flat[offset:offset + p.numel()].view_as(p)
         offset += p.numel()
-        if flat[-len(params) + i] > 0:
+        if has_grad[i] > 0:
             p.grad = g.to(p.dtype).clone()
         else:
             p.grad = None
