@@ -63,6 +63,7 @@ TINY_CONFIGS: dict[str, dict] = {
                                 "offset_squares": True, "match_centroids": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
+    "gan3d": {"latent_dim": 8, "gen_channels": 4, "disc_channels": 2, "out_bias_init": 0.05},
 }
 
 
