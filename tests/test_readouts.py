@@ -330,6 +330,14 @@ def test_cc_ds2_converts_to_and_from_calochallenge(tmp_path):
         np.testing.assert_array_equal(gx.cell_layer, gd.cell_layer)
 
 
+def test_pions_are_refused_with_the_reason():
+    from caloforge.conditions import ConditionsError, canonical_particle
+
+    for name in ("pi+", "211", "proton"):
+        with pytest.raises(ConditionsError, match="no hadronic physics list"):
+            canonical_particle(name)
+
+
 def test_detectors_command(tmp_path, capsys):
     from caloforge.cli import main
 
@@ -341,3 +349,42 @@ def test_detectors_command(tmp_path, capsys):
     assert main(["detectors", "cc-ds2", "--binning-xml", str(tmp_path / "b.xml")]) == 0
     assert (tmp_path / "b.xml").read_text().count("<Layer ") == 45
     assert main(["detectors", "hgcal-proto", "--binning-xml", str(tmp_path / "c.xml")]) == 2
+
+
+# ---- models and evaluation on every readout -----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["layerflow", "wgan"])
+def test_image_families_refuse_per_layer_readouts_clearly(family):
+    from caloforge.models import ModelError, get_family
+
+    with pytest.raises(ModelError, match="per-layer cells .*hexagons"):
+        get_family(family)(load_detector("hgcal-proto"))
+
+
+def test_a_model_for_one_detector_is_refused_for_another(tmp_path):
+    from caloforge.models import ModelError, load_model, save_model
+    from conftest_models import tiny_model, toy_showers
+
+    clic = load_detector("clic-ecal")
+    model = tiny_model("layerflow", clic, toy_showers(clic, 8))
+    save_model(model, tmp_path / "m")
+    assert load_model(tmp_path / "m", expected_detector="clic-ecal").detector == clic  # round trip of the detector
+    with pytest.raises(ModelError, match="ild-ecal|clic-ecal"):
+        load_model(tmp_path / "m", expected_detector="ild-ecal")
+
+
+@pytest.mark.slow  # two evaluations with reports: about a minute on two busy cores
+@pytest.mark.parametrize("name", ["hgcal-proto", "calogan-3layer"])
+def test_evaluate_works_in_the_readouts_own_geometry(name, tmp_path):
+    import json as _json
+
+    from caloforge.cli import main
+
+    _toy_file(tmp_path / "a.h5", name, n=40, seed=1)
+    _toy_file(tmp_path / "b.h5", name, n=40, seed=2)
+    assert main(["evaluate", "--reference", str(tmp_path / "a.h5"), "--candidate", str(tmp_path / "b.h5"),
+                 "-o", str(tmp_path / "rep"), "--no-classifier", "--splits", "2", "-q"]) == 0
+    res = _json.loads((tmp_path / "rep" / "metrics.json").read_text())
+    assert (tmp_path / "rep" / "report.html").stat().st_size > 10_000
+    assert "b" in res["candidates"]
+    d = load_detector(name)
+    assert any(f"_l{d.n_layers - 1:02d}" in k for k in _json.dumps(res["candidates"]["b"]).split('"'))

@@ -23,6 +23,8 @@ __all__ = [
 #: Particles a shower model or the Geant4 application takes, with their PDG codes (stored in datasets).
 PARTICLE_PDG: dict[str, int] = {"gamma": 22, "e-": 11, "e+": -11}
 PDG_PARTICLE: dict[int, str] = {v: k for k, v in PARTICLE_PDG.items()}
+_HADRONS = {"pi+", "pi-", "pi0", "pion", "piplus", "piminus", "211", "-211", "111", "proton", "p", "2212", "neutron",
+            "n", "2112", "k+", "k-", "kaon", "321", "-321", "k0l", "130"}
 _ALIASES = {"photon": "gamma", "electron": "e-", "positron": "e+", "22": "gamma", "11": "e-", "-11": "e+"}
 #: Columns of the raw condition tensor that models take (``Conditions.as_array``); a new condition is a new column.
 CONDITION_COLUMNS: tuple[str, ...] = ("energy_mev", "angle_deg", "x_mm", "y_mm", "pdg")
@@ -139,6 +141,10 @@ def canonical_particle(name: str) -> str:
     """'gamma', 'e-' or 'e+' for any accepted spelling (photon, electron, positron, PDG code)."""
     key = str(name).strip()
     key = _ALIASES.get(key.lower(), key)
+    if key.lower() in _HADRONS:
+        raise ConditionsError(f"particle {name!r} is not supported: hadron showers need hadronic physics, and "
+                              f"caloforge's Geant4 runs without data sets and has no hadronic physics list "
+                              f"(docs/detectors.md, 'Hadrons'); expected one of {', '.join(PARTICLE_PDG)}")
     if key not in PARTICLE_PDG:
         raise ConditionsError(f"particle {name!r} is not supported; expected one of {', '.join(PARTICLE_PDG)}")
     return key

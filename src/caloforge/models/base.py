@@ -212,6 +212,10 @@ class ShowerModel(nn.Module):
     def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__()
+        if not detector.is_uniform:  # the families shipped so far are image models of (layer, x, y) windows
+            raise ModelError(f"model family {self.family!r} represents (layer, x, y) grids of one cell size "
+                             f"(detectors like ild-ecal, clic-ecal); detector {detector.name!r} has per-layer cells "
+                             f"({detector.readout_summary()}), which no shipped family can represent yet")
         self.detector = detector
         self.n_cells = int(n_cells if n_cells is not None else detector.n_cells())
         try:
