@@ -608,6 +608,7 @@ def describe(path: str | Path) -> str:
         lines = [f"file:              {f.path}", f"showers:           {len(f)} x {f.n_cells} cells, shape {f.shape}"]
         if f.detector is not None:
             lines.append(f"detector:          {f.detector.name}")
+            lines.append(f"readout:           {f.detector.readout_summary()}")
         for key in ("source", "particle", "physics_list", "geant4_version", "production_cut_mm", "seed",
                     "caloforge_version", "energy_spec", "angle_spec", "model", "layout", "compression"):
             if key in f.attrs:
