@@ -37,6 +37,33 @@ def _run(cmd: list[str], kill_after: float | None = None) -> bool:
     return True
 
 
+def _run_until(cmd: list[str], reached, extra_s: float) -> bool:
+    """Run ``cmd``; once ``reached()`` is true, wait ``extra_s`` more and SIGKILL its process group (a kill in the
+    middle of the work whatever the machine's speed). True when it finished by itself first."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    while proc.poll() is None:
+        if reached():
+            time.sleep(extra_s)
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return False
+            break
+        time.sleep(0.05)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
+    return True
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        lines = (run_dir / "history.jsonl").read_text().splitlines()
+        return max((json.loads(x)["step"] for x in lines if x.strip()), default=0)
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _h5_arrays(path: Path) -> dict[str, np.ndarray]:
     import h5py
 
@@ -85,16 +112,22 @@ def trial_train(work: Path, rng: np.random.Generator, ref: Path | None, base: li
     if ref is None:
         _run([*base, "-o", str(out)])
         return {}
-    kills = 0
-    done = _run([*base, "-o", str(out)], kill_after=float(rng.uniform(0.1, 0.9) * t_full))
-    while not done:
+    kills, cmd = 0, [*base, "-o", str(out)]
+    n_kills = int(rng.integers(1, 4))  # each trial is killed 1-3 times, at random steps
+    while True:
+        if kills < n_kills:
+            target = min(int(rng.integers(_last_step(out) + 1, _last_step(out) + 25)), 58)
+            done = _run_until(cmd, lambda target=target: _last_step(out) >= target, float(rng.uniform(0, 0.5)))
+        else:
+            done = _run(cmd)
+        if done:
+            break
         kills += 1
         if (out / "run.json").exists():
             cmd = [sys.executable, "-m", "caloforge", "train", "-o", str(out), "--resume", "--quiet"]
         else:  # killed before the run existed: start it again
             shutil.rmtree(out, ignore_errors=True)
             cmd = [*base, "-o", str(out)]
-        done = _run(cmd, kill_after=float(rng.uniform(0.2, 1.0) * t_full * 1.5**kills))
     steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()
              if json.loads(line).get("kind") == "train"]
     differs = _same(_safetensors(ref / "last" / "model.safetensors"), _safetensors(out / "last" / "model.safetensors"))
