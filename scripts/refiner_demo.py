@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = create_run(paths["sim-train"], paths["data-train"], run_dir, RefinerConfig.from_dict(over, "--set"),
                              quiet=args.quiet)
     t1 = time.time()
-    state = trainer.fit()
+    state = trainer.fit(args.steps)  # a resumed run stops at --steps when given (else at the configured steps)
     train_s = time.time() - t1
     for key in ("sim-train", "sim-holdout"):
         dst = out / f"refined-{key}.h5"
