@@ -105,7 +105,7 @@ def test_learns_a_known_calibration_offset():
     factors = np.ones(shape[0], np.float32)
     factors[[1, 3]] = 1.10
     data = toy_showers(det, 600, seed=2).showers.reshape(-1, *shape) * factors[:, None, None]
-    cfg = RefinerConfig(steps=300, n_critic=5, batch_size=64, lr=1e-3, seed=0)
+    cfg = RefinerConfig(steps=300, n_critic=5, batch_size=64, lr=1e-3, lr_params=3e-3, seed=0)
     tr = RefinerTrainer(sim, data, cfg, "/nonexistent-unused", det)
     for _ in range(cfg.steps):
         tr.train_step()

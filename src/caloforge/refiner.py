@@ -64,12 +64,12 @@ class RefinerConfig:
     scale_mev: float = 0.015  # u = log1p(E / scale): 0.1 MIP, so MIP-like cells are well resolved
     max_log_correction: float = 0.0  # bound of the CNN's log-gain correction; 0: the CNN is off (docs/refiner.md)
     tau_mev: float = 0.005  # width of the soft threshold gate (gradients only)
-    steps: int = 1200
+    steps: int = 300
     batch_size: int = 32
     n_critic: int = 3
     lr: float = 5e-4  # the critic
     lr_net: float = 1e-4  # the residual CNN: slow, a correction on top of the explicit terms
-    lr_params: float = 3e-3  # per-layer log-gains
+    lr_params: float = 2e-3  # per-layer log-gains
     lr_readout: float = 1e-2  # log noise sigma and threshold (per layer)
     lr_cells: float = 1e-4  # per-cell gains: slow, so that they do not follow the critic's noise
     gp_lambda: float = 10.0
@@ -362,7 +362,8 @@ class RefinerTrainer:
         self.data = torch.from_numpy(np.ascontiguousarray(data, np.float32))
         # The critic compares showers at the same incident energy (a test beam knows its energy): otherwise the
         # refiner would learn the difference between the two samples' energy spectra, which is a bias.
-        if sim_energies is None or data_energies is None:
+        self.matched = sim_energies is not None and data_energies is not None
+        if not self.matched:
             self.sim_le, self.data_le = torch.zeros(len(sim)), torch.zeros(len(data))
         else:
             le_d, le_s = np.log(np.asarray(data_energies, float)), np.log(np.asarray(sim_energies, float))
@@ -403,7 +404,7 @@ class RefinerTrainer:
 
         n = self.cfg.batch_size
         rows_d = torch.randint(len(self.data), (n,))
-        if self.cfg.match_window > 0:
+        if self.cfg.match_window > 0 and self.matched:
             k = self.cfg.match_window
             pos = torch.searchsorted(self.sim_le_sorted, self.data_le[rows_d]) + torch.randint(-k, k + 1, (n,))
             rows_s = self.sim_order[pos.clamp(0, len(self.sim) - 1)]
