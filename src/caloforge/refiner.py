@@ -165,8 +165,8 @@ def _modules():
             return v.clamp_min(0.0) * (hard + soft - soft.detach())  # forward: the hard cut; backward: the gate
 
     class Critic(nn.Module):
-        """WGAN critic on u = log1p(y / scale) (B, L, X, Y): three strided convolutions (each cell still has its own
-        weights in the first) + per-layer energies, energy fractions (the longitudinal shape) and occupancies."""
+        """WGAN critic on u = log1p(y / scale) (B, L, X, Y): three strided convolutions, flattened into a dense
+        layer (so positions count) + per-layer energies, energy fractions, occupancies and the incident energy."""
 
         def __init__(self, shape: tuple[int, int, int], cfg: RefinerConfig):
             super().__init__()
