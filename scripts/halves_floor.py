@@ -52,7 +52,7 @@ def main() -> None:
         c = res["candidates"]["half1"]
         cl = c.get("classifier", {})
         auc = {k: (v["auc"], v["auc_null_std"]) for k, v in cl.items()}
-        n_tests = len(c.get("metrics", c.get("tests", []))) if isinstance(c.get("metrics"), list | dict) else "?"
+        n_tests = c.get("flag_rule", {}).get("n_tests", "?")
         row = {"file": str(f), "detector": res.get("reference", {}).get("detector") or f.stem,
                "n_half": c.get("n_total"), "auc": auc, "n_flags": c["n_flags"], "n_tests": n_tests}
         rows.append(row)
