@@ -154,3 +154,7 @@ def test_fastsim_refuses_a_model_of_another_detector(model_dir, tmp_path, capsys
     assert main(["simulate", "--fastsim", str(model_dir), "-n", "2", "--quiet", "-o", str(tmp_path / "x.h5")]) == 2
     assert "detector" in capsys.readouterr().err
     assert main(["simulate", "--fastsim-threshold", "5", "-n", "2", "--quiet", "-o", str(tmp_path / "y.h5")]) == 2
+    for bad in ("inf", "nan", "0", "-3"):
+        assert main(["simulate", "--fastsim", "multi", f"--fastsim-threshold={bad}", "-n", "2", "--quiet", "-o",
+                     str(tmp_path / "z.h5")]) == 2
+    assert "--fastsim-threshold" in capsys.readouterr().err

@@ -248,6 +248,35 @@ def test_fuzz_simulate_arguments(world, data):
 
 
 @pytest.mark.timeout(300)
+@fuzz_settings(30)
+@given(data=st.data())
+def test_fuzz_simulate_fastsim_arguments(world, data):
+    root = world["root"]
+    base = {"-n": 2, "--energy": "50", "--position": "cell", "--fastsim": "multi", "--seed": 1, "--workers": 1,
+            "-o": world["new"](), "-q": None}
+    pools = {"--fastsim": st.sampled_from(["multi", "default", "nope", "", world["model"], root / "a_dir",
+                                           root / "plain.txt", root / "missing"]),
+             "--fastsim-threshold": text_value(), "--multiplicity": st.one_of(SMALL_INTS, BIG_INTS, text_value()),
+             "--energy": text_value(), "--angle": text_value(), "--position": text_value(),
+             "--particle": text_value()}
+    run_case(["simulate", *mutate(data.draw, base, pools)])
+
+
+@pytest.mark.timeout(300)
+@fuzz_settings(40)
+@given(data=st.data())
+def test_fuzz_digitize_arguments(world, data):
+    root = world["root"]
+    base = {"input": world["data"], "-o": world["new"](), "--seed": 1, "-q": None}
+    pools = {"input": input_value(world), "-o": path_value(world), "--noise-mev": text_value(),
+             "--threshold-mev": text_value(), "--dead-fraction": text_value(), "--calibration": text_value(),
+             "--seed": st.one_of(SMALL_INTS, BIG_INTS, text_value()),
+             "--config": st.sampled_from([root / "garbage.toml", root / "plain.txt", root / "a_dir",
+                                          root / "missing.toml", world["data"]]), "--overwrite": None}
+    run_case(["digitize", *mutate(data.draw, base, pools)])
+
+
+@pytest.mark.timeout(300)
 @fuzz_settings(55)
 @given(data=st.data())
 def test_fuzz_convert_arguments(world, data):

@@ -331,8 +331,11 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
 
         fastsim_spec = str(Path(fastsim).resolve()) if Path(fastsim).exists() else str(fastsim)
         if fastsim_threshold_gev is not None:
-            if not fastsim_threshold_gev > 0:
-                raise ValueError(f"--fastsim-threshold {fastsim_threshold_gev!r}: expected an energy > 0 GeV")
+            from caloforge.conditions import MAX_ENERGY_GEV
+
+            if not 0 < fastsim_threshold_gev <= MAX_ENERGY_GEV:  # also refuses NaN and inf
+                raise ValueError(f"--fastsim-threshold {fastsim_threshold_gev!r}: expected an energy in "
+                                 f"(0, {MAX_ENERGY_GEV:g}] GeV")
             threshold_mev = float(fastsim_threshold_gev) * 1e3
         FastSim.load(fastsim_spec, det, threshold_mev=threshold_mev or None)  # refuse a wrong model here, not later
     cfg = RunConfig(det.to_json(), ",".join(sampler.particles), sampler.energy.text, sampler.angle.text, int(n),
