@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import sys
 import tomllib
@@ -255,9 +254,9 @@ def _toml_value(v: Any) -> str:
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from caloforge.models.base import _atomic_write_bytes
+
+    _atomic_write_bytes(path, text.encode())
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
+from caloforge.models.logcells import LogCells
 
 
 @dataclass
@@ -122,7 +123,7 @@ class _Discriminator(nn.Module):
         return self.adv(h).squeeze(1), self.aux(h), (self.cls(h).squeeze(1) if self.cls is not None else None)
 
 
-class GAN3D(ShowerModel):
+class GAN3D(LogCells, ShowerModel):
     """3D convolutional auxiliary-classifier GAN (see the module docstring)."""
 
     family = "gan3d"
@@ -142,35 +143,14 @@ class GAN3D(ShowerModel):
         self.discriminator = _Discriminator(self.shape, cfg, len(self.aux_features), 1 if self.class_feature
                                             is not None else 0)
 
-    # ---- representation -----------------------------------------------------------------------------
-    def _unit(self, energies: torch.Tensor) -> torch.Tensor:
-        cfg: GAN3DConfig = self.config  # type: ignore[assignment]
-        return (energies.float() * cfg.norm_fraction)[:, None, None, None]
-
-    def to_image(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        x = showers.reshape(len(showers), *self.shape).float()
-        return torch.log1p(x / self._unit(energies)) / self.y_scale
-
-    def from_image(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        return ((torch.exp(y * self.y_scale) - 1) * self._unit(energies)).reshape(y.shape[0], self.n_cells)
-
+    # ---- representation (caloforge.models.logcells) ---------------------------------------------------
     def _log_ecal(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """log(total deposited energy / incident energy) of images."""
-        cfg: GAN3DConfig = self.config  # type: ignore[assignment]
-        frac = ((torch.exp(y * self.y_scale) - 1) * cfg.norm_fraction).sum(dim=(1, 2, 3))
-        return torch.log(frac + 1e-7)
+        return torch.log(self.cell_fractions(y).sum(dim=(1, 2, 3)) + 1e-7)
 
     def _fit_preprocessing(self, data: Any) -> None:
-        cfg: GAN3DConfig = self.config  # type: ignore[assignment]
-        hi, sums = 0.0, []
+        total = self.fit_log_scale(data)
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
-        for i in range(0, len(energies), 1000):
-            x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
-            e = energies[i:i + 1000]
-            hi = max(hi, float(np.log1p(x / (e[:, None] * cfg.norm_fraction)).max()))
-            sums.append(x.sum(axis=1))
-        self.y_scale.fill_(max(hi, 1e-3))
-        total = np.concatenate(sums)
         ok = total > 0
         if ok.sum() >= 2:
             b, a = np.polyfit(np.log(energies[ok]), np.log(total[ok] / energies[ok]), 1) \

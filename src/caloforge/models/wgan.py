@@ -17,13 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import REGRESSED_FEATURES, ModelConfig, ShowerModel, TrainBatch
+from caloforge.models.logcells import LogCells
 
 
 @dataclass
@@ -119,7 +119,7 @@ class _Regressor(nn.Module):
         return self.fc(torch.cat([self.conv(x).flatten(1), x.sum(dim=(2, 3)) / 10.0], dim=1)).squeeze(1)
 
 
-class WGAN(ShowerModel):
+class WGAN(LogCells, ShowerModel):
     """Conditional WGAN-GP with auxiliary label regressors (see the module docstring)."""
 
     family = "wgan"
@@ -140,40 +140,18 @@ class WGAN(ShowerModel):
         self.regressed = [i for i, f in enumerate(self.features) if f in REGRESSED_FEATURES]
         self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.regressed])
 
-    # ---- representation -----------------------------------------------------------------------------
-    def _unit(self, energies: torch.Tensor) -> torch.Tensor:
-        cfg: WGANConfig = self.config  # type: ignore[assignment]
-        return (energies.float() * cfg.norm_fraction)[:, None, None, None]
-
-    def to_image(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """Showers (n, n_cells) MeV -> normalised images (n, L, X, Y)."""
-        x = showers.reshape(len(showers), *self.shape).float()
-        return torch.log1p(x / self._unit(energies)) / self.y_scale
-
-    def from_image(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """Normalised images -> showers (n, n_cells) MeV."""
-        # exp - 1 rather than expm1: ONNX has no Expm1, and y = 0 still maps to exactly 0.
-        return ((torch.exp(y * self.y_scale) - 1) * self._unit(energies)).reshape(y.shape[0], self.n_cells)
-
+    # ---- representation (caloforge.models.logcells) ---------------------------------------------------
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
         return torch.log1p(torch.expm1(y * self.y_scale) * self._unit(energies) / 0.1) / 10.0
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         """Critic output for normalised images y and condition features (labels)."""
-        cfg: WGANConfig = self.config  # type: ignore[assignment]
-        frac = ((torch.exp(y * self.y_scale) - 1) * cfg.norm_fraction).sum(dim=(2, 3))
+        frac = self.cell_fractions(y).sum(dim=(2, 3))
         return self.critic(y, cf, (torch.log(frac + 1e-6) + 7.0) / 3.0)
 
     def _fit_preprocessing(self, data: Any) -> None:
-        cfg: WGANConfig = self.config  # type: ignore[assignment]
-        hi = 0.0
-        energies = data.conditions.energy
-        for i in range(0, len(energies), 1000):
-            x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
-            e = np.asarray(energies[i:i + 1000], dtype=np.float64)
-            hi = max(hi, float(np.log1p(x / (e[:, None] * cfg.norm_fraction)).max()))
-        self.y_scale.fill_(max(hi, 1e-3))
+        self.fit_log_scale(data)
 
     # ---- sampling -----------------------------------------------------------------------------------
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
