@@ -18,10 +18,14 @@ by whole cells: in layer ``l`` the axis crosses the active layer at ``(x, y + ta
 ``(i, j)`` is window cell ``(i + floor(x / c), j + floor((y + tan(angle) z_l) / c))``. What is left, the axis's
 offset within its cell, is a condition feature. The readout window (normal or angled) thus follows from the
 conditions, and a shower may be placed anywhere on the face. Models saved before (``frame = "window"``) model the
-window itself at the impact point they were trained for. Training goes through per-family hooks that the
-generic :class:`caloforge.train.Trainer` calls: ``fit_preprocessing`` (constants stored as buffers, computed
-once from the training data), ``configure_optimizers`` and ``training_step`` (the default does one optimiser
-step on ``loss``; adversarial families override it).
+window itself at the impact point they were trained for. Families that declare ``readouts = "any"`` (``calogan``,
+``densewgan``) work in the ``cells`` frame: the model's cells are the detector's stored cells in the file's order
+(any per-layer readout, or a uniform grid's normal-incidence window), ``to_window`` and ``to_local`` are the
+identity, and the model generates normal incidence at the origin only (the seeds' fixed-gun setups).
+
+Training goes through per-family hooks that the generic :class:`caloforge.train.Trainer` calls:
+``fit_preprocessing`` (constants stored as buffers, computed once from the training data), ``configure_optimizers``
+and ``training_step`` (the default does one optimiser step on ``loss``; adversarial families override it).
 
 A saved model is a directory with ``model.safetensors`` (weights and preprocessing buffers) and ``model.json``
 (family, architecture config, detector description, training conditions range, provenance, version).
@@ -206,13 +210,21 @@ class ShowerModel(nn.Module):
 
     family: ClassVar[str] = ""
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    #: Readouts the family takes: "grid" (image models of one (layer, x, y) grid, frames "axis" and "window") or
+    #: "any" (the detector's flat cell vector, frame "cells": per-layer readouts and uniform grids alike).
+    readouts: ClassVar[str] = "grid"
+    #: Condition features of a new model (None: :data:`DEFAULT_FEATURES`); "cells" families read energy and particle.
+    default_features: ClassVar[tuple[str, ...] | None] = None
     #: ``sample`` decodes in chunks of this many showers (cache-friendly on CPU); 0 = one call.
     sample_chunk: ClassVar[int] = 0
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__()
-        if not detector.is_uniform:  # the families shipped so far are image models of (layer, x, y) windows
+        if self.readouts == "any" or frame == "cells":
+            self._init_cells_frame(detector, n_cells, config, features, frame)
+            return
+        if not detector.is_uniform:  # the image families model (layer, x, y) windows
             raise ModelError(f"model family {self.family!r} represents (layer, x, y) grids of one cell size "
                              f"(detectors like ild-ecal, clic-ecal); detector {detector.name!r} has per-layer cells "
                              f"({detector.readout_summary()}), which no shipped family can represent yet")
@@ -238,6 +250,32 @@ class ShowerModel(nn.Module):
         self.register_buffer("layer_z", torch.as_tensor(detector.layer_z_mm(), dtype=torch.float32), persistent=False)
         #: Metadata saved with the model: training conditions range, provenance (filled by the trainer).
         self.meta: dict[str, Any] = {}
+
+    def _init_cells_frame(self, detector: Detector, n_cells: int | None, config: ModelConfig | None,
+                          features: tuple[str, ...] | list[str] | None, frame: str | None) -> None:
+        """The ``cells`` frame: the detector's stored normal-incidence cells, as they are, at the origin."""
+        if self.readouts != "any" or (frame or "cells") != "cells":
+            raise ModelError(f"frame {frame!r}: model family {self.family!r} takes "
+                             f"{'grid windows (frames axis, window)' if self.readouts != 'any' else 'frame cells'}")
+        self.detector = detector
+        self.n_cells = int(n_cells if n_cells is not None else detector.n_cells(False))
+        if self.n_cells != detector.n_cells(False):
+            raise ModelError(f"model family {self.family!r} takes detector {detector.name!r}'s "
+                             f"{detector.n_cells(False)} normal-incidence cells ({detector.readout_summary()}); "
+                             f"got {self.n_cells} cells per shower")
+        self.shape = detector.shape(False)
+        self.config = config if config is not None else self.Config()
+        self.features = tuple(features) if features is not None else (self.default_features or ("log_e",))
+        bad = [f for f in self.features if f not in CONDITION_FEATURES or CONDITION_FEATURES[f][0] in ("angle",
+                                                                                                       "position")]
+        if bad or not self.features or self.features[0] != "log_e":
+            raise ModelError(f"condition features {list(self.features)}: a model in frame 'cells' expects 'log_e' "
+                             f"first and energy or particle features only (log_e, is_photon, charge)")
+        self.frame = "cells"
+        self.register_buffer("cond_mean", torch.zeros(len(self.features)))
+        self.register_buffer("cond_std", torch.ones(len(self.features)))
+        self.register_buffer("layer_z", torch.as_tensor(detector.layer_z_mm(), dtype=torch.float32), persistent=False)
+        self.meta = {}
 
     # ---- conditions -------------------------------------------------------------------------------
     @property
@@ -286,6 +324,8 @@ class ShowerModel(nn.Module):
     def axis_cells(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Whole-cell shifts of the shower axis, x (n,) and y per layer (n, L), and its offsets within the cell
         (same shapes, in [0, 1)); all zero shifts in the ``window`` frame."""
+        if self.frame == "cells":
+            raise ModelError(f"{self.family} model: frame 'cells' has no shower axis (normal incidence only)")
         c = self.detector.cell_size_mm
         cond = cond.float()
         ux = cond[:, 2] / c
@@ -297,7 +337,7 @@ class ShowerModel(nn.Module):
 
     def window_shape(self, angled: bool) -> tuple[int, int, int]:
         """Cell-array shape of the output window (the model's own shape in the legacy ``window`` frame)."""
-        return self.shape if self.frame == "window" else self.detector.shape(angled)
+        return self.shape if self.frame in ("window", "cells") else self.detector.shape(angled)
 
     def window_index(self, cond: torch.Tensor, row: torch.Tensor, lay: torch.Tensor, i: torch.Tensor,
                      j: torch.Tensor, angled: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +352,7 @@ class ShowerModel(nn.Module):
     def to_window(self, cells: torch.Tensor, cond: torch.Tensor, angled: bool) -> torch.Tensor:
         """Showers in the model's cells (n, n_cells) -> the readout window (n, n_window_cells); cells that fall
         outside the window are dropped (as Geant4's readout drops them)."""
-        if self.frame == "window":
+        if self.frame in ("window", "cells"):
             return cells
         n = cells.shape[0]
         n_l, nx, ny = self.shape
@@ -331,7 +371,7 @@ class ShowerModel(nn.Module):
         """Window showers (n, n_window_cells) from a file -> the model's own cells (n, n_cells), numpy; the inverse
         of :meth:`to_window` on the cells the local grid covers."""
         showers = np.asarray(showers, np.float32)
-        if self.frame == "window":
+        if self.frame in ("window", "cells"):
             return showers
         n = len(showers)
         lw, nxw, nyw = self.detector.shape_for_cells(showers.shape[1])
@@ -381,6 +421,8 @@ class ShowerModel(nn.Module):
             c.validate(source)
         except ConditionsError as err:
             raise ModelError(str(err)) from None
+        if self.frame == "cells" and len(c):
+            self._check_cells_frame(c, source)
         takes = self.condition_names
         particles = self.meta.get("particles") or ([str(self.meta["particle"])] if self.meta.get("particle") else None)
         if particles:
@@ -419,6 +461,18 @@ class ShowerModel(nn.Module):
                     f"{self.family} model: requested {name} [{float(values.min()):g}, {float(values.max()):g}] {unit} "
                     f"lies outside the training range [{lo:g}, {hi:g}] {unit}; showers there are extrapolations",
                     ConditionsWarning, stacklevel=3)
+
+    def _check_cells_frame(self, c: Conditions, source: str) -> None:
+        """A ``cells`` model generates normal incidence at the origin (where its training showers were)."""
+        if np.any(c.angle > 0):
+            raise ModelError(f"{source}: angle {float(c.angle.max()):g} deg requested; this {self.family} model of "
+                             f"{self.detector.name} generates normal incidence only (frame 'cells')")
+        bad = (c.x != 0) | (c.y != 0)
+        if np.any(bad):
+            k = int(np.flatnonzero(bad)[0])
+            raise ModelError(f"{source}: impact point ({c.x[k]:g}, {c.y[k]:g}) mm at row {k} requested; this "
+                             f"{self.family} model of {self.detector.name} generates showers at the detector's "
+                             f"default impact point (0, 0) only (frame 'cells')")
 
     @torch.no_grad()
     def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
@@ -646,7 +700,7 @@ def load_model(path: str | Path, expected_detector: Detector | str | None = None
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         raise ModelError(f"{meta_path}: field 'condition_features' is {features!r}; expected a list of names")
     if not isinstance(frame, str):
-        raise ModelError(f"{meta_path}: field 'frame' is {frame!r}; expected 'axis' or 'window'")
+        raise ModelError(f"{meta_path}: field 'frame' is {frame!r}; expected 'axis', 'window' or 'cells'")
     try:
         model = cls(detector, int(meta["n_cells"]), config, features=features, frame=frame)
     except ModelError as err:
