@@ -178,11 +178,34 @@ def test_layerflow_exact_hit_count_sampling_keeps_the_hit_probabilities():
     p = torch.linspace(0.02, 0.9, n_lat)
     logit = torch.logit(p).expand(1, reps, n_lat)
     count = (torch.rand(reps, n_lat, generator=gen) < p).sum(1, keepdim=True)  # (n, L=1)
-    hits = model._hits_exactly(logit, torch.rand(1, reps, n_lat, generator=gen), count)
+    hits, _ = model._hits_exactly(logit, torch.rand(1, reps, n_lat, generator=gen), count)
     assert torch.equal(hits.sum(2), count.T), "each layer must have exactly the requested number of hits"
     freq = hits[0].float().mean(0)
     tol = 5 * torch.sqrt(p * (1 - p) / reps) + 0.025
     assert torch.all((freq - p).abs() < tol), (freq, p)
+
+
+def test_layerflow_selection_noise_gives_uniform_energy_quantiles():
+    """With ``select_noise``, a hit's energy quantile is u / sigmoid(threshold + logit p): given the next key, the
+    selected cells' keys are independent below it, so the quantiles are uniform on (0, 1) in every cell, whatever p
+    (Kolmogorov-Smirnov distance below its 0.1 % critical value 1.95 / sqrt(N); taking u itself fails it)."""
+    det = toy_detector()
+    model = tiny_model("layerflow:core", det, toy_showers(det, 30, seed=2))
+    gen = torch.Generator().manual_seed(6)
+    reps, n_lat = 20000, 12
+    p = torch.linspace(0.02, 0.9, n_lat)
+    logit = torch.logit(p).expand(1, reps, n_lat)
+    count = (torch.rand(reps, n_lat, generator=gen) < p).sum(1, keepdim=True)
+    u = torch.rand(1, reps, n_lat, generator=gen)
+    hits, threshold = model._hits_exactly(logit, u, count)
+    lay, row, col = hits.nonzero(as_tuple=True)
+    v = u[lay, row, col] / torch.sigmoid(threshold[lay, row, 0] + logit[lay, row, col])
+    for values, uniform in ((v, True), (u[lay, row, col], False)):
+        for c in (0, n_lat // 2, n_lat - 1):
+            x = np.sort(values[col == c].numpy())
+            ecdf = np.arange(1, len(x) + 1) / len(x)
+            ks = max(np.abs(ecdf - x).max(), np.abs(ecdf - 1 / len(x) - x).max())
+            assert (ks < 1.95 / np.sqrt(len(x))) == uniform, (c, ks, len(x), uniform)
 
 
 def test_layerflow_clamp_keeps_a_wild_flow_inside_the_training_range():

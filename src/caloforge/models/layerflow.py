@@ -68,6 +68,9 @@ class LayerFlowConfig(ModelConfig):
     offset_squares: bool = False  # the squared axis offsets as cell covariates too (how a cell shares with its
     # neighbours depends on how far the axis passes from the cell centre: E_ratio, the hottest cell)
     match_centroids: bool = False  # tilt each layer's cell energies so its centroid is the flow's (sampling only)
+    core_block: int = 0  # a shift-invariant core term on the central core_block x core_block cells (0: none)
+    core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
+    select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     permutation_seed: int = 1234
 
     bounds: ClassVar[dict[str, tuple]] = {
@@ -76,7 +79,7 @@ class LayerFlowConfig(ModelConfig):
         "scale_clamp": (1e-3, 1e3), "dequant_mev": (0.0, 1e6), "centroid_reg_mev": (1e-9, 1e6),
         "empty_layer_noise": (0.0, 1e3), "min_hit_prob": (0.0, 0.5), "cell_cap_margin": (1e-3, 1e6),
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
-        "clamp_margin": (0.0, 1e3),
+        "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0),
     }
 
     def weight_estimate(self) -> int:
@@ -199,6 +202,25 @@ class LayerFlow(ShowerModel):
         # covariates. Sampling needs no extra noise: the energy quantile picks the component, then its quantile.
         self.mip_logits = nn.Parameter(torch.zeros(n_l, cfg.mip_bins)) if cfg.mip_bins > 0 else None
         self.cell_mix = nn.Parameter(torch.zeros(n_l * self.n_lat, self.n_cov)) if cfg.mip_bins > 0 else None
+        # Core term: on the core_block x core_block cells nearest the axis, the hit logit, mu, log sigma and soft-hit
+        # weight get sum_k a_k phi_k(dx, dy), phi_k Gaussians in the cell centre's distance from the axis (and their
+        # odd partners in dy: angled showers lean towards +y), a_k linear in the layer's covariates. The per-cell
+        # laws are smooth in the axis offset; where the axis passes near a cell edge or corner the sharing of the
+        # core between cells changes fast, and only a function of the distance to the axis gets it right.
+        self.core_w = None
+        if cfg.core_block > 0:
+            if not self.cell_offsets:
+                raise ValueError("layerflow: core_block needs a model that takes impact positions (the axis)")
+            cx1 = x_mm / detector.cell_size_mm
+            cy1 = y_mm / detector.cell_size_mm
+            bx = np.sort(np.argsort(np.abs(cx1 - 0.5), kind="stable")[:cfg.core_block])
+            by = np.sort(np.argsort(np.abs(cy1 - 0.5), kind="stable")[:cfg.core_block])
+            core = (bx[:, None] * n_y + by[None, :]).reshape(-1)
+            pos = np.full(self.n_lat, len(core))
+            pos[core] = np.arange(len(core))
+            self.register_buffer("core_idx", torch.as_tensor(core, dtype=torch.long), persistent=False)
+            self.register_buffer("core_pos", torch.as_tensor(pos, dtype=torch.long), persistent=False)
+            self.core_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * 6))
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -364,9 +386,35 @@ class LayerFlow(ShowerModel):
         return torch.cat([ys[k] for k in sorted(ys)], dim=1)
 
     # ---- cell stage ---------------------------------------------------------------------------------
-    def _hit_logits(self, cov: torch.Tensor) -> torch.Tensor:
-        """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product."""
-        return torch.bmm(cov, self.cell_hit).float()  # float32 even under bf16 autocast
+    def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
+        """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product (plus the core term)."""
+        logit = torch.bmm(cov, self.cell_hit).float()  # float32 even under bf16 autocast
+        return logit if core is None else logit + core[:, :, self.core_pos, 0]
+
+    def _core_terms(self, cov: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor | None:
+        """The core term (L, n, B^2 + 1, 4) of the hit logit, mu, log sigma and soft-hit weight on the core block's
+        cells (a last all-zero row stands for every cell outside the block); None without a core term."""
+        if self.core_w is None or offsets is None:
+            return None
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        ax, ay = offsets[..., 0:1] + 0.5, offsets[..., 1:2] + 0.5  # (L, n, 1): the axis in local cell units
+        dx = self.cell_x[self.core_idx] - ax
+        dy = self.cell_y[self.core_idx] - ay  # (L, n, B^2)
+        r2 = dx * dx + dy * dy
+        basis = []
+        for k in range(3):
+            s = cfg.core_width * 2.0 ** k
+            g = torch.exp(r2 * (-0.5 / s ** 2))
+            basis += [g, g * (dy / s)]
+        phi = torch.stack(basis, dim=3).to(cov.dtype)  # (L, n, B^2, 6)
+        coef = torch.bmm(cov, self.core_w).reshape(self.n_layers, -1, 4, 6)  # (L, n, 4, 6)
+        term = torch.einsum("lnbk,lnjk->lnbj", phi, coef).float()
+        return torch.cat([term, torch.zeros_like(term[:, :, :1])], dim=2)
+
+    def _core_at(self, core: torch.Tensor | None, lay: torch.Tensor, row: torch.Tensor,
+                 col: torch.Tensor) -> torch.Tensor | None:
+        """The core term (H, 4) at the hit cells (layer, shower, cell within the layer)."""
+        return None if core is None else core[lay, row, self.core_pos[col]]
 
     def _mip_bin(self, y: torch.Tensor) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
@@ -394,23 +442,29 @@ class LayerFlow(ShowerModel):
         frac = ((q - lower) / prob[lay, b].clamp(min=1e-12)).clamp(0.0, 1.0)
         return cfg.mip_log_min + width * (b.float() + frac)
 
-    def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor):
-        """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index."""
+    def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor,
+                    core_at: torch.Tensor | None = None):
+        """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index (and
+        the core term at those cells)."""
         g = cov[lay, row]  # (H, n_cov)
         mu = (g * self.cell_mu[flat]).sum(1)
-        log_sigma = (g * self.cell_log_sigma[flat]).sum(1).clamp(-5.0, 3.0)
+        log_sigma = (g * self.cell_log_sigma[flat]).sum(1)
+        if core_at is not None:
+            mu, log_sigma = mu + core_at[:, 1], log_sigma + core_at[:, 2]
+        log_sigma = log_sigma.clamp(-5.0, 3.0)
         tail = torch.exp(self.cell_log_tail[flat].clamp(-2.0, 2.0))
         return mu, log_sigma, self.cell_skew[flat], tail
 
-    def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood of the cells given the layer covariates, summed over cells (n,)."""
+    def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood of the cells given the layer covariates (and core term), summed over cells (n,)."""
         n = showers.shape[0]
         x = showers.reshape(n, self.n_layers, self.n_lat).transpose(0, 1)  # (L, n, n_lat) view
-        logit = self._hit_logits(cov)
+        logit = self._hit_logits(cov, core)
         hit = x > 0
         nll_hit = (F.softplus(logit) - logit * hit).sum(dim=(0, 2))
         lay, row, col = hit.nonzero(as_tuple=True)
-        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, lay * self.n_lat + col)
+        core_at = self._core_at(core, lay, row, col)
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, lay * self.n_lat + col, core_at)
         r = (torch.log(x[lay, row, col]) - mu) * torch.exp(-log_sigma)
         a = (tail * _asinh(r) - skew).clamp(-20.0, 20.0)
         z = _sinh(a)
@@ -420,6 +474,8 @@ class LayerFlow(ShowerModel):
         log_p = log_pz + torch.log(tail) + log_cosh - 0.5 * torch.log1p(r ** 2) - log_sigma
         if self.config.mip_bins > 0:
             m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1)
+            if core_at is not None:
+                m = m + core_at[:, 3]
             y = torch.log(x[lay, row, col])
             log_p = torch.logaddexp(F.logsigmoid(m) + self._mip_log_density(y, lay), F.logsigmoid(-m) + log_p)
         return nll_hit - torch.zeros_like(nll_hit).index_add(0, row, log_p)
@@ -450,8 +506,9 @@ class LayerFlow(ShowerModel):
             count = (batch.showers.reshape(len(batch), n_l, self.n_lat) > 0).sum(dim=2).float()
             parts.append(torch.log1p(count + 0.5))
         feat_clean = torch.cat(parts, dim=1)  # as layer_features(u=0.5, u_count=0.5)
-        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, self._offsets(batch.cond))
-        return flow_nll, self._shape_nll(batch.showers, cov)
+        offsets = self._offsets(batch.cond)
+        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, offsets)
+        return flow_nll, self._shape_nll(batch.showers, cov, self._core_terms(cov, offsets))
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
@@ -469,7 +526,7 @@ class LayerFlow(ShowerModel):
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
         """One Adam; the per-cell coefficients take 10x the flow's learning rate (they are plain GLM terms)."""
         cells = [p for p in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail,
-                             self.cell_mix, self.mip_logits) if p is not None]
+                             self.cell_mix, self.mip_logits, self.core_w) if p is not None]
         ids = {id(p) for p in cells}
         flow = [p for p in self.parameters() if id(p) not in ids]
         return {"main": torch.optim.Adam([{"params": flow, "weight_decay": weight_decay},
@@ -478,7 +535,7 @@ class LayerFlow(ShowerModel):
     # ---- sampling -----------------------------------------------------------------------------------
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
         shapes = [((n, self.dim), "normal"), ((n, self.n_cells), "uniform")]
-        if self.config.hit_count:  # the energy quantiles of the hits, apart from the choice of the hit cells
+        if self.config.hit_count and not self.config.select_noise:  # energy quantiles apart from the hit choice
             shapes.append(((n, self.n_cells), "uniform"))
         return shapes
 
@@ -523,19 +580,27 @@ class LayerFlow(ShowerModel):
         # exp of the linear tilt: the same to first order, never zero, bounded to a factor e
         return torch.where(hard, e_hit * torch.exp((ax[seg] * dx + ay[seg] * dy).clamp(-1.0, 1.0)), e_hit)
 
-    def _hits_exactly(self, logit: torch.Tensor, u: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """Hit mask (L, n, n_lat) with exactly ``count`` (n, L) hits per layer: Pareto order sampling.
+    def _hits_exactly(self, logit: torch.Tensor, u: torch.Tensor, count: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hit mask (L, n, n_lat) with exactly ``count`` (n, L) hits per layer: Pareto order sampling; and the
+        selection threshold (L, n, 1).
 
-        The hit cells are the ``count`` cells with the smallest logit(u) - logit(p): Rosen's order sampling, a close
-        approximation of independent Bernoulli(p) hits conditioned on their number.
+        The hit cells are the ``count`` cells with the smallest key logit(u) - logit(p): Rosen's order sampling, a
+        close approximation of independent Bernoulli(p) hits conditioned on their number. The threshold is the
+        next key (the (count + 1)-th smallest; +inf when every cell is hit): given it, the selected cells' keys are
+        independent and below it, so u / sigmoid(threshold + logit(p)) is a fresh uniform for each hit.
         """
         u = u.clamp(1e-7, 1 - 1e-7)
         rank_key = torch.log(u) - torch.log1p(-u) - logit
-        k = count.transpose(0, 1).long()  # (L, n)
-        k_max = k.max().clamp(min=1)  # a tensor, so that ONNX keeps it dynamic; topk is far cheaper than a sort
-        smallest = torch.topk(rank_key, k_max, dim=2, largest=False, sorted=True).values
-        kth = smallest.gather(2, (k - 1).clamp(min=0)[..., None])
-        return (rank_key <= kth) & (k[..., None] > 0)
+        k = count.transpose(0, 1).long()[..., None]  # (L, n, 1)
+        n_lat = rank_key.shape[2]
+        # a tensor, so that ONNX keeps it dynamic; topk is far cheaper than a sort
+        k_top = torch.clamp(k.max() + 1, 1, n_lat)
+        smallest = torch.topk(rank_key, k_top, dim=2, largest=False, sorted=True).values
+        kth = smallest.gather(2, (k - 1).clamp(min=0))
+        nxt = smallest.gather(2, k.clamp(max=k_top - 1))
+        nxt = torch.where(k < n_lat, nxt, torch.full_like(nxt, math.inf))
+        return (rank_key <= kth) & (k > 0), nxt
 
     def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
         row, lay, col, flat, e = self._hits(cond, *noise)
@@ -569,25 +634,34 @@ class LayerFlow(ShowerModel):
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
         e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
-        cov = self._covariates(fs, cf, self._offsets(cond))
+        offsets = self._offsets(cond)
+        cov = self._covariates(fs, cf, offsets)
+        core = self._core_terms(cov, offsets)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
-        logit = self._hit_logits(cov)
-        if cfg.hit_count:  # exactly the flow's number of hits per layer; the energy quantile from its own noise
+        logit = self._hit_logits(cov, core)
+        if cfg.hit_count:  # exactly the flow's number of hits per layer
             log_count = fs[:, N_FEAT * n_l:] * self.feat_std[N_FEAT * n_l:] + self.feat_mean[N_FEAT * n_l:]
             count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
             count = torch.where(e_layer > 0, count, torch.zeros_like(count))
-            lay, row, col = self._hits_exactly(logit, u, count).nonzero(as_tuple=True)
+            mask, threshold = self._hits_exactly(logit, u, count)
+            lay, row, col = mask.nonzero(as_tuple=True)
             flat = lay * n_lat + col
-            v = noise[2].reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col].clamp(1e-6, 1 - 1e-6)
+            if cfg.select_noise:  # the energy quantile from the selection noise (see _hits_exactly)
+                u_hit = u[lay, row, col].clamp(1e-7, 1 - 1e-7)
+                v = (u_hit / torch.sigmoid(threshold[lay, row, 0] + logit[lay, row, col])).clamp(1e-6, 1 - 1e-6)
+            else:  # the energy quantile from its own noise
+                v = noise[2].reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col].clamp(1e-6, 1 - 1e-6)
         else:
             p = torch.sigmoid(logit)
             lay, row, col = (u < p).nonzero(as_tuple=True)
             flat = lay * n_lat + col
             v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
-        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat)
+        core_at = self._core_at(core, lay, row, col)
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat, core_at)
         if cfg.mip_bins > 0:  # v < pi: the soft-hit component at quantile v / pi; else the cell's own law
-            pi = torch.sigmoid((cov[lay, row] * self.cell_mix[flat]).sum(1))
+            m = (cov[lay, row] * self.cell_mix[flat]).sum(1)
+            pi = torch.sigmoid(m if core_at is None else m + core_at[:, 3])
             soft = v < pi
             y_soft = self._mip_quantile((v / pi.clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6), lay)
             v = torch.where(soft, torch.full_like(v, 0.5), ((v - pi) / (1 - pi).clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6))
