@@ -67,6 +67,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
     "gan3d": {"latent_dim": 8, "gen_channels": 4, "disc_channels": 2, "out_bias_init": 0.05},
+    "cfm": {"width": 16, "blocks": 2, "heads": 2, "head_channels": 2, "sample_steps": 3},
+    "cfm:euler": {"width": 16, "blocks": 1, "heads": 2, "head_channels": 1, "sample_steps": 2,
+                  "solver": "euler", "rescale_layers": False},
 }
 
 

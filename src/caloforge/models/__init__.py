@@ -2,7 +2,7 @@
 
 >>> from caloforge.models import families, get_family, load_model
 >>> families()
-['gan3d', 'layerflow', 'wgan']
+['cfm', 'gan3d', 'layerflow', 'wgan']
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
 
 # family name -> module defining it (imported lazily; each module defines exactly one ShowerModel subclass).
 _FAMILIES: dict[str, str] = {
+    "cfm": "caloforge.models.cfm",
     "gan3d": "caloforge.models.gan3d",
     "layerflow": "caloforge.models.layerflow",
     "wgan": "caloforge.models.wgan",
