@@ -1,0 +1,115 @@
+"""The cfm family beyond the parametrised model tests: its representation, the ODE solvers and the step knob, and
+that a short training run learns the toy showers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from caloforge.models import ModelError, TrainBatch, get_family
+from conftest_models import TINY_CONFIGS, tiny_model, toy_detector, toy_showers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return toy_detector()
+
+
+@pytest.fixture(scope="module")
+def data(detector):
+    return toy_showers(detector, 64, seed=11)
+
+
+def test_tokens_round_trip(detector, data):
+    """Tokens hold the cells and the layer energies; decoding them gives back the showers (cells under
+    ``min_hit_mev`` dropped, each layer rescaled to its energy channel, so the layer sums are exact)."""
+    model = tiny_model("cfm", detector, data)
+    showers = torch.as_tensor(data.showers)
+    energies = torch.as_tensor(data.energies)
+    tokens = model.to_tokens(showers, energies)
+    n_l, nx, ny = model.shape
+    assert tokens.shape == (len(showers), n_l, nx * ny + 1)
+    cells = tokens[..., :-1]
+    assert abs(float(cells.mean())) < 1e-3 and float(cells.std()) == pytest.approx(1.0, rel=1e-3)
+    back = model.from_tokens(tokens, energies)
+    layers = showers.reshape(len(showers), n_l, -1).sum(2)
+    assert torch.allclose(back.reshape(len(showers), n_l, -1).sum(2), layers, rtol=1e-4, atol=1e-3)
+    hot = showers > 0.1
+    assert torch.allclose(back[hot], showers[hot], rtol=0.02)
+    assert torch.all(back[showers < model.config.min_hit_mev] == 0)
+
+
+def test_empty_cells_decode_to_exact_zeros(detector, data):
+    model = tiny_model("cfm", detector, data)
+    empty = torch.zeros(3, model.n_cells)
+    e = torch.full((3,), 50e3)
+    assert torch.equal(model.from_tokens(model.to_tokens(empty, e), e), empty)
+
+
+def test_step_knob_and_solvers(detector, data):
+    """The steps and the solver are a sampling-time override; the solvers converge to the same ODE solution."""
+    model = tiny_model("cfm", detector, data)
+    assert model.sample_steps == TINY_CONFIGS["cfm"]["sample_steps"] and model.solver == "midpoint"
+    assert model.evaluations_per_shower == 2 * model.sample_steps
+    cond = torch.as_tensor(data.conditions.as_array()[:8], dtype=torch.float32)
+    noise = model.draw_noise(8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        default = model.decode(cond, *noise)
+        assert torch.equal(default, model.decode(cond, *noise)), "decode must be deterministic given the noise"
+        one = model.set_sampling(steps=1, solver="euler").decode(cond, *noise)
+        assert model.evaluations_per_shower == 1
+        assert not torch.equal(one, default)
+        cf = model.condition_features(cond)
+        exact = model.integrate(noise[0], cf, steps=256, solver="heun")
+        err = {(s, k): float((model.integrate(noise[0], cf, steps=k, solver=s) - exact).abs().max())
+               for s in ("euler", "midpoint", "heun") for k in (4, 32)}
+    for s in ("euler", "midpoint", "heun"):
+        assert err[(s, 32)] < err[(s, 4)], err
+    assert err[("midpoint", 32)] < err[("euler", 32)] and err[("heun", 32)] < err[("euler", 32)], err
+    assert err[("midpoint", 32)] < 0.2 * err[("euler", 32)], err  # second order against first
+    with pytest.raises(ModelError, match="steps 0"):
+        model.set_sampling(steps=0)
+    with pytest.raises(ModelError, match="solver 'rk4'"):
+        model.set_sampling(solver="rk4")
+    with pytest.raises(ModelError, match="solver"):
+        get_family("cfm").Config.from_dict({"solver": "rk4"})
+    with pytest.raises(ModelError, match="multiple of 'heads'"):
+        get_family("cfm")(detector, config=get_family("cfm").Config.from_dict({"width": 10, "heads": 4}))
+
+
+def test_short_training_learns_the_toy_showers(detector):
+    """200 flow-matching steps on toy showers: the loss falls, and the sampled showers' energy response and hit
+    counts move from the untrained model's towards the data's."""
+    torch.manual_seed(0)
+    data = toy_showers(detector, 256, seed=4)
+    cls = get_family("cfm")
+    model = cls(detector, data.showers.shape[1], cls.Config.from_dict(
+        {"width": 32, "blocks": 1, "heads": 2, "head_channels": 2, "sample_steps": 8}))
+    model.fit_preprocessing(data)
+    cond = torch.as_tensor(data.conditions.as_array(), dtype=torch.float32)
+    showers = torch.as_tensor(data.showers)
+    energies = data.energies
+
+    def gaps() -> tuple[float, float]:
+        gen = model.sample(energies, 0.0, seed=1).numpy()
+        frac = abs(np.mean(gen.sum(1) / energies) / np.mean(data.showers.sum(1) / energies) - 1)
+        hits = abs(np.mean((gen > 0.075).sum(1)) / np.mean((data.showers > 0.075).sum(1)) - 1)
+        return float(frac), float(hits)
+
+    before = gaps()
+    opts = model.configure_optimizers(3e-3)
+    losses = []
+    gen = torch.Generator().manual_seed(0)
+    for step in range(200):
+        idx = torch.randperm(len(showers), generator=gen)[:64]
+        losses.append(model.training_step(TrainBatch(cond[idx], showers[idx]), opts, step, grad_clip=1.0)["loss"])
+    after = gaps()
+    assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20]), (losses[:20], losses[-20:])
+    assert after[0] < 0.15 and after[1] < 0.25, (before, after)
+    assert after[0] < before[0] and after[1] < before[1], (before, after)
