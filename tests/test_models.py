@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -18,7 +19,16 @@ from caloforge.models import (
     load_model,
     save_model,
 )
-from conftest_models import VARIANTS, family_of, tiny_model, toy_detector, toy_showers
+from conftest_models import (
+    LAYERED_FAMILIES,
+    VARIANTS,
+    family_of,
+    tiny_model,
+    toy_detector,
+    toy_layered_detector,
+    toy_layered_showers,
+    toy_showers,
+)
 
 FAMILIES = families()
 
@@ -28,14 +38,29 @@ def _one_thread():
     torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="module")
-def detector():
-    return toy_detector()
+@functools.lru_cache
+def _toy(layered: bool):
+    if layered:
+        det = toy_layered_detector()
+        return det, toy_layered_showers(det, 48, seed=3)
+    det = toy_detector()
+    return det, toy_showers(det, 48, seed=3)
 
 
-@pytest.fixture(scope="module")
-def data(detector):
-    return toy_showers(detector, 48, seed=3)
+def _layered(request) -> bool:
+    """Whether the test's family takes any readout (then it runs on the per-layer toy readout)."""
+    callspec = getattr(request.node, "callspec", None)
+    return callspec is not None and family_of(callspec.params.get("family", "")) in LAYERED_FAMILIES
+
+
+@pytest.fixture
+def detector(request):
+    return _toy(_layered(request))[0]
+
+
+@pytest.fixture
+def data(request):
+    return _toy(_layered(request))[1]
 
 
 def test_registry():
@@ -106,9 +131,10 @@ def test_save_load_gives_identical_showers(family, detector, data, tmp_path):
 @pytest.mark.parametrize("family", VARIANTS)
 def test_model_for_another_detector_is_refused(family, detector, data, tmp_path):
     save_model(tiny_model(family, detector, data), tmp_path / "m")
-    other = toy_detector(name="other-ecal", n_layers=5)
-    with pytest.raises(ModelError, match=r"model\.json: field 'detector' is 'toy-ecal'; expected detector 'other"):
-        load_model(tmp_path / "m", expected_detector=other)
+    for other in (toy_detector(name="other-ecal", n_layers=5), toy_layered_detector(name="other-layers")):
+        with pytest.raises(ModelError, match=rf"model\.json: field 'detector' is '{detector.name}'; expected detector "
+                                             rf"'other"):
+            load_model(tmp_path / "m", expected_detector=other)
 
 
 @pytest.mark.parametrize("family", VARIANTS)

@@ -2,7 +2,7 @@
 
 >>> from caloforge.models import families, get_family, load_model
 >>> families()
-['cfm', 'gan3d', 'layerflow', 'wgan']
+['calogan', 'cfm', 'densewgan', 'gan3d', 'layerflow', 'wgan']
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ __all__ = [
 
 # family name -> module defining it (imported lazily; each module defines exactly one ShowerModel subclass).
 _FAMILIES: dict[str, str] = {
+    "calogan": "caloforge.models.calogan",
     "cfm": "caloforge.models.cfm",
+    "densewgan": "caloforge.models.densewgan",
     "gan3d": "caloforge.models.gan3d",
     "layerflow": "caloforge.models.layerflow",
     "wgan": "caloforge.models.wgan",

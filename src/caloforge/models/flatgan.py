@@ -1,0 +1,130 @@
+"""Shared pieces of the GAN families on a detector's flat cell vector (``calogan``, ``densewgan``; frame "cells").
+
+* :class:`FlatLogCells`: showers (n, n_cells) MeV <-> y = log1p(E_cell / (norm_fraction E_inc)) / y_scale, the
+  representation of ``wgan`` and ``gan3d`` (energy normalised by the incident energy, log-compressed, y = 0 an empty
+  cell, the hottest training cell y = 1), for a flat cell vector of any readout; and per-layer energy fractions.
+* :func:`adversarial_step`: one critic update and, every ``n_critic`` steps, one generator update, with the WGAN-GP
+  loss (gradient penalty on interpolates) or the non-saturating cross-entropy of the original GAN, in data-parallel
+  training too (noise through the batch, gradients reduced over the shards).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from caloforge.models.base import TrainBatch
+
+
+class FlatLogCells:
+    """Mixin for a :class:`ShowerModel` in frame "cells": needs ``config.norm_fraction``, ``n_cells``, ``detector``;
+    call :meth:`init_flat_cells` in ``__init__``."""
+
+    def init_flat_cells(self) -> None:
+        offsets = self.detector.layer_offsets()
+        onehot = torch.zeros(self.n_cells, len(offsets) - 1)
+        for i in range(len(offsets) - 1):
+            onehot[int(offsets[i]):int(offsets[i + 1]), i] = 1.0
+        self.layer_offsets = [int(o) for o in offsets]
+        self.register_buffer("y_scale", torch.tensor(1.0))
+        self.register_buffer("layer_onehot", onehot, persistent=False)
+
+    def _unit(self, energies: torch.Tensor) -> torch.Tensor:
+        return (energies.float() * self.config.norm_fraction)[:, None]
+
+    def to_y(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Showers (n, n_cells) MeV -> normalised log cells (n, n_cells)."""
+        return torch.log1p(showers.float() / self._unit(energies)) / self.y_scale
+
+    def from_y(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Normalised log cells -> showers (n, n_cells) MeV (exp - 1: ONNX has no Expm1; y = 0 stays 0)."""
+        return (torch.exp(y * self.y_scale) - 1) * self._unit(energies)
+
+    def cell_fractions(self, y: torch.Tensor) -> torch.Tensor:
+        """Cell energies as fractions of the incident energy."""
+        return (torch.exp(y * self.y_scale) - 1) * self.config.norm_fraction
+
+    def layer_features(self, y: torch.Tensor) -> torch.Tensor:
+        """Per-layer log energy fractions of the incident energy and hit fractions (n, 2 L), roughly unit scale:
+        the response and longitudinal profile that log-compressed cells hide from a critic."""
+        frac = self.cell_fractions(y) @ self.layer_onehot
+        hits = torch.tanh(50.0 * y) @ self.layer_onehot / self.layer_onehot.sum(0)  # soft count, y >= 0
+        return torch.cat([(torch.log(frac + 1e-6) + 7.0) / 3.0, hits], dim=1)
+
+    def fit_log_scale(self, data: Any) -> None:
+        """``y_scale``: the largest log-compressed training cell."""
+        hi = 0.0
+        energies = np.asarray(data.conditions.energy, dtype=np.float64)
+        for i in range(0, len(energies), 1000):
+            x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
+            hi = max(hi, float(np.log1p(x / (energies[i:i + 1000, None] * self.config.norm_fraction)).max()))
+        self.y_scale.fill_(max(hi, 1e-3))
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, share: float, grad_clip: float) -> None:
+    from caloforge.distributed import reduce_gradients
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    reduce_gradients(params, share)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def adversarial_step(model: Any, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
+                     generate: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     critic: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     generator_extra: Callable[[torch.Tensor, TrainBatch], torch.Tensor] | None = None,
+                     grad_clip: float = 0.0) -> dict[str, float]:
+    """One critic update on (real, generated) normalised cells; a generator update every ``config.n_critic`` steps.
+
+    ``generate(z, cf)`` and ``critic(y, cf)`` are the networks; ``generator_extra(y_gen, batch)`` an extra generator
+    loss (e.g. energy conservation). ``config.loss``: "wgan-gp" (critic loss -W + gp_lambda * GP) or "gan"
+    (non-saturating binary cross-entropy with one-sided label smoothing ``config.label_smoothing``).
+    """
+    from caloforge.distributed import weighted_sum
+
+    cfg = model.config
+    cf = model.condition_features(batch.cond)
+    y_real = model.to_y(batch.showers, batch.energies)
+    with torch.no_grad():
+        y_fake = generate(batch.randn(cfg.latent_dim), cf)
+    d_real, d_fake = critic(y_real, cf), critic(y_fake, cf)
+    if cfg.loss == "wgan-gp":
+        eps = batch.rand(1)
+        y_hat = (eps * y_real + (1 - eps) * y_fake).requires_grad_(True)
+        grad, = torch.autograd.grad(critic(y_hat, cf).sum(), y_hat, create_graph=True)
+        gp = ((grad.norm(dim=1) - 1) ** 2).mean()
+        w_dist = d_real.mean() - d_fake.mean()
+        loss_c = -w_dist + cfg.gp_lambda * gp
+        out = {"critic": float(loss_c.detach()), "w": float(w_dist.detach()), "gp": float(gp.detach())}
+    else:
+        real_label = torch.full_like(d_real, 1.0 - cfg.label_smoothing)
+        loss_c = (F.binary_cross_entropy_with_logits(d_real, real_label)
+                  + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+        out = {"critic": float(loss_c.detach())}
+    if not torch.isfinite(weighted_sum(loss_c.detach(), batch.share)):
+        return out
+    _step(optimizers["critic"], loss_c, list(model.critic_parameters()), batch.share, grad_clip)
+    if (step + 1) % cfg.n_critic == 0:
+        y_gen = generate(batch.randn(cfg.latent_dim), cf)
+        d_gen = critic(y_gen, cf)
+        if cfg.loss == "wgan-gp":
+            loss_g = -d_gen.mean()
+        else:
+            loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        if generator_extra is not None:
+            extra = generator_extra(y_gen, batch)
+            out["extra"] = float(extra.detach())
+            loss_g = loss_g + extra
+        _step(optimizers["generator"], loss_g, list(model.generator_parameters()), batch.share, grad_clip)
+        out["gen"] = float(loss_g.detach())
+        model._last_gen = out["gen"]
+    else:
+        out["gen"] = getattr(model, "_last_gen", 0.0)
+    return out
