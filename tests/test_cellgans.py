@@ -1,0 +1,162 @@
+"""The families on a detector's flat cell vector (frame "cells"): calogan's parts (locally connected layers, the
+layer-to-layer transfer, minibatch discrimination, energy conservation), the frame's refusals, and train ->
+generate -> export -> bench through the CLI on a per-layer toy readout."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from caloforge.cli import main
+from caloforge.dataset import ShowerFile, write_showers
+from caloforge.detector import Detector
+from caloforge.models import ModelError, get_family, load_model, save_model
+from caloforge.models.calogan import LocallyConnected2d, MinibatchDiscrimination
+from conftest_models import TINY_CONFIGS, tiny_model, toy_detector, toy_layered_detector, toy_layered_showers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def det():
+    return toy_layered_detector()
+
+
+@pytest.fixture(scope="module")
+def data(det):
+    return toy_layered_showers(det, 40, seed=1)
+
+
+def test_locally_connected_is_a_convolution_with_one_filter_per_position():
+    torch.manual_seed(0)
+    lc = LocallyConnected2d(3, 2, 5, 4)
+    conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+    with torch.no_grad():  # the same filter at every position: exactly a convolution
+        lc.weight.copy_(conv.weight.permute(1, 2, 3, 0).reshape(1, 27, 2).expand(20, 27, 2))
+        lc.bias.copy_(conv.bias[:, None, None].expand(2, 5, 4))
+    x = torch.randn(6, 3, 5, 4)
+    torch.testing.assert_close(lc(x), conv(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # change the filter of position (2, 1) only: only that output moves
+        lc.weight[2 * 4 + 1] += 1.0
+    with torch.no_grad():
+        diff = (lc(x) - conv(x)).abs().sum(dim=(0, 1))
+    assert diff[2, 1] > 0.1 and float(diff.sum() - diff[2, 1]) < 1e-4
+
+
+def test_minibatch_discrimination_sees_a_collapsed_batch():
+    mbd = MinibatchDiscrimination(4, kernels=3, dims=2)
+    same = mbd(torch.ones(5, 4))[:, 4:]  # five identical rows: each is close to the four others
+    torch.testing.assert_close(same, torch.full((5, 3), 4.0))
+    spread = mbd(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)) * 50)[:, 4:]
+    assert float(spread.max()) < 1.0
+
+
+def test_calogan_layers_at_their_own_granularity_and_the_transfer(det, data):
+    model = tiny_model("calogan", det, data)
+    assert model.grids == [(8, 2), (4, 4), (2, 4)] and model.frame == "cells"
+    assert [len(list(g.parameters())) for g in model.generators][0] < len(list(model.generators[1].parameters()))
+    z = torch.randn(3, model.config.latent_dim)
+    cf = model.condition_features(torch.as_tensor(data.conditions[:3].as_array(), dtype=torch.float32))
+    y0 = model.generators[0](z, cf, None).detach().requires_grad_(True)
+    y1 = model.generators[1](z, cf, y0)
+    assert y0.shape == (3, 16) and y1.shape == (3, 16)
+    grad, = torch.autograd.grad(y1.sum(), y0, allow_unused=True)
+    assert grad is not None and float(grad.abs().sum()) > 0, "layer 1 must see layer 0's image"
+    y = model.generate_y(z, cf)
+    assert y.shape == (3, det.n_cells()) and list(det.layer_offsets()) == [0, 16, 32, 40]
+
+
+def test_energy_conservation_term(det, data):
+    model = tiny_model("calogan", det, data)
+    model.config.response_weight = 0.0
+    f_max = float(model.max_visible_fraction)
+    assert f_max == pytest.approx(float((data.showers.sum(1) / data.energies).max()), rel=1e-5)
+    batch = type("B", (), {"showers": torch.as_tensor(data.showers[:4]),
+                           "energies": torch.as_tensor(data.energies[:4], dtype=torch.float32)})()
+    real = model.to_y(batch.showers, batch.energies)
+    assert float(model._generator_extra(real, batch)) < 1e-6  # real showers conserve energy
+    over = model.to_y(batch.showers * 3 * f_max / (batch.showers.sum(1, keepdim=True) / batch.energies[:, None]),
+                      batch.energies)  # visible fraction 3 f_max
+    assert float(model._generator_extra(over, batch)) == pytest.approx(2 * f_max, rel=1e-3)
+
+
+@pytest.mark.parametrize("family", ["calogan", "densewgan"])
+def test_cells_frame_refusals(family, det, data):
+    model = tiny_model(family, det, data)
+    with pytest.raises(ModelError, match=r"impact point \(5, 0\) mm at row 1 requested.*default impact point"):
+        model.sample([20e3, 30e3], 0.0, seed=0, positions=[[0, 0], [5, 0]])
+    with pytest.raises(ModelError, match="angle 10 deg requested.*normal incidence only"):
+        model.sample([20e3], 10.0, seed=0)
+    with pytest.raises(ModelError, match="trained for gamma, e\\+ only|trained for e\\+, gamma only"):
+        model.sample([20e3], 0.0, seed=0, particles="e-")
+    cls = get_family(family)
+    with pytest.raises(ModelError, match="normal-incidence cells"):
+        cls(det, det.n_cells() + 1, cls.Config.from_dict(TINY_CONFIGS[family]))
+    with pytest.raises(ModelError, match="energy or particle features only"):
+        cls(det, None, cls.Config.from_dict(TINY_CONFIGS[family]), features=("log_e", "sin_x"))
+    with pytest.raises(ModelError, match="takes frame cells"):
+        cls(det, None, cls.Config.from_dict(TINY_CONFIGS[family]), frame="axis")
+
+
+def test_image_families_refuse_per_layer_readouts_and_calogan_refuses_hexagons(det):
+    with pytest.raises(ModelError, match="per-layer cells"):
+        get_family("wgan")(det)
+    with pytest.raises(ModelError, match="frame 'cells'"):
+        get_family("wgan")(toy_detector(), frame="cells")
+    hexes = Detector.from_dict({"name": "hexes", "size_x_mm": 200.0, "size_y_mm": 200.0, "layers": [
+        {"absorber": "G4_W", "absorber_mm": 3.0, "active": "G4_Si", "active_mm": 0.3, "count": 2,
+         "cells": {"kind": "hex", "rings": 2, "pitch_mm": 10.0}}]})
+    with pytest.raises(ModelError, match="layer 0 has hex cells, expected a grid"):
+        get_family("calogan")(hexes)
+    assert get_family("densewgan")(hexes).n_cells == hexes.n_cells()  # the dense WGAN takes any readout
+
+
+def test_cells_models_on_a_uniform_grid_use_its_window(data):
+    det = toy_detector()
+    model = get_family("calogan")(det, None, get_family("calogan").Config.from_dict(TINY_CONFIGS["calogan"]))
+    assert model.frame == "cells" and model.grids == [det.shape()[1:]] * det.n_layers
+
+
+@pytest.mark.parametrize("family", ["calogan", "densewgan"])
+def test_saved_frame_and_features(family, det, data, tmp_path):
+    model = tiny_model(family, det, data)
+    save_model(model, tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["frame"] == "cells" and meta["condition_features"] == list(model.default_features)
+    assert meta["particles"] == ["e+", "gamma"]
+    loaded = load_model(tmp_path / "m", expected_detector=det)
+    assert loaded.frame == "cells" and loaded.shape == (det.n_cells(),)
+
+
+@pytest.mark.parametrize("family", ["calogan", "densewgan"])
+def test_train_generate_export_bench_cli(family, det, tmp_path, capsys):
+    b = toy_layered_showers(det, 96, seed=7)
+    data = tmp_path / "train.h5"
+    write_showers(data, det, b.conditions, b.showers, attrs={"source": "toy", "particle": "e+,gamma"})
+    cfg = tmp_path / "c.toml"
+    model_opts = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_CONFIGS[family].items())
+    cfg.write_text(f'family = "{family}"\n[train]\nbatch_size = 16\nmax_steps = 8\nval_every = 4\n'
+                   f'checkpoint_every = 4\nval_max_showers = 16\nlr = 1e-3\n[model]\n{model_opts}\n')
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", family, "--config", str(cfg), "-o", str(run), "-q"]) == 0
+    model = load_model(run, expected_detector=det)
+    assert model.family == family and model.meta["conditions"]["energy_mev"][0] >= 10e3
+    gen = tmp_path / "gen.h5"
+    assert main(["generate", "--model", str(run), "--conditions-from", str(data), "-n", "20", "-o", str(gen),
+                 "--seed", "3", "-q"]) == 0
+    with ShowerFile(gen) as f:
+        showers = f.read().showers
+        assert f.detector.to_dict() == det.to_dict() and showers.shape == (20, det.n_cells())
+    assert np.all(showers >= 0) and np.all(np.isfinite(showers))
+    assert main(["export", "--model", str(run), "-o", str(tmp_path / "m.onnx")]) == 0
+    assert "onnxruntime vs torch" in capsys.readouterr().err
+    assert main(["bench", "--model", str(run), "--batch-sizes", "1,8", "--energies", "20", "--repeats", "2",
+                 "--no-geant4", "--json", str(tmp_path / "b.json")]) == 0
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench and "ms" in json.dumps(bench)
