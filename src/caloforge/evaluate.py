@@ -229,7 +229,11 @@ def summary_lines(results: dict) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from caloforge.events.eventfile import is_event_file
+    from caloforge.validate import check_float, check_int, check_output_dir, check_seed
 
+    check_output_dir(args.output)
+    check_int(args.max_showers, "--max-showers", 1)
+    check_seed(args.seed)
     if is_event_file(args.reference):  # event-level files (kind = "events"): the RWTH talk's measures
         from caloforge.events.quality import evaluate_files
 
@@ -244,12 +248,7 @@ def run(args: argparse.Namespace) -> int:
     labels += [Path(p).stem for p in args.candidate[len(labels):]]
     if len(set(labels)) != len(labels) or args.reference_label in labels:
         raise ValueError(f"labels must be unique and differ from the reference label: {labels}")
-    from caloforge.validate import check_float, check_int, check_output_dir, check_seed
-
-    check_output_dir(args.output)
     check_float(args.threshold_mev, "--threshold-mev", 0.0, 1e9)
-    check_int(args.max_showers, "--max-showers", 1)
-    check_seed(args.seed)
     check_int(args.splits, "--splits", 1, 10_000)
     check_int(args.classifier_max, "--classifier-max", 2)
     check_int(args.batch_size, "--batch-size", 1, 1_000_000)

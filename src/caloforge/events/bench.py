@@ -18,8 +18,14 @@ def bench(model_dir: str, pythia_tries: int = 400, n_events: int = 100000, threa
     import torch
 
     from caloforge.events.produce import CHUNK_TRIES, run_chunk
-    from caloforge.events.wgan import EventWGAN
+    from caloforge.events.wgan import MAX_EVENTS, EventWGAN
+    from caloforge.validate import check_int, check_seed
 
+    check_int(pythia_tries, "--pythia-tries", 1, 100_000)
+    check_int(n_events, "--events", 2, 2 * MAX_EVENTS)
+    check_int(threads, "--threads", 1, 256)
+    check_seed(seed)
+    model = EventWGAN.load(model_dir)  # a wrong directory is refused before minutes of Pythia
     torch.set_num_threads(max(threads, 1))
     res: dict = {"threads": threads, "pythia": {}, "summary": []}
     for proc in PROCESSES:
@@ -31,7 +37,6 @@ def bench(model_dir: str, pythia_tries: int = 400, n_events: int = 100000, threa
         res["pythia"][proc] = {"tries": tries, "selected": r["selected"], "cpu_s": cpu, "wall_s": wall,
                                "cpu_s_per_event": cpu / sel, "pythia_cpu_s_per_event": r["pythia_cpu_s"] / sel,
                                "reco_cpu_s_per_event": r["reco_cpu_s"] / sel}
-    model = EventWGAN.load(model_dir)
     proc_labels = np.tile(np.array(list(PROCESSES.values()), dtype=np.int8), n_events // 2)
     model.sample(proc_labels[:1000], seed=seed)  # warm-up
     c0, w0 = time.process_time(), time.perf_counter()

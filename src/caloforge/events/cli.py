@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", default="0.75,0.25", help="comma-separated fractions (default 0.75,0.25)")
     p.add_argument("-o", "--output", action="append", required=True, help="output file, one per fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = sub.add_parser("train", help="train the event WGAN (--model eventwgan) on an event file")
     p.add_argument("--data", required=True, help="training event file")
@@ -56,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--conditions-from", help="event file whose process labels to reproduce row by row")
     p.add_argument("--process", default="tth,ttbb", help="processes to generate with -n (default both)")
     p.add_argument("-o", "--output", required=True, help="output event file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
@@ -84,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from caloforge.validate import check_output_file, same_file
+
     step = args.events_command
     if step == "produce":
         from caloforge.events.produce import produce
@@ -94,9 +98,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{args.output}: " + ", ".join(f"{p} {c}" for p, c in counts.items()))
         return 0
     if step == "split":
-        from caloforge.events.eventfile import split_file
+        from caloforge.events.eventfile import parse_fractions, split_file
 
-        sizes = split_file(args.input, [float(x) for x in args.fractions.split(",")], args.output, args.seed)
+        for out in args.output:
+            check_output_file(out, overwrite=args.overwrite)
+        sizes = split_file(args.input, parse_fractions(args.fractions), args.output, args.seed)
         print(", ".join(f"{o}: {n}" for o, n in zip(args.output, sizes)))
         return 0
     if step == "train":
@@ -109,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if step == "generate":
         from caloforge.events.wgan import generate_file
 
+        check_output_file(args.output, overwrite=args.overwrite)
+        if args.conditions_from and same_file(args.conditions_from, args.output):
+            raise ValueError(f"-o {args.output}: is the --conditions-from file; expected another path")
         n = generate_file(args.model, args.output, n=args.n, conditions_from=args.conditions_from,
                           processes=[p.strip() for p in args.process.split(",")], seed=args.seed, threads=args.threads)
         print(f"{args.output}: {n} events")
@@ -126,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
     if step == "bench":
         from caloforge.events.bench import bench
 
+        if args.json:
+            check_output_file(args.json, "--json")
         res = bench(args.model, pythia_tries=args.pythia_tries, n_events=args.events, threads=args.threads,
                     seed=args.seed)
         for line in res["summary"]:

@@ -9,6 +9,7 @@ them apart from shower files; ``source`` is ``pythia`` or ``model:eventwgan``.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import numpy as np
 from caloforge import __version__
 
 KIND = "events"
+#: Largest magnitude of a stored variable: the files hold float32 (a larger value would be written as inf).
+MAX_ABS = 1e30
 
 
 class EventFileError(ValueError):
@@ -78,8 +81,13 @@ def _matrix(path: str, h5: h5py.File, key: str, n: int | None) -> np.ndarray:
     a = np.asarray(ds[...], dtype=np.float64)
     if n is not None and len(a) != n:
         raise EventFileError(f"{path}: field {key!r}: expected {n} rows (as 'process'), got {len(a)}")
+    if a.shape[1] == 0:
+        raise EventFileError(f"{path}: field {key!r}: expected at least one column, got shape {a.shape}")
     if not np.all(np.isfinite(a)):
         raise EventFileError(f"{path}: field {key!r}: expected finite numbers, found NaN or inf")
+    if a.size and np.abs(a).max() > MAX_ABS:
+        raise EventFileError(f"{path}: field {key!r}: expected values of magnitude at most {MAX_ABS:g} (float32), "
+                             f"found {np.abs(a).max():g}")
     return a
 
 
@@ -99,6 +107,8 @@ def read_events(path: str | Path) -> Events:
         for key in ("high_level", "process"):
             if key not in h5:
                 raise EventFileError(f"{path}: missing field {key!r}")
+        if not isinstance(h5["process"], h5py.Dataset):
+            raise EventFileError(f"{path}: field 'process': expected a 1-D integer dataset, got a group")
         proc = np.asarray(h5["process"][...])
         if proc.ndim != 1 or proc.dtype.kind not in "iu" or not np.isin(proc, (0, 1)).all():
             raise EventFileError(f"{path}: field 'process': expected a 1-D integer array of 0 (ttbb) and 1 (ttH)")
@@ -138,12 +148,29 @@ def write_events(path: str | Path, ev: Events, attrs: dict | None = None) -> Non
     os.replace(tmp, path)
 
 
+def parse_fractions(text: str) -> list[float]:
+    """``--fractions 0.75,0.25``: finite positive numbers summing to at most 1."""
+    try:
+        fractions = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise EventFileError(f"--fractions {text!r}: expected comma-separated numbers such as 0.75,0.25") from None
+    if not all(math.isfinite(f) and f > 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise EventFileError(f"--fractions {text!r}: expected positive fractions summing to at most 1")
+    return fractions
+
+
 def split_file(path: str, fractions: list[float], outputs: list[str], seed: int = 0) -> list[int]:
     """Split an event file by a seeded permutation into len(fractions) files; returns their sizes."""
+    from caloforge.validate import check_seed, same_file
+
     if len(fractions) != len(outputs):
         raise EventFileError(f"--fractions has {len(fractions)} entries but -o was given {len(outputs)} times")
-    if any(f <= 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+    if not all(math.isfinite(f) and f > 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
         raise EventFileError(f"--fractions {fractions}: expected positive fractions summing to at most 1")
+    check_seed(seed)
+    for i, out in enumerate(outputs):
+        if same_file(out, path) or any(same_file(out, o) for o in outputs[:i]):
+            raise EventFileError(f"-o {out}: is the input file or another -o; expected distinct new files")
     ev = read_events(path)
     perm = np.random.default_rng(seed).permutation(len(ev))
     bounds = np.round(np.cumsum([0.0, *fractions]) * len(ev)).astype(int)

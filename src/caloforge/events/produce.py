@@ -26,6 +26,8 @@ from caloforge.events.variables import AUX, HIGH_LEVEL, LOW_LEVEL
 
 CHUNK_TRIES = {"tth": 400, "ttbb": 2000}
 MANIFEST = "manifest.json"
+#: Most selected events per process one production makes (chunks to plan stay a bounded list).
+MAX_EVENTS = 10_000_000
 
 
 def chunk_seed(seed: int, process: str, k: int) -> int:
@@ -149,16 +151,26 @@ def produce(processes: list[str], n: int, output: str | Path, seed: int = 1, wor
             min_btags: int = 2, snapshot: str | Path | None = None, quiet: bool = False,
             chunk_tries: dict[str, int] | None = None) -> dict[str, int]:
     """Produce (or resume) n selected events per process into ``output``; returns the events per process."""
-    import pythia8mc
-
     from caloforge.events.response import RESPONSE_DOC
     from caloforge.progress import progress
+    from caloforge.validate import check_int, check_output_file, check_seed
 
     for p in processes:
         if p not in PROCESSES:
             raise ValueError(f"--process {p!r}: expected tth or ttbb")
-    if n < 1:
-        raise ValueError(f"-n {n}: expected at least 1 event per process")
+    if not processes or len(set(processes)) != len(processes):
+        raise ValueError(f"--process {','.join(processes)!r}: expected tth, ttbb or both, each once")
+    check_int(n, "-n", 1, MAX_EVENTS)
+    check_seed(seed)
+    check_int(workers, "--workers", 1, 4096)
+    check_int(min_btags, "--min-btags", 0, 8)
+    check_output_file(output)
+    if snapshot is not None:
+        check_output_file(snapshot, "--snapshot")
+    try:
+        import pythia8mc
+    except ImportError:
+        raise ValueError("events produce needs Pythia 8 (pythia8mc): pip install 'caloforge[events]'") from None
     tries = {**CHUNK_TRIES, **(chunk_tries or {})}
     output = Path(output)
     chunks = output.with_name(output.name + ".chunks")

@@ -20,9 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from caloforge.events import PROCESSES
-from caloforge.events.eventfile import Events, read_events, write_events
+from caloforge.events.eventfile import EventFileError, Events, read_events, write_events
 from caloforge.events.gauss import Gaussianiser
 from caloforge.metrics import fisher_z_test
+
+#: Fewest events (both processes together, at least half of them each) a file or --max-events may give evaluate.
+MIN_EVENTS = 40
 
 
 # ---- Fisher-z ---------------------------------------------------------------------------------------------
@@ -119,19 +122,39 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
                    seed: int = 0, threads: int = 1, quiet: bool = False, critic_lr: float = 1e-4,
                    critic_batch: int = 512) -> dict:
     """Every measure for each candidate and the destroyed-correlation baseline; writes metrics.json and plots."""
-    import torch
 
-    torch.set_num_threads(max(threads, 1))
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    from caloforge.validate import check_float, check_int, check_output_dir, check_seed
+
+    check_int(critic_steps, "--critic-steps", 1, 10**6)
+    check_int(critic_batch, "--critic-batch", 1, 65536)
+    check_float(critic_lr, "--critic-lr", 0.0, 1.0, lo_open=True)
+    check_int(max_events, "--max-events", MIN_EVENTS)
+    check_seed(seed)
+    check_int(threads, "--threads", 1, 256)
+    if len(labels) > len(candidates) or len(set(labels)) != len(labels):
+        raise ValueError(f"--label {labels}: expected at most one unique label per --candidate")
+    out = check_output_dir(output)
     labels = list(labels) + [Path(c).stem for c in candidates[len(labels):]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"candidate labels {labels}: expected distinct labels (give --label)")
     ref = read_events(reference)
+    files = [read_events(c) for c in candidates] + ([read_events(train_reference)] if train_reference else [])
+    for path, ev in zip([*candidates, train_reference], files):
+        if ev.names != ref.names:
+            raise EventFileError(f"{path}: variables {ev.names[:4]}... ({len(ev.names)}) differ from the reference "
+                                 f"{reference} ({ref.names[:4]}..., {len(ref.names)}); expected the same variables")
+    for path, ev in zip([reference, *candidates, train_reference], [ref, *files]):
+        counts = [int((ev.process == v).sum()) for v in PROCESSES.values()]
+        if min(counts) < MIN_EVENTS // 2:
+            raise EventFileError(f"{path}: {dict(zip(PROCESSES, counts))} events per process; expected at least "
+                                 f"{MIN_EVENTS // 2} of each to evaluate")
+    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     if max_events and len(ref) > max_events:
         ref = ref.select(np.sort(rng.choice(len(ref), max_events, replace=False)))
     perm = rng.permutation(len(ref))
     if train_reference:  # floor: the held-out reference against as many Pythia training events (independent)
-        pythia_train = read_events(train_reference)
+        pythia_train = files[-1]
         base, test = ref, ref
         other = pythia_train.select(np.sort(rng.permutation(len(pythia_train))[: len(ref)]))
     else:  # floor: half A against half B; the classifier trained on Pythia uses A, every classifier is tested on B
@@ -144,7 +167,7 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
         return critic_estimate(gauss.forward(a.high_level), a.process, gauss.forward(b.high_level), b.process,
                                steps=critic_steps, seed=s, lr=critic_lr, batch_size=critic_batch)
 
-    cands = [(lab, read_events(c)) for lab, c in zip(labels, candidates)]
+    cands = list(zip(labels, files[:len(candidates)]))
     cands.append(("destroyed correlations", destroyed(pythia_train, pythia_train.process, seed=seed + 7)))
     n_clf = min(int(min((pythia_train.process == v).sum() for v in PROCESSES.values())),
                 *(int(min((c.process == v).sum() for v in PROCESSES.values())) for _, c in cands))

@@ -25,6 +25,8 @@ from caloforge.events.gauss import Gaussianiser
 
 MODEL_FILE, MODEL_JSON = "model.safetensors", "model.json"
 CKPT_FILE, CKPT_JSON, HISTORY = "checkpoint.safetensors", "checkpoint.json", "history.jsonl"
+#: Most events per process one command generates (about 0.4 GB of variables per million events and process).
+MAX_EVENTS = 5_000_000
 
 
 class EventModelError(ValueError):
@@ -46,6 +48,29 @@ class WGANConfig:
     checkpoint_every: int = 1000
     log_every: int = 200
     seed: int = 0
+
+    #: Sane bounds of every option (checked before any allocation: a damaged model.json cannot ask for 10^9 units).
+    BOUNDS = {"hidden": (1, 4096), "layers": (1, 64), "noise_dim": (1, 4096), "n_critic": (1, 100),
+              "gp_lambda": (0.0, 1e4), "lr": (1e-12, 1.0), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999),
+              "batch_size": (1, 65536), "steps": (1, 10**8), "checkpoint_every": (1, 10**8),
+              "log_every": (1, 10**8), "seed": (0, 2**63 - 1)}
+
+    @classmethod
+    def from_dict(cls, d, source: str) -> WGANConfig:
+        """Options read from a file or the command line, each checked against its type and bounds."""
+        from dataclasses import fields
+
+        from caloforge.validate import coerce_option
+
+        if not isinstance(d, dict):
+            raise EventModelError(f"{source}: expected a table of options, got {d!r:.60}")
+        defaults = cls()
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise EventModelError(f"{source}: unknown option {unknown[0]!r}; expected some of {sorted(names)}")
+        return cls(**{k: coerce_option(k, v, getattr(defaults, k), source, cls.BOUNDS[k], EventModelError)
+                      for k, v in d.items()})
 
 
 def mlp(n_in: int, n_out: int, hidden: int = 288, layers: int = 6):
@@ -99,13 +124,25 @@ class EventWGAN:
             raise EventModelError(f"{run_dir}: expected {MODEL_JSON} and {MODEL_FILE} (a caloforge events train run)")
         try:
             meta = json.loads(meta_path.read_text())
-            cfg = WGANConfig(**meta["config"])
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise EventModelError(f"{meta_path}: not valid JSON ({err})") from None
+        if not isinstance(meta, dict) or meta.get("family") != "eventwgan":
+            got = meta.get("family") if isinstance(meta, dict) else meta
+            raise EventModelError(f"{meta_path}: field 'family' is {got!r:.60}; expected 'eventwgan' (a caloforge "
+                                  f"events train run)")
+        cfg = WGANConfig.from_dict(meta.get("config"), f"{meta_path} field 'config'")
+        try:
             tensors = load_file(str(w_path))
-        except (json.JSONDecodeError, KeyError, TypeError, SafetensorError) as err:
-            raise EventModelError(f"{run_dir}: unreadable model ({type(err).__name__}: {err})") from None
-        if meta.get("family") != "eventwgan":
-            raise EventModelError(f"{meta_path}: field 'family': expected 'eventwgan', got {meta.get('family')!r}")
-        model = cls(cfg, Gaussianiser.from_tensors(tensors), meta["names"])
+        except (SafetensorError, OSError) as err:
+            raise EventModelError(f"{w_path}: unreadable weights ({err})") from None
+        gauss = _gaussianiser(tensors, w_path)
+        names = meta.get("names")
+        if not isinstance(names, list) or len(names) != gauss.dim or not all(isinstance(n, str) for n in names):
+            raise EventModelError(f"{meta_path}: field 'names' is {names!r:.60}; expected a list of {gauss.dim} "
+                                  f"variable names")
+        if not all(bool(t.isfinite().all()) for t in tensors.values() if t.is_floating_point()):
+            raise EventModelError(f"{w_path}: weights hold NaN or inf; expected finite weights")
+        model = cls(cfg, gauss, names)
         for name, net in (("generator", model.generator), ("critic", model.critic)):
             sd = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             try:
@@ -129,6 +166,20 @@ class EventWGAN:
                 out.append(self.generator(torch.cat([z, lab], 1)).double().numpy())
         g = np.concatenate(out) if out else np.zeros((0, self.gauss.dim))
         return self.gauss.inverse(g)
+
+
+def _gaussianiser(tensors: dict, source) -> Gaussianiser:
+    """The Gaussianiser stored with the weights, checked: quantiles (D, K) and probabilities (K,), finite."""
+    q, p = tensors.get("gauss.quantiles"), tensors.get("gauss.probs")
+    if q is None or p is None or q.ndim != 2 or p.ndim != 1 or q.shape[1] != p.shape[0] or p.shape[0] < 2 \
+            or q.shape[0] < 1:
+        raise EventModelError(f"{source}: tensors 'gauss.quantiles' (D, K) and 'gauss.probs' (K,) missing or of "
+                              f"inconsistent shapes; expected the Gaussianiser of a caloforge events train run")
+    g = Gaussianiser.from_tensors(tensors)
+    if not (np.isfinite(g.quantiles).all() and np.isfinite(g.probs).all() and (np.diff(g.probs) > 0).all()
+            and (np.diff(g.quantiles, axis=1) >= 0).all()):
+        raise EventModelError(f"{source}: the Gaussianiser's tables are not finite and increasing")
+    return g
 
 
 def _atomic(path: Path, write) -> None:
@@ -189,8 +240,16 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     import torch
 
     from caloforge.progress import progress
+    from caloforge.validate import check_int, check_output_dir
 
-    run_dir = Path(output)
+    run_dir = check_output_dir(output)
+    check_int(threads, "--threads", 1, 256)
+    opts = {"steps": steps, "batch_size": batch_size, "seed": seed}
+    if checkpoint_every is not None:
+        opts["checkpoint_every"] = checkpoint_every
+    WGANConfig.from_dict(opts, "events train options")  # refuse absurd values before reading anything
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"--device {device!r}: expected cpu or cuda")
     ev = read_events(data)
     if len(ev) < 100:
         raise ValueError(f"{data}: {len(ev)} events; the event WGAN needs at least 100")
@@ -198,8 +257,14 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     if resume:
         if not (run_dir / CKPT_JSON).exists():
             raise EventModelError(f"{run_dir}: no checkpoint to resume ({CKPT_JSON} missing)")
-        meta = json.loads((run_dir / MODEL_JSON).read_text())
-        cfg = WGANConfig(**{**meta["config"], "steps": steps})
+        meta_path = run_dir / MODEL_JSON
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise EventModelError(f"{meta_path}: unreadable ({err}); expected the run's model.json") from None
+        old = WGANConfig.from_dict(meta.get("config") if isinstance(meta, dict) else meta,
+                                   f"{meta_path} field 'config'")
+        cfg = WGANConfig(**{**asdict(old), "steps": steps})
     if checkpoint_every:
         cfg = WGANConfig(**{**asdict(cfg), "checkpoint_every": checkpoint_every})
     torch.set_num_threads(max(threads, 1))
@@ -267,6 +332,11 @@ def generate_file(model_dir: str, output: str, n: int | None = None, conditions_
     """Write generated events: the process labels of ``conditions_from``, or ``n`` per process interleaved."""
     import torch
 
+    from caloforge.validate import check_int, check_seed
+
+    check_int(n, "-n", 1, MAX_EVENTS)
+    check_seed(seed)
+    check_int(threads, "--threads", 1, 256)
     torch.set_num_threads(max(threads, 1))
     model = EventWGAN.load(model_dir)
     if conditions_from:
@@ -274,11 +344,13 @@ def generate_file(model_dir: str, output: str, n: int | None = None, conditions_
         if n is not None:
             proc = proc[: n * 2]
     else:
-        if n is None or n < 1:
+        if n is None:
             raise ValueError("-n: give the number of events per process (>= 1), or --conditions-from FILE")
         for p in processes or []:
             if p not in PROCESSES:
                 raise ValueError(f"--process {p!r}: expected tth or ttbb")
+        if processes is not None and (not processes or len(set(processes)) != len(processes)):
+            raise ValueError(f"--process {','.join(processes)!r}: expected tth, ttbb or both, each once")
         labels = [PROCESSES[p] for p in (processes or list(PROCESSES))]
         proc = np.tile(np.array(labels, dtype=np.int8), n)
     hl = model.sample(proc, seed=seed)
