@@ -41,11 +41,26 @@ class Context:
         return self.rank == 0
 
 
-def world_size_from_env() -> int:
+#: Most processes of one torchrun job (a sanity bound on the environment).
+MAX_WORLD = 65536
+
+
+def _env_int(name: str, default: str | None, lo: int, hi: int) -> int:
+    """An integer variable of torchrun's environment within [lo, hi], or a clear error naming it."""
+    raw = os.environ.get(name, default)
+    if raw is None:
+        raise ValueError(f"{name} is not set; expected an integer in [{lo}, {hi}] (set by torchrun)")
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
+        value = int(raw)
     except ValueError:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r}: expected an integer (set by torchrun)") from None
+        raise ValueError(f"{name}={raw!r}: expected an integer in [{lo}, {hi}] (set by torchrun)") from None
+    if not lo <= value <= hi:
+        raise ValueError(f"{name}={raw!r}: expected an integer in [{lo}, {hi}] (set by torchrun)")
+    return value
+
+
+def world_size_from_env() -> int:
+    return _env_int("WORLD_SIZE", "1", 1, MAX_WORLD)
 
 
 def init_from_env(device: str) -> tuple[Context | None, str]:
@@ -55,7 +70,7 @@ def init_from_env(device: str) -> tuple[Context | None, str]:
         return None, device
     import torch.distributed as dist
 
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = _env_int("RANK", None, 0, world - 1), _env_int("LOCAL_RANK", "0", 0, world - 1)
     if device.startswith("cuda"):
         if local_rank >= torch.cuda.device_count():
             raise ValueError(f"torchrun: local rank {local_rank} but only {torch.cuda.device_count()} CUDA devices; "
