@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from caloforge.materials import check_material
 from caloforge.readout import Cells, ReadoutError, cells_from_dict
 
 
@@ -131,6 +132,18 @@ class Detector:
         for key, v in numbers.items():
             if not np.isfinite(v) or abs(v) > 1e7:
                 raise DetectorError(f"detector {self.name!r}: {key} is {v}; expected a finite length in mm")
+        if not self.name.strip():
+            raise DetectorError("detector: field 'name' is empty; expected a name")
+        if self.production_cut_mm <= 0:
+            raise DetectorError(f"detector {self.name!r}: production_cut_mm is {self.production_cut_mm}; expected a "
+                                f"length > 0 in mm")
+        check_material(self.world_material, f"detector {self.name!r}: world_material", DetectorError)
+        for i, layer in enumerate(self.layers):
+            if i and layer == self.layers[i - 1]:
+                continue  # a layer group repeated by 'count': checked once
+            for role, material in [("absorber", layer.absorber), ("active", layer.active),
+                                   *(("passive", m) for m, _ in layer.passive)]:
+                check_material(material, f"detector {self.name!r}: layer {i} {role}", DetectorError)
         for i, layer in enumerate(self.layers):
             if layer.absorber_mm < 0 or layer.active_mm <= 0 or any(t < 0 for _, t in layer.passive):
                 raise DetectorError(
@@ -391,8 +404,12 @@ class Detector:
             layers: list[Layer] = []
             if not isinstance(d["layers"], list):
                 raise DetectorError(f"{source}: field 'layers' is {d['layers']!r:.60}; expected a list of layers")
+            _known_fields(d, TOP_FIELDS, source)
             for group in d["layers"]:
-                count = int(group.get("count", 1))
+                if not isinstance(group, dict):
+                    raise DetectorError(f"{source}: layer {len(layers)} is {group!r:.60}; expected a table of fields")
+                _known_fields(group, LAYER_FIELDS, f"{source}: layer {len(layers)}")
+                count = _integer(group.get("count", 1), f"{source}: layer {len(layers)} 'count'")
                 if not 1 <= count <= MAX_LAYERS - len(layers):
                     raise DetectorError(f"{source}: layer 'count' is {count}; expected 1 to {MAX_LAYERS} layers in all")
                 where = f"{source}: layer {len(layers)}"
@@ -410,12 +427,16 @@ class Detector:
             readout = None
             if not segmented or "readout" in d:
                 r = d["readout"]
+                if not isinstance(r, dict):
+                    raise DetectorError(f"{source}: field 'readout' is {r!r:.60}; expected a table of fields")
+                _known_fields(r, READOUT_FIELDS, f"{source}: readout")
                 readout = Readout(
                     x_min_mm=float(r["x_min_mm"]),
-                    n_x=int(r["n_x"]),
+                    n_x=_integer(r["n_x"], f"{source}: readout 'n_x'"),
                     y_min_mm=float(r["y_min_mm"]),
-                    n_y=int(r["n_y"]),
-                    n_y_angled=int(r["n_y_angled"]) if r.get("n_y_angled") is not None else None,
+                    n_y=_integer(r["n_y"], f"{source}: readout 'n_y'"),
+                    n_y_angled=_integer(r["n_y_angled"], f"{source}: readout 'n_y_angled'")
+                    if r.get("n_y_angled") is not None else None,
                 )
             return cls(
                 name=str(d["name"]),
@@ -442,8 +463,21 @@ class Detector:
         return cls.from_dict(json.loads(text), source)
 
 
+#: The fields a description may have (a typo'd field would otherwise be ignored and its default used).
+TOP_FIELDS = {"name", "layers", "size_x_mm", "size_y_mm", "cell_size_mm", "readout", "description", "world_material",
+              "production_cut_mm"}
+LAYER_FIELDS = {"absorber", "absorber_mm", "active", "active_mm", "samplings", "passive", "cells", "count"}
+READOUT_FIELDS = {"x_min_mm", "n_x", "y_min_mm", "n_y", "n_y_angled"}
+
+
+def _known_fields(d: dict, allowed: set[str], where: str) -> None:
+    unknown = sorted(map(str, set(d) - allowed))
+    if unknown:
+        raise DetectorError(f"{where}: unknown field {unknown[0]!r}; expected some of {', '.join(sorted(allowed))}")
+
+
 def _integer(v, where: str) -> int:
-    if isinstance(v, bool) or not isinstance(v, int | float) or float(v) != int(v):
+    if isinstance(v, bool) or not isinstance(v, int | float) or not np.isfinite(v) or float(v) != int(v):
         raise DetectorError(f"{where} is {v!r:.60}; expected an integer")
     return int(v)
 

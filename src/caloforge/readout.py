@@ -282,6 +282,9 @@ class PolarCells:
 
 Cells = GridCells | HexCells | PolarCells
 KINDS = {"grid": GridCells, "hex": HexCells, "polar": PolarCells}
+FIELDS = {"grid": {"kind", "cell_x_mm", "cell_y_mm", "x_min_mm", "n_x", "y_min_mm", "n_y"},
+          "hex": {"kind", "pitch_mm", "orientation", "centres_mm", "rings"},
+          "polar": {"kind", "r_edges_mm", "n_phi", "phi0_deg"}}
 
 
 def cells_from_dict(d: dict, where: str) -> Cells:
@@ -291,4 +294,8 @@ def cells_from_dict(d: dict, where: str) -> Cells:
     kind = d.get("kind")
     if kind not in KINDS:
         raise ReadoutError(f"{where}: cells 'kind' is {kind!r}; expected one of {', '.join(KINDS)}")
+    unknown = sorted(map(str, set(d) - FIELDS[kind]))
+    if unknown:  # a typo'd field would otherwise be ignored and its default used
+        raise ReadoutError(f"{where}: unknown field {unknown[0]!r} of {kind} cells; expected some of "
+                           f"{', '.join(sorted(FIELDS[kind]))}")
     return KINDS[kind].from_dict(d, where)
