@@ -16,8 +16,8 @@ arXiv:2308.03876; CaloDREAM, arXiv:2405.09629). This family is that recipe scale
 * **Cells** as in CaloDiffusion: a log transform with an offset, then standardised (one mean and scale over all
   cells): y = (log(E_cell / MeV + cell_offset_mev) - mean) / std. The offset is in MeV rather than in units of the
   incident energy (CaloDiffusion divides by it): the MIP peak (about 0.15 MeV) and the hit threshold (0.075 MeV)
-  are absolute energies, and with 0.01 MeV an empty cell lies 2.8 log units below the MIP peak at every incident
-  energy instead of less than one at 100 GeV. Generated cells below ``min_hit_mev`` are set to exactly zero.
+  are absolute energies, so empty cells, MIP hits and the cut between them sit at the same place for every shower
+  (2.8 log units apart with 0.01 MeV). Generated cells below ``min_hit_mev`` are set to exactly zero.
 * **Layer energies**: each token carries one more number, the layer's log(E_layer / E_inc + 1e-6), standardised
   per layer, generated jointly with the cells; the decoder rescales each generated layer to it. The energy response
   (mu90/sigma90) and the longitudinal profile are then one well-scaled number per layer instead of a sum over 900
