@@ -113,3 +113,25 @@ def test_short_training_learns_the_toy_showers(detector):
     assert np.mean(losses[-20:]) < 0.6 * np.mean(losses[:20]), (losses[:20], losses[-20:])
     assert after[0] < 0.15 and after[1] < 0.25, (before, after)
     assert after[0] < before[0] and after[1] < before[1], (before, after)
+
+
+def test_steps_script_writes_the_same_weights_with_other_steps(detector, data, tmp_path):
+    """scripts/cfm_steps.py: a model copy that samples with other steps, as set_sampling does; non-cfm refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from caloforge.models import load_model, save_model
+
+    spec = importlib.util.spec_from_file_location("cfm_steps", Path(__file__).parents[1] / "scripts" / "cfm_steps.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = tiny_model("cfm", detector, data)
+    save_model(model, tmp_path / "m")
+    assert script.main([str(tmp_path / "m"), "--steps", "5", "--solver", "heun", "-o", str(tmp_path / "m5")]) == 0
+    copy = load_model(tmp_path / "m5")
+    assert (copy.sample_steps, copy.solver) == (5, "heun")
+    expected = model.set_sampling(steps=5, solver="heun").sample(data.energies[:4], 0.0, seed=2)
+    assert torch.equal(copy.sample(data.energies[:4], 0.0, seed=2), expected)
+    save_model(tiny_model("gan3d", detector, data), tmp_path / "g")
+    with pytest.raises(ModelError, match="field 'family' is 'gan3d'; expected 'cfm'"):
+        script.main([str(tmp_path / "g"), "--steps", "2", "-o", str(tmp_path / "g2")])
