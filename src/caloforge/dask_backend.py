@@ -15,6 +15,7 @@ caloforge and geant4-pybind installed (the same versions as the client).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
 from collections.abc import Iterator
@@ -129,15 +130,67 @@ def make_jobqueue_cluster(kind: str, options: dict[str, Any], source: str = "--c
                                f"{JOBQUEUE_CLUSTERS[kind]}: {err}") from None
 
 
+_ADDRESS = re.compile(r"^(?:(?:tcp|tls|ws|wss|ucx)://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(?::(\d{1,5}))?$")
+
+
+def check_scheduler_address(address: str) -> str:
+    """``tcp://host:port`` (scheme and port optional; ``inproc://...`` too), or a clear error before any work."""
+    m = _ADDRESS.match(address)
+    port_ok = m is not None and (m.group(1) is None or 0 < int(m.group(1)) < 65536)
+    if not (address.startswith("inproc://") and len(address) > 9) and not port_ok:
+        raise DaskBackendError(f"--scheduler {address!r}: expected a Dask scheduler address such as "
+                               f"tcp://host:8786")
+    return address
+
+
+def check_cluster_options(kind: str, options: dict[str, Any], source: str) -> dict[str, Any]:
+    """The batch cluster's options, checked before any work: known to dask-jobqueue's cluster and job classes, and
+    the sizes (cores, processes, memory) positive. Without dask-jobqueue, only the sizes."""
+    import inspect
+
+    try:
+        import dask_jobqueue
+    except ImportError:
+        known = None
+    else:
+        cls = getattr(dask_jobqueue, JOBQUEUE_CLUSTERS[kind])
+        known = {p.name for k in (*cls.__mro__, *cls.job_cls.__mro__) if "__init__" in vars(k)
+                 for p in inspect.signature(vars(k)["__init__"]).parameters.values()
+                 if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"}
+    if known is not None and (unknown := sorted(set(options) - known)):
+        raise DaskBackendError(f"{source}: unknown option {unknown[0]!r} for --cluster {kind}; expected options of "
+                               f"dask-jobqueue's {JOBQUEUE_CLUSTERS[kind]} such as cores, memory, queue, walltime")
+    for key in ("cores", "processes", "n_workers"):
+        v = options.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 - (key == "n_workers") <= v
+                              <= 4096):
+            raise DaskBackendError(f"{source}: option {key!r} is {v!r:.60}; expected an integer in "
+                                   f"[{1 - (key == 'n_workers')}, 4096]")
+    if "memory" in options:
+        from dask.utils import parse_bytes
+
+        v = options["memory"]
+        try:
+            ok = isinstance(v, str) and parse_bytes(v) > 0
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            raise DaskBackendError(f"{source}: option 'memory' is {v!r:.60}; expected a size such as '4GB'")
+    return options
+
+
 def check_options(scheduler: str | None, cluster: str | None, cluster_config: str | Path | None) -> dict[str, Any]:
     """Check the backend's options before any work starts; returns the batch cluster's options."""
     import_distributed()
     if scheduler and cluster:
         raise DaskBackendError("--scheduler and --cluster exclude each other: connect to a running scheduler, or "
                                "let caloforge start a batch cluster")
+    if scheduler is not None:
+        check_scheduler_address(scheduler)
     if cluster and cluster not in JOBQUEUE_CLUSTERS:
         raise DaskBackendError(f"--cluster {cluster!r}: expected one of {', '.join(JOBQUEUE_CLUSTERS)}")
-    return load_cluster_config(cluster_config)
+    options = load_cluster_config(cluster_config)
+    return check_cluster_options(cluster, options, f"--cluster-config {cluster_config}") if cluster else options
 
 
 @contextmanager

@@ -304,6 +304,8 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
     check_int(retries, "--retries", 0, 100)
     if backend not in ("pool", "dask"):
         raise ValueError(f"--backend {backend!r}: expected pool or dask")
+    if (scheduler is not None and not scheduler.strip()) or (cluster_config is not None and not str(cluster_config)):
+        raise ValueError("--scheduler and --cluster-config: empty value; expected an address or a file")
     if backend == "pool" and (scheduler or cluster or cluster_config):
         raise ValueError("--scheduler, --cluster and --cluster-config need --backend dask")
     if cluster_config and not cluster:

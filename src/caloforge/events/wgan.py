@@ -244,12 +244,12 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
 
     run_dir = check_output_dir(output)
     check_int(threads, "--threads", 1, 256)
-    opts = {"steps": steps, "batch_size": batch_size, "seed": seed}
-    if checkpoint_every is not None:
-        opts["checkpoint_every"] = checkpoint_every
-    WGANConfig.from_dict(opts, "events train options")  # refuse absurd values before reading anything
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"--device {device!r}: expected cpu or cuda")
+    for flag, key, value in (("--steps", "steps", steps), ("--batch-size", "batch_size", batch_size),
+                             ("--seed", "seed", seed), ("--checkpoint-every", "checkpoint_every", checkpoint_every)):
+        check_int(value, flag, *WGANConfig.BOUNDS[key])  # absurd values refused before reading anything
+    from caloforge.train import pick_device
+
+    device = pick_device(device)
     ev = read_events(data)
     if len(ev) < 100:
         raise ValueError(f"{data}: {len(ev)} events; the event WGAN needs at least 100")
@@ -339,7 +339,7 @@ def generate_file(model_dir: str, output: str, n: int | None = None, conditions_
     check_int(threads, "--threads", 1, 256)
     torch.set_num_threads(max(threads, 1))
     model = EventWGAN.load(model_dir)
-    if conditions_from:
+    if conditions_from is not None:
         proc = read_events(conditions_from).process
         if n is not None:
             proc = proc[: n * 2]
