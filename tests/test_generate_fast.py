@@ -226,19 +226,33 @@ def test_bench_whole_job(model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overlap", [True, False])
-def test_hits_found_on_the_device_give_the_same_file(model_dir, tmp_path, overlap):
-    """The GPU path (hits found where the showers are, only hits copied) writes the same bytes of hits; run on CPU."""
+def test_hits_straight_from_the_model_are_the_dense_showers(model_dir, tmp_path, overlap):
+    """The sparse layout takes the hits from ``sample_hits`` (no dense window); they are exactly the non-zero cells
+    of the dense file made with the same seed, at normal incidence and angled, impact points across cell edges."""
     from caloforge.conditions import ConditionSampler
+    from caloforge.dataset import ShowerFile
 
     model = load_model(model_dir, device="cpu")
-    sampler = ConditionSampler.parse("20:90", "0", "0,0", "gamma", model.detector.cell_size_mm)
-    generate_file(model, tmp_path / "a.h5", 23, sampler, batch_size=4, seed=2, layout="sparse", overlap=overlap)
-    generate_file(model, tmp_path / "b.h5", 23, sampler, batch_size=4, seed=2, layout="sparse", overlap=overlap,
-                  hits_on_device=True)
-    with h5py.File(tmp_path / "a.h5") as a, h5py.File(tmp_path / "b.h5") as b:
-        assert a[HIT_CELLS].shape[0] > 0
-        for key in (HIT_OFFSETS, HIT_CELLS, HIT_ENERGIES):
-            assert a[key].dtype == b[key].dtype and np.array_equal(a[key][:], b[key][:]), key
+    sampler = ConditionSampler.parse("20:90", "0", "-4:9,-4:9", "gamma", model.detector.cell_size_mm)
+    generate_file(model, tmp_path / "d.h5", 23, sampler, batch_size=4, seed=2, layout="dense", overlap=overlap)
+    generate_file(model, tmp_path / "s.h5", 23, sampler, batch_size=4, seed=2, layout="sparse", overlap=overlap)
+    with ShowerFile(tmp_path / "d.h5") as d, ShowerFile(tmp_path / "s.h5") as s:
+        dense, sparse = d.read().showers, s.read().showers
+    assert (dense > 0).sum() > 100 and np.array_equal(dense, sparse)
+
+
+def test_sample_hits_equal_the_non_zero_cells_of_sample(model_dir):
+    """``sample_hits`` gives the non-zero cells of ``sample`` for the same seed (layerflow overrides it)."""
+    from caloforge.models.base import dense_hits
+
+    model = load_model(model_dir, device="cpu")
+    e = np.linspace(2e4, 9e4, 9)
+    dense = model.sample(e, 0.0, seed=4, positions=np.c_[np.linspace(-3, 7, 9), np.linspace(7, -3, 9)])
+    counts, cells, energies = model.sample_hits(e, 0.0, seed=4, positions=np.c_[np.linspace(-3, 7, 9),
+                                                                                np.linspace(7, -3, 9)])
+    row, cells_d, energies_d = dense_hits(dense)
+    assert torch.equal(counts, torch.bincount(row, minlength=9)) and counts.sum() > 50
+    assert torch.equal(cells, cells_d) and torch.equal(energies, energies_d)
 
 
 def test_append_hits_refuses_inconsistent_hits(tmp_path):

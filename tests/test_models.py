@@ -129,6 +129,19 @@ def test_save_load_gives_identical_showers(family, detector, data, tmp_path):
 
 
 @pytest.mark.parametrize("family", VARIANTS)
+def test_sample_hits_are_the_non_zero_cells_of_sample(family, detector, data):
+    """The sparse form (``sample_hits``, what ``generate --format sparse`` writes) holds the same showers."""
+    from caloforge.models.base import dense_hits
+
+    model = tiny_model(family, detector, data)
+    dense = model.sample(data.energies[:7], 0.0, seed=3)
+    counts, cells, energies = model.sample_hits(data.energies[:7], 0.0, seed=3)
+    row, cells_d, energies_d = dense_hits(dense)
+    assert torch.equal(counts, torch.bincount(row, minlength=7)) and counts.sum() > 0
+    assert torch.equal(cells, cells_d) and torch.equal(energies, energies_d)
+
+
+@pytest.mark.parametrize("family", VARIANTS)
 def test_model_for_another_detector_is_refused(family, detector, data, tmp_path):
     save_model(tiny_model(family, detector, data), tmp_path / "m")
     for other in (toy_detector(name="other-ecal", n_layers=5), toy_layered_detector(name="other-layers")):

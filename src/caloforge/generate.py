@@ -97,26 +97,16 @@ class _BackgroundWriter:
             raise self.error
 
 
-def hits_of(showers) -> tuple:
-    """(counts per shower, cell indices, energies) of the non-zero cells of a (n, cells) tensor, row-major, computed
-    where the tensor lives; only the hits then cross to the host."""
+def _to_host(model, c, gen, angled: bool, layout: str) -> tuple[str, tuple]:
+    """Generate one batch and hand it to the writer: the hits straight from the model (sparse: only they cross to the
+    host, and families that make hits directly never build the dense window), or the dense array (through pinned
+    memory from a GPU: a pageable copy runs at a tenth of the speed)."""
     import torch
 
-    n, n_cells = showers.shape
-    flat = showers.reshape(-1)
-    idx = flat.nonzero().squeeze(1)
-    row = torch.div(idx, n_cells, rounding_mode="floor")
-    counts = torch.bincount(row, minlength=n)
-    return counts.cpu().numpy(), (idx - row * n_cells).int().cpu().numpy(), flat[idx].float().cpu().numpy()
-
-
-def _to_host(showers, layout: str, hits_on_device: bool) -> tuple[str, tuple]:
-    """The writer method and its arguments for one generated batch: hits found on the device (sparse), or the dense
-    array (through pinned memory from a GPU: a pageable copy runs at a tenth of the speed)."""
-    import torch
-
-    if hits_on_device:
-        return "append_hits", hits_of(showers)
+    if layout == "sparse":
+        counts, cells, energies = model.sample_hits(c, generator=gen, angled=angled)
+        return "append_hits", (counts.cpu().numpy(), cells.int().cpu().numpy(), energies.float().cpu().numpy())
+    showers = model.sample(c, generator=gen, angled=angled)
     if showers.is_cuda:
         host = torch.empty(showers.shape, dtype=torch.float32, pin_memory=True)
         host.copy_(showers)
@@ -127,7 +117,7 @@ def _to_host(showers, layout: str, hits_on_device: bool) -> tuple[str, tuple]:
 def generate_file(model, output: str | Path, n: int, sampler=None, conditions=None, batch_size: int = 1000,
                   seed: int = 0, quiet: bool = True, attrs: dict | None = None, angled: bool | None = None,
                   layout: str = "dense", compression: str = "gzip", overlap: bool = True,
-                  stats: dict | None = None, hits_on_device: bool | None = None) -> Path:
+                  stats: dict | None = None) -> Path:
     """Generate ``n`` showers with ``model`` into ``output``; conditions from a
     :class:`~caloforge.conditions.ConditionSampler` or an explicit :class:`~caloforge.conditions.Conditions`.
 
@@ -136,8 +126,9 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
     ``overlap``: write batch k in a background thread while batch k + 1 is generated (the file is the same). An error
     on either side removes the unfinished file. ``stats``: filled with seconds spent in the model (``model_s``),
     writing (``write_s``, in the writer thread when overlapping) and waiting for the writer (``wait_s``).
-    ``hits_on_device`` (sparse layout; default: when the model is on a GPU): find the hits where the showers are and
-    copy only them to the host; dense showers from a GPU go through pinned memory. The file is the same either way.
+    The sparse layout takes the hits straight from the model (:meth:`~caloforge.models.ShowerModel.sample_hits`,
+    computed where the model runs; only the hits cross to the host); dense showers from a GPU go through pinned
+    memory. Both layouts hold the same showers.
     """
     import torch
 
@@ -175,9 +166,6 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
         meta.update(energy_spec=sampler.energy.text, angle_spec=sampler.angle.text,
                     position_spec=sampler.position.text)
     meta.update(attrs or {})
-    if hits_on_device is None:
-        hits_on_device = model.cond_mean.device.type == "cuda"
-    on_device = layout == "sparse" and hits_on_device
     model_s = 0.0
     with ShowerWriter(output, model.detector, int(np.prod(shape)), meta, compression, layout) as writer, \
             progress(n, desc=f"generate {model.family}", unit="shower", quiet=quiet) as bar, \
@@ -188,7 +176,7 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
             for start in range(0, n, batch_size):
                 c = conditions[start:start + batch_size]
                 t0 = time.perf_counter()
-                method, payload = _to_host(model.sample(c, generator=gen, angled=angled), layout, on_device)
+                method, payload = _to_host(model, c, gen, angled, layout)
                 model_s += time.perf_counter() - t0
                 if bg is not None:
                     bg.put(method, c, *payload)

@@ -474,13 +474,17 @@ class ShowerModel(nn.Module):
                              f"{self.family} model of {self.detector.name} generates showers at the detector's "
                              f"default impact point (0, 0) only (frame 'cells')")
 
-    @torch.no_grad()
-    def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
-               seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
-               particles: Any = None, angled: bool | None = None) -> torch.Tensor:
-        """Showers (n, n_window_cells) in MeV for :class:`Conditions` (or energies in MeV with angles in deg, impact
-        points (n, 2) in mm and particles); seeded via ``seed`` or ``generator``. ``angled`` picks the readout
-        window (default: the angled one when any angle is > 0)."""
+    def decode_window_hits(self, cond: torch.Tensor, *noise: torch.Tensor, angled: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The showers of :meth:`decode_window` as hits: shower row (H,), window cell index (H,) and energy (H,) of
+        every non-zero cell, ordered by row, then cell. Families that make hits directly override this to skip the
+        dense window."""
+        return dense_hits(self.decode_window(cond, *noise, angled=angled))
+
+    def _prepare(self, conditions: Any, angles: Any, seed: int | None, generator: torch.Generator | None,
+                 positions: Any, particles: Any, angled: bool | None
+                 ) -> tuple[torch.Tensor, list[torch.Tensor], bool, int]:
+        """Checked conditions as the raw tensor, the noise, the window and the decoding chunk of a sampling call."""
         device = self.cond_mean.device
         c = as_conditions(conditions, angles, positions, particles)
         self.check_conditions(c)
@@ -489,20 +493,60 @@ class ShowerModel(nn.Module):
         cond = torch.as_tensor(c.as_array(), dtype=torch.float32, device=device)
         if generator is None and seed is not None:
             generator = torch.Generator(device=device).manual_seed(int(seed))
+        n = len(c)
+        noise = self.draw_noise(n, generator)
+        chunk = self.sample_chunk if self.sample_chunk > 0 and device.type == "cpu" else n
+        return cond, noise, angled, max(chunk, 1)
+
+    @torch.no_grad()
+    def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
+               seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
+               particles: Any = None, angled: bool | None = None) -> torch.Tensor:
+        """Showers (n, n_window_cells) in MeV for :class:`Conditions` (or energies in MeV with angles in deg, impact
+        points (n, 2) in mm and particles); seeded via ``seed`` or ``generator``. ``angled`` picks the readout
+        window (default: the angled one when any angle is > 0)."""
+        cond, noise, angled, chunk = self._prepare(conditions, angles, seed, generator, positions, particles, angled)
+        n = cond.shape[0]
         was_training = self.training
         self.eval()
         try:
-            n = len(c)
-            noise = self.draw_noise(n, generator)
-            chunk = self.sample_chunk if self.sample_chunk > 0 and device.type == "cpu" else n
             if n <= chunk:
-                out = self.decode_window(cond, *noise, angled=angled)
-            else:
-                out = torch.cat([self.decode_window(cond[i:i + chunk], *(t[i:i + chunk] for t in noise),
-                                                    angled=angled) for i in range(0, n, chunk)])
+                return self.decode_window(cond, *noise, angled=angled)
+            out = None
+            for i in range(0, n, chunk):  # chunks written into one output: no concatenation afterwards
+                part = self.decode_window(cond[i:i + chunk], *(t[i:i + chunk] for t in noise), angled=angled)
+                if out is None:
+                    out = torch.empty((n, part.shape[1]), dtype=part.dtype, device=part.device)
+                out[i:i + len(part)] = part
+            return out
         finally:
             self.train(was_training)
-        return out
+
+    @torch.no_grad()
+    def sample_hits(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
+                    seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
+                    particles: Any = None, angled: bool | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The showers of :meth:`sample` (same arguments, same noise, the same numbers) as hits: the number of hits
+        per shower (n,), their window cell indices (H,) and energies (H,) in MeV, shower by shower, cells in
+        order. The sparse form that point-cloud models and DD4hep use; it never builds the dense window where the
+        family makes hits directly."""
+        cond, noise, angled, chunk = self._prepare(conditions, angles, seed, generator, positions, particles, angled)
+        n = cond.shape[0]
+        was_training = self.training
+        self.eval()
+        try:
+            rows, cells, energies = [], [], []
+            for i in range(0, n, chunk):
+                row, cell, e = self.decode_window_hits(cond[i:i + chunk], *(t[i:i + chunk] for t in noise),
+                                                       angled=angled)
+                rows.append(row + i)
+                cells.append(cell)
+                energies.append(e)
+        finally:
+            self.train(was_training)
+        row = torch.cat(rows)
+        return torch.bincount(row, minlength=n), torch.cat(cells), torch.cat(energies)
 
     # ---- training hooks ---------------------------------------------------------------------------
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
@@ -548,6 +592,15 @@ class ShowerModel(nn.Module):
             "caloforge_version": __version__,
             **self.meta,
         }
+
+
+def dense_hits(showers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shower row, cell index and energy of every non-zero cell of dense showers (n, n_cells), row-major."""
+    n_cells = showers.shape[1]
+    flat = showers.reshape(-1)
+    idx = flat.nonzero().squeeze(1)
+    row = torch.div(idx, n_cells, rounding_mode="floor")
+    return row, idx - row * n_cells, flat[idx]
 
 
 class _nullcontext:

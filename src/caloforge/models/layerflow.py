@@ -100,6 +100,13 @@ def _sinh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.exp(x) - torch.exp(-x))
 
 
+def _put(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """out[index] = values: in place (no copy of a large output), out of place while exporting to ONNX."""
+    if torch.onnx.is_in_onnx_export():
+        return out.index_put((index,), values)
+    return out.index_put_((index,), values)
+
+
 class _Coupling(nn.Module):
     """Affine coupling: the second half of the features is scaled and shifted given the first half and c."""
 
@@ -436,10 +443,17 @@ class LayerFlow(ShowerModel):
         width = (cfg.mip_log_max - cfg.mip_log_min) / k
         prob = torch.softmax(self.mip_logits, dim=1)  # (L, K)
         cdf = torch.cumsum(prob, dim=1)
-        c = cdf[lay]  # (H, K)
-        b = (c < q[:, None]).sum(dim=1).clamp(max=k - 1)
-        lower = torch.gather(c, 1, b[:, None])[:, 0] - prob[lay, b]
-        frac = ((q - lower) / prob[lay, b].clamp(min=1e-12)).clamp(0.0, 1.0)
+        if torch.onnx.is_in_onnx_export():  # no searchsorted in the exporter: compare with the whole row
+            c = cdf[lay]  # (H, K)
+            b = (c < q[:, None]).sum(dim=1).clamp(max=k - 1)
+            upper = torch.gather(c, 1, b[:, None])[:, 0]
+        else:  # the same bin by binary search: the layers' CDFs laid end to end, offset by the layer (exact in f64)
+            flat = (cdf.double() + torch.arange(cdf.shape[0], device=cdf.device, dtype=torch.float64)[:, None])
+            pos = torch.searchsorted(flat.reshape(-1), q.double() + lay.double())
+            b = (pos - lay * k).clamp(max=k - 1)
+            upper = cdf.reshape(-1)[lay * k + b]
+        p_b = prob[lay, b]
+        frac = ((q - (upper - p_b)) / p_b.clamp(min=1e-12)).clamp(0.0, 1.0)
         return cfg.mip_log_min + width * (b.float() + frac)
 
     def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor,
@@ -591,21 +605,29 @@ class LayerFlow(ShowerModel):
         independent and below it, so u / sigmoid(threshold + logit(p)) is a fresh uniform for each hit.
         """
         u = u.clamp(1e-7, 1 - 1e-7)
-        rank_key = torch.log(u) - torch.log1p(-u) - logit
+        rank_key = torch.log(u)
+        rank_key.sub_(torch.log1p(-u)).sub_(logit)  # logit(u) - logit(p), without temporaries
         k = count.transpose(0, 1).long()[..., None]  # (L, n, 1)
         n_lat = rank_key.shape[2]
-        # a tensor, so that ONNX keeps it dynamic; topk is far cheaper than a sort
-        k_top = torch.clamp(k.max() + 1, 1, n_lat)
-        smallest = torch.topk(rank_key, k_top, dim=2, largest=False, sorted=True).values
-        kth = smallest.gather(2, (k - 1).clamp(min=0))
-        nxt = smallest.gather(2, k.clamp(max=k_top - 1))
+        if torch.onnx.is_in_onnx_export():  # one top-k over all layers (k a tensor, so that ONNX keeps it dynamic)
+            k_top = torch.clamp(k.max() + 1, 1, n_lat)
+            smallest = torch.topk(rank_key, k_top, dim=2, largest=False, sorted=True).values
+            kth = smallest.gather(2, (k - 1).clamp(min=0))
+            nxt = smallest.gather(2, k.clamp(max=k_top - 1))
+        else:  # a top-k per layer, each as deep as that layer needs: the same values, less work
+            kth, nxt = torch.empty_like(rank_key[:, :, :1]), torch.empty_like(rank_key[:, :, :1])
+            k_tops = torch.clamp(k.amax(dim=(1, 2)) + 1, 1, n_lat).tolist()
+            for layer, k_top in enumerate(k_tops):
+                smallest = torch.topk(rank_key[layer], k_top, dim=1, largest=False, sorted=True).values
+                kth[layer] = smallest.gather(1, (k[layer] - 1).clamp(min=0))
+                nxt[layer] = smallest.gather(1, k[layer].clamp(max=k_top - 1))
         nxt = torch.where(k < n_lat, nxt, torch.full_like(nxt, math.inf))
         return (rank_key <= kth) & (k > 0), nxt
 
     def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
         row, lay, col, flat, e = self._hits(cond, *noise)
         out = torch.zeros(cond.shape[0] * self.n_cells, dtype=e.dtype, device=e.device)
-        return out.index_put((row * self.n_cells + flat,), e).reshape(-1, self.n_cells)
+        return _put(out, row * self.n_cells + flat, e).reshape(-1, self.n_cells)
 
     def decode_window(self, cond: torch.Tensor, *noise: torch.Tensor, angled: bool = False) -> torch.Tensor:
         """The hits placed straight into the readout window (no dense local array in between)."""
@@ -617,8 +639,25 @@ class LayerFlow(ShowerModel):
         idx, inside = self.window_index(cond, row, lay, torch.div(col, ny, rounding_mode="floor"), col % ny, angled)
         n = cond.shape[0]
         dest = torch.where(inside, row * n_win + idx, torch.full_like(idx, n * n_win))  # outside -> a dump slot
-        out = torch.zeros(n * n_win + 1, dtype=e.dtype, device=e.device).index_put((dest,), e)
+        out = _put(torch.zeros(n * n_win + 1, dtype=e.dtype, device=e.device), dest, e)
         return out[:-1].reshape(n, n_win)
+
+    def decode_window_hits(self, cond: torch.Tensor, *noise: torch.Tensor, angled: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The hits of :meth:`decode_window` without the dense window: row, window cell, energy (row-major)."""
+        row, lay, col, flat, e = self._hits(cond, *noise)
+        if self.frame == "window":
+            idx, n_win = flat, self.n_cells
+            keep = e > 0
+        else:
+            ny = self.shape[2]
+            n_win = int(np.prod(self.window_shape(angled)))
+            idx, inside = self.window_index(cond, row, lay, torch.div(col, ny, rounding_mode="floor"), col % ny,
+                                            angled)
+            keep = inside & (e > 0)
+        row, idx, e = row[keep], idx[keep], e[keep]
+        order = torch.argsort(row * n_win + idx)  # each (row, cell) at most once: the local grid maps one-to-one
+        return row[order], idx[order], e[order]
 
     def _hits(self, cond: torch.Tensor, *noise: torch.Tensor):
         """The hit cells (shower row, layer, cell within the layer, flat cell index) and their energies (MeV)."""
