@@ -105,7 +105,7 @@ TINY_CONFIGS: dict[str, dict] = {
                                 "offset_squares": True, "match_centroids": True},
     "layerflow:core": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                        "count_hidden": 16, "counts_first": True, "axis_features": True, "offset_squares": True,
-                       "core_block": 3, "select_noise": True},
+                       "core_block": 3, "select_noise": True, "total_energy": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
     "gan3d": {"latent_dim": 8, "gen_channels": 4, "disc_channels": 2, "out_bias_init": 0.05},

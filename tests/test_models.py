@@ -19,6 +19,7 @@ from caloforge.models import (
     load_model,
     save_model,
 )
+from caloforge.models.layerflow import N_FEAT
 from conftest_models import (
     LAYERED_FAMILIES,
     VARIANTS,
@@ -245,6 +246,25 @@ def test_layerflow_selection_noise_gives_uniform_energy_quantiles():
             ecdf = np.arange(1, len(x) + 1) / len(x)
             ks = max(np.abs(ecdf - x).max(), np.abs(ecdf - 1 / len(x) - x).max())
             assert (ks < 1.95 / np.sqrt(len(x))) == uniform, (c, ks, len(x), uniform)
+
+
+def test_layerflow_total_energy_sets_the_visible_energy():
+    """With ``total_energy`` each shower's visible energy is the flow's total, exp(log total) x E_inc, whatever the
+    layer energies sum to (the layers only share it), so its distribution is the flow's one-dimensional marginal."""
+    det = toy_detector()
+    data = toy_showers(det, 40, seed=2)
+    model = tiny_model("layerflow:core", det, data).eval()
+    with torch.no_grad():
+        model.feat_mean[N_FEAT * det.n_layers] -= 0.3  # a total unlike the layers' sum, to see that it rules
+        cond = torch.as_tensor(data.conditions.as_array()[:12], dtype=torch.float32)
+        noise = model.draw_noise(12, torch.Generator().manual_seed(1))
+        showers = model.decode_window(cond, *noise)
+        cf = model.condition_features(cond)
+        fs = model._flow_inverse(noise[0], model._flow_cond(cf))
+        fs = fs * model.flow_std + model._cond_basis(cf) @ model.flow_coef  # (no clamp in this variant)
+        k = N_FEAT * det.n_layers
+        expected = torch.exp((fs[:, k] * model.feat_std[k] + model.feat_mean[k]).clamp(max=0.0)) * cond[:, 0]
+    assert torch.allclose(showers.sum(1), expected, rtol=1e-4), (showers.sum(1), expected)
 
 
 def test_layerflow_clamp_keeps_a_wild_flow_inside_the_training_range():

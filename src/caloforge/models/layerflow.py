@@ -71,6 +71,7 @@ class LayerFlowConfig(ModelConfig):
     core_block: int = 0  # a shift-invariant core term on the central core_block x core_block cells (0: none)
     core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
+    total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
     permutation_seed: int = 1234
 
     bounds: ClassVar[dict[str, tuple]] = {
@@ -159,8 +160,11 @@ class LayerFlow(ShowerModel):
         self.cell_offsets = "position" in self.condition_names  # the axis's per-layer offset in its cell as covariates
         # covariates per cell: 1, the standardised layer features, the condition features (, the axis offsets)
         self.n_cov = self.n_feat + 1 + n_cf + (2 + 2 * cfg.offset_squares) * self.cell_offsets
-        self.flow_dim = N_FEAT * n_l  # the layer flow; with hit_count a second flow models the L log hit counts
-        self.dim = self.n_feat * n_l
+        # The layer flow: 4 features per layer (and the total); with hit_count a second flow models the L log hit
+        # counts. Layout [logfrac | cx | cy | log r2 (| log total) (| log(1 + hits))], see layer_features.
+        self.total = bool(cfg.total_energy)
+        self.flow_dim = N_FEAT * n_l + self.total
+        self.dim = self.n_feat * n_l + self.total
         x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
         gx, gy = np.meshgrid(x_mm / detector.cell_size_mm, y_mm / detector.cell_size_mm, indexing="ij")
         self.register_buffer("cell_x", torch.as_tensor(gx.reshape(-1), dtype=torch.float32), persistent=False)
@@ -249,8 +253,9 @@ class LayerFlow(ShowerModel):
     def layer_features(self, showers: torch.Tensor, energies: torch.Tensor, u: torch.Tensor | None = None,
                        u_count: torch.Tensor | None = None, cond: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw per-layer features (n, n_feat L) laid out [logfrac | cx | cy | log r2 (| log(1 + hits))], and layer
-        energies (n, L). ``u`` and ``u_count`` dequantise the layer energy and the hit count (default 0.5).
+        """Raw features (n, dim) laid out [logfrac | cx | cy | log r2 (| log total) (| log(1 + hits))], and layer
+        energies (n, L). ``u`` and ``u_count`` dequantise the layer energy and the hit count (default 0.5). The
+        total (``total_energy``) is log of the visible energy over the incident energy, dequantised alike.
 
         With ``axis_features`` the centroid and the mean squared radius are measured from where the shower axis
         crosses the layer (from ``cond``): in the shower-axis frame that point jumps by a cell from layer to layer
@@ -270,15 +275,24 @@ class LayerFlow(ShowerModel):
         u = torch.full_like(e_l, 0.5) if u is None else u
         logfrac = torch.log((e_l + cfg.dequant_mev * u) / energies.float()[:, None])
         feats = [logfrac, cx, cy, torch.log(r2 + 0.25)]
+        if self.total:
+            feats.append(torch.log((e_l + cfg.dequant_mev * u).sum(dim=1, keepdim=True) / energies.float()[:, None]))
         if cfg.hit_count:
             u_count = torch.full_like(e_l, 0.5) if u_count is None else u_count
             feats.append(torch.log1p((s > 0).sum(dim=2).float() + u_count))
         return torch.cat(feats, dim=1), e_l
 
+    def _per_layer(self, f: torch.Tensor) -> torch.Tensor:
+        """The per-layer part (n, n_feat L) of features laid out as in layer_features (without the total)."""
+        if not self.total:
+            return f
+        k = N_FEAT * self.n_layers
+        return torch.cat([f[..., :k], f[..., k + 1:]], dim=-1)
+
     def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-        """Per-layer covariates (L, n, n_cov) for the cell stage from standardised features (n, n_feat L)."""
+        """Per-layer covariates (L, n, n_cov) for the cell stage from standardised features (n, dim)."""
         n_l = self.n_layers  # shapes stay symbolic in the batch size (ONNX export)
-        per_layer = feat_std.reshape(-1, self.n_feat, n_l).permute(2, 0, 1)  # (L, n, n_feat)
+        per_layer = self._per_layer(feat_std).reshape(-1, self.n_feat, n_l).permute(2, 0, 1)  # (L, n, n_feat)
         ones = torch.ones_like(per_layer[:, :, :1])
         cond = cf[None].expand(n_l, -1, -1)
         parts = [ones, per_layer, cond] + ([offsets.to(per_layer.dtype)] if offsets is not None else [])
@@ -505,9 +519,9 @@ class LayerFlow(ShowerModel):
         feat, e_l = self.layer_features(batch.showers, batch.energies, u, u_count, cond=batch.cond)
         fs = (feat - self.feat_mean) / self.feat_std
         # Lateral features of empty layers are arbitrary: spread them so the flow sees no point mass.
-        empty = (e_l <= 0).repeat(1, self.n_feat)
+        empty = (e_l <= 0).repeat(1, self.dim // n_l + 1)[:, :self.dim]
         empty[:, :n_l] = False
-        empty[:, N_FEAT * n_l:] = False  # the hit count (0) of an empty layer is meaningful
+        empty[:, N_FEAT * n_l:] = False  # the total, and the hit count (0) of an empty layer are meaningful
         noise = batch.randn(*fs.shape[1:], dtype=fs.dtype) * cfg.empty_layer_noise
         fs_flow = torch.where(empty, fs + noise, fs)
         y = (fs_flow - self._cond_basis(cf) @ self.flow_coef) / self.flow_std
@@ -516,6 +530,8 @@ class LayerFlow(ShowerModel):
         flow_nll = flow_nll + torch.log(self.flow_std * self.feat_std).sum()
         clean_logfrac = torch.log((e_l + 0.5 * cfg.dequant_mev) / batch.energies.float()[:, None])
         parts = [clean_logfrac, feat[:, n_l:N_FEAT * n_l]]
+        if self.total:
+            parts.append(feat[:, N_FEAT * n_l:N_FEAT * n_l + 1])  # (not used by the cells)
         if cfg.hit_count:
             count = (batch.showers.reshape(len(batch), n_l, self.n_lat) > 0).sum(dim=2).float()
             parts.append(torch.log1p(count + 0.5))
@@ -673,6 +689,11 @@ class LayerFlow(ShowerModel):
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
         e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
+        if self.total:  # the layers share the flow's visible energy in the proportions of its layer energies
+            k = N_FEAT * n_l
+            log_total = fs[:, k] * self.feat_std[k] + self.feat_mean[k]
+            e_vis = torch.exp(log_total.clamp(max=0.0)) * energies.float()
+            e_layer = e_layer * (e_vis / e_layer.sum(dim=1).clamp(min=1e-30))[:, None]
         offsets = self._offsets(cond)
         cov = self._covariates(fs, cf, offsets)
         core = self._core_terms(cov, offsets)
@@ -680,7 +701,8 @@ class LayerFlow(ShowerModel):
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
         logit = self._hit_logits(cov, core)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
-            log_count = fs[:, N_FEAT * n_l:] * self.feat_std[N_FEAT * n_l:] + self.feat_mean[N_FEAT * n_l:]
+            k = N_FEAT * n_l + self.total
+            log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
             count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
             count = torch.where(e_layer > 0, count, torch.zeros_like(count))
             mask, threshold = self._hits_exactly(logit, u, count)
