@@ -267,6 +267,35 @@ def test_layerflow_total_energy_sets_the_visible_energy():
     assert torch.allclose(showers.sum(1), expected, rtol=1e-4), (showers.sum(1), expected)
 
 
+def test_layerflow_core_exclusive_shares_a_corner_shower_equally():
+    """With ``core_exclusive`` the laws of the cells near the axis depend only on their displacement from it: a
+    shower at normal incidence on the corner of four cells gives those four cells (and every pair of cells mirrored
+    through the axis) the same hit logit and energy law, whatever the per-cell coefficients hold; angled, the odd
+    terms break the symmetry in y only."""
+    det = toy_detector()
+    model = tiny_model("layerflow:core_exclusive", det, toy_showers(det, 30, seed=2)).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in (model.cell_hit, model.cell_mu, model.cell_log_sigma, model.core_w):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        for angle, y_symmetric in ((0.0, True), (40.0, False)):
+            cond = torch.tensor([[3e4, angle, 0.0, 0.0, 22.0]] * 4)
+            cf = model.condition_features(cond)
+            fs = torch.randn(4, model.dim, generator=gen)
+            offsets = model._offsets(cond)
+            cov = model._covariates(fs, cf, offsets)
+            core = model._core_terms(cov, offsets, cond)
+            logit = model._hit_logits(cov, core)  # (L, n, n_lat)
+            ix = {float(v): i for i, v in enumerate(model.cell_x.reshape(6, 6)[:, 0])}
+            iy = {float(v): j for j, v in enumerate(model.cell_y.reshape(6, 6)[0])}
+            cell = {(x, y): ix[x] * 6 + iy[y] for x in (-0.5, 0.5) for y in (-0.5, 0.5)}
+            # the axis crosses layer 0 at the corner (x, y) = (0, 0) of the four cells in the local frame
+            for (x, y), c in cell.items():
+                assert torch.allclose(logit[0, :, c], logit[0, :, cell[(-x, y)]], atol=1e-5)  # x always symmetric
+                same_y = torch.allclose(logit[0, :, c], logit[0, :, cell[(x, -y)]], atol=1e-5)
+                assert same_y == y_symmetric, (angle, x, y)
+
+
 def test_layerflow_clamp_keeps_a_wild_flow_inside_the_training_range():
     """A flow maps rare latents far outside the data; ``clamp_features`` bounds every sampled feature."""
     det = toy_detector()

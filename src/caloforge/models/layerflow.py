@@ -70,6 +70,7 @@ class LayerFlowConfig(ModelConfig):
     match_centroids: bool = False  # tilt each layer's cell energies so its centroid is the flow's (sampling only)
     core_block: int = 0  # a shift-invariant core term on the central core_block x core_block cells (0: none)
     core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
+    core_exclusive: bool = False  # core cells follow the core term alone (richer basis, no per-cell coefficients)
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
     permutation_seed: int = 1234
@@ -231,7 +232,13 @@ class LayerFlow(ShowerModel):
             pos[core] = np.arange(len(core))
             self.register_buffer("core_idx", torch.as_tensor(core, dtype=torch.long), persistent=False)
             self.register_buffer("core_pos", torch.as_tensor(pos, dtype=torch.long), persistent=False)
-            self.core_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * 6))
+            # exclusive: 6 laws (also the skew and tail weight) on 11 basis functions, the per-cell ones masked out
+            self.core_laws, self.core_basis = (6, 11) if cfg.core_exclusive else (4, 6)
+            self.core_w = nn.Parameter(torch.zeros(n_l, self.n_cov, self.core_laws * self.core_basis))
+            if cfg.core_exclusive:
+                keep = np.ones(self.n_lat, np.float32)
+                keep[core] = 0.0
+                self.register_buffer("cell_keep", torch.as_tensor(keep), persistent=False)
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -373,6 +380,19 @@ class LayerFlow(ShowerModel):
             self.cell_hit[:, 0, :] = torch.logit(p).view(n_l, n_lat).float()
             self.cell_mu[:, 0] = mu.float()
             self.cell_log_sigma[:, 0] = torch.log(sd).float()
+            if self.core_w is not None and cfg.core_exclusive:  # start the core term where the cells start
+                self.core_w.zero_()
+                dx = (self.cell_x[self.core_idx] - 0.5)[None]
+                dy = (self.cell_y[self.core_idx] - 0.5)[None]
+                phi = self._core_basis_values(dx, dy, torch.zeros(1))[0].double()  # (B^2, K), the axis mid-cell
+                rows = torch.arange(n_l)[:, None] * n_lat + self.core_idx[None]  # (L, B^2)
+                starts = [self.cell_hit[:, 0, self.core_idx], self.cell_mu[rows, 0], self.cell_log_sigma[rows, 0]]
+                if self.cell_mix is not None:
+                    starts.append(self.cell_mix[rows, 0])
+                eye = 1e-3 * torch.eye(phi.shape[1], dtype=torch.float64)
+                for law, v in enumerate(starts):
+                    a = torch.linalg.solve(phi.T @ phi + eye, phi.T @ v.double().T)  # (K, L)
+                    self.core_w[:, 0, law * self.core_basis:(law + 1) * self.core_basis] = a.T.float()
 
     # ---- flow ---------------------------------------------------------------------------------------
     def _stages(self) -> list[tuple[nn.ModuleList, torch.Tensor, torch.Tensor, slice]]:
@@ -409,26 +429,47 @@ class LayerFlow(ShowerModel):
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
         """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product (plus the core term)."""
-        logit = torch.bmm(cov, self.cell_hit).float()  # float32 even under bf16 autocast
+        w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
+        logit = torch.bmm(cov, w).float()  # float32 even under bf16 autocast
         return logit if core is None else logit + core[:, :, self.core_pos, 0]
 
-    def _core_terms(self, cov: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor | None:
-        """The core term (L, n, B^2 + 1, 4) of the hit logit, mu, log sigma and soft-hit weight on the core block's
-        cells (a last all-zero row stands for every cell outside the block); None without a core term."""
+    def _core_basis_values(self, dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+        """The core term's basis (..., B^2, K) at displacements (dx, dy) from the axis (cells), angle (deg) (n,).
+
+        Gaussians in the distance at widths core_width x 2^k and odd partners in dy. With ``core_exclusive`` also a
+        constant and the distance itself (the core cells have no intercepts of their own), and the odd and
+        elongated (dy^2 - dx^2) terms scaled by sin(angle) and sec(angle) - 1: at normal incidence the core is then
+        symmetric by construction, as Geant4's is."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        r2 = dx * dx + dy * dy
+        if not cfg.core_exclusive:
+            basis = []
+            for k in range(3):
+                s = cfg.core_width * 2.0 ** k
+                g = torch.exp(r2 * (-0.5 / s ** 2))
+                basis += [g, g * (dy / s)]
+            return torch.stack(basis, dim=-1)
+        a = angle * (math.pi / 180)
+        sin_a, sec_m1 = torch.sin(a)[:, None], 1.0 / torch.cos(a)[:, None] - 1.0  # (n, 1)
+        g = [torch.exp(r2 * (-0.5 / (cfg.core_width * 2.0 ** k) ** 2)) for k in range(4)]
+        basis = [torch.ones_like(r2), torch.sqrt(r2 + 1e-6)] + g
+        basis += [sin_a * g[k] * (dy / (cfg.core_width * 2.0 ** k)) for k in range(3)]
+        basis += [sec_m1 * g[k] * ((dy * dy - dx * dx) / (cfg.core_width * 2.0 ** k) ** 2) for k in (1, 2)]
+        return torch.stack(basis, dim=-1)
+
+    def _core_terms(self, cov: torch.Tensor, offsets: torch.Tensor | None,
+                    cond: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The core term (L, n, B^2 + 1, laws) of the hit logit, mu, log sigma and soft-hit weight (and with
+        ``core_exclusive`` the skew and log tail weight) on the core block's cells (a last all-zero row stands for
+        every cell outside the block); None without a core term."""
         if self.core_w is None or offsets is None:
             return None
-        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         ax, ay = offsets[..., 0:1] + 0.5, offsets[..., 1:2] + 0.5  # (L, n, 1): the axis in local cell units
         dx = self.cell_x[self.core_idx] - ax
         dy = self.cell_y[self.core_idx] - ay  # (L, n, B^2)
-        r2 = dx * dx + dy * dy
-        basis = []
-        for k in range(3):
-            s = cfg.core_width * 2.0 ** k
-            g = torch.exp(r2 * (-0.5 / s ** 2))
-            basis += [g, g * (dy / s)]
-        phi = torch.stack(basis, dim=3).to(cov.dtype)  # (L, n, B^2, 6)
-        coef = torch.bmm(cov, self.core_w).reshape(self.n_layers, -1, 4, 6)  # (L, n, 4, 6)
+        angle = cond[:, 1].float() if cond is not None else torch.zeros_like(ax[0, :, 0])
+        phi = self._core_basis_values(dx, dy, angle).to(cov.dtype)  # (L, n, B^2, K)
+        coef = torch.bmm(cov, self.core_w).reshape(self.n_layers, -1, self.core_laws, self.core_basis)
         term = torch.einsum("lnbk,lnjk->lnbj", phi, coef).float()
         return torch.cat([term, torch.zeros_like(term[:, :, :1])], dim=2)
 
@@ -477,11 +518,24 @@ class LayerFlow(ShowerModel):
         g = cov[lay, row]  # (H, n_cov)
         mu = (g * self.cell_mu[flat]).sum(1)
         log_sigma = (g * self.cell_log_sigma[flat]).sum(1)
+        skew, log_tail = self.cell_skew[flat], self.cell_log_tail[flat]
+        if core_at is not None and self.config.core_exclusive:  # the core cells' laws are the core term's alone
+            keep = self.cell_keep[flat - lay * self.n_lat]
+            mu, log_sigma, skew, log_tail = mu * keep, log_sigma * keep, skew * keep, log_tail * keep
+            skew, log_tail = skew + core_at[:, 4], log_tail + core_at[:, 5]
         if core_at is not None:
             mu, log_sigma = mu + core_at[:, 1], log_sigma + core_at[:, 2]
         log_sigma = log_sigma.clamp(-5.0, 3.0)
-        tail = torch.exp(self.cell_log_tail[flat].clamp(-2.0, 2.0))
-        return mu, log_sigma, self.cell_skew[flat], tail
+        tail = torch.exp(log_tail.clamp(-2.0, 2.0))
+        return mu, log_sigma, skew, tail
+
+    def _mix_logit(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                   core_at: torch.Tensor | None) -> torch.Tensor:
+        """Logit of the soft-hit weight of the hit cells."""
+        m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1)
+        if core_at is None:
+            return m
+        return (m * self.cell_keep[col] if self.config.core_exclusive else m) + core_at[:, 3]
 
     def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
         """Negative log-likelihood of the cells given the layer covariates (and core term), summed over cells (n,)."""
@@ -501,9 +555,7 @@ class LayerFlow(ShowerModel):
         log_cosh = a.abs() + F.softplus(-2 * a.abs()) - math.log(2.0)
         log_p = log_pz + torch.log(tail) + log_cosh - 0.5 * torch.log1p(r ** 2) - log_sigma
         if self.config.mip_bins > 0:
-            m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1)
-            if core_at is not None:
-                m = m + core_at[:, 3]
+            m = self._mix_logit(cov, lay, row, col, core_at)
             y = torch.log(x[lay, row, col])
             log_p = torch.logaddexp(F.logsigmoid(m) + self._mip_log_density(y, lay), F.logsigmoid(-m) + log_p)
         return nll_hit - torch.zeros_like(nll_hit).index_add(0, row, log_p)
@@ -538,7 +590,7 @@ class LayerFlow(ShowerModel):
         feat_clean = torch.cat(parts, dim=1)  # as layer_features(u=0.5, u_count=0.5)
         offsets = self._offsets(batch.cond)
         cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, offsets)
-        return flow_nll, self._shape_nll(batch.showers, cov, self._core_terms(cov, offsets))
+        return flow_nll, self._shape_nll(batch.showers, cov, self._core_terms(cov, offsets, batch.cond))
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
@@ -696,7 +748,7 @@ class LayerFlow(ShowerModel):
             e_layer = e_layer * (e_vis / e_layer.sum(dim=1).clamp(min=1e-30))[:, None]
         offsets = self._offsets(cond)
         cov = self._covariates(fs, cf, offsets)
-        core = self._core_terms(cov, offsets)
+        core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
         logit = self._hit_logits(cov, core)
@@ -721,8 +773,7 @@ class LayerFlow(ShowerModel):
         core_at = self._core_at(core, lay, row, col)
         mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat, core_at)
         if cfg.mip_bins > 0:  # v < pi: the soft-hit component at quantile v / pi; else the cell's own law
-            m = (cov[lay, row] * self.cell_mix[flat]).sum(1)
-            pi = torch.sigmoid(m if core_at is None else m + core_at[:, 3])
+            pi = torch.sigmoid(self._mix_logit(cov, lay, row, col, core_at))
             soft = v < pi
             y_soft = self._mip_quantile((v / pi.clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6), lay)
             v = torch.where(soft, torch.full_like(v, 0.5), ((v - pi) / (1 - pi).clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6))
