@@ -263,3 +263,36 @@ def test_dask_options_are_checked_before_any_work(tmp_path):
             check_options(None, "slurm", cfg)
     cfg.write_text("cores: 4\nmemory: 8GB\nqueue: short\nwalltime: '01:00:00'\n")
     assert check_options(None, "slurm", cfg)["cores"] == 4
+
+
+# ---- tune ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spec, match", [
+    ('{ type = "float", low = 1e-4, high = 1e-2, log = "false" }', "log is 'false'; expected true or false"),
+    ('{ type = "float", low = 1e-4, high = 1e-2, choices = [1] }', r"field\(s\) \['choices'\] do not apply"),
+    ('{ type = "categorical", choices = [1, 2], low = 0 }', r"field\(s\) \['low'\] do not apply"),
+])
+def test_tune_space_fields(tmp_path, spec, match):
+    from caloforge.tune import TuneError, load_space
+
+    path = tmp_path / "space.toml"
+    path.write_text(f'[space]\n"train.lr" = {spec}\n')  # "false" read as True (log scale), choices ignored
+    with pytest.raises(TuneError, match=match):
+        load_space(path)
+
+
+def test_tune_space_must_fit_the_model_before_the_study_starts(tmp_path, capsys):
+    from conftest_models import toy_detector, write_toy_file
+
+    data = tmp_path / "toy.h5"
+    write_toy_file(data, toy_detector(), 30, seed=1)
+    space = tmp_path / "space.toml"
+    space.write_text('[space]\n"model.flow_hidden" = { type = "int", low = 4, high = 1000000000 }\n')
+    out = tmp_path / "study"
+    code, err = _cli(capsys, "tune", "--data", data, "--model", "layerflow", "--space", space, "-o", out,
+                     "--trials", 1, "-q")
+    assert code == 2 and "[space] 'model.flow_hidden': the value 1000000000 does not fit --model layerflow" in err
+    assert not out.exists()  # was: refused only when a trial drew it, after the study was made
+    space.write_text('[space]\n"train.lr" = { type = "float", low = 1e-4, high = 1e-2 }\n')
+    code, err = _cli(capsys, "tune", "--data", tmp_path / "none.h5", "--model", "layerflow", "--space", space,
+                     "-o", out, "--trials", 1, "-q")
+    assert code == 2 and "none.h5" in err and not out.exists()

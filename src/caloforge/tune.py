@@ -84,13 +84,18 @@ def load_space(path: str | Path) -> list[Param]:
         if unknown:
             raise TuneError(f"{where}: unknown field(s) {sorted(unknown)}")
         kind = spec["type"]
+        misplaced = set(spec) & ({"low", "high", "log", "step"} if kind == "categorical" else {"choices"})
+        if misplaced:
+            raise TuneError(f"{where}: field(s) {sorted(misplaced)} do not apply to type = {kind!r}")
+        if not isinstance(spec.get("log", False), bool):
+            raise TuneError(f"{where}: log is {spec['log']!r:.40}; expected true or false")
         if kind == "categorical":
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices or len({json.dumps(c) for c in choices}) != len(choices):
                 raise TuneError(f"{where}: categorical needs choices = [distinct values]")
             params.append(Param(name, kind, choices=tuple(choices)))
             continue
-        low, high, log, step = spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step")
+        low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
         nums = [v for v in (low, high, step) if v is not None]
         if low is None or high is None or not all(isinstance(v, int | float) and not isinstance(v, bool)
                                                    and math.isfinite(v) for v in nums):
@@ -101,6 +106,26 @@ def load_space(path: str | Path) -> list[Param]:
             raise TuneError(f"{where}: int bounds and step must be integers")
         params.append(Param(name, kind, float(low), float(high), log, None if step is None else float(step)))
     return params
+
+
+def check_space(space: list[Param], family: str, config: str | None, base: list[str]) -> None:
+    """Every point the space can propose fits the family's configuration (its options, types and bounds): the
+    ends of each range and every choice are resolved once before the first trial, not when a trial draws them."""
+    from caloforge.train import resolve_config
+
+    for p in space:
+        values = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+        for v in values:
+            v = int(v) if p.kind == "int" else v
+            try:
+                resolve_config(family, config, base + [_assignment(p.name, v)])
+            except ValueError as err:
+                raise TuneError(f"[space] {p.name!r}: the value {v!r} does not fit --model {family}: {err}") from None
+
+
+def _assignment(key: str, value: Any) -> str:
+    """``--set`` text of one suggested value (strings quoted)."""
+    return f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}"
 
 
 def _sampler(seed: int, k: int, n_startup: int):
@@ -146,7 +171,12 @@ def tune(data: str | Path, family: str, output: str | Path, space: list[Param], 
     if not train_cfg.val_every or train_cfg.val_fraction <= 0:
         raise TuneError("tune needs validation: train.val_every > 0 and train.val_fraction > 0 (the objective is "
                         "the validation score)")
+    check_space(space, family, config, base)
     out = check_output_dir(output)
+    from caloforge.dataset import ShowerFile
+
+    with ShowerFile(data):  # a missing or unusable data file is refused before the study directory is made
+        pass
     out.mkdir(parents=True, exist_ok=True)
     meta = {"data": str(Path(data).resolve()), "family": family, "config": config, "overrides": base, "seed": seed,
             "space": [p.__dict__ | {"choices": list(p.choices)} for p in space]}
@@ -169,8 +199,7 @@ def tune(data: str | Path, family: str, output: str | Path, space: list[Param], 
         values = {p.name: p.suggest(trial) for p in space}
         run_dir = out / f"trial-{trial.number:04d}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        train_cfg, model_cfg = resolve_config(family, config, base + [f"{k}={v!r}" if isinstance(v, str) else
-                                                                     f"{k}={v}" for k, v in values.items()])
+        train_cfg, model_cfg = resolve_config(family, config, base + [_assignment(k, v) for k, v in values.items()])
         if not quiet:
             print(f"trial {trial.number} ({len(done) + 1}/{n_trials}): "
                   + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()),
