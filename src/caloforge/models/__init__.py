@@ -2,7 +2,7 @@
 
 >>> from caloforge.models import families, get_family, load_model
 >>> families()
-['calogan', 'cfm', 'densewgan', 'gan3d', 'layerflow', 'wgan']
+['bibae', 'calogan', 'cfm', 'densewgan', 'gan3d', 'layerflow', 'wgan']
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ __all__ = [
 
 # family name -> module defining it (imported lazily; each module defines exactly one ShowerModel subclass).
 _FAMILIES: dict[str, str] = {
+    "bibae": "caloforge.models.bibae",
     "calogan": "caloforge.models.calogan",
     "cfm": "caloforge.models.cfm",
     "densewgan": "caloforge.models.densewgan",
