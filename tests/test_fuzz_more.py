@@ -55,6 +55,8 @@ COLLECT = os.environ.get("CALOFORGE_FUZZ_COLLECT")
 def check(command: str, args: list, invalid: bool = False) -> int:
     """Run one case; ``invalid``: the input is bad by construction, so it must be refused (exit 2)."""
     t0 = time.monotonic()
+    if os.environ.get("CALOFORGE_FUZZ_TIMES"):  # which case is running (a crash names it)
+        print(f"start {command}: {' '.join(map(str, args))[-300:]}", flush=True)
     try:
         code, text = run_case(args)
         if os.environ.get("CALOFORGE_FUZZ_TIMES"):
@@ -742,7 +744,9 @@ def test_fuzz_detector_files(more, data):
     elif command == "json":
         args = ["detectors", det, "--json"]
     elif command == "binning":
-        args = ["detectors", det, "--binning-xml", data.draw(path_value(m))]
+        particle = data.draw(st.one_of(st.sampled_from(["electron", "photon", "pion"]), text_value()))
+        args = ["detectors", det, "--binning-xml", data.draw(path_value(m)), f"--particle={particle}"]
+        invalid = invalid or particle not in ("electron", "photon", "pion")
     elif command == "simulate":
         args = ["simulate", "--detector", det, "-n", "2", "--energy", "50", "-o", m["new"](), "-q"]
     else:

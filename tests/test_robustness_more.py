@@ -296,3 +296,12 @@ def test_tune_space_must_fit_the_model_before_the_study_starts(tmp_path, capsys)
     code, err = _cli(capsys, "tune", "--data", tmp_path / "none.h5", "--model", "layerflow", "--space", space,
                      "-o", out, "--trials", 1, "-q")
     assert code == 2 and "none.h5" in err and not out.exists()
+
+
+def test_binning_xml_particle(tmp_path, capsys):
+    out = tmp_path / "b.xml"
+    code, err = _cli(capsys, "detectors", "cc-ds2", "--binning-xml", out, "--particle", 'e"<')
+    assert code == 2 and "--particle 'e\"<': expected one of electron, photon, pion" in err  # was: broken XML
+    assert not out.exists()
+    assert _cli(capsys, "detectors", "cc-ds2", "--binning-xml", out, "--particle", "photon")[0] == 0
+    assert '<Bin pid="22" name="photon">' in out.read_text()  # was: pid 11 whatever the particle

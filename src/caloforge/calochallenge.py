@@ -115,12 +115,21 @@ def parse_binning(text: str, particle: str | None = None, layer_pitch_mm: float 
     )
 
 
-def binning_xml(detector, particle: str = "electron", pid: int = 11) -> str:
+#: The particle names of CaloChallenge binning XML files and their PDG codes.
+BINNING_PARTICLES = {"electron": 11, "photon": 22, "pion": 211}
+
+
+def binning_xml(detector, particle: str = "electron", pid: int | None = None) -> str:
     """The CaloChallenge binning XML of a detector whose every layer has (r, phi) cells starting at -180 degrees
-    (e.g. ``cc-ds2``): what the community's evaluator (``XMLHandler``) reads. Other readouts raise ValueError."""
+    (e.g. ``cc-ds2``): what the community's evaluator (``XMLHandler``) reads. Other readouts raise ValueError.
+    ``particle`` is one of the challenge's names (the evaluator looks the binning up by it); ``pid`` its PDG code."""
     from caloforge.readout import PolarCells
 
-    lines = ["<Bins>", f'   <Bin pid="{int(pid)}" name="{particle}">']
+    if particle not in BINNING_PARTICLES:
+        raise ValueError(f"--particle {particle!r}: expected one of {', '.join(BINNING_PARTICLES)} (the CaloChallenge "
+                         f"binning names)")
+    pid = BINNING_PARTICLES[particle] if pid is None else int(pid)
+    lines = ["<Bins>", f'   <Bin pid="{pid}" name="{particle}">']
     for i, layer in enumerate(detector.layers):
         c = layer.cells
         if not isinstance(c, PolarCells) or abs(c.phi0_deg + 180.0) > 1e-9:
