@@ -305,3 +305,9 @@ def test_binning_xml_particle(tmp_path, capsys):
     assert not out.exists()
     assert _cli(capsys, "detectors", "cc-ds2", "--binning-xml", out, "--particle", "photon")[0] == 0
     assert '<Bin pid="22" name="photon">' in out.read_text()  # was: pid 11 whatever the particle
+
+
+def test_train_eventwgan_takes_its_flags_literally(ev, tmp_path, capsys):
+    for flag, value in (("--max-steps", 0), ("--seed", -1), ("--threads", 0)):  # 0 was read as "the default"
+        code, err = _cli(capsys, "train", "--model", "eventwgan", "--data", ev, "-o", tmp_path / "r", flag, value)
+        assert code == 2 and (flag if flag != "--max-steps" else "--steps") in err, (flag, err)

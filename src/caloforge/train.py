@@ -789,8 +789,9 @@ def run(args: argparse.Namespace) -> int:
 
         if not args.data:
             raise ValueError("--model eventwgan: give --data EVENTS.h5 (an event file)")
-        train_events(args.data, args.output, steps=args.max_steps or 20000, seed=args.seed or 0,
-                     threads=args.threads or 1, resume=args.resume, quiet=args.quiet, device=pick_device(args.device))
+        train_events(args.data, args.output, steps=20000 if args.max_steps is None else args.max_steps,
+                     seed=0 if args.seed is None else args.seed, threads=1 if args.threads is None else args.threads,
+                     resume=args.resume, quiet=args.quiet, device=pick_device(args.device))
         return 0
     from caloforge import distributed
 
