@@ -276,12 +276,15 @@ def test_layerflow_core_exclusive_shares_a_corner_shower_equally():
     model = tiny_model("layerflow:core_exclusive", det, toy_showers(det, 30, seed=2)).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in (model.cell_hit, model.cell_mu, model.cell_log_sigma, model.core_w):
+        for p in (model.cell_hit, model.cell_mu, model.cell_log_sigma, model.core_w, model.core_cw):
             p.copy_(torch.randn(p.shape, generator=gen))
+        n_l = det.n_layers
         for angle, y_symmetric in ((0.0, True), (40.0, False)):
             cond = torch.tensor([[3e4, angle, 0.0, 0.0, 22.0]] * 4)
             cf = model.condition_features(cond)
             fs = torch.randn(4, model.dim, generator=gen)
+            # layer centroids on the axis (core_centroid: the cells follow the centroid, here symmetric)
+            fs[:, n_l:3 * n_l] = -model.feat_mean[n_l:3 * n_l] / model.feat_std[n_l:3 * n_l]
             offsets = model._offsets(cond)
             cov = model._covariates(fs, cf, offsets)
             core = model._core_terms(cov, offsets, cond)

@@ -71,6 +71,7 @@ class LayerFlowConfig(ModelConfig):
     core_block: int = 0  # a shift-invariant core term on the central core_block x core_block cells (0: none)
     core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
     core_exclusive: bool = False  # core cells follow the core term alone (richer basis, no per-cell coefficients)
+    core_centroid: bool = False  # core cells also follow the layer's centroid (odd terms times the flow's cx, cy)
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
     permutation_seed: int = 1234
@@ -219,7 +220,7 @@ class LayerFlow(ShowerModel):
         # odd partners in dy: angled showers lean towards +y), a_k linear in the layer's covariates. The per-cell
         # laws are smooth in the axis offset; where the axis passes near a cell edge or corner the sharing of the
         # core between cells changes fast, and only a function of the distance to the axis gets it right.
-        self.core_w = None
+        self.core_w = self.core_cw = None
         if cfg.core_block > 0:
             if not self.cell_offsets:
                 raise ValueError("layerflow: core_block needs a model that takes impact positions (the axis)")
@@ -235,6 +236,8 @@ class LayerFlow(ShowerModel):
             # exclusive: 6 laws (also the skew and tail weight) on 11 basis functions, the per-cell ones masked out
             self.core_laws, self.core_basis = (6, 11) if cfg.core_exclusive else (4, 6)
             self.core_w = nn.Parameter(torch.zeros(n_l, self.n_cov, self.core_laws * self.core_basis))
+            # odd terms dx g_k, dy g_k (3 widths) times the layer's raw centroid (cells from the axis), per layer, law
+            self.core_cw = nn.Parameter(torch.zeros(n_l, self.core_laws, 2, 3)) if cfg.core_centroid else None
             if cfg.core_exclusive:
                 keep = np.ones(self.n_lat, np.float32)
                 keep[core] = 0.0
@@ -471,6 +474,19 @@ class LayerFlow(ShowerModel):
         phi = self._core_basis_values(dx, dy, angle).to(cov.dtype)  # (L, n, B^2, K)
         coef = torch.bmm(cov, self.core_w).reshape(self.n_layers, -1, self.core_laws, self.core_basis)
         term = torch.einsum("lnbk,lnjk->lnbj", phi, coef).float()
+        if self.core_cw is not None:  # follow the layer's centroid: zero at the axis, so symmetric where it is
+            cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+            n_l = self.n_layers
+            std, mean = self.feat_std[n_l:3 * n_l].reshape(2, n_l).T, self.feat_mean[n_l:3 * n_l].reshape(2, n_l).T
+            c_raw = cov[:, :, 2:4] * std[:, None] + mean[:, None]  # (L, n, 2): the centroid in cells from the axis
+            r2 = dx * dx + dy * dy
+            odd = []
+            for k in range(3):
+                s = cfg.core_width * 2.0 ** k
+                g = torch.exp(r2 * (-0.5 / s ** 2)) / s
+                odd.append(torch.stack([dx * g, dy * g], dim=-1))
+            odd_b = torch.stack(odd, dim=-1) * c_raw.float()[:, :, None, :, None]  # (L, n, B^2, 2, 3)
+            term = term + torch.einsum("lnbck,ljck->lnbj", odd_b, self.core_cw.float())
         return torch.cat([term, torch.zeros_like(term[:, :, :1])], dim=2)
 
     def _core_at(self, core: torch.Tensor | None, lay: torch.Tensor, row: torch.Tensor,
@@ -608,7 +624,7 @@ class LayerFlow(ShowerModel):
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
         """One Adam; the per-cell coefficients take 10x the flow's learning rate (they are plain GLM terms)."""
         cells = [p for p in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail,
-                             self.cell_mix, self.mip_logits, self.core_w) if p is not None]
+                             self.cell_mix, self.mip_logits, self.core_w, self.core_cw) if p is not None]
         ids = {id(p) for p in cells}
         flow = [p for p in self.parameters() if id(p) not in ids]
         return {"main": torch.optim.Adam([{"params": flow, "weight_decay": weight_decay},
