@@ -109,7 +109,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "layerflow:core_exclusive": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                                  "count_hidden": 16, "counts_first": True, "axis_features": True,
                                  "offset_squares": True, "core_block": 3, "core_exclusive": True,
-                                 "core_centroid": True, "select_noise": True},
+                                 "core_centroid": True, "core_far": True, "select_noise": True},
     "wgan": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16, "aux_channels": 4,
              "n_critic": 2},
     "gan3d": {"latent_dim": 8, "gen_channels": 4, "disc_channels": 2, "out_bias_init": 0.05},

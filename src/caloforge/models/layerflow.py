@@ -72,6 +72,7 @@ class LayerFlowConfig(ModelConfig):
     core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
     core_exclusive: bool = False  # core cells follow the core term alone (richer basis, no per-cell coefficients)
     core_centroid: bool = False  # core cells also follow the layer's centroid (odd terms times the flow's cx, cy)
+    core_far: bool = False  # the exclusive core's basis also has log(r + 1/2) and exp(-r / 3) (for blocks >= 11)
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
     permutation_seed: int = 1234
@@ -234,7 +235,7 @@ class LayerFlow(ShowerModel):
             self.register_buffer("core_idx", torch.as_tensor(core, dtype=torch.long), persistent=False)
             self.register_buffer("core_pos", torch.as_tensor(pos, dtype=torch.long), persistent=False)
             # exclusive: 6 laws (also the skew and tail weight) on 11 basis functions, the per-cell ones masked out
-            self.core_laws, self.core_basis = (6, 11) if cfg.core_exclusive else (4, 6)
+            self.core_laws, self.core_basis = (6, 11 + 2 * cfg.core_far) if cfg.core_exclusive else (4, 6)
             self.core_w = nn.Parameter(torch.zeros(n_l, self.n_cov, self.core_laws * self.core_basis))
             # odd terms dx g_k, dy g_k (3 widths) times the layer's raw centroid (cells from the axis), per layer, law
             self.core_cw = nn.Parameter(torch.zeros(n_l, self.core_laws, 2, 3)) if cfg.core_centroid else None
@@ -458,6 +459,9 @@ class LayerFlow(ShowerModel):
         basis = [torch.ones_like(r2), torch.sqrt(r2 + 1e-6)] + g
         basis += [sin_a * g[k] * (dy / (cfg.core_width * 2.0 ** k)) for k in range(3)]
         basis += [sec_m1 * g[k] * ((dy * dy - dx * dx) / (cfg.core_width * 2.0 ** k) ** 2) for k in (1, 2)]
+        if cfg.core_far:  # the halo: a slow fall-off with the distance (hit probability, soft-hit weight)
+            r = basis[1]
+            basis += [torch.log(r + 0.5), torch.exp(r * (-1.0 / 3.0))]
         return torch.stack(basis, dim=-1)
 
     def _core_terms(self, cov: torch.Tensor, offsets: torch.Tensor | None,
