@@ -135,3 +135,28 @@ def test_steps_script_writes_the_same_weights_with_other_steps(detector, data, t
     save_model(tiny_model("gan3d", detector, data), tmp_path / "g")
     with pytest.raises(ModelError, match="field 'family' is 'gan3d'; expected 'cfm'"):
         script.main([str(tmp_path / "g"), "--steps", "2", "-o", str(tmp_path / "g2")])
+
+
+def test_export_checkpoint_script_gives_the_trained_model(tmp_path):
+    """scripts/export_checkpoint.py: the model of a run's last checkpoint, without loading the data, samples as the
+    model the trainer wrote at the same step."""
+    import importlib.util
+    from pathlib import Path
+
+    from caloforge.models import load_model
+    from caloforge.train import TrainConfig, Trainer
+    from conftest_models import write_toy_file
+
+    spec = importlib.util.spec_from_file_location("export_checkpoint",
+                                                  Path(__file__).parents[1] / "scripts" / "export_checkpoint.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    det = toy_detector()
+    write_toy_file(tmp_path / "toy.h5", det, 40, seed=1)
+    cfg = TrainConfig(batch_size=16, max_steps=4, checkpoint_every=2, val_every=0, val_fraction=0.2, select="last")
+    Trainer.create(str(tmp_path / "toy.h5"), "cfm", tmp_path / "run", cfg, TINY_CONFIGS["cfm"]).fit()
+    assert script.main([str(tmp_path / "run"), "-o", str(tmp_path / "m")]) == 0
+    exported, trained = load_model(tmp_path / "m", expected_detector=det), load_model(tmp_path / "run")
+    assert exported.meta["training"]["step"] == 4 and exported.meta["particles"] == ["gamma"]
+    e = [20e3, 60e3]
+    assert torch.equal(exported.sample(e, 0.0, seed=1), trained.sample(e, 0.0, seed=1))
