@@ -44,7 +44,8 @@ from test_fuzz import (  # noqa: F401  (world: the fixture of the first round's 
     world,
 )
 
-#: Per command: how many generated cases ran, how many ended in a clear error (printed by ``-s``; BENCHMARKS.md).
+#: Per command: how many generated cases ran, how many were refused with a clear error (the rest ran, or reached the
+#: Geant4 or Pythia stub); printed with ``-s`` (BENCHMARKS.md).
 COUNTS: dict[str, list[int]] = {}
 
 
@@ -71,7 +72,7 @@ def check(command: str, args: list, invalid: bool = False) -> int:
         return -1
     n = COUNTS.setdefault(command, [0, 0])
     n[0] += 1
-    n[1] += code == 2
+    n[1] += not accepted
     return code
 
 
