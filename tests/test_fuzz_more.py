@@ -34,7 +34,7 @@ from caloforge.detector import builtin_detectors
 from caloforge.events.eventfile import Events, write_events
 from test_fuzz import (  # noqa: F401  (world: the fixture of the first round's valid inputs)
     BIG_INTS,
-    NASTY,
+    FUZZ_SCALE,
     SMALL_INTS,
     fuzz_settings,
     mutate,
@@ -205,7 +205,7 @@ TUNE_BASE = ["train.max_steps=2", "train.val_every=1", "train.val_fraction=0.25"
              "train.batch_size=8", "model.flow_blocks=1", "model.flow_hidden=4"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(20)
 @given(data=st.data())
 def test_fuzz_tune(more, data):
@@ -333,7 +333,7 @@ def good_events(m, v) -> bool:
     return str(v) in (str(m["ev"]), str(m["ev2"]))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(70)
 @given(data=st.data())
 def test_fuzz_events_arguments(more, no_pythia, data):
@@ -478,7 +478,7 @@ def damage_events(draw, src: Path, dst: Path) -> tuple[Path, bool]:
     return dst, invalid
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(60)
 @given(data=st.data())
 def test_fuzz_damaged_event_files(more, no_pythia, data):
@@ -508,7 +508,7 @@ def test_fuzz_damaged_event_files(more, no_pythia, data):
     check(f"damaged event file -> {command}", args, invalid)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(40)
 @given(data=st.data())
 def test_fuzz_mislabelled_files(more, no_pythia, data):
@@ -579,7 +579,7 @@ def damage_run(draw, src: Path, dst: Path, meta_name: str, weights_name: str) ->
     return dst, invalid
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(50)
 @given(data=st.data())
 def test_fuzz_model_directories_of_the_wrong_kind(more, data):
@@ -624,7 +624,7 @@ REFINE_SETS = ["hidden=0", "hidden=1000000000", "steps=-1", "lr=nan", "lr=\"1e-3
                "seed=-1", "checkpoint_every=0", "hidden=4"]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(40)
 @given(data=st.data())
 def test_fuzz_refine_arguments(more, data):
@@ -733,7 +733,7 @@ def detector_file(draw, m, path_stem: Path) -> tuple[Path, bool]:
     return path, invalid
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(90)
 @given(data=st.data())
 def test_fuzz_detector_files(more, data):
@@ -756,7 +756,7 @@ def test_fuzz_detector_files(more, data):
 
 
 # ---- Dask and torchrun options -------------------------------------------------------------------------------
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(30)
 @given(data=st.data())
 def test_fuzz_dask_options(more, data):
@@ -791,7 +791,7 @@ def test_fuzz_dask_options(more, data):
     check("simulate --backend dask", ["simulate", *as_args(f)], bool(invalid))
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600 * FUZZ_SCALE)
 @fuzz_settings(15)
 @given(data=st.data())
 def test_fuzz_torchrun_environment(more, data):
