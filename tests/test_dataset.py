@@ -130,3 +130,36 @@ def test_writer_refuses_bad_values(tmp_path):
     s[0, 0] = np.nan
     with pytest.raises(DatasetError, match="NaN"):
         write_showers(tmp_path / "x.h5", DET, e, a, s)
+
+
+def test_merge_sets_widens_normal_windows_and_keeps_conditions(tmp_path):
+    """scripts/merge_sets.py: a normal-window file and an angled-window file of one detector become one angled file,
+    every row's conditions and cells intact (the normal window's cells are the angled window's first y columns)."""
+    import importlib.util
+    from pathlib import Path
+
+    from caloforge.conditions import Conditions
+    from caloforge.dataset import write_showers
+    from conftest_models import toy_detector
+
+    spec = importlib.util.spec_from_file_location("merge_sets", Path(__file__).parents[1] / "scripts" / "merge_sets.py")
+    merge = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge)
+    det = toy_detector(n_layers=3, n_xy=4, n_y_angled=8)
+    rng = np.random.default_rng(0)
+    normal = rng.exponential(1.0, (5, 3 * 4 * 4)).astype(np.float32)
+    angled = rng.exponential(1.0, (4, 3 * 4 * 8)).astype(np.float32)
+    c_n = Conditions(np.full(5, 2e4), np.zeros(5), np.zeros(5), np.zeros(5), "gamma")
+    c_a = Conditions(np.full(4, 3e4), np.full(4, 30.0), np.full(4, 1.0), np.full(4, 2.0), "e-")
+    write_showers(tmp_path / "n.h5", det, c_n, normal, attrs={"source": "toy", "particle": "gamma"})
+    write_showers(tmp_path / "a.h5", det, c_a, angled, attrs={"source": "toy", "particle": "e-"})
+    assert merge.main(["-o", str(tmp_path / "m.h5"), str(tmp_path / "n.h5"), str(tmp_path / "a.h5")]) == 0
+    with ShowerFile(tmp_path / "m.h5", expected_detector=det) as f:
+        b = f.read()
+    assert b.showers.shape == (9, 3 * 4 * 8)
+    wide = b.showers[:5].reshape(5, 3, 4, 8)
+    assert np.array_equal(wide[..., :4].reshape(5, -1), normal) and not wide[..., 4:].any()
+    assert np.array_equal(b.showers[5:], angled)
+    assert np.array_equal(b.conditions.pdg, np.r_[np.full(5, 22), np.full(4, 11)])
+    assert np.array_equal(b.conditions.angle, np.r_[np.zeros(5), np.full(4, 30.0)])
+    assert np.array_equal(b.conditions.x, np.r_[np.zeros(5), np.ones(4)])
