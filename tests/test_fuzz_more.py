@@ -643,8 +643,8 @@ def test_fuzz_refine_arguments(more, data):
                    or _int(f.get("--max-showers", 2)) in (None, 1) or bad_seed(f.get("--seed", 0))
                    or "--resume" in f or f.get("--set", "hidden=4") != "hidden=4")
         args = as_args({k: v for k, v in f.items() if k != "action"})
-        args = ["train", *args, "--set=hidden=4", "--set=critic_channels=4", "--set=critic_hidden=8",
-                "--set=batch_size=8"]
+        args = ["train", "--set=hidden=4", "--set=critic_channels=4", "--set=critic_hidden=8", "--set=batch_size=8",
+                *args]  # the fuzzed --set comes last: it wins
     else:
         base = {"run": m["refiner"], "input": m["data"], "-o": m["new"](), "-q": None}
         pools = {"run": model_dirs(m), "input": st.one_of(event_inputs(m), st.just(m["data"])), "-o": path_value(m),

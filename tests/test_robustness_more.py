@@ -292,6 +292,10 @@ def test_tune_space_must_fit_the_model_before_the_study_starts(tmp_path, capsys)
                      "--trials", 1, "-q")
     assert code == 2 and "[space] 'model.flow_hidden': the value 1000000000 does not fit --model layerflow" in err
     assert not out.exists()  # was: refused only when a trial drew it, after the study was made
+    space.write_text('[space]\n"model.flow_hidden" = { type = "float", low = 4, high = 8 }\n')
+    code, err = _cli(capsys, "tune", "--data", data, "--model", "layerflow", "--space", space, "-o", out,
+                     "--trials", 1, "-q")
+    assert code == 2 and "the value 5.48 does not fit" in err and "expected an integer" in err
     space.write_text('[space]\n"train.lr" = { type = "float", low = 1e-4, high = 1e-2 }\n')
     code, err = _cli(capsys, "tune", "--data", tmp_path / "none.h5", "--model", "layerflow", "--space", space,
                      "-o", out, "--trials", 1, "-q")

@@ -115,6 +115,8 @@ def check_space(space: list[Param], family: str, config: str | None, base: list[
 
     for p in space:
         values = list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+        if p.kind == "float":  # and a value between the ends: a float range over an integer option is refused
+            values.append(p.low + 0.37 * (p.high - p.low))
         for v in values:
             v = int(v) if p.kind == "int" else v
             try:
