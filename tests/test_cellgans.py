@@ -161,3 +161,29 @@ def test_train_generate_export_bench_cli(family, det, tmp_path, capsys):
                  "--no-geant4", "--json", str(tmp_path / "b.json")]) == 0
     bench = json.loads((tmp_path / "b.json").read_text())
     assert bench and "ms" in json.dumps(bench)
+
+
+def test_shower_shapes_script(det, tmp_path):
+    """scripts/shower_shapes.py: identical samples agree exactly; a sample with doubled energies is told apart."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("shower_shapes",
+                                                  Path(__file__).parents[1] / "scripts" / "shower_shapes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    b = toy_layered_showers(det, 60, seed=2)
+    write_showers(tmp_path / "a.h5", det, b.conditions, b.showers)
+    write_showers(tmp_path / "b.h5", det, b.conditions, 2 * b.showers)
+    ref, particles, images, _ = mod.shapes(str(tmp_path / "a.h5"), 0.075)
+    assert set(particles) == {"gamma", "e+"} and [x.shape[1] for x in images] == [16, 16, 8]
+    rows = {r["quantity"]: r for r in mod.compare(ref, ref)}
+    assert all(r["pull"] == 0 and r["ks"] == 0 for r in rows.values())
+    want = {"E_tot [GeV]", "f_0", "E_ratio,1", "s_d [layers]", "sigma_sd [layers]", "sigma_1,x (eta) [cells]"}
+    assert want <= set(rows)
+    doubled, _, images2, _ = mod.shapes(str(tmp_path / "b.h5"), 0.075)
+    rows2 = {r["quantity"]: r for r in mod.compare(ref, doubled)}
+    assert rows2["E_tot [GeV]"]["model_mean"] == pytest.approx(2 * rows["E_tot [GeV]"]["geant4_mean"], rel=0.02)
+    assert rows2["E_tot [GeV]"]["ks"] > rows2["E_tot [GeV]"]["ks_crit"]
+    assert rows2["f_1"]["ks"] < rows2["f_1"]["ks_crit"]  # fractions do not change (cells far above threshold)
+    assert mod.image_agreement(images, images2) == pytest.approx([1.0, 1.0, 1.0], rel=0.02)
