@@ -100,3 +100,35 @@ def test_bench_cli(model_dir, tmp_path, capsys):
     assert [r["energy_gev"] for r in res["per_energy"]] == [20, 50]
     assert res["per_energy"][0]["geant4_ms_per_shower"] is None
     assert "ms/shower" in capsys.readouterr().out
+
+
+def test_steps_and_solver_reach_ode_models_and_are_refused_elsewhere(tmp_path, capsys):
+    """``generate --steps/--solver`` set the ODE steps of a cfm model (recorded in the file; other steps, other
+    showers) and are refused with a clear error for one-pass families; ``bench`` takes them too."""
+    import h5py
+
+    from caloforge.models import save_model
+    from conftest_models import tiny_model, toy_showers
+
+    det = toy_detector()
+    data = toy_showers(det, 20, seed=1)
+    for family in ("cfm", "layerflow"):
+        save_model(tiny_model(family, det, data), tmp_path / family)
+    common = ["-n", "4", "--energy", "20:60", "--seed", "2", "--quiet", "--device", "cpu"]
+    for steps in (1, 3):
+        assert main(["generate", "--model", str(tmp_path / "cfm"), "--steps", str(steps), "--solver", "euler",
+                     "-o", str(tmp_path / f"c{steps}.h5"), *common]) == 0
+    with h5py.File(tmp_path / "c1.h5") as a, h5py.File(tmp_path / "c3.h5") as b:
+        assert a.attrs["sampling_steps"] == 1 and b.attrs["sampling_steps"] == 3
+        assert a.attrs["sampling_solver"] == "euler"
+        assert not np.array_equal(a["showers"][:], b["showers"][:])
+    assert main(["generate", "--model", str(tmp_path / "layerflow"), "--steps", "4", "-o", str(tmp_path / "l.h5"),
+                 *common]) == 2
+    assert "only families that integrate an ODE" in capsys.readouterr().err
+    assert main(["generate", "--model", str(tmp_path / "cfm"), "--steps", "0", "-o", str(tmp_path / "z.h5"),
+                 *common]) == 2
+    assert main(["generate", "--model", str(tmp_path / "cfm"), "--solver", "rk99", "-o", str(tmp_path / "z.h5"),
+                 *common]) == 2
+    assert not (tmp_path / "z.h5").exists() and not (tmp_path / "l.h5").exists()
+    assert main(["bench", "--model", str(tmp_path / "cfm"), "--steps", "2", "--batch-sizes", "2", "--energies", "30",
+                 "--repeats", "2", "--no-geant4"]) == 0

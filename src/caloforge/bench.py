@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+from caloforge.generate import add_sampling_arguments, apply_sampling
+
 #: The largest batch size timed (a batch of showers is held in memory).
 MAX_BATCH = 100_000
 #: The whole jobs timed by --whole-job (FORMAT:COMPRESSION[:serial]); the first is today's default written serially.
@@ -28,6 +30,7 @@ MAX_WHOLE_JOB = 10_000_000
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="trained model directory (default: the shipped pretrained model)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or auto")
+    add_sampling_arguments(p)
     p.add_argument("--batch-sizes", default="1,10,100,1000,10000", help="comma-separated batch sizes")
     p.add_argument("--energies", default="10,50,100", help="comma-separated energies in GeV")
     p.add_argument("--angle", type=float, default=0.0, help="incidence angle in degrees (default 0)")
@@ -189,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.model or default_model_path()
     t_load = time.perf_counter()
     model = load_model(path, device=device)
+    apply_sampling(model, args.steps, args.solver)
     t_load = time.perf_counter() - t_load
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} "\
                                                                                   f"threads)"

@@ -50,6 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
                    help="HDF5 compression of the showers: gzip (level 1, shuffle; default, smallest), lzf (faster, "
                         "larger) or none (fastest, largest)")
+    add_sampling_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -95,6 +96,29 @@ class _BackgroundWriter:
         self.wait_s += time.perf_counter() - t0
         if raise_error and self.error is not None:
             raise self.error
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    """``--steps`` and ``--solver``: the sampling knobs of families that integrate an ODE (cfm)."""
+    p.add_argument("--steps", type=int, default=None,
+                   help="ODE steps of models that integrate one (cfm; default: the model's config)")
+    p.add_argument("--solver", default=None, help="ODE solver of such models: euler, midpoint or heun")
+
+
+def apply_sampling(model, steps: int | None, solver: str | None) -> dict:
+    """Set ``--steps``/``--solver`` on a model that takes them (a ValueError for one-pass families); returns the
+    file attributes that record them."""
+    from caloforge.validate import check_int
+
+    if steps is None and solver is None:
+        return {}
+    if not hasattr(model, "set_sampling"):
+        raise ValueError(f"--steps/--solver: the {model.family} model makes a shower in one pass; only families that "
+                         f"integrate an ODE (cfm) take them")
+    if steps is not None:
+        check_int(steps, "--steps", 1, 10000)
+    model.set_sampling(steps=steps, solver=solver)
+    return {"sampling_steps": int(model.sample_steps), "sampling_solver": str(model.solver)}
 
 
 def _to_host(model, c, gen, angled: bool, layout: str) -> tuple[str, tuple]:
@@ -219,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     path = args.model or default_model_path()
     model = load_model(path, device=device)
+    sampling = apply_sampling(model, args.steps, args.solver)
     conditions = sampler = None
     angled = None
     if args.conditions_from:
@@ -246,7 +271,8 @@ def run(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = generate_file(model, args.output, n, sampler, conditions, args.batch_size, args.seed, args.quiet,
-                            attrs={"conditions_from": str(args.conditions_from)} if args.conditions_from else None,
+                            attrs={**sampling, **({"conditions_from": str(args.conditions_from)}
+                                                  if args.conditions_from else {})} or None,
                             angled=angled, layout=args.format, compression=args.compression)
     for w in caught:
         print(f"caloforge generate: warning: {w.message}", file=sys.stderr)
