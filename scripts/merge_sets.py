@@ -30,6 +30,22 @@ def widen(showers: np.ndarray, shape: tuple[int, int, int], to: tuple[int, int, 
     return out.reshape(len(showers), -1)
 
 
+def union_specs(files: list[ShowerFile]) -> dict[str, str]:
+    """energy_spec and angle_spec covering every input's (the trainer widens a model's range to them)."""
+    from caloforge.conditions import parse_angle_spec, parse_energy_spec
+
+    out = {}
+    for attr, parse in (("energy_spec", parse_energy_spec), ("angle_spec", parse_angle_spec)):
+        try:
+            bounds = [parse(str(f.attrs[attr])).bounds for f in files]
+        except (KeyError, ValueError):
+            continue
+        lo, hi = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        scale = 1e3 if attr == "energy_spec" else 1.0  # the energy spec is in GeV, its bounds in MeV
+        out[attr] = f"{lo / scale:g}:{hi / scale:g}" if hi > lo else f"{lo / scale:g}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+")
@@ -43,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     target = max(shapes, key=lambda s: s[2])
     particles = sorted({p for f in files for p in f.conditions.particles})
     attrs = {"source": "geant4", "particle": ",".join(particles), "merged_from": ",".join(args.inputs)}
+    attrs.update(union_specs(files))
     with ShowerWriter(args.output, det, int(np.prod(target)), attrs) as w:
         for f, shape in zip(files, shapes):
             for b in f.iter_batches(1000):

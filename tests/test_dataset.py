@@ -151,11 +151,14 @@ def test_merge_sets_widens_normal_windows_and_keeps_conditions(tmp_path):
     angled = rng.exponential(1.0, (4, 3 * 4 * 8)).astype(np.float32)
     c_n = Conditions(np.full(5, 2e4), np.zeros(5), np.zeros(5), np.zeros(5), "gamma")
     c_a = Conditions(np.full(4, 3e4), np.full(4, 30.0), np.full(4, 1.0), np.full(4, 2.0), "e-")
-    write_showers(tmp_path / "n.h5", det, c_n, normal, attrs={"source": "toy", "particle": "gamma"})
-    write_showers(tmp_path / "a.h5", det, c_a, angled, attrs={"source": "toy", "particle": "e-"})
+    write_showers(tmp_path / "n.h5", det, c_n, normal, attrs={"source": "toy", "particle": "gamma",
+                                                              "energy_spec": "10:100", "angle_spec": "0"})
+    write_showers(tmp_path / "a.h5", det, c_a, angled, attrs={"source": "toy", "particle": "e-",
+                                                              "energy_spec": "20:50", "angle_spec": "0:60"})
     assert merge.main(["-o", str(tmp_path / "m.h5"), str(tmp_path / "n.h5"), str(tmp_path / "a.h5")]) == 0
     with ShowerFile(tmp_path / "m.h5", expected_detector=det) as f:
         b = f.read()
+        assert (f.attrs["energy_spec"], f.attrs["angle_spec"]) == ("10:100", "0:60")  # the union of the inputs'
     assert b.showers.shape == (9, 3 * 4 * 8)
     wide = b.showers[:5].reshape(5, 3, 4, 8)
     assert np.array_equal(wide[..., :4].reshape(5, -1), normal) and not wide[..., 4:].any()
