@@ -134,11 +134,24 @@ def family_of(variant: str) -> str:
     return variant.split(":")[0]
 
 
+def _takes_grids_only(variant: str) -> bool:
+    from caloforge.models import get_family
+
+    return getattr(get_family(family_of(variant)), "readouts", "grid") == "grid"
+
+
+#: The variants of image families (the shower-axis frame: angles, impact points, the angled window).
+GRID_VARIANTS: list[str] = [v for v in VARIANTS if _takes_grids_only(v)]
+
+
 def tiny_model(variant: str, detector: Detector, data: Batch):
     """A tiny model of ``variant`` (a family name, or "family:variant") fitted on ``data`` (untrained)."""
+    import torch
+
     from caloforge.models import get_family
 
     cls = get_family(family_of(variant))
+    torch.manual_seed(0)  # the initial weights, whatever ran before (the tests must not depend on their order)
     model = cls(detector, data.showers.shape[1], cls.Config.from_dict(TINY_CONFIGS[variant]))
     model.fit_preprocessing(data)
     return model

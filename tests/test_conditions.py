@@ -20,7 +20,7 @@ from caloforge.conditions import (
 from caloforge.dataset import Batch, DatasetError, ShowerFile, write_showers
 from caloforge.models import ModelError, load_model, save_model
 from caloforge.models.base import LEGACY_FEATURES
-from conftest_models import TINY_CONFIGS, VARIANTS, family_of, tiny_model, toy_detector, toy_showers
+from conftest_models import GRID_VARIANTS, TINY_CONFIGS, family_of, tiny_model, toy_detector, toy_showers
 
 
 def _rngs():
@@ -151,7 +151,7 @@ def _centroid_y(showers: np.ndarray, det, angled: bool) -> np.ndarray:
     return (e_y @ y).sum(0) / np.maximum(e_y.sum(axis=(0, 2)), 1e-9)
 
 
-@pytest.mark.parametrize("family", VARIANTS)
+@pytest.mark.parametrize("family", GRID_VARIANTS)
 def test_axis_frame_round_trip(family):
     det, data = _angled_toy(8)
     model = tiny_model(family, det, Batch(data.conditions, np.zeros((8, det.n_cells()), np.float32)))
@@ -225,7 +225,7 @@ def test_models_saved_before_conditions_still_load(tmp_path):
         loaded.sample([5e4], 0.0, positions=(2.0, 2.0))
 
 
-@pytest.mark.parametrize("family", VARIANTS)
+@pytest.mark.parametrize("family", GRID_VARIANTS)
 def test_onnx_export_of_an_angled_model(family, tmp_path):
     import onnxruntime as ort
 
