@@ -243,21 +243,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.discriminator(y, cf, self.layer_features(y))
 
-    # ---- sampling -----------------------------------------------------------------------------------
-    def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
-        return [((n, self.config.latent_dim), "normal")]
-
-    def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        y = self.generate_y(noise[0], self.condition_features(cond))
-        return self.from_y(y.clamp(max=1.0), cond[:, 0])
-
-    # ---- training -----------------------------------------------------------------------------------
-    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
-        cfg: CaloGANConfig = self.config  # type: ignore[assignment]
-        betas = (cfg.beta1, cfg.beta2)
-        return {"generator": torch.optim.Adam(self.generators.parameters(), lr=lr, betas=betas),
-                "critic": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)}
-
+    # ---- training (sampling and the optimisers: FlatLogCells) -------------------------------------------
     def _generator_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """Energy conservation (hinge above the largest training fraction) and the optional moment term."""
         cfg: CaloGANConfig = self.config  # type: ignore[assignment]

@@ -97,19 +97,6 @@ class DenseWGAN(FlatLogCells, ShowerModel):
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([y, self.layer_features(y), cf], dim=1)).squeeze(1)
 
-    def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
-        return [((n, self.config.latent_dim), "normal")]
-
-    def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        y = self.generate_y(noise[0], self.condition_features(cond))
-        return self.from_y(y.clamp(max=1.0), cond[:, 0])
-
-    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
-        cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
-        betas = (cfg.beta1, cfg.beta2)
-        return {"generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
-                "critic": torch.optim.Adam(self.critic.parameters(), lr=lr, betas=betas)}
-
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         return adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, None, grad_clip)

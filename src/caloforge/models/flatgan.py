@@ -21,8 +21,9 @@ from caloforge.models.base import TrainBatch
 
 
 class FlatLogCells:
-    """Mixin for a :class:`ShowerModel` in frame "cells": needs ``config.norm_fraction``, ``n_cells``, ``detector``;
-    call :meth:`init_flat_cells` in ``__init__``."""
+    """Mixin for a :class:`ShowerModel` in frame "cells": needs ``config.norm_fraction``, ``config.latent_dim``,
+    ``config.beta1/beta2``, ``n_cells``, ``detector``, and ``generate_y``, ``generator_parameters`` and
+    ``critic_parameters``; call :meth:`init_flat_cells` in ``__init__``."""
 
     def init_flat_cells(self) -> None:
         offsets = self.detector.layer_offsets()
@@ -54,6 +55,19 @@ class FlatLogCells:
         frac = self.cell_fractions(y) @ self.layer_onehot
         hits = torch.tanh(50.0 * y) @ self.layer_onehot / self.layer_onehot.sum(0)  # soft count, y >= 0
         return torch.cat([(torch.log(frac + 1e-6) + 7.0) / 3.0, hits], dim=1)
+
+    def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
+        return [((n, self.config.latent_dim), "normal")]
+
+    def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
+        y = self.generate_y(noise[0], self.condition_features(cond))
+        return self.from_y(y.clamp(max=1.0), cond[:, 0])
+
+    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
+        """Adam for the generator and for the critic, with the config's betas."""
+        betas = (self.config.beta1, self.config.beta2)
+        return {"generator": torch.optim.Adam(self.generator_parameters(), lr=lr, betas=betas),
+                "critic": torch.optim.Adam(self.critic_parameters(), lr=lr, betas=betas)}
 
     def fit_log_scale(self, data: Any) -> None:
         """``y_scale``: the largest log-compressed training cell."""
