@@ -121,7 +121,7 @@ def apply_sampling(model, steps: int | None, solver: str | None) -> dict:
     return {"sampling_steps": int(model.sample_steps), "sampling_solver": str(model.solver)}
 
 
-def _to_host(model, c, gen, angled: bool, layout: str) -> tuple[str, tuple]:
+def _generate_batch(model, c, gen, angled: bool, layout: str) -> tuple[str, tuple]:
     """Generate one batch and hand it to the writer: the hits straight from the model (sparse: only they cross to the
     host, and families that make hits directly never build the dense window), or the dense array (through pinned
     memory from a GPU: a pageable copy runs at a tenth of the speed)."""
@@ -200,7 +200,7 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
             for start in range(0, n, batch_size):
                 c = conditions[start:start + batch_size]
                 t0 = time.perf_counter()
-                method, payload = _to_host(model, c, gen, angled, layout)
+                method, payload = _generate_batch(model, c, gen, angled, layout)
                 model_s += time.perf_counter() - t0
                 if bg is not None:
                     bg.put(method, c, *payload)
