@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import warnings
 
 import numpy as np
@@ -297,6 +298,34 @@ def test_layerflow_core_exclusive_shares_a_corner_shower_equally():
                 assert torch.allclose(logit[0, :, c], logit[0, :, cell[(-x, y)]], atol=1e-5)  # x always symmetric
                 same_y = torch.allclose(logit[0, :, c], logit[0, :, cell[(x, -y)]], atol=1e-5)
                 assert same_y == y_symmetric, (angle, x, y)
+
+
+def test_layerflow_angle_basis_covariates_are_bumps_in_the_angle():
+    """``angle_basis`` appends K Gaussian bumps in the incidence angle (centred by 1/2) to every layer's cell
+    covariates: bump k is 1/2 at its own angle, exp(-1/2) - 1/2 one spacing away; cells then respond to the angle
+    through their own coefficients on the bumps."""
+    det = toy_detector()
+    model = tiny_model("layerflow:core", det, toy_showers(det, 30, seed=2)).eval()
+    k = model.config.angle_basis
+    assert k == 3 and model.n_cov == model.cell_hit.shape[1]
+    cond = torch.tensor([[3e4, a, 0.0, 0.0, 22.0] for a in (0.0, 30.0, 60.0)])
+    with torch.no_grad():
+        cf = model.condition_features(cond)
+        fs = torch.zeros(3, model.dim)
+        cov = model._covariates(fs, cf, model._offsets(cond), cond)
+        bumps = cov[0, :, -k:]
+        expected = torch.full((3, 3), math.exp(-0.5) - 0.5)
+        expected[0, 2] = expected[2, 0] = math.exp(-2.0) - 0.5
+        expected.fill_diagonal_(0.5)
+        assert torch.allclose(bumps, expected, atol=1e-6)
+        assert torch.equal(cov[:, :, -k:], bumps.expand(cov.shape[0], -1, -1))  # the same bumps in every layer
+        # a coefficient on the middle bump changes the hit logits at 30 degrees most
+        before = model._hit_logits(cov)
+        model.cell_hit[:, -2, :] += 1.0
+        delta = (model._hit_logits(cov) - before)[0, :, 0]
+        assert torch.allclose(delta, bumps[:, 1], atol=1e-6)
+        with pytest.raises(ValueError, match="raw conditions"):
+            model._covariates(fs, cf, model._offsets(cond))
 
 
 def test_layerflow_clamp_keeps_a_wild_flow_inside_the_training_range():

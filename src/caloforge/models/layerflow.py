@@ -39,6 +39,7 @@ from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
+ANGLE_BASIS_MAX_DEG = 60.0  # the angle_basis bumps span 0 to this (the widest angle the house detector's window holds)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class LayerFlowConfig(ModelConfig):
     core_far: bool = False  # the exclusive core's basis also has log(r + 1/2) and exp(-r / 3) (for blocks >= 11)
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
+    angle_basis: int = 0  # Gaussian bumps in the incidence angle (0-60 deg) as cell covariates (0: none): each cell's
+    # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     permutation_seed: int = 1234
 
     bounds: ClassVar[dict[str, tuple]] = {
@@ -83,7 +86,7 @@ class LayerFlowConfig(ModelConfig):
         "scale_clamp": (1e-3, 1e3), "dequant_mev": (0.0, 1e6), "centroid_reg_mev": (1e-9, 1e6),
         "empty_layer_noise": (0.0, 1e3), "min_hit_prob": (0.0, 0.5), "cell_cap_margin": (1e-3, 1e6),
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
-        "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0),
+        "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
     }
 
     def weight_estimate(self) -> int:
@@ -162,7 +165,13 @@ class LayerFlow(ShowerModel):
         n_cf = self.n_cond_features
         self.cell_offsets = "position" in self.condition_names  # the axis's per-layer offset in its cell as covariates
         # covariates per cell: 1, the standardised layer features, the condition features (, the axis offsets)
-        self.n_cov = self.n_feat + 1 + n_cf + (2 + 2 * cfg.offset_squares) * self.cell_offsets
+        self.n_cov = self.n_feat + 1 + n_cf + (2 + 2 * cfg.offset_squares) * self.cell_offsets + cfg.angle_basis
+        if cfg.angle_basis > 0:
+            if "angle" not in self.condition_names:
+                raise ValueError("layerflow: angle_basis needs a model that takes incidence angles")
+            k = cfg.angle_basis
+            self.register_buffer("angle_centres", torch.linspace(0.0, ANGLE_BASIS_MAX_DEG, k), persistent=False)
+            self.angle_width = ANGLE_BASIS_MAX_DEG / max(k - 1, 1)
         # The layer flow: 4 features per layer (and the total); with hit_count a second flow models the L log hit
         # counts. Layout [logfrac | cx | cy | log r2 (| log total) (| log(1 + hits))], see layer_features.
         self.total = bool(cfg.total_energy)
@@ -300,13 +309,27 @@ class LayerFlow(ShowerModel):
         k = N_FEAT * self.n_layers
         return torch.cat([f[..., :k], f[..., k + 1:]], dim=-1)
 
-    def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor, offsets: torch.Tensor | None) -> torch.Tensor:
-        """Per-layer covariates (L, n, n_cov) for the cell stage from standardised features (n, dim)."""
+    def _angle_bumps(self, cond: torch.Tensor) -> torch.Tensor:
+        """The ``angle_basis`` covariates (n, K): Gaussian bumps exp(-(angle - a_k)^2 / 2 w^2) - 1/2 at K angles a_k
+        evenly spaced over 0-60 degrees, w their spacing (centred by 1/2 so that the GLM's optimiser sees covariates
+        of both signs)."""
+        d = (cond[:, 1:2].float() - self.angle_centres) / self.angle_width
+        return torch.exp(-0.5 * d * d) - 0.5
+
+    def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor, offsets: torch.Tensor | None,
+                    cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-layer covariates (L, n, n_cov) for the cell stage from standardised features (n, dim) (``cond``, the
+        raw conditions, is needed with ``angle_basis``)."""
         n_l = self.n_layers  # shapes stay symbolic in the batch size (ONNX export)
         per_layer = self._per_layer(feat_std).reshape(-1, self.n_feat, n_l).permute(2, 0, 1)  # (L, n, n_feat)
         ones = torch.ones_like(per_layer[:, :, :1])
-        cond = cf[None].expand(n_l, -1, -1)
-        parts = [ones, per_layer, cond] + ([offsets.to(per_layer.dtype)] if offsets is not None else [])
+        parts = [ones, per_layer, cf[None].expand(n_l, -1, -1)]
+        if offsets is not None:
+            parts.append(offsets.to(per_layer.dtype))
+        if self.config.angle_basis > 0:
+            if cond is None:
+                raise ValueError("layerflow: the angle_basis covariates need the raw conditions")
+            parts.append(self._angle_bumps(cond)[None].expand(n_l, -1, -1).to(per_layer.dtype))
         return torch.cat(parts, dim=2)
 
     # ---- preprocessing ------------------------------------------------------------------------------
@@ -609,7 +632,7 @@ class LayerFlow(ShowerModel):
             parts.append(torch.log1p(count + 0.5))
         feat_clean = torch.cat(parts, dim=1)  # as layer_features(u=0.5, u_count=0.5)
         offsets = self._offsets(batch.cond)
-        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, offsets)
+        cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, offsets, batch.cond)
         return flow_nll, self._shape_nll(batch.showers, cov, self._core_terms(cov, offsets, batch.cond))
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
@@ -767,7 +790,7 @@ class LayerFlow(ShowerModel):
             e_vis = torch.exp(log_total.clamp(max=0.0)) * energies.float()
             e_layer = e_layer * (e_vis / e_layer.sum(dim=1).clamp(min=1e-30))[:, None]
         offsets = self._offsets(cond)
-        cov = self._covariates(fs, cf, offsets)
+        cov = self._covariates(fs, cf, offsets, cond)
         core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
