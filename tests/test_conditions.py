@@ -73,15 +73,16 @@ def test_bad_position_specs_are_refused(text):
 def test_particles():
     assert parse_particles("gamma, e-") == ("gamma", "e-")
     assert canonical_particle("photon") == "gamma" and canonical_particle("-11") == "e+"
-    with pytest.raises(ConditionsError, match="'pi\\+' is not supported"):
-        parse_particles("gamma,pi+")
+    assert parse_particles("gamma,pi+,-211,p") == ("gamma", "pi+", "pi-", "proton")
+    with pytest.raises(ConditionsError, match="'pi0' is not supported"):
+        parse_particles("gamma,pi0")
     with pytest.raises(ConditionsError, match="twice"):
         parse_particles("e-,electron")
 
 
 @pytest.mark.parametrize("field, value, match", [
     ("energy", np.nan, "energy is NaN"), ("energy", -1.0, "expected > 0 MeV"), ("angle", 95.0, "angle 95"),
-    ("x", np.inf, "x is NaN or inf"), ("pdg", 211, "particle code 211"),
+    ("x", np.inf, "x is NaN or inf"), ("pdg", 111, "particle code 111"),
 ])
 def test_invalid_conditions_are_refused(field, value, match):
     c = Conditions.make([1e4, 2e4], 10.0, (1.0, 2.0), "gamma")

@@ -330,11 +330,16 @@ def test_cc_ds2_converts_to_and_from_calochallenge(tmp_path):
         np.testing.assert_array_equal(gx.cell_layer, gd.cell_layer)
 
 
-def test_pions_are_refused_with_the_reason():
+def test_hadrons_without_hadronic_physics_are_refused_with_the_reason():
     from caloforge.conditions import ConditionsError, canonical_particle
+    from caloforge.geant4_app import check_hadronic
 
     for name in ("pi+", "211", "proton"):
-        with pytest.raises(ConditionsError, match="no hadronic physics list"):
+        with pytest.raises(ValueError, match="need hadronic physics.*--hadronic bertini.*not a validated"):
+            check_hadronic([canonical_particle(name)], "none")
+        check_hadronic([canonical_particle(name)], "bertini")
+    for name in ("pi0", "neutron", "kaon"):
+        with pytest.raises(ConditionsError, match="only pi\\+, pi- and proton"):
             canonical_particle(name)
 
 

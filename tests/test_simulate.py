@@ -144,7 +144,7 @@ def test_changed_command_does_not_reuse_chunks(tmp_path):
 def test_bad_requests_are_refused(tmp_path):
     from caloforge.simulate import simulate
 
-    with pytest.raises(ValueError, match="particle"):
+    with pytest.raises(ValueError, match="particle proton: hadron showers need hadronic physics"):
         simulate("ild-ecal", "proton", "3", "0", 5, 1, tmp_path / "p.h5", quiet=True)
     with pytest.raises(ValueError, match="angle"):
         simulate("ild-ecal", "gamma", "3", "0:80", 5, 1, tmp_path / "p.h5", quiet=True)

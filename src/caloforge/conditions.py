@@ -17,15 +17,20 @@ import numpy as np
 
 __all__ = [
     "CONDITION_COLUMNS", "Conditions", "ConditionsError", "ConditionSampler", "ConditionSpec", "PositionSpec",
-    "canonical_particle", "parse_angle_spec", "parse_energy_spec", "parse_particles", "parse_position_spec",
+    "HADRON_PDG", "canonical_particle", "hadron_names", "parse_angle_spec", "parse_energy_spec", "parse_particles",
+    "parse_position_spec",
 ]
 
-#: Particles a shower model or the Geant4 application takes, with their PDG codes (stored in datasets).
-PARTICLE_PDG: dict[str, int] = {"gamma": 22, "e-": 11, "e+": -11}
+#: Particles a shower model or the Geant4 application takes, with their PDG codes (stored in datasets). The
+#: hadrons (:data:`HADRON_PDG`) need hadronic physics: ``simulate --hadronic bertini``, a placeholder.
+PARTICLE_PDG: dict[str, int] = {"gamma": 22, "e-": 11, "e+": -11, "pi+": 211, "pi-": -211, "proton": 2212}
 PDG_PARTICLE: dict[int, str] = {v: k for k, v in PARTICLE_PDG.items()}
-_HADRONS = {"pi+", "pi-", "pi0", "pion", "piplus", "piminus", "211", "-211", "111", "proton", "p", "2212", "neutron",
-            "n", "2112", "k+", "k-", "kaon", "321", "-321", "k0l", "130"}
-_ALIASES = {"photon": "gamma", "electron": "e-", "positron": "e+", "22": "gamma", "11": "e-", "-11": "e+"}
+#: PDG codes of the hadrons among :data:`PARTICLE_PDG`.
+HADRON_PDG: frozenset[int] = frozenset({211, -211, 2212})
+_UNSUPPORTED = {"pi0", "pion", "111", "neutron", "n", "2112", "k+", "k-", "kaon", "321", "-321", "k0l", "130",
+                "antiproton", "anti_proton", "-2212"}
+_ALIASES = {"photon": "gamma", "electron": "e-", "positron": "e+", "22": "gamma", "11": "e-", "-11": "e+",
+            "piplus": "pi+", "piminus": "pi-", "211": "pi+", "-211": "pi-", "p": "proton", "2212": "proton"}
 #: Columns of the raw condition tensor that models take (``Conditions.as_array``); a new condition is a new column.
 CONDITION_COLUMNS: tuple[str, ...] = ("energy_mev", "angle_deg", "x_mm", "y_mm", "pdg")
 #: The largest incident energy any command takes: 10 TeV (beyond any calorimeter shower caloforge models).
@@ -138,16 +143,26 @@ def parse_angle_spec(text: str) -> ConditionSpec:
 
 # ---- particles ---------------------------------------------------------------------------------------------
 def canonical_particle(name: str) -> str:
-    """'gamma', 'e-' or 'e+' for any accepted spelling (photon, electron, positron, PDG code)."""
+    """A name of :data:`PARTICLE_PDG` for any accepted spelling (photon, electron, positron, piplus, p, PDG code)."""
     key = str(name).strip()
     key = _ALIASES.get(key.lower(), key)
-    if key.lower() in _HADRONS:
-        raise ConditionsError(f"particle {name!r} is not supported: hadron showers need hadronic physics, and "
-                              f"caloforge's Geant4 runs without data sets and has no hadronic physics list "
-                              f"(docs/detectors.md, 'Hadrons'); expected one of {', '.join(PARTICLE_PDG)}")
+    if key.lower() in _UNSUPPORTED:
+        raise ConditionsError(f"particle {name!r} is not supported: of the hadrons, only pi+, pi- and proton can be "
+                              f"simulated (with the Bertini placeholder, docs/detectors.md 'Hadrons'); expected one "
+                              f"of {', '.join(PARTICLE_PDG)}")
     if key not in PARTICLE_PDG:
         raise ConditionsError(f"particle {name!r} is not supported; expected one of {', '.join(PARTICLE_PDG)}")
     return key
+
+
+def hadron_names(particles) -> list[str]:
+    """The hadrons (pi+, pi-, proton) among particle names or PDG codes: those need hadronic physics."""
+    out = []
+    for p in particles:
+        code = PARTICLE_PDG[canonical_particle(p)] if isinstance(p, str) else int(p)
+        if code in HADRON_PDG and PDG_PARTICLE[code] not in out:
+            out.append(PDG_PARTICLE[code])
+    return out
 
 
 def parse_particles(text: str) -> tuple[str, ...]:
@@ -240,7 +255,8 @@ class Conditions:
     """What a shower is conditioned on, one row per shower: the structure every part of caloforge passes around.
 
     ``energy`` (n,) MeV, ``angle`` (n,) degrees (0 = along the layer normal, tilting towards +y), ``x`` and ``y``
-    (n,) mm: the impact point on the calorimeter face, ``pdg`` (n,) PDG codes (22 gamma, 11 e-, -11 e+).
+    (n,) mm: the impact point on the calorimeter face, ``pdg`` (n,) PDG codes (22 gamma, 11 e-, -11 e+, 211 pi+,
+    -211 pi-, 2212 proton).
     """
 
     energy: np.ndarray

@@ -609,8 +609,8 @@ def describe(path: str | Path) -> str:
         if f.detector is not None:
             lines.append(f"detector:          {f.detector.name}")
             lines.append(f"readout:           {f.detector.readout_summary()}")
-        for key in ("source", "particle", "physics_list", "geant4_version", "production_cut_mm", "seed",
-                    "caloforge_version", "energy_spec", "angle_spec", "model", "layout", "compression"):
+        for key in ("source", "particle", "physics_list", "physics_limits", "geant4_version", "production_cut_mm",
+                    "seed", "caloforge_version", "energy_spec", "angle_spec", "model", "layout", "compression"):
             if key in f.attrs:
                 lines.append(f"{key + ':':<19}{f.attrs[key]}")
         if len(f):

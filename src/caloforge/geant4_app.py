@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from caloforge.conditions import PDG_PARTICLE, Conditions, canonical_particle
+from caloforge.conditions import PDG_PARTICLE, Conditions, canonical_particle, hadron_names
 from caloforge.detector import Detector
 from caloforge.geant4_setup import import_geant4, real_em_data
 
@@ -25,13 +25,14 @@ class Geant4App:
     come from the :class:`~caloforge.conditions.Conditions` passed to :meth:`simulate`."""
 
     def __init__(self, detector: Detector, particle: str = "gamma", physics: str = "auto", verbose: int = 0,
-                 fastsim=None, gate: bool | None = None, deposits: bool = False):
+                 fastsim=None, gate: bool | None = None, deposits: bool = False, hadronic: str = "none"):
         """``fastsim``: a :class:`caloforge.fastsim.FastSim`: e/gamma entering the calorimeter that its model takes
         get their shower from the model. ``gate`` (default: with ``fastsim``): build the gate volume in front of
         the face that records (and, with ``fastsim``, intercepts) the particles entering the calorimeter; a gate
         without ``fastsim`` is the full-simulation run of the same application. ``deposits``: also score the energy
         in the passive slabs and in active material outside the stored cells (:attr:`last_deposits`; always on
-        for detectors with per-layer cells)."""
+        for detectors with per-layer cells). ``hadronic``: ``"none"`` (e/gamma showers) or ``"bertini"``, the data-free
+        Bertini placeholder that pions and protons need (:mod:`caloforge.hadronic`)."""
         self.g4 = g4 = import_geant4()
         self.detector = detector
         self.fastsim = fastsim
@@ -53,13 +54,18 @@ class Geant4App:
         else:
             raise ValueError(f"physics {physics!r}: expected 'auto', 'standard' or 'data-free'")
 
-        from caloforge.physics import make_physics_list
+        from caloforge.physics import HADRONIC, make_physics_list
+
+        if hadronic not in HADRONIC:
+            raise ValueError(f"hadronic physics {hadronic!r}: expected one of {', '.join(HADRONIC)}")
+        self.hadronic = hadronic
+        check_hadronic([self.particle], hadronic)
 
         g4.G4UImanager.GetUIpointer().ApplyCommand("/control/verbose 0")
         self.run_manager = g4.G4RunManagerFactory.CreateRunManager(g4.G4RunManagerType.Serial)
         self._geometry = _Geometry(g4, detector, self)
         self.run_manager.SetUserInitialization(self._geometry)
-        self.physics_list, self.physics_name = make_physics_list(g4, use_standard)
+        self.physics_list, self.physics_name = make_physics_list(g4, use_standard, hadronic)
         self.run_manager.SetUserInitialization(self.physics_list)
         self._actions = _Actions(g4, self)
         self.run_manager.SetUserInitialization(self._actions)
@@ -87,6 +93,7 @@ class Geant4App:
             conditions = Conditions.make(conditions, 0.0 if angles_deg is None else angles_deg,
                                          particle=self.particle)
         cond = conditions
+        check_hadronic(np.unique(cond.pdg), self.hadronic)
         if angled is None:
             angled = bool(np.any(cond.angle > 0))
         self._window = self._geometry.window(angled)
@@ -110,6 +117,16 @@ class Geant4App:
             if self.fastsim is not None and fast.any():
                 np.add.at(self._out, self.last_records["event"][fast], self.fastsim.showers(self.last_records, angled))
         return self._out
+
+
+def check_hadronic(particles, hadronic: str) -> None:
+    """Refuse hadrons (pi+, pi-, proton) without hadronic physics: their showers would be ionisation tracks only."""
+    hadrons = hadron_names([p for p in particles if isinstance(p, str) or int(p) in PDG_PARTICLE])
+    if hadrons and hadronic == "none":
+        raise ValueError(f"particle {', '.join(hadrons)}: hadron showers need hadronic physics; caloforge has only a "
+                         f"placeholder that runs without Geant4 data sets: add --hadronic bertini (the Bertini "
+                         f"cascade at all energies, crude low-energy neutrons, not a validated hadronic reference; "
+                         f"docs/detectors.md 'Hadrons')")
 
 
 class _Geometry:

@@ -19,6 +19,8 @@ geant4-pybind binds physics constructors but not individual processes, so the da
 processes through ``ctypes`` from the C++ symbols that the geant4-pybind extension exports. This ties it to
 exactly geant4-pybind 0.1.3 (Geant4 11.4.p1, C++11 string ABI); :func:`check_symbols` fails loudly if a
 symbol is missing.
+
+``hadronic="bertini"`` adds the data-free Bertini placeholder of :mod:`caloforge.hadronic` (pions, protons).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import ctypes
 
 DATA_FREE = "caloforge-data-free-em (Geant4 processes: phot/compt/conv, eMsc(Urban)/eIoni/eBrem(RelModel)/annihil)"
 STANDARD = "G4EmStandardPhysics + G4DecayPhysics"
+#: Hadronic physics choices: none (e/gamma showers) or the data-free Bertini placeholder (pions, protons).
+HADRONIC = ("none", "bertini")
 
 F_ELECTROMAGNETIC = 2  # G4ProcessType::fElectromagnetic
 _OBJECT_BYTES = 8192  # generous: class sizes are not exported; objects are never freed (Geant4 owns them)
@@ -49,6 +53,12 @@ _SYMBOLS = {
 }
 
 
+def _all_symbols() -> dict[str, str]:
+    from caloforge.hadronic import SYMBOLS as hadronic
+
+    return {**_SYMBOLS, **hadronic}
+
+
 class PhysicsError(RuntimeError):
     """The Geant4 physics list cannot be built."""
 
@@ -59,12 +69,13 @@ def _library(g4) -> ctypes.CDLL:
 
 
 def check_symbols(g4) -> None:
-    """Raise PhysicsError naming any C++ symbol that the data-free list needs and geant4-pybind lacks."""
+    """Raise PhysicsError naming any C++ symbol that the data-free EM list or the Bertini placeholder needs and
+    geant4-pybind lacks."""
     lib = _library(g4)
-    missing = [name for name in _SYMBOLS.values() if not hasattr(lib, name)]
+    missing = [name for name in _all_symbols().values() if not hasattr(lib, name)]
     if missing:
         raise PhysicsError(
-            "the data-free EM physics list needs C++ symbols that this geant4-pybind does not export: "
+            "caloforge's data-free physics lists need C++ symbols that this geant4-pybind does not export: "
             f"{missing}. caloforge requires geant4-pybind==0.1.3 (or real Geant4 data sets)."
         )
 
@@ -74,6 +85,7 @@ class _Native:
 
     def __init__(self, g4):
         check_symbols(g4)
+        self.symbols = _all_symbols()
         self.lib = _library(g4)
         libc = ctypes.CDLL(None)
         self.calloc = libc.calloc
@@ -102,19 +114,27 @@ class _Native:
 
     def new(self, key: str, *args) -> int:
         obj = self.calloc(1, _OBJECT_BYTES)
-        ctor = getattr(self.lib, _SYMBOLS[key])
+        ctor = getattr(self.lib, self.symbols[key])
         ctor.restype = None
         ctor(ctypes.c_void_p(obj), *args)
         return obj
 
-    def process(self, key: str, name: str, with_type: bool) -> int:
+    def process(self, key: str, name: str, with_type: bool | int) -> int:
+        """A process made by its constructor ``(name)`` or, with ``with_type``, ``(name, G4ProcessType)``
+        (``True``: electromagnetic, an int: that type)."""
         args = [ctypes.c_void_p(self.string(name))]
-        if with_type:
-            args.append(ctypes.c_int(F_ELECTROMAGNETIC))
+        if with_type is not False:
+            args.append(ctypes.c_int(F_ELECTROMAGNETIC if with_type is True else int(with_type)))
         return self.new(key, *args)
 
     def particle(self, key: str) -> int:
-        return getattr(self.lib, _SYMBOLS[key])()
+        return self.call(key)
+
+    def call(self, key: str, *args, restype=ctypes.c_void_p):
+        """Call a function (a static or member function: pass ``this`` first) by its key."""
+        fn = getattr(self.lib, self.symbols[key])
+        fn.restype = restype
+        return fn(*args)
 
     def register(self, process: int, particle: int) -> None:
         helper = getattr(self.lib, _SYMBOLS["helper"])()
@@ -151,8 +171,13 @@ def _data_free_em_constructor(g4):
     return DataFreeEmPhysics
 
 
-def make_physics_list(g4, use_standard: bool):
-    """A ``G4VModularPhysicsList`` and its description string."""
+def make_physics_list(g4, use_standard: bool, hadronic: str = "none"):
+    """A ``G4VModularPhysicsList`` and its description string.
+
+    ``hadronic``: ``"none"`` (electromagnetic showers only: the list e/gamma runs have always used) or
+    ``"bertini"`` (adds :mod:`caloforge.hadronic`'s data-free Bertini placeholder)."""
+    if hadronic not in HADRONIC:
+        raise ValueError(f"hadronic physics {hadronic!r}: expected one of {', '.join(HADRONIC)}")
 
     class CaloforgePhysics(g4.G4VModularPhysicsList):
         def __init__(self) -> None:
@@ -163,7 +188,21 @@ def make_physics_list(g4, use_standard: bool):
                 g4.G4DecayPhysics(),
                 g4.G4EmStandardPhysics(0) if use_standard else _data_free_em_constructor(g4)(),
             ]
+            if hadronic == "bertini":
+                from caloforge.hadronic import bertini_constructor
+
+                self._constructors.append(bertini_constructor(g4, with_charged_em=not use_standard)())
             for constructor in self._constructors:
                 self.RegisterPhysics(constructor)
 
-    return CaloforgePhysics(), (STANDARD if use_standard else DATA_FREE)
+    return CaloforgePhysics(), physics_list_name(use_standard, hadronic)
+
+
+def physics_list_name(use_standard: bool, hadronic: str = "none") -> str:
+    """The physics list name that datasets record."""
+    em = STANDARD if use_standard else DATA_FREE
+    if hadronic == "bertini":
+        from caloforge.hadronic import BERTINI
+
+        return f"{em} + {BERTINI}"
+    return em

@@ -44,7 +44,7 @@ class RunConfig:
     n: int
     seed: int
     chunk_size: int
-    physics: str  # "standard" or "data-free"
+    physics: str  # "standard" or "data-free", with "+bertini" when the hadronic placeholder is on
     position: str = "0,0"  # impact point spec (mm); runs recorded before positions existed hit the origin
     multiplicity: int = 1  # primaries per event (rows of conditions per shower row)
     fastsim: str = ""  # a model (shipped name or directory): e/gamma it takes get their shower from it
@@ -88,14 +88,25 @@ class RunConfig:
         return [k for k in a if k != "n" and a[k] != b[k]]
 
 
-def resolve_physics(physics: str) -> str:
+def resolve_physics(physics: str, hadronic: str = "none") -> str:
+    """The run's physics: the EM list (``standard`` or ``data-free``), with ``+bertini`` for the hadronic
+    placeholder (e/gamma runs keep the plain EM name they always had)."""
     from caloforge.geant4_setup import real_em_data
+    from caloforge.physics import HADRONIC
 
     if physics == "auto":
-        return "standard" if real_em_data() is not None else "data-free"
+        physics = "standard" if real_em_data() is not None else "data-free"
     if physics not in ("standard", "data-free"):
         raise ValueError(f"physics {physics!r}: expected auto, standard or data-free")
-    return physics
+    if hadronic not in HADRONIC:
+        raise ValueError(f"--hadronic {hadronic!r}: expected one of {', '.join(HADRONIC)}")
+    return physics if hadronic == "none" else f"{physics}+{hadronic}"
+
+
+def split_physics(physics: str) -> tuple[str, str]:
+    """(EM list, hadronic list) of a run's physics string."""
+    em, _, hadronic = physics.partition("+")
+    return em, hadronic or "none"
 
 
 # ---- worker side ---------------------------------------------------------------------------------
@@ -134,7 +145,8 @@ def make_app(cfg: RunConfig):
 
         torch.set_num_threads(1)  # one Geant4 and one model per worker process
         fastsim = FastSim.load(cfg.fastsim, cfg.detector, threshold_mev=cfg.fastsim_threshold_mev or None)
-    return Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=cfg.physics, fastsim=fastsim)
+    em, hadronic = split_physics(cfg.physics)
+    return Geant4App(cfg.detector, parse_particles(cfg.particle)[0], physics=em, fastsim=fastsim, hadronic=hadronic)
 
 
 def simulate_chunk(app, cfg: RunConfig, k: int) -> dict[str, np.ndarray]:
@@ -212,13 +224,15 @@ def _prepare_chunk_dir(chunk_dir: Path, cfg: RunConfig) -> None:
 
 def _attrs(cfg: RunConfig, complete_rows: int) -> dict:
     from caloforge.geant4_app import geant4_version
-    from caloforge.physics import DATA_FREE, STANDARD
+    from caloforge.hadronic import LIMITS
+    from caloforge.physics import physics_list_name
 
     d = cfg.detector
+    em, hadronic = split_physics(cfg.physics)
     return {
         "source": "geant4",
         "particle": cfg.particle,
-        "physics_list": STANDARD if cfg.physics == "standard" else DATA_FREE,
+        "physics_list": physics_list_name(em == "standard", hadronic),
         "geant4_version": geant4_version(),
         "production_cut_mm": d.production_cut_mm,
         "seed": cfg.seed,
@@ -227,7 +241,8 @@ def _attrs(cfg: RunConfig, complete_rows: int) -> dict:
         "position_spec": cfg.position,
         "chunk_size": cfg.chunk_size,
         "run_config": json.dumps({**asdict(cfg), "n": complete_rows}),
-    } | ({"multiplicity": cfg.multiplicity} if cfg.multiplicity > 1 else {}) | ({
+    } | ({"physics_limits": LIMITS} if hadronic != "none" else {}) | (
+        {"multiplicity": cfg.multiplicity} if cfg.multiplicity > 1 else {}) | ({
         "source": "geant4+fastsim", "fastsim_model": cfg.fastsim,
         "fastsim_threshold_mev": cfg.fastsim_threshold_mev} if cfg.fastsim else {})
 
@@ -280,7 +295,8 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
              physics: str = "auto", quiet: bool = False, overwrite: bool = False, position: str = "0,0",
              backend: str = "pool", scheduler: str | None = None, cluster: str | None = None,
              cluster_config: str | Path | None = None, retries: int = 3, multiplicity: int = 1,
-             fastsim: str | Path | None = None, fastsim_threshold_gev: float | None = None) -> Path:
+             fastsim: str | Path | None = None, fastsim_threshold_gev: float | None = None,
+             hadronic: str = "none") -> Path:
     """Simulate ``n`` showers into ``output`` (resumable, reproducible for a seed whatever ``workers``).
 
     ``particle``: one particle or a list ('gamma,e-'); ``position``: impact point spec in mm ('0,0', 'cell', ...).
@@ -289,8 +305,11 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
     :mod:`caloforge.dask_backend`); the file is the same for either. ``multiplicity``: primaries per event (each
     shower row then holds the showers of that many particles). ``fastsim``: a model (shipped name or directory):
     e/gamma entering the calorimeter that it takes (above ``fastsim_threshold_gev``, default its lowest training
-    energy) get their shower from the model inside the Geant4 run (:mod:`caloforge.fastsim`).
+    energy) get their shower from the model inside the Geant4 run (:mod:`caloforge.fastsim`). ``hadronic``:
+    ``bertini`` adds the data-free Bertini placeholder (:mod:`caloforge.hadronic`) that pions and protons need; the
+    file records it and its limits.
     """
+    from caloforge.geant4_app import check_hadronic
     from caloforge.progress import progress
     from caloforge.validate import check_int, check_output_file, check_seed
 
@@ -325,6 +344,8 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
                          f"impact points as 'X,Y' or 'X0:X1,Y0:Y1' (mm)")
     sampler = ConditionSampler.parse(energy, angle, position, particle, det.cell_size_mm or 0.0)
     check_window(det, sampler)
+    run_physics = resolve_physics(physics, hadronic)
+    check_hadronic(sampler.particles, split_physics(run_physics)[1])
     fastsim_spec, threshold_mev = "", 0.0
     if fastsim_threshold_gev is not None and not fastsim:
         raise ValueError("--fastsim-threshold needs --fastsim MODEL")
@@ -341,7 +362,7 @@ def simulate(detector: Detector | str, particle: str, energy: str, angle: str, n
             threshold_mev = float(fastsim_threshold_gev) * 1e3
         FastSim.load(fastsim_spec, det, threshold_mev=threshold_mev or None)  # refuse a wrong model here, not later
     cfg = RunConfig(det.to_json(), ",".join(sampler.particles), sampler.energy.text, sampler.angle.text, int(n),
-                    int(seed), int(chunk_size), resolve_physics(physics), sampler.position.text, int(multiplicity),
+                    int(seed), int(chunk_size), run_physics, sampler.position.text, int(multiplicity),
                     fastsim_spec, threshold_mev)
     output = Path(output)
     if output.exists():
@@ -442,14 +463,14 @@ def snapshot(output: str | Path, to: str | Path) -> int:
 
 
 def time_geant4(detector: Detector | str, particle: str, energy_gev: float, n_showers: int,
-                physics: str = "auto", seed: int = 1) -> float:
+                physics: str = "auto", seed: int = 1, hadronic: str = "none") -> float:
     """Geant4 ms per shower at a fixed energy and normal incidence, in one fresh worker process.
 
     Start-up and physics-table building are excluded (one warm-up shower first).
     """
     det = detector if isinstance(detector, Detector) else load_detector(detector)
     cfg = RunConfig(det.to_json(), ",".join(parse_particles(particle)), str(energy_gev), "0", n_showers, seed,
-                    n_showers, resolve_physics(physics))
+                    n_showers, resolve_physics(physics, hadronic))
     with _pool(cfg, 1) as pool:
         return pool.submit(_time_in_worker, float(energy_gev), int(n_showers), seed).result()
 
@@ -465,7 +486,9 @@ def _time_in_worker(energy_gev: float, n: int, seed: int) -> float:
 # ---- CLI -----------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector", default="ild-ecal", help="built-in detector name or a .toml/.yaml file")
-    p.add_argument("--particle", default="gamma", help="e-, e+ or gamma, or a list 'gamma,e-' (rows cycle over it)")
+    p.add_argument("--particle", default="gamma",
+                   help="e-, e+, gamma (or pi+, pi-, proton with --hadronic bertini), or a list 'gamma,e-' (rows "
+                        "cycle over it)")
     p.add_argument("--energy", default="10:100",
                    help="GeV: '50' fixed, '10:100' uniform, 'log:10:100' log-uniform, '20,50,80' points")
     p.add_argument("--angle", default="0", help="incidence angle in degrees, tilting towards +y: '0', '0:60', "
@@ -501,6 +524,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="showers per chunk (part of the run's identity: changing it changes the showers)")
     p.add_argument("--physics", default="auto", choices=["auto", "standard", "data-free"],
                    help="auto: G4EmStandardPhysics when Geant4 data sets are configured, else data-free EM list")
+    p.add_argument("--hadronic", default="none", choices=["none", "bertini"],
+                   help="hadronic physics: none (e/gamma showers) or bertini, a data-free PLACEHOLDER (Bertini cascade "
+                        "at all energies, crude low-energy neutrons; not a validated hadronic reference) that pi+, "
+                        "pi- and proton need; recorded with its limits in the file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--snapshot", metavar="PATH",
                    help="do not simulate: write the showers an unfinished run has finished so far to PATH")
@@ -524,7 +551,8 @@ def run(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite, position=args.position, retries=args.retries,
                    backend=args.backend or ("dask" if args.scheduler or args.cluster else "pool"),
                    scheduler=args.scheduler, cluster=args.cluster, cluster_config=args.cluster_config,
-                   multiplicity=args.multiplicity, fastsim=args.fastsim, fastsim_threshold_gev=args.fastsim_threshold)
+                   multiplicity=args.multiplicity, fastsim=args.fastsim, fastsim_threshold_gev=args.fastsim_threshold,
+                   hadronic=args.hadronic)
     if not args.quiet:
         print(f"{out}: {args.n} showers ({time.perf_counter() - t0:.0f} s)")
     return 0

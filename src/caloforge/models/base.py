@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from caloforge import __version__
-from caloforge.conditions import PARTICLE_PDG, PDG_PARTICLE, Conditions, ConditionsError
+from caloforge.conditions import HADRON_PDG, PARTICLE_PDG, PDG_PARTICLE, Conditions, ConditionsError
 from caloforge.detector import Detector, DetectorError, load_detector
 
 FORMAT_VERSION = 1
@@ -82,7 +82,9 @@ CONDITION_FEATURES: dict[str, tuple[str, Any]] = {
     "sin_y": ("position", lambda c, m: torch.sin(2 * math.pi * c[:, 3] / m.detector.cell_size_mm)),
     "cos_y": ("position", lambda c, m: torch.cos(2 * math.pi * c[:, 3] / m.detector.cell_size_mm)),
     "is_photon": ("particle", lambda c, m: (c[:, 4] == 22).float()),
-    "charge": ("particle", lambda c, m: torch.where(c[:, 4] == 22, torch.zeros_like(c[:, 4]), -torch.sign(c[:, 4]))),
+    # PDG codes: leptons carry the opposite sign of their charge (11 is e-), hadrons the same (211 is pi+)
+    "charge": ("particle", lambda c, m: torch.where(c[:, 4] == 22, torch.zeros_like(c[:, 4]),
+                                                    torch.where(c[:, 4].abs() > 100, 1.0, -1.0) * torch.sign(c[:, 4]))),
 }
 #: Features of models saved before impact points and particles were conditions.
 LEGACY_FEATURES: tuple[str, ...] = ("log_e", "angle")
@@ -315,7 +317,27 @@ class ShowerModel(nn.Module):
             "angle_deg": [float(c.angle.min()), float(c.angle.max())],
         })
         self.meta.setdefault("particles", sorted({PDG_PARTICLE[int(p)] for p in np.unique(c.pdg)}))
+        self._check_particles_told_apart(np.unique(c.pdg))
         self._fit_preprocessing(data)
+
+    def _check_particles_told_apart(self, codes: np.ndarray) -> None:
+        """Refuse training data whose particles this model's particle features cannot tell apart (e+ and pi+ look
+        the same to ``is_photon`` and ``charge``), and hadrons mixed with e/gamma in a model without particle
+        features: the model would learn their mixture as one shower. (A model without particle features may learn
+        e/gamma mixtures, as before.)"""
+        if len(codes) < 2:
+            return
+        cond = torch.zeros(len(codes), 5)
+        cond[:, 0], cond[:, 4] = 1e4, torch.as_tensor(codes, dtype=torch.float32)
+        keep = [i for i, f in enumerate(self.features) if CONDITION_FEATURES[f][0] == "particle"]
+        rows = self.raw_condition_features(cond)[:, keep]
+        hadron = [int(c) in HADRON_PDG for c in codes]
+        for i in range(len(codes)):
+            for j in range(i):
+                if torch.equal(rows[i], rows[j]) and (keep or hadron[i] != hadron[j]):
+                    raise ModelError(f"training data holds {PDG_PARTICLE[int(codes[j])]} and "
+                                     f"{PDG_PARTICLE[int(codes[i])]}, which this {self.family} model's condition "
+                                     f"features {list(self.features)} cannot tell apart; train one model per particle")
 
     def _fit_preprocessing(self, data: Any) -> None:
         """Family-specific constants; ``data`` has ``conditions`` and ``showers`` (numpy, the model's own cells)."""
