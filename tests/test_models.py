@@ -300,6 +300,45 @@ def test_layerflow_core_exclusive_shares_a_corner_shower_equally():
                 assert same_y == y_symmetric, (angle, x, y)
 
 
+def test_layerflow_halo_term_is_symmetric_at_normal_incidence():
+    """With ``halo_term`` the cells outside the core block follow a law of their displacement from the axis plus
+    sin(angle) times their own laws: at normal incidence on the corner of four cells, with the layer centroid on the
+    axis, every halo cell and its mirror images through the axis (in x and in y) get the same hit logit, energy law
+    and soft-hit weight, whatever the coefficients hold; at 40 degrees the cells' own laws return."""
+    det = toy_detector()
+    model = tiny_model("layerflow:halo", det, toy_showers(det, 30, seed=2)).eval()
+    gen = torch.Generator().manual_seed(0)
+    n_l = det.n_layers
+    with torch.no_grad():
+        for p in (model.cell_hit, model.cell_mu, model.cell_log_sigma, model.cell_mix, model.core_w, model.halo_w):
+            p.copy_(torch.randn(p.shape, generator=gen))
+        ix = {float(v): i for i, v in enumerate(model.cell_x.reshape(6, 6)[:, 0])}
+        iy = {float(v): j for j, v in enumerate(model.cell_y.reshape(6, 6)[0])}
+        halo = [(x, y) for x in ix for y in iy if model.halo_mask[ix[x] * 6 + iy[y]] > 0]
+        assert len(halo) == 36 - 9
+        for angle in (0.0, 40.0):
+            cond = torch.tensor([[3e4, angle, 0.0, 0.0, 22.0]] * 4)
+            cf = model.condition_features(cond)
+            fs = torch.randn(4, model.dim, generator=gen)
+            fs[:, n_l:3 * n_l] = -model.feat_mean[n_l:3 * n_l] / model.feat_std[n_l:3 * n_l]  # centroids on the axis
+            offsets = model._offsets(cond)
+            cov = model._covariates(fs, cf, offsets, cond)
+            logit = model._hit_logits(cov, model._core_terms(cov, offsets, cond), offsets, cond)[0]  # layer 0
+            lay = torch.zeros(len(halo), dtype=torch.long)
+            col = torch.tensor([ix[x] * 6 + iy[y] for x, y in halo])
+            at = model._halo_at(cov, offsets, cond, lay, lay, col)
+            mu, log_sigma, _, _ = model._hit_params(cov, lay, lay, col, None, at)
+            mix = model._mix_logit(cov, lay, lay, col, None, at)
+            values = {cell: (logit[0, c], mu[i], log_sigma[i], mix[i]) for i, (cell, c) in enumerate(zip(halo, col))}
+            # the axis crosses layer 0 at the corner (0, 0) of the four central cells in the local frame
+            mirrored = [(values[(x, y)], values[(-x, y)], values[(x, -y)]) for x, y in halo
+                        if (-x, y) in values and (x, -y) in values]
+            assert len(mirrored) > 10
+            same = all(torch.allclose(torch.stack(a), torch.stack(b), atol=1e-4)
+                       and torch.allclose(torch.stack(a), torch.stack(c), atol=1e-4) for a, b, c in mirrored)
+            assert same == (angle == 0.0), angle
+
+
 def test_layerflow_angle_basis_covariates_are_bumps_in_the_angle():
     """``angle_basis`` appends K Gaussian bumps in the incidence angle (centred by 1/2) to every layer's cell
     covariates: bump k is 1/2 at its own angle, exp(-1/2) - 1/2 one spacing away; cells then respond to the angle

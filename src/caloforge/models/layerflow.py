@@ -39,6 +39,7 @@ from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
+HALO_BASIS = 9  # basis functions of the halo term (see LayerFlow._halo_basis)
 ANGLE_BASIS_MAX_DEG = 60.0  # the angle_basis bumps span 0 to this (the widest angle the house detector's window holds)
 
 
@@ -76,6 +77,8 @@ class LayerFlowConfig(ModelConfig):
     core_far: bool = False  # the exclusive core's basis also has log(r + 1/2) and exp(-r / 3) (for blocks >= 11)
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
+    halo_term: bool = False  # cells outside the core block follow a shift-invariant halo law plus sin(angle) times
+    # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
     angle_basis: int = 0  # Gaussian bumps in the incidence angle (0-60 deg) as cell covariates (0: none): each cell's
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     permutation_seed: int = 1234
@@ -252,6 +255,17 @@ class LayerFlow(ShowerModel):
                 keep = np.ones(self.n_lat, np.float32)
                 keep[core] = 0.0
                 self.register_buffer("cell_keep", torch.as_tensor(keep), persistent=False)
+        # Halo term: the cells outside the core block get sum_k b_k psi_k(dx, dy) (HALO_BASIS functions of the
+        # displacement from the axis, even in dy at normal incidence) on the hit logit, mu, log sigma and soft-hit
+        # weight, b_k linear in the layer's covariates, and their own per-cell laws only times sin(angle).
+        self.halo_w = None
+        if cfg.halo_term:
+            if cfg.core_block <= 0 or cfg.core_exclusive or "angle" not in self.condition_names:
+                raise ValueError("layerflow: halo_term needs core_block > 0 (not exclusive) and incidence angles")
+            halo = np.ones(self.n_lat, np.float32)
+            halo[core] = 0.0
+            self.register_buffer("halo_mask", torch.as_tensor(halo), persistent=False)
+            self.halo_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * HALO_BASIS))
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -315,6 +329,82 @@ class LayerFlow(ShowerModel):
         of both signs)."""
         d = (cond[:, 1:2].float() - self.angle_centres) / self.angle_width
         return torch.exp(-0.5 * d * d) - 0.5
+
+    def _halo_basis(self, dx: torch.Tensor, dy: torch.Tensor, sin_a: torch.Tensor, sec_m1: torch.Tensor,
+                    cxr: torch.Tensor, cyr: torch.Tensor) -> torch.Tensor:
+        """The halo term's HALO_BASIS functions (..., K) of the displacement (dx, dy) of a cell from the axis (cells):
+        1, r / 10, log(r + 1/2), exp(-r / 3) (the radial fall-off); (sec(angle) - 1) (dy^2 - dx^2) / (r^2 + 1) (the
+        elongation of an inclined shower); sin(angle) dy / (r + 1) and sin(angle) dy exp(-r / 3) / 3 (its lean
+        towards +y); and c_y dy / (r + 1), c_x dx / (r + 1) with (c_x, c_y) the layer's centroid from the axis (the
+        halo follows the shower). At normal incidence every function is unchanged by y -> -y with c_y -> -c_y (and
+        x likewise): the halo is symmetric by construction."""
+        r = torch.sqrt(dx * dx + dy * dy + 1e-6)
+        e3 = torch.exp(r * (-1.0 / 3.0))
+        inv = 1.0 / (r + 1.0)
+        return torch.stack([torch.ones_like(r), 0.1 * r, torch.log(r + 0.5), e3,
+                            sec_m1 * (dy * dy - dx * dx) / (r * r + 1.0), sin_a * dy * inv, sin_a * dy * e3 / 3.0,
+                            cyr * dy * inv, cxr * dx * inv], dim=-1)
+
+    def _halo_inputs(self, cov: torch.Tensor, offsets: torch.Tensor, cond: torch.Tensor):
+        """What the halo term needs per layer and shower: the axis (L, n, 2) in local cell units, sin and
+        sec - 1 of the angle (1, n), the layer centroid from the axis (L, n, 2) in cells, and the coefficients
+        (L, n, 4, K)."""
+        n_l = self.n_layers
+        axis = offsets[..., :2] + 0.5
+        a = cond[:, 1].float()[None] * (math.pi / 180)
+        std, mean = self.feat_std[n_l:3 * n_l].reshape(2, n_l).T, self.feat_mean[n_l:3 * n_l].reshape(2, n_l).T
+        c_raw = cov[:, :, 2:4] * std[:, None] + mean[:, None]
+        coef = torch.bmm(cov, self.halo_w).reshape(n_l, -1, 4, HALO_BASIS)
+        return axis, torch.sin(a), 1.0 / torch.cos(a) - 1.0, c_raw.float(), coef
+
+    def _halo_logits(self, cov: torch.Tensor, offsets: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The halo term's part of the hit logit (L, n, n_lat), zero on the core block."""
+        axis, sin_a, sec_m1, c_raw, coef = self._halo_inputs(cov, offsets, cond)
+        dx = self.cell_x - axis[..., 0:1]
+        dy = self.cell_y - axis[..., 1:2]  # (L, n, n_lat)
+        psi = self._halo_basis(dx, dy, sin_a[..., None], sec_m1[..., None], c_raw[..., 0:1], c_raw[..., 1:2])
+        return torch.einsum("lnck,lnk->lnc", psi.to(coef.dtype), coef[:, :, 0]).float() * self.halo_mask
+
+    def _halo_at(self, cov: torch.Tensor, offsets: torch.Tensor, cond: torch.Tensor, lay: torch.Tensor,
+                 row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
+        """The halo term (H, 4) of the hit logit, mu, log sigma and soft-hit weight at the hit cells, and in a 5th
+        column the weight of their own laws: sin(angle) in the halo, 1 on the core block."""
+        axis, sin_a, sec_m1, c_raw, coef = self._halo_inputs(cov, offsets, cond)
+        ax, cx = axis[lay, row], c_raw[lay, row]
+        psi = self._halo_basis(self.cell_x[col] - ax[:, 0], self.cell_y[col] - ax[:, 1], sin_a[0, row],
+                               sec_m1[0, row], cx[:, 0], cx[:, 1])  # (H, K)
+        m = self.halo_mask[col]
+        terms = torch.einsum("hk,hjk->hj", psi.to(coef.dtype), coef[lay, row]).float() * m[:, None]
+        own = 1.0 + m * (sin_a[0, row] - 1.0)
+        return torch.cat([terms, own[:, None]], dim=1)
+
+    def _halo_own(self, cond: torch.Tensor) -> torch.Tensor:
+        """The weight (1, n, n_lat) of the cells' own hit-logit laws: sin(angle) in the halo, 1 on the core block."""
+        sin_a = torch.sin(cond[:, 1].float() * (math.pi / 180))
+        return 1.0 + self.halo_mask * (sin_a[:, None] - 1.0)[None]
+
+    def _start_halo(self) -> None:
+        """Start the halo term at a least-squares fit of the halo cells' starting intercepts (axis mid-cell, normal
+        incidence, centroid on the axis), per layer and law, and leave the residual as the cells' own intercepts."""
+        n_l, n_lat = self.n_layers, self.n_lat
+        idx = torch.nonzero(self.halo_mask > 0)[:, 0]
+        zero = torch.zeros(len(idx))
+        psi = self._halo_basis(self.cell_x[idx] - 0.5, self.cell_y[idx] - 0.5, zero, zero, zero, zero).double()
+        rows = torch.arange(n_l)[:, None] * n_lat + idx[None]  # (L, H)
+        eye = 1e-3 * torch.eye(HALO_BASIS, dtype=torch.float64)
+        with torch.no_grad():
+            self.halo_w.zero_()
+            laws = [self.cell_hit[:, 0, idx], self.cell_mu[rows, 0], self.cell_log_sigma[rows, 0]]
+            if self.cell_mix is not None:
+                laws.append(self.cell_mix[rows, 0])
+            for law, v in enumerate(laws):
+                a = torch.linalg.solve(psi.T @ psi + eye, psi.T @ v.double().T)  # (K, L)
+                self.halo_w[:, 0, law * HALO_BASIS:(law + 1) * HALO_BASIS] = a.T.float()
+                resid = v - (psi @ a).T.float()  # stays in the cells' own intercepts (weighted by sin(angle))
+                if law == 0:
+                    self.cell_hit[:, 0, idx] = resid
+                else:
+                    (self.cell_mu, self.cell_log_sigma, self.cell_mix)[law - 1][rows, 0] = resid
 
     def _covariates(self, feat_std: torch.Tensor, cf: torch.Tensor, offsets: torch.Tensor | None,
                     cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -407,6 +497,8 @@ class LayerFlow(ShowerModel):
             self.cell_hit[:, 0, :] = torch.logit(p).view(n_l, n_lat).float()
             self.cell_mu[:, 0] = mu.float()
             self.cell_log_sigma[:, 0] = torch.log(sd).float()
+            if self.halo_w is not None:  # start the halo term at the halo cells' starts (fit at normal incidence)
+                self._start_halo()
             if self.core_w is not None and cfg.core_exclusive:  # start the core term where the cells start
                 self.core_w.zero_()
                 dx = (self.cell_x[self.core_idx] - 0.5)[None]
@@ -454,10 +546,16 @@ class LayerFlow(ShowerModel):
         return torch.cat([ys[k] for k in sorted(ys)], dim=1)
 
     # ---- cell stage ---------------------------------------------------------------------------------
-    def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
-        """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product (plus the core term)."""
+    def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product (plus the core term,
+        and the halo term, which needs the axis offsets and raw conditions)."""
         w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
         logit = torch.bmm(cov, w).float()  # float32 even under bf16 autocast
+        if self.halo_w is not None:
+            if offsets is None or cond is None:
+                raise ValueError("layerflow: the halo term needs the axis offsets and the raw conditions")
+            logit = logit * self._halo_own(cond) + self._halo_logits(cov, offsets, cond)
         return logit if core is None else logit + core[:, :, self.core_pos, 0]
 
     def _core_basis_values(self, dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -555,12 +653,14 @@ class LayerFlow(ShowerModel):
         return cfg.mip_log_min + width * (b.float() + frac)
 
     def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor,
-                    core_at: torch.Tensor | None = None):
+                    core_at: torch.Tensor | None = None, halo_at: torch.Tensor | None = None):
         """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index (and
-        the core term at those cells)."""
+        the core and halo terms at those cells)."""
         g = cov[lay, row]  # (H, n_cov)
         mu = (g * self.cell_mu[flat]).sum(1)
         log_sigma = (g * self.cell_log_sigma[flat]).sum(1)
+        if halo_at is not None:
+            mu, log_sigma = mu * halo_at[:, 4] + halo_at[:, 1], log_sigma * halo_at[:, 4] + halo_at[:, 2]
         skew, log_tail = self.cell_skew[flat], self.cell_log_tail[flat]
         if core_at is not None and self.config.core_exclusive:  # the core cells' laws are the core term's alone
             keep = self.cell_keep[flat - lay * self.n_lat]
@@ -573,23 +673,28 @@ class LayerFlow(ShowerModel):
         return mu, log_sigma, skew, tail
 
     def _mix_logit(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                   core_at: torch.Tensor | None) -> torch.Tensor:
+                   core_at: torch.Tensor | None, halo_at: torch.Tensor | None = None) -> torch.Tensor:
         """Logit of the soft-hit weight of the hit cells."""
         m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1)
+        if halo_at is not None:
+            m = m * halo_at[:, 4] + halo_at[:, 3]
         if core_at is None:
             return m
         return (m * self.cell_keep[col] if self.config.core_exclusive else m) + core_at[:, 3]
 
-    def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor, core: torch.Tensor | None = None) -> torch.Tensor:
-        """Negative log-likelihood of the cells given the layer covariates (and core term), summed over cells (n,)."""
+    def _shape_nll(self, showers: torch.Tensor, cov: torch.Tensor, core: torch.Tensor | None = None,
+                   offsets: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Negative log-likelihood of the cells given the layer covariates (and core and halo terms; the halo term
+        needs the axis offsets and raw conditions), summed over cells (n,)."""
         n = showers.shape[0]
         x = showers.reshape(n, self.n_layers, self.n_lat).transpose(0, 1)  # (L, n, n_lat) view
-        logit = self._hit_logits(cov, core)
+        logit = self._hit_logits(cov, core, offsets, cond)
         hit = x > 0
         nll_hit = (F.softplus(logit) - logit * hit).sum(dim=(0, 2))
         lay, row, col = hit.nonzero(as_tuple=True)
         core_at = self._core_at(core, lay, row, col)
-        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, lay * self.n_lat + col, core_at)
+        halo_at = None if self.halo_w is None else self._halo_at(cov, offsets, cond, lay, row, col)
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, lay * self.n_lat + col, core_at, halo_at)
         r = (torch.log(x[lay, row, col]) - mu) * torch.exp(-log_sigma)
         a = (tail * _asinh(r) - skew).clamp(-20.0, 20.0)
         z = _sinh(a)
@@ -598,7 +703,7 @@ class LayerFlow(ShowerModel):
         log_cosh = a.abs() + F.softplus(-2 * a.abs()) - math.log(2.0)
         log_p = log_pz + torch.log(tail) + log_cosh - 0.5 * torch.log1p(r ** 2) - log_sigma
         if self.config.mip_bins > 0:
-            m = self._mix_logit(cov, lay, row, col, core_at)
+            m = self._mix_logit(cov, lay, row, col, core_at, halo_at)
             y = torch.log(x[lay, row, col])
             log_p = torch.logaddexp(F.logsigmoid(m) + self._mip_log_density(y, lay), F.logsigmoid(-m) + log_p)
         return nll_hit - torch.zeros_like(nll_hit).index_add(0, row, log_p)
@@ -633,7 +738,8 @@ class LayerFlow(ShowerModel):
         feat_clean = torch.cat(parts, dim=1)  # as layer_features(u=0.5, u_count=0.5)
         offsets = self._offsets(batch.cond)
         cov = self._covariates((feat_clean - self.feat_mean) / self.feat_std, cf, offsets, batch.cond)
-        return flow_nll, self._shape_nll(batch.showers, cov, self._core_terms(cov, offsets, batch.cond))
+        core = self._core_terms(cov, offsets, batch.cond)
+        return flow_nll, self._shape_nll(batch.showers, cov, core, offsets, batch.cond)
 
     def loss(self, batch: TrainBatch) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
@@ -651,7 +757,7 @@ class LayerFlow(ShowerModel):
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
         """One Adam; the per-cell coefficients take 10x the flow's learning rate (they are plain GLM terms)."""
         cells = [p for p in (self.cell_hit, self.cell_mu, self.cell_log_sigma, self.cell_skew, self.cell_log_tail,
-                             self.cell_mix, self.mip_logits, self.core_w, self.core_cw) if p is not None]
+                             self.cell_mix, self.mip_logits, self.core_w, self.core_cw, self.halo_w) if p is not None]
         ids = {id(p) for p in cells}
         flow = [p for p in self.parameters() if id(p) not in ids]
         return {"main": torch.optim.Adam([{"params": flow, "weight_decay": weight_decay},
@@ -794,7 +900,7 @@ class LayerFlow(ShowerModel):
         core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
-        logit = self._hit_logits(cov, core)
+        logit = self._hit_logits(cov, core, offsets, cond)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
             k = N_FEAT * n_l + self.total
             log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
@@ -814,9 +920,10 @@ class LayerFlow(ShowerModel):
             flat = lay * n_lat + col
             v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         core_at = self._core_at(core, lay, row, col)
-        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat, core_at)
+        halo_at = None if self.halo_w is None else self._halo_at(cov, offsets, cond, lay, row, col)
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat, core_at, halo_at)
         if cfg.mip_bins > 0:  # v < pi: the soft-hit component at quantile v / pi; else the cell's own law
-            pi = torch.sigmoid(self._mix_logit(cov, lay, row, col, core_at))
+            pi = torch.sigmoid(self._mix_logit(cov, lay, row, col, core_at, halo_at))
             soft = v < pi
             y_soft = self._mip_quantile((v / pi.clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6), lay)
             v = torch.where(soft, torch.full_like(v, 0.5), ((v - pi) / (1 - pi).clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6))
