@@ -337,6 +337,12 @@ def test_layerflow_halo_term_is_symmetric_at_normal_incidence():
             same = all(torch.allclose(torch.stack(a), torch.stack(b), atol=1e-4)
                        and torch.allclose(torch.stack(a), torch.stack(c), atol=1e-4) for a, b, c in mirrored)
             assert same == (angle == 0.0), angle
+            # the hit logits' written-out halo sum is the basis contracted with its coefficients
+            axis, sin_a, sec_m1, c_raw, coef = model._halo_inputs(cov, offsets, cond)
+            dx, dy = model.cell_x - axis[..., 0:1], model.cell_y - axis[..., 1:2]
+            psi = model._halo_basis(dx, dy, sin_a[..., None], sec_m1[..., None], c_raw[..., 0:1], c_raw[..., 1:2])
+            ref = torch.einsum("lnck,lnk->lnc", psi, coef[:, :, 0]) * model.halo_mask
+            assert torch.allclose(model._halo_logits(cov, offsets, cond), ref, atol=1e-4)
 
 
 def test_layerflow_angle_basis_covariates_are_bumps_in_the_angle():

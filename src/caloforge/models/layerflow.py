@@ -362,8 +362,16 @@ class LayerFlow(ShowerModel):
         axis, sin_a, sec_m1, c_raw, coef = self._halo_inputs(cov, offsets, cond)
         dx = self.cell_x - axis[..., 0:1]
         dy = self.cell_y - axis[..., 1:2]  # (L, n, n_lat)
-        psi = self._halo_basis(dx, dy, sin_a[..., None], sec_m1[..., None], c_raw[..., 0:1], c_raw[..., 1:2])
-        return torch.einsum("lnck,lnk->lnc", psi.to(coef.dtype), coef[:, :, 0]).float() * self.halo_mask
+        # sum_k b_k psi_k written out (the same as _halo_basis contracted with b, without the (L, n, n_lat, K) basis)
+        k = coef[:, :, 0].float()[..., None]  # (L, n, K, 1)
+        r = torch.sqrt(dx * dx + dy * dy + 1e-6)
+        e3 = torch.exp(r * (-1.0 / 3.0))
+        inv = 1.0 / (r + 1.0)
+        out = k[:, :, 0] + k[:, :, 1] * (0.1 * r) + k[:, :, 2] * torch.log(r + 0.5) + k[:, :, 3] * e3
+        out = out + (k[:, :, 4] * sec_m1[..., None]) * ((dy * dy - dx * dx) / (r * r + 1.0))
+        odd_y = sin_a[..., None] * (k[:, :, 5] * inv + k[:, :, 6] * (e3 / 3.0)) + k[:, :, 7] * c_raw[..., 1:2] * inv
+        out = out + dy * odd_y + (k[:, :, 8] * c_raw[..., 0:1]) * (dx * inv)
+        return out * self.halo_mask
 
     def _halo_at(self, cov: torch.Tensor, offsets: torch.Tensor, cond: torch.Tensor, lay: torch.Tensor,
                  row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
