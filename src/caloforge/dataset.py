@@ -609,6 +609,8 @@ def describe(path: str | Path) -> str:
         if f.detector is not None:
             lines.append(f"detector:          {f.detector.name}")
             lines.append(f"readout:           {f.detector.readout_summary()}")
+            if f.detector.dead_cells:
+                lines.append(f"dead cells:        {f.detector.dead_cells_summary()}")
         for key in ("source", "particle", "physics_list", "physics_limits", "geant4_version", "production_cut_mm",
                     "seed", "caloforge_version", "energy_spec", "angle_spec", "model", "layout", "compression"):
             if key in f.attrs:

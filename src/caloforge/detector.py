@@ -117,6 +117,10 @@ class Detector:
     description: str = ""
     world_material: str = "G4_Galactic"
     production_cut_mm: float = 0.7
+    #: Cells that never read out (a dead pixel, a broken channel): (readout layer, cell index within the layer's
+    #: cells), sorted. Their energy is zero in every shower Geant4 or a model makes. Uniform grids: the index
+    #: ``ix * n_y + iy`` in the normal-incidence window (the angled window keeps ix and iy).
+    dead_cells: tuple[tuple[int, int], ...] = ()
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -159,6 +163,21 @@ class Detector:
             self._check_segmented(segmented)
         else:
             self._check_uniform()
+        self._check_dead_cells()
+
+    def _check_dead_cells(self) -> None:
+        """Every dead cell names an existing readout layer and one of its cells, once, in sorted order."""
+        per_layer = np.diff(self.layer_offsets()) if self.dead_cells else ()
+        for layer, cell in self.dead_cells:
+            if not 0 <= layer < self.n_layers:
+                raise DetectorError(f"detector {self.name!r}: dead_cells entry [{layer}, {cell}]: layer {layer} does "
+                                    f"not exist; expected 0 to {self.n_layers - 1}")
+            if not 0 <= cell < per_layer[layer]:
+                raise DetectorError(f"detector {self.name!r}: dead_cells entry [{layer}, {cell}]: layer {layer} has "
+                                    f"{per_layer[layer]} cells; expected a cell index 0 to {per_layer[layer] - 1}")
+        if list(self.dead_cells) != sorted(set(self.dead_cells)):
+            raise DetectorError(f"detector {self.name!r}: dead_cells must be distinct [layer, cell] pairs in "
+                                f"increasing order")
 
     def _check_segmented(self, segmented: list[bool]) -> None:
         """Per-layer cells: every layer has its own, inside the transverse size; no uniform grid fields."""
@@ -336,6 +355,27 @@ class Detector:
         out["z"] = z_layer[out["layer"]]
         return out
 
+    def dead_cell_indices(self, angled: bool = False) -> np.ndarray:
+        """Flat indices of the dead cells in a stored shower row (normal or angled window), increasing."""
+        if not self.dead_cells:
+            return np.zeros(0, np.int64)
+        dead = np.asarray(self.dead_cells, np.int64)
+        if not self.is_uniform:
+            return self.layer_offsets()[dead[:, 0]] + dead[:, 1]
+        _, n_x, n_y = self.shape(angled)
+        ix, iy = np.divmod(dead[:, 1], self.readout.n_y)
+        return np.sort((dead[:, 0] * n_x + ix) * n_y + iy)
+
+    def dead_cells_summary(self) -> str:
+        """One line: ``3 dead cells: layer 0: 5, 17; layer 3: 40`` (or ``none``)."""
+        if not self.dead_cells:
+            return "none"
+        by_layer: dict[int, list[int]] = {}
+        for layer, cell in self.dead_cells:
+            by_layer.setdefault(layer, []).append(cell)
+        parts = "; ".join(f"layer {k}: {', '.join(map(str, v))}" for k, v in by_layer.items())
+        return f"{len(self.dead_cells)}: {parts}"
+
     def layer_offsets(self) -> np.ndarray:
         """Index of each layer's first cell in a shower row, and the total: (n_layers + 1,)."""
         if self.is_uniform:
@@ -388,6 +428,10 @@ class Detector:
         d = asdict(self) if self.is_uniform else {f.name: getattr(self, f.name) for f in fields(self)}
         d["layers"] = [layer.to_dict() for layer in self.layers]
         d.pop("extra")
+        if self.dead_cells:  # only when there are some: the description of a detector without is what it was
+            d["dead_cells"] = [list(c) for c in self.dead_cells]
+        else:
+            d.pop("dead_cells")
         if not self.is_uniform:
             d.pop("cell_size_mm")
             d.pop("readout")
@@ -448,6 +492,7 @@ class Detector:
                 description=str(d.get("description", "")),
                 world_material=str(d.get("world_material", "G4_Galactic")),
                 production_cut_mm=float(d.get("production_cut_mm", 0.7)),
+                dead_cells=_dead_cells(d.get("dead_cells", []), source),
             )
         except KeyError as err:
             raise DetectorError(f"{source}: missing field {err.args[0]!r} in detector description") from None
@@ -465,7 +510,7 @@ class Detector:
 
 #: The fields a description may have (a typo'd field would otherwise be ignored and its default used).
 TOP_FIELDS = {"name", "layers", "size_x_mm", "size_y_mm", "cell_size_mm", "readout", "description", "world_material",
-              "production_cut_mm"}
+              "production_cut_mm", "dead_cells"}
 LAYER_FIELDS = {"absorber", "absorber_mm", "active", "active_mm", "samplings", "passive", "cells", "count"}
 READOUT_FIELDS = {"x_min_mm", "n_x", "y_min_mm", "n_y", "n_y_angled"}
 
@@ -489,6 +534,18 @@ def _passive(v, where: str) -> tuple[tuple[str, float], ...]:
     except (TypeError, ValueError):
         raise DetectorError(f"{where}: 'passive' is {v!r:.60}; expected a list of [material, thickness_mm]") from None
     return out
+
+
+def _dead_cells(v, source: str) -> tuple[tuple[int, int], ...]:
+    """``dead_cells = [[layer, cell], ...]``: sorted; ranges and duplicates are checked by the Detector."""
+    if not isinstance(v, list | tuple) or not all(isinstance(c, list | tuple) and len(c) == 2 for c in v):
+        raise DetectorError(f"{source}: 'dead_cells' is {v!r:.60}; expected a list of [layer, cell] pairs (the "
+                            f"readout layer and the cell's index within that layer)")
+    out = [(_integer(a, f"{source}: dead_cells layer"), _integer(b, f"{source}: dead_cells cell")) for a, b in v]
+    if len(set(out)) != len(out):
+        dup = next(c for c in out if out.count(c) > 1)
+        raise DetectorError(f"{source}: dead_cells lists [{dup[0]}, {dup[1]}] twice; expected each dead cell once")
+    return tuple(sorted(out))
 
 
 def builtin_detectors() -> list[str]:

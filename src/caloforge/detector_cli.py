@@ -25,6 +25,8 @@ def describe(name: str) -> str:
     d = load_detector(name)
     lines = [f"{d.name}: {d.description}", f"  {d.readout_summary()}",
              f"  {d.n_layers} readout layers, {d.depth_mm:g} mm deep, {d.size_x_mm:g} x {d.size_y_mm:g} mm"]
+    if d.dead_cells:
+        lines.append(f"  dead cells (read zero): {d.dead_cells_summary()}")
     x0 = 0.0
     for i, ly in enumerate(d.layers):
         try:

@@ -38,7 +38,7 @@ def _wrapper(model, angled: bool):
             self.model = model
 
         def forward(self, conditions: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-            return self.model.decode_window(conditions, *noise, angled=angled)
+            return self.model.zero_dead_cells(self.model.decode_window(conditions, *noise, angled=angled), angled)
 
     return Decoder().eval()
 
@@ -120,7 +120,7 @@ def check_onnx(model, path: str | Path, n: int = 16, seed: int = 0, angled: bool
     cond = torch.as_tensor(_example_conditions(model, n, np.random.default_rng(seed), angled), dtype=torch.float32)
     noise = model.draw_noise(n, torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = model.to("cpu").eval().decode_window(cond, *noise, angled=angled).numpy()
+        ref = model.zero_dead_cells(model.to("cpu").eval().decode_window(cond, *noise, angled=angled), angled).numpy()
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feeds = {"conditions": cond.numpy()}
     feeds.update({name: t.numpy() for (name, _, _), t in zip(noise_inputs(model), noise)})

@@ -87,7 +87,8 @@ class Geant4App:
         impact at the origin). ``angled`` selects the readout window (default: angled if any angle is > 0).
         ``multiplicity``: primaries per event; event ``i`` fires rows ``i * multiplicity ...`` of the conditions and
         its readout holds all their showers. With a gate, :attr:`last_records` holds the particles that entered the
-        calorimeter (:mod:`caloforge.fastsim`); with fast simulation on, the model's showers are added in.
+        calorimeter (:mod:`caloforge.fastsim`); with fast simulation on, the model's showers are added in. The
+        detector's dead cells read zero (their energy counts as active energy outside the cells in the deposits).
         """
         if not isinstance(conditions, Conditions):
             conditions = Conditions.make(conditions, 0.0 if angles_deg is None else angles_deg,
@@ -106,6 +107,10 @@ class Geant4App:
         self._dep = np.zeros((n_events, 2))
         self.g4.HepRandom.setTheSeed(int(seed) % 2_147_483_647)
         self.run_manager.BeamOn(n_events)
+        dead = self.detector.dead_cell_indices(angled)
+        if dead.size:  # dead cells read nothing: their energy stays in the active material, outside the readout
+            self._dep[:, 0] += self._out[:, dead].sum(axis=1, dtype=np.float64)
+            self._out[:, dead] = 0.0
         if self.deposits:
             self.last_deposits = np.column_stack([self._out.sum(axis=1, dtype=np.float64), self._dep])
         if self.gate:
@@ -116,6 +121,7 @@ class Geant4App:
             fast = self.last_records["reason"] == 0
             if self.fastsim is not None and fast.any():
                 np.add.at(self._out, self.last_records["event"][fast], self.fastsim.showers(self.last_records, angled))
+                self._out[:, dead] = 0.0
         return self._out
 
 

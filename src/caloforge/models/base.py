@@ -533,14 +533,14 @@ class ShowerModel(nn.Module):
         self.eval()
         try:
             if n <= chunk:
-                return self.decode_window(cond, *noise, angled=angled)
+                return self.zero_dead_cells(self.decode_window(cond, *noise, angled=angled), angled)
             out = None
             for i in range(0, n, chunk):  # chunks written into one output: no concatenation afterwards
                 part = self.decode_window(cond[i:i + chunk], *(t[i:i + chunk] for t in noise), angled=angled)
                 if out is None:
                     out = torch.empty((n, part.shape[1]), dtype=part.dtype, device=part.device)
                 out[i:i + len(part)] = part
-            return out
+            return self.zero_dead_cells(out, angled)
         finally:
             self.train(was_training)
 
@@ -567,8 +567,22 @@ class ShowerModel(nn.Module):
                 energies.append(e)
         finally:
             self.train(was_training)
-        row = torch.cat(rows)
-        return torch.bincount(row, minlength=n), torch.cat(cells), torch.cat(energies)
+        row, cell, energy = torch.cat(rows), torch.cat(cells), torch.cat(energies)
+        if self.detector.dead_cells:
+            live = ~torch.isin(cell, self.dead_cells(angled, cell.device))
+            row, cell, energy = row[live], cell[live], energy[live]
+        return torch.bincount(row, minlength=n), cell, energy
+
+    def dead_cells(self, angled: bool, device: Any = None) -> torch.Tensor:
+        """Window indices of the detector's dead cells (they read zero in every shower the model makes)."""
+        dead = self.detector.dead_cell_indices(angled) if self.frame != "cells" else self.detector.dead_cell_indices()
+        return torch.as_tensor(dead, dtype=torch.long, device=device)
+
+    def zero_dead_cells(self, showers: torch.Tensor, angled: bool) -> torch.Tensor:
+        """``showers`` (n, n_window_cells) with the detector's dead cells set to zero (a no-op without any)."""
+        if not self.detector.dead_cells:
+            return showers
+        return showers.index_fill(1, self.dead_cells(angled, showers.device), 0.0)
 
     # ---- training hooks ---------------------------------------------------------------------------
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
