@@ -206,3 +206,39 @@ def test_shower_commands_hand_event_files_to_the_event_code(tmp_path, monkeypatc
     assert main(["events", "generate", "--model", str(tmp_path), "-n", "3", "-o", str(tmp_path / "g.h5")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path) in err and "model.json" in err and len(err.strip().splitlines()) == 1
+
+
+def test_event_wgan_moving_average_validation_and_best(tmp_path):
+    """ema: the saved generator is the average (not the raw weights), resumes exactly; --val-data keeps RUN/best."""
+    from safetensors.torch import load_file
+
+    from caloforge.events.cli import parse_options
+    from caloforge.events.wgan import EventModelError, EventWGAN, train
+
+    write_events(tmp_path / "train.h5", correlated_events(400, 8), {"source": "test"})
+    write_events(tmp_path / "val.h5", correlated_events(200, 9), {"source": "test"})
+    opts = {"hidden": 16, "layers": 2, "batch_size": 32, "checkpoint_every": 4, "ema": 0.9}
+    kw = {"quiet": True, "options": opts, "val_data": str(tmp_path / "val.h5")}
+    train(str(tmp_path / "train.h5"), str(tmp_path / "run"), steps=8, **kw)
+    hist = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    vals = [h for h in hist if "val" in h]
+    assert [h["step"] for h in vals] == [4, 8] and all(h["val"]["fisher_z"] > 0 for h in vals)
+    best_step = min(vals, key=lambda h: h["val"]["fisher_z"])["step"]
+    assert vals[-1]["best_step"] == best_step and EventWGAN.load(tmp_path / "run" / "best").cfg.ema == 0.9
+    saved, ckpt = (load_file(str(tmp_path / "run" / f)) for f in ("model.safetensors", "checkpoint.safetensors"))
+    key = "generator.0.weight"
+    np.testing.assert_array_equal(saved[key].numpy(), ckpt["ema.0.weight"].numpy())
+    assert not np.allclose(saved[key].numpy(), ckpt[key].numpy())  # the average, not the last weights
+    train(str(tmp_path / "train.h5"), str(tmp_path / "run2"), steps=4, **kw)
+    train(str(tmp_path / "train.h5"), str(tmp_path / "run2"), steps=8, resume=True, quiet=True,
+          val_data=str(tmp_path / "val.h5"))
+    again = load_file(str(tmp_path / "run2" / "model.safetensors"))
+    for k in saved:
+        np.testing.assert_allclose(saved[k].numpy(), again[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+    assert parse_options(["lr=5e-4", "n_critic=3"]) == {"lr": 5e-4, "n_critic": 3}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_options(["lr"])
+    with pytest.raises(EventModelError, match="unknown option 'lrr'"):
+        train(str(tmp_path / "train.h5"), str(tmp_path / "run3"), steps=2, quiet=True, options={"lrr": 1.0})
+    with pytest.raises(EventModelError, match="ema"):
+        train(str(tmp_path / "train.h5"), str(tmp_path / "run3"), steps=2, quiet=True, options={"ema": 1.5})

@@ -49,6 +49,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a WGANConfig option, e.g. --set lr=5e-4 --set ema=0.999 (docs/events.md; new runs only)")
+    p.add_argument("--val-data", help="held-out events (a split of the training file, not the test file): scored at "
+                                      "each checkpoint, the best generator kept in RUN/best")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("generate", help="generate events with a trained event WGAN")
@@ -85,6 +89,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def parse_options(items: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> {key: number}; the keys and bounds are checked by WGANConfig.from_dict."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. lr=5e-4")
+        try:
+            num = float(value)
+        except ValueError:
+            raise ValueError(f"--set {item!r}: expected a number after '='") from None
+        out[key.strip()] = int(num) if num.is_integer() and "." not in value and "e" not in value.lower() else num
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from caloforge.validate import check_output_file, same_file
 
@@ -108,9 +127,12 @@ def run(args: argparse.Namespace) -> int:
     if step == "train":
         from caloforge.events.wgan import train
 
+        if args.resume and args.overrides:
+            raise ValueError("--set: options are fixed when a run starts; expected no --set with --resume")
         train(args.data, args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
               threads=args.threads, resume=args.resume, quiet=args.quiet, device=args.device,
-              checkpoint_every=args.checkpoint_every)
+              checkpoint_every=args.checkpoint_every, options=parse_options(args.overrides),
+              val_data=args.val_data)
         return 0
     if step == "generate":
         from caloforge.events.wgan import generate_file
