@@ -105,7 +105,7 @@ def test_cells_frame_refusals(family, det, data):
         cls(det, None, cls.Config.from_dict(TINY_CONFIGS[family]), frame="axis")
 
 
-def test_image_families_refuse_per_layer_readouts_and_calogan_refuses_hexagons(det):
+def test_image_families_refuse_per_layer_readouts_and_calogan_maps_hexagons(det):
     with pytest.raises(ModelError, match="per-layer cells"):
         get_family("wgan")(det)
     with pytest.raises(ModelError, match="frame 'cells'"):
@@ -113,8 +113,8 @@ def test_image_families_refuse_per_layer_readouts_and_calogan_refuses_hexagons(d
     hexes = Detector.from_dict({"name": "hexes", "size_x_mm": 200.0, "size_y_mm": 200.0, "layers": [
         {"absorber": "G4_W", "absorber_mm": 3.0, "active": "G4_Si", "active_mm": 0.3, "count": 2,
          "cells": {"kind": "hex", "rings": 2, "pitch_mm": 10.0}}]})
-    with pytest.raises(ModelError, match="layer 0 has hex cells, expected a grid"):
-        get_family("calogan")(hexes)
+    calogan = get_family("calogan")(hexes)  # hexagons onto the image of their axial lattice coordinates
+    assert calogan.grids == [(5, 5)] * 2 and calogan.n_cells == hexes.n_cells()
     assert get_family("densewgan")(hexes).n_cells == hexes.n_cells()  # the dense WGAN takes any readout
 
 

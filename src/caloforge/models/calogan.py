@@ -1,5 +1,7 @@
 """``calogan``: CaloGAN (seeds/calogan-atlas-like.txt; Paganini, de Oliveira, Nachman, arXiv:1705.02355,
-arXiv:1712.10321) on a detector with a cell grid per layer (``calogan-3layer``: 3 x 96, 12 x 12, 12 x 6 cells).
+arXiv:1712.10321) on a detector with a cell grid per layer (``calogan-3layer``: 3 x 96, 12 x 12, 12 x 6 cells), and
+on any readout whose layers make images: (r, phi) bins as n_phi x n_r images, hexagons on the image of their axial
+lattice coordinates (:func:`layer_images`; the HGCAL seed's Cartesian map of its hexagons).
 
 As the talk and papers describe it:
 
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 from caloforge.detector import Detector
-from caloforge.models.base import ModelConfig, ModelError, ShowerModel, TrainBatch
+from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 from caloforge.models.flatgan import FlatLogCells, adversarial_step
 
 
@@ -112,12 +114,14 @@ def _cond_maps(c: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 class _LayerGenerator(nn.Module):
-    """(latent, conditions, previous layer's image) -> this layer's image (1, H, W), ReLU (exact zeros)."""
+    """(latent, conditions, previous layer's cells) -> this layer's image (1, H, W), ReLU (exact zeros), as cells."""
 
-    def __init__(self, h: int, w: int, prev_cells: int, cfg: CaloGANConfig, n_cond: int):
+    def __init__(self, h: int, w: int, prev_cells: int, cfg: CaloGANConfig, n_cond: int,
+                 pixels: np.ndarray | None = None):
         super().__init__()
         g = cfg.gen_channels
         self.h, self.w, self.g = h, w, g
+        self.pixels = None if pixels is None else torch.as_tensor(pixels, dtype=torch.long)
         self.fc = nn.Sequential(nn.Linear(cfg.latent_dim + n_cond, g * h * w), _lrelu())
         self.transfer = nn.Linear(prev_cells, h * w) if prev_cells else None
         self.conv = nn.Sequential(nn.Conv2d(g + n_cond + (1 if prev_cells else 0), g, 3, padding=1), _lrelu())
@@ -131,21 +135,25 @@ class _LayerGenerator(nn.Module):
         if self.transfer is not None:
             parts.append(self.transfer(prev).view(n, 1, self.h, self.w))
         h = self.lc1(self.conv(torch.cat(parts, dim=1)))
-        return torch.relu(self.lc2(h)).view(n, self.h * self.w)
+        image = torch.relu(self.lc2(h)).view(n, self.h * self.w)
+        return image if self.pixels is None else image[:, self.pixels.to(image.device)]
 
 
 class _LayerFeatures(nn.Module):
     """The discriminator's view of one layer: convolution, locally connected layer, dense features."""
 
-    def __init__(self, h: int, w: int, cfg: CaloGANConfig, n_cond: int):
+    def __init__(self, h: int, w: int, cfg: CaloGANConfig, n_cond: int, pixels: np.ndarray | None = None):
         super().__init__()
         d = cfg.disc_channels
         self.h, self.w = h, w
+        self.pixels = None if pixels is None else torch.as_tensor(pixels, dtype=torch.long)
         self.conv = nn.Sequential(nn.Conv2d(1 + n_cond, d, 3, padding=1), _lrelu(),
                                   LocallyConnected2d(d, d, h, w), _lrelu())
         self.fc = nn.Sequential(nn.Linear(d * h * w, cfg.disc_features), _lrelu())
 
     def forward(self, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.pixels is not None:  # the cells onto their pixels, zero elsewhere
+            y = y.new_zeros(y.shape[0], self.h * self.w).index_copy(1, self.pixels.to(y.device), y)
         x = torch.cat([y.view(-1, 1, self.h, self.w), _cond_maps(c, self.h, self.w)], dim=1)
         return self.fc(self.conv(x).flatten(1))
 
@@ -166,11 +174,11 @@ class MinibatchDiscrimination(nn.Module):
 
 
 class _Discriminator(nn.Module):
-    def __init__(self, grids: list[tuple[int, int]], cfg: CaloGANConfig, n_cond: int):
+    def __init__(self, images: list[tuple[int, int, np.ndarray | None]], cfg: CaloGANConfig, n_cond: int):
         super().__init__()
-        self.sizes = [h * w for h, w in grids]
-        self.layers = nn.ModuleList([_LayerFeatures(h, w, cfg, n_cond) for h, w in grids])
-        n_f = len(grids) * (cfg.disc_features + 2) + n_cond
+        self.sizes = [h * w if p is None else len(p) for h, w, p in images]
+        self.layers = nn.ModuleList([_LayerFeatures(h, w, cfg, n_cond, p) for h, w, p in images])
+        n_f = len(images) * (cfg.disc_features + 2) + n_cond
         self.mbd = MinibatchDiscrimination(n_f, cfg.mbd_kernels, cfg.mbd_dims) if cfg.mbd_kernels else None
         self.fc = nn.Sequential(nn.Linear(n_f + (cfg.mbd_kernels if cfg.mbd_kernels else 0), cfg.disc_hidden),
                                 _lrelu(), nn.Linear(cfg.disc_hidden, 1, bias=cfg.loss == "gan"))  # cancels in W
@@ -183,17 +191,28 @@ class _Discriminator(nn.Module):
         return self.fc(f).squeeze(1)
 
 
-def layer_grids(detector: Detector) -> list[tuple[int, int]]:
-    """(n_x, n_y) of each layer's cell grid, or a ModelError for readouts that are not grids."""
+def layer_images(detector: Detector) -> list[tuple[int, int, np.ndarray | None]]:
+    """Each layer's cells as an image ``(height, width, pixels)``: ``pixels`` None when the image is the layer's
+    cells in order (a grid: n_x x n_y; (r, phi) bins: n_phi x n_r, angle slow, radius fast), else the image pixel
+    (``row * width + column``) of each cell. Hexagons go onto the image of their axial lattice coordinates (q, r),
+    as the HGCAL seed mapped its hexagons onto a Cartesian image: a hexagon's six neighbours are six of the eight
+    around its pixel, so the 3 x 3 convolutions see them; the pixels outside the sensor are never read."""
     if detector.is_uniform:
         _, nx, ny = detector.shape()
-        return [(nx, ny)] * detector.n_layers
+        return [(nx, ny, None)] * detector.n_layers
     out = []
-    for i, layer in enumerate(detector.layers):
-        if layer.cells.kind != "grid":
-            raise ModelError(f"model family 'calogan' generates one image per layer; detector {detector.name!r} layer "
-                             f"{i} has {layer.cells.kind} cells, expected a grid (kind = \"grid\")")
-        out.append((layer.cells.n_x, layer.cells.n_y))
+    for layer in detector.layers:
+        c = layer.cells
+        if c.kind == "grid":
+            out.append((c.n_x, c.n_y, None))
+        elif c.kind == "polar":
+            out.append((c.n_phi, c.n_r, None))
+        else:
+            x, y = c.centres()
+            q, r = (np.rint(v).astype(np.int64) for v in c._lattice(x, y))
+            q, r = q - q.min(), r - r.min()
+            h, w = int(q.max()) + 1, int(r.max()) + 1
+            out.append((h, w, q * w + r))
     return out
 
 
@@ -209,14 +228,15 @@ class CaloGAN(FlatLogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: CaloGANConfig = self.config  # type: ignore[assignment]
-        self.grids = layer_grids(detector)
+        images = layer_images(detector)
+        self.grids = [(h, w) for h, w, _ in images]
         self.init_flat_cells()
         self.register_buffer("max_visible_fraction", torch.tensor(1.0))
         n_c = self.n_cond_features
-        sizes = [h * w for h, w in self.grids]
-        self.generators = nn.ModuleList([_LayerGenerator(h, w, sizes[i - 1] if i else 0, cfg, n_c)
-                                         for i, (h, w) in enumerate(self.grids)])
-        self.discriminator = _Discriminator(self.grids, cfg, n_c)
+        sizes = [h * w if p is None else len(p) for h, w, p in images]
+        self.generators = nn.ModuleList([_LayerGenerator(h, w, sizes[i - 1] if i else 0, cfg, n_c, p)
+                                         for i, (h, w, p) in enumerate(images)])
+        self.discriminator = _Discriminator(images, cfg, n_c)
 
     def generator_parameters(self) -> Any:
         return self.generators.parameters()
