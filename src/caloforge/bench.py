@@ -216,13 +216,18 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as err:
             print(f"Geant4 timing skipped: caloforge.simulate.time_geant4 is not available ({err})")
     particle = args.particle or model.meta.get("particle", "gamma")
-    print(f"\nper energy (model at batch {ref_bs}; Geant4 {particle}, {args.geant4_showers} showers per energy)")
+    from caloforge.conditions import hadron_names, parse_particles
+
+    hadronic = "bertini" if hadron_names(parse_particles(particle)) else "none"  # pions: the Bertini placeholder
+    g4_label = f"{particle} with the Bertini placeholder" if hadronic != "none" else particle
+    result.update(geant4_particle=particle, geant4_hadronic=hadronic)
+    print(f"\nper energy (model at batch {ref_bs}; Geant4 {g4_label}, {args.geant4_showers} showers per energy)")
     print(f"{'E [GeV]':>8} {'model ms':>10} {'Geant4 ms':>10} {'speed-up':>10}")
     for e_gev in energies:
         r = time_model(model, ref_bs, [e_gev], args.angle, args.repeats, args.max_seconds)
         g4 = None
         if time_geant4 is not None:
-            g4 = float(time_geant4(model.detector, particle, e_gev, args.geant4_showers))
+            g4 = float(time_geant4(model.detector, particle, e_gev, args.geant4_showers, hadronic=hadronic))
         row = {"energy_gev": e_gev, "batch_size": ref_bs, "model_ms_per_shower": r["ms_per_shower"],
                "geant4_ms_per_shower": g4, "speedup": (g4 / r["ms_per_shower"]) if g4 else None}
         result["per_energy"].append(row)
