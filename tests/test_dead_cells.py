@@ -41,6 +41,9 @@ cells = { kind = "hex", pitch_mm = 30.0, rings = 2 }
     assert load_detector(y) == d
     assert d != Detector.from_dict({**d.to_dict(), "dead_cells": []})  # dead cells are part of the identity
     assert "dead_cells" not in load_detector("ild-ecal").to_dict()  # detectors without keep their description
+    from caloforge.detector_cli import describe as describe_detector
+
+    assert "dead cells (read zero): 3: layer 0: 1, 3; layer 2: 5" in describe_detector(str(f))
 
 
 def test_dead_cells_on_a_uniform_grid_keep_their_place_in_the_angled_window():
