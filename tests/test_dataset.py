@@ -166,3 +166,33 @@ def test_merge_sets_widens_normal_windows_and_keeps_conditions(tmp_path):
     assert np.array_equal(b.conditions.pdg, np.r_[np.full(5, 22), np.full(4, 11)])
     assert np.array_equal(b.conditions.angle, np.r_[np.zeros(5), np.full(4, 30.0)])
     assert np.array_equal(b.conditions.x, np.r_[np.zeros(5), np.ones(4)])
+
+
+def test_centroid_bias_script_measures_a_known_shift(tmp_path, capsys):
+    """scripts/centroid_bias.py: a candidate whose layer energy sits one cell above the reference's (same conditions)
+    has a bias of exactly +1 cell in that layer; an identical candidate has 0."""
+    import importlib.util
+    from pathlib import Path
+
+    from caloforge.conditions import Conditions
+    from caloforge.dataset import write_showers
+    from conftest_models import toy_detector
+
+    spec = importlib.util.spec_from_file_location("centroid_bias",
+                                                  Path(__file__).parents[1] / "scripts" / "centroid_bias.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    det = toy_detector(n_layers=3, n_xy=4, n_y_angled=8)
+    n = 30
+    ref = np.zeros((n, 3, 4, 4), np.float32)
+    ref[:, :, 1:3, 1:3] = 1.0  # symmetric about the window's centre in every layer
+    shifted = np.zeros_like(ref)
+    shifted[:, 0, 1:3, 2:4] = 1.0  # layer 0 one cell up in y
+    shifted[:, 1:] = ref[:, 1:]
+    c = Conditions(np.full(n, 2e4), np.zeros(n), np.zeros(n), np.zeros(n), "gamma")
+    for name, s in (("ref", ref), ("same", ref), ("up", shifted)):
+        write_showers(tmp_path / f"{name}.h5", det, c, s.reshape(n, -1), attrs={"source": "toy", "particle": "gamma"})
+    assert script.main([str(tmp_path / "ref.h5"), str(tmp_path / "up.h5"), "--layers", "0,1,2"]) == 0
+    assert "+1.000±0.000  +0.000±0.000  +0.000±0.000" in capsys.readouterr().out
+    assert script.main([str(tmp_path / "ref.h5"), str(tmp_path / "same.h5"), "--layers", "0"]) == 0
+    assert "+0.000±0.000" in capsys.readouterr().out
