@@ -108,7 +108,7 @@ TINY_CONFIGS: dict[str, dict] = {
                        "core_block": 3, "select_noise": True, "total_energy": True, "angle_basis": 3},
     "layerflow:halo": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                        "count_hidden": 16, "counts_first": True, "axis_features": True, "offset_squares": True,
-                       "core_block": 3, "select_noise": True, "halo_term": True},
+                       "core_block": 3, "select_noise": True, "halo_term": True, "halo_ramp_deg": 10.0},
     "layerflow:core_exclusive": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                                  "count_hidden": 16, "counts_first": True, "axis_features": True,
                                  "offset_squares": True, "core_block": 3, "core_exclusive": True,

@@ -79,6 +79,7 @@ class LayerFlowConfig(ModelConfig):
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
     halo_term: bool = False  # cells outside the core block follow a shift-invariant halo law plus sin(angle) times
     # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
+    halo_ramp_deg: float = 0.0  # with halo_term: own laws weigh min(1, sin(angle) / sin(this)) (0: sin(angle))
     angle_basis: int = 0  # Gaussian bumps in the incidence angle (0-60 deg) as cell covariates (0: none): each cell's
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     permutation_seed: int = 1234
@@ -90,6 +91,7 @@ class LayerFlowConfig(ModelConfig):
         "empty_layer_noise": (0.0, 1e3), "min_hit_prob": (0.0, 0.5), "cell_cap_margin": (1e-3, 1e6),
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
+        "halo_ramp_deg": (0.0, 60.0),
     }
 
     def weight_estimate(self) -> int:
@@ -383,13 +385,19 @@ class LayerFlow(ShowerModel):
                                sec_m1[0, row], cx[:, 0], cx[:, 1])  # (H, K)
         m = self.halo_mask[col]
         terms = torch.einsum("hk,hjk->hj", psi.to(coef.dtype), coef[lay, row]).float() * m[:, None]
-        own = 1.0 + m * (sin_a[0, row] - 1.0)
+        own = 1.0 + m * (self._own_weight(cond)[row] - 1.0)
         return torch.cat([terms, own[:, None]], dim=1)
 
-    def _halo_own(self, cond: torch.Tensor) -> torch.Tensor:
-        """The weight (1, n, n_lat) of the cells' own hit-logit laws: sin(angle) in the halo, 1 on the core block."""
+    def _own_weight(self, cond: torch.Tensor) -> torch.Tensor:
+        """The weight (n,) of the halo cells' own laws: sin(angle), or with ``halo_ramp_deg`` min(1, sin(angle) /
+        sin(halo_ramp_deg)) (zero at normal incidence either way)."""
         sin_a = torch.sin(cond[:, 1].float() * (math.pi / 180))
-        return 1.0 + self.halo_mask * (sin_a[:, None] - 1.0)[None]
+        ramp = self.config.halo_ramp_deg
+        return sin_a if ramp <= 0 else torch.clamp(sin_a / math.sin(ramp * math.pi / 180), max=1.0)
+
+    def _halo_own(self, cond: torch.Tensor) -> torch.Tensor:
+        """The weight (1, n, n_lat) of the cells' own hit-logit laws: see _own_weight in the halo, 1 on the core."""
+        return 1.0 + self.halo_mask * (self._own_weight(cond)[:, None] - 1.0)[None]
 
     def _start_halo(self) -> None:
         """Start the halo term at a least-squares fit of the halo cells' starting intercepts (axis mid-cell, normal
