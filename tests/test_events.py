@@ -240,5 +240,9 @@ def test_event_wgan_moving_average_validation_and_best(tmp_path):
         parse_options(["lr"])
     with pytest.raises(EventModelError, match="unknown option 'lrr'"):
         train(str(tmp_path / "train.h5"), str(tmp_path / "run3"), steps=2, quiet=True, options={"lrr": 1.0})
+    write_events(tmp_path / "few.h5", correlated_events(30, 9), {"source": "test"})
+    with pytest.raises(ValueError, match="few.h5.*at least 20 of each"):
+        train(str(tmp_path / "train.h5"), str(tmp_path / "run3"), steps=2, quiet=True,
+              val_data=str(tmp_path / "few.h5"))
     with pytest.raises(EventModelError, match="ema"):
         train(str(tmp_path / "train.h5"), str(tmp_path / "run3"), steps=2, quiet=True, options={"ema": 1.5})

@@ -277,6 +277,9 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     val = read_events(val_data) if val_data else None
     if val is not None and val.names != ev.names:
         raise ValueError(f"--val-data {val_data}: variables {val.names[:3]}... differ from {data}'s; expected the same")
+    if val is not None and min(int((val.process == v).sum()) for v in PROCESSES.values()) < 20:
+        counts = {k: int((val.process == v).sum()) for k, v in PROCESSES.items()}
+        raise ValueError(f"--val-data {val_data}: {counts} events per process; expected at least 20 of each")
     cfg = cfg or WGANConfig(steps=steps, batch_size=batch_size, seed=seed)
     if options and not resume:
         cfg = WGANConfig.from_dict({**asdict(cfg), **options}, "--set")
