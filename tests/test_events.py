@@ -246,3 +246,58 @@ def test_event_wgan_moving_average_validation_and_best(tmp_path):
               val_data=str(tmp_path / "few.h5"))
     with pytest.raises(EventModelError, match="ema"):
         train(str(tmp_path / "train.h5"), str(tmp_path / "run3"), steps=2, quiet=True, options={"ema": 1.5})
+
+
+def test_event_wgan_lr_decay_logs_resumes_and_can_be_added_on_resume(tmp_path, monkeypatch):
+    """lr_decay_steps: a half cosine to lr_final * lr over the last steps, off by default; resumed exactly, and a
+    run resumed with the decay newly set equals one trained with it from the start."""
+    from safetensors.torch import load_file
+
+    from caloforge.events import wgan
+    from caloforge.events.wgan import WGANConfig, lr_at, train
+
+    off = WGANConfig(lr=1e-3, steps=100)
+    assert {lr_at(off, s) for s in range(100)} == {1e-3}
+    cfg = WGANConfig(lr=1e-3, steps=100, lr_decay_steps=40, lr_final=0.1)
+    rates = [lr_at(cfg, s) for s in range(100)]
+    assert rates[:60] == [1e-3] * 60 and rates[-1] == pytest.approx(1e-4)
+    assert all(a > b for a, b in zip(rates[59:], rates[60:])) and rates[79] == pytest.approx(5.5e-4)
+    write_events(tmp_path / "train.h5", correlated_events(400, 8), {"source": "test"})
+    data = str(tmp_path / "train.h5")
+    base = {"hidden": 16, "layers": 2, "batch_size": 32, "log_every": 1, "lr": 1e-3}
+    train(data, str(tmp_path / "one"), steps=8, quiet=True, options={**base, "lr_decay_steps": 4, "lr_final": 0.2})
+    hist = [json.loads(line) for line in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
+    assert [h["lr"] for h in hist] == pytest.approx([1e-3] * 4 + [lr_at(WGANConfig(
+        lr=1e-3, steps=8, lr_decay_steps=4, lr_final=0.2), s) for s in range(4, 8)])
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    # 4 steps without the decay, resumed to 8 with it: the same weights as the run that had it from the start
+    train(data, str(tmp_path / "two"), steps=4, quiet=True, options=base)
+    train(data, str(tmp_path / "two"), steps=8, resume=True, quiet=True, options={"lr_decay_steps": 4, "lr_final": 0.2})
+    two = load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in one:
+        np.testing.assert_allclose(one[k].numpy(), two[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+    meta = json.loads((tmp_path / "two" / "model.json").read_text())["config"]
+    assert meta["lr_decay_steps"] == 4 and meta["lr_final"] == 0.2
+    # a decaying run interrupted after its step-3 checkpoint and resumed (the schedule read back from model.json)
+    # continues it exactly
+    opts = {**base, "lr_decay_steps": 6, "lr_final": 0.2, "checkpoint_every": 3}
+    train(data, str(tmp_path / "three"), steps=6, quiet=True, options=opts)
+    real_save = wgan._save_checkpoint
+
+    def save_then_stop(run_dir, model, opt_g, opt_c, step, *a, **k):
+        real_save(run_dir, model, opt_g, opt_c, step, *a, **k)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wgan, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train(data, str(tmp_path / "four"), steps=6, quiet=True, options=opts)
+    monkeypatch.setattr(wgan, "_save_checkpoint", real_save)
+    assert json.loads((tmp_path / "four" / "checkpoint.json").read_text())["step"] == 3
+    train(data, str(tmp_path / "four"), steps=6, resume=True, quiet=True)
+    three, four = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("three", "four"))
+    for k in three:
+        np.testing.assert_allclose(three[k].numpy(), four[k].numpy(), rtol=1e-6, atol=1e-7, err_msg=k)
+    with pytest.raises(ValueError, match="--set hidden: fixed when a run starts.*lr_decay_steps"):
+        train(data, str(tmp_path / "two"), steps=9, resume=True, quiet=True, options={"hidden": 8})
+    with pytest.raises(ValueError, match="lr_final"):
+        train(data, str(tmp_path / "five"), steps=2, quiet=True, options={"lr_final": 2.0})

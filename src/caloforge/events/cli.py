@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="a WGANConfig option, e.g. --set lr=5e-4 --set ema=0.999 (docs/events.md; new runs only)")
+                   help="a WGANConfig option, e.g. --set lr=5e-4 --set ema=0.999 (docs/events.md); with --resume "
+                        "only lr_decay_steps, lr_final")
     p.add_argument("--val-data", help="held-out events (a split of the training file, not the test file): scored at "
                                       "each checkpoint, the best generator kept in RUN/best")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -127,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
     if step == "train":
         from caloforge.events.wgan import train
 
-        if args.resume and args.overrides:
-            raise ValueError("--set: options are fixed when a run starts; expected no --set with --resume")
         train(args.data, args.output, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
               threads=args.threads, resume=args.resume, quiet=args.quiet, device=args.device,
               checkpoint_every=args.checkpoint_every, options=parse_options(args.overrides),

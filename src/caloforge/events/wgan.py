@@ -51,12 +51,20 @@ class WGANConfig:
     #: Exponential moving average of the generator's weights (0 = off, the talk's recipe): decay
     #: min(ema, (1 + step) / (10 + step)); the saved and sampled generator is the average (a departure from the talk).
     ema: float = 0.0
+    #: Learning-rate decay (0 = off, the talk's recipe): over the last ``lr_decay_steps`` generator steps both
+    #: learning rates follow a half cosine from ``lr`` down to ``lr_final * lr``. The rate is a function of the step
+    #: alone, so a resumed run continues it exactly; these two options may be set on ``--resume`` (schedule only).
+    lr_decay_steps: int = 0
+    lr_final: float = 0.1
 
     #: Sane bounds of every option (checked before any allocation: a damaged model.json cannot ask for 10^9 units).
     BOUNDS = {"hidden": (1, 4096), "layers": (1, 64), "noise_dim": (1, 4096), "n_critic": (1, 100),
               "gp_lambda": (0.0, 1e4), "lr": (1e-12, 1.0), "beta1": (0.0, 0.9999), "beta2": (0.0, 0.9999),
               "batch_size": (1, 65536), "steps": (1, 10**8), "checkpoint_every": (1, 10**8),
-              "log_every": (1, 10**8), "seed": (0, 2**63 - 1), "ema": (0.0, 0.99999)}
+              "log_every": (1, 10**8), "seed": (0, 2**63 - 1), "ema": (0.0, 0.99999),
+              "lr_decay_steps": (0, 10**8), "lr_final": (0.0, 1.0)}
+    #: Options ``--set`` may change when a run is resumed (they change no weight or state, only the rate ahead).
+    RESUMABLE = ("lr_decay_steps", "lr_final")
 
     @classmethod
     def from_dict(cls, d, source: str) -> WGANConfig:
@@ -86,6 +94,18 @@ def mlp(n_in: int, n_out: int, hidden: int = 288, layers: int = 6):
         width = hidden
     mods.append(nn.Linear(width, n_out))
     return nn.Sequential(*mods)
+
+
+def lr_at(cfg: WGANConfig, step: int) -> float:
+    """Learning rate of generator step ``step`` (0-based): ``lr``, then a half cosine to ``lr_final * lr`` over the
+    last ``lr_decay_steps`` steps of ``cfg.steps``."""
+    import math
+
+    start = cfg.steps - cfg.lr_decay_steps
+    if cfg.lr_decay_steps <= 0 or step < start:
+        return cfg.lr
+    frac = min(1.0, (step - start + 1) / cfg.lr_decay_steps)
+    return cfg.lr * (cfg.lr_final + (1.0 - cfg.lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac)))
 
 
 def _label(process):
@@ -248,7 +268,8 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
           val_data: str | None = None) -> EventWGAN:
     """Train (or resume) an event WGAN on the high-level variables of an event file.
 
-    ``options`` override ``WGANConfig`` fields (checked against its bounds; ``--set KEY=VALUE``). With ``val_data``
+    ``options`` override ``WGANConfig`` fields (checked against its bounds; ``--set KEY=VALUE``; on ``resume`` only
+    the schedule, ``WGANConfig.RESUMABLE``). With ``val_data``
     (held-out events of the same variables, never the test file) every checkpoint scores the generator on it
     (``validation_scores``), logs the scores in ``history.jsonl`` and keeps the generator with the lowest Fisher-z
     chi2/ndf in ``RUN/best/`` (a run directory of its own). On ``device="cuda"`` the run is seeded but not bit-for-bit
@@ -268,6 +289,10 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
         check_int(value, flag, *WGANConfig.BOUNDS[key])  # absurd values refused before reading anything
     if options:
         WGANConfig.from_dict(options, "--set")
+        fixed = sorted(set(options) - set(WGANConfig.RESUMABLE))
+        if resume and fixed:
+            raise ValueError(f"--set {fixed[0]}: fixed when a run starts; with --resume expected only "
+                             f"{', '.join(WGANConfig.RESUMABLE)}")
     from caloforge.train import pick_device
 
     device = pick_device(device)
@@ -294,7 +319,7 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             raise EventModelError(f"{meta_path}: unreadable ({err}); expected the run's model.json") from None
         old = WGANConfig.from_dict(meta.get("config") if isinstance(meta, dict) else meta,
                                    f"{meta_path} field 'config'")
-        cfg = WGANConfig(**{**asdict(old), "steps": steps})
+        cfg = WGANConfig(**{**asdict(old), "steps": steps, **(options or {})})
         saved = json.loads((run_dir / CKPT_JSON).read_text()).get("best")
         if isinstance(saved, dict):
             best = {"step": int(saved["step"]), "score": float(saved["score"])}
@@ -325,6 +350,9 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     bar = progress(total=cfg.steps, desc="eventwgan", unit="step", quiet=quiet, initial=start)
     w_est = float("nan")
     for step in range(start, cfg.steps):
+        for opt in (opt_g, opt_c):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(cfg, step)
         for _ in range(cfg.n_critic):
             idx = torch.randint(n, (cfg.batch_size,), device=dev)
             real, lab = x[idx], lab_all[idx]
@@ -354,7 +382,8 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
         bar.update(1)
         if (step + 1) % cfg.log_every == 0:
             hist.write(json.dumps({"step": step + 1, "w_estimate": w_est, "gp": float(gp.detach()),
-                                   "loss_g": float(loss_g.detach()), "time_s": round(time.time() - t0, 1)}) + "\n")
+                                   "loss_g": float(loss_g.detach()),
+                                   "lr": lr_at(cfg, step), "time_s": round(time.time() - t0, 1)}) + "\n")
             hist.flush()
             bar.set_postfix(w=f"{w_est:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
