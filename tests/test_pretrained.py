@@ -90,3 +90,20 @@ def test_shipped_models_are_listed_and_load_by_name(capsys):
     assert load_model("default").n_cells == load_model("multi").n_cells == 27000
     with pytest.raises(Exception, match="model not found"):
         load_model("no-such-model")
+
+
+def test_configs_reproduce_the_shipped_multi_model():
+    """configs/layerflow-multi.toml is the recipe of the shipped ``multi``: the same model and training settings as
+    its model.json records (with ``--seed 1``), so the README command retrains it."""
+    import json
+    import tomllib
+    from pathlib import Path
+
+    from caloforge.models.layerflow import LayerFlowConfig
+    from caloforge.train import TrainConfig
+
+    root = Path(__file__).parents[1]
+    cfg = tomllib.loads((root / "configs" / "layerflow-multi.toml").read_text())
+    meta = json.loads((root / "src" / "caloforge" / "pretrained" / "multi" / "model.json").read_text())
+    assert LayerFlowConfig.from_dict(cfg["model"]) == LayerFlowConfig.from_dict(meta["config"])
+    assert TrainConfig.from_dict({**cfg["train"], "seed": 1}) == TrainConfig.from_dict(meta["training"]["train"])
