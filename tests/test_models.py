@@ -300,13 +300,14 @@ def test_layerflow_core_exclusive_shares_a_corner_shower_equally():
                 assert same_y == y_symmetric, (angle, x, y)
 
 
-def test_layerflow_halo_term_is_symmetric_at_normal_incidence():
+@pytest.mark.parametrize("variant", ["layerflow:halo", "layerflow:halo_knots"])
+def test_layerflow_halo_term_is_symmetric_at_normal_incidence(variant):
     """With ``halo_term`` the cells outside the core block follow a law of their displacement from the axis plus
     sin(angle) times their own laws: at normal incidence on the corner of four cells, with the layer centroid on the
     axis, every halo cell and its mirror images through the axis (in x and in y) get the same hit logit, energy law
     and soft-hit weight, whatever the coefficients hold; at 40 degrees the cells' own laws return."""
     det = toy_detector()
-    model = tiny_model("layerflow:halo", det, toy_showers(det, 30, seed=2)).eval()
+    model = tiny_model(variant, det, toy_showers(det, 30, seed=2)).eval()
     gen = torch.Generator().manual_seed(0)
     n_l = det.n_layers
     with torch.no_grad():

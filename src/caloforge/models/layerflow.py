@@ -40,6 +40,8 @@ from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
 HALO_BASIS = 9  # basis functions of the halo term (see LayerFlow._halo_basis)
+#: knots (cells from the axis) of the piecewise-linear radial profile of ``halo_knots`` halo terms
+HALO_KNOTS = (0.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.5, 9.0, 11.0, 13.5, 16.5, 20.0, 25.0)
 ANGLE_BASIS_MAX_DEG = 60.0  # the angle_basis bumps span 0 to this (the widest angle the house detector's window holds)
 
 
@@ -79,6 +81,7 @@ class LayerFlowConfig(ModelConfig):
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
     halo_term: bool = False  # cells outside the core block follow a shift-invariant halo law plus sin(angle) times
     # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
+    halo_knots: bool = False  # with halo_term: the radial part of the halo law piecewise linear in r (HALO_KNOTS)
     halo_ramp_deg: float = 0.0  # with halo_term: own laws weigh min(1, sin(angle) / sin(this)) (0: sin(angle))
     angle_basis: int = 0  # Gaussian bumps in the incidence angle (0-60 deg) as cell covariates (0: none): each cell's
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
@@ -267,7 +270,8 @@ class LayerFlow(ShowerModel):
             halo = np.ones(self.n_lat, np.float32)
             halo[core] = 0.0
             self.register_buffer("halo_mask", torch.as_tensor(halo), persistent=False)
-            self.halo_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * HALO_BASIS))
+            self.n_halo = HALO_BASIS - 4 + len(HALO_KNOTS) if cfg.halo_knots else HALO_BASIS
+            self.halo_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * self.n_halo))
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -343,9 +347,18 @@ class LayerFlow(ShowerModel):
         r = torch.sqrt(dx * dx + dy * dy + 1e-6)
         e3 = torch.exp(r * (-1.0 / 3.0))
         inv = 1.0 / (r + 1.0)
-        return torch.stack([torch.ones_like(r), 0.1 * r, torch.log(r + 0.5), e3,
-                            sec_m1 * (dy * dy - dx * dx) / (r * r + 1.0), sin_a * dy * inv, sin_a * dy * e3 / 3.0,
-                            cyr * dy * inv, cxr * dx * inv], dim=-1)
+        if self.config.halo_knots:  # hat functions on HALO_KNOTS (flat beyond the last): any radial profile
+            t = HALO_KNOTS
+            rc = r.clamp(t[0], t[-1])
+            radial = []
+            for j in range(len(t)):
+                left = ((rc - t[j - 1]) / (t[j] - t[j - 1])).clamp(0.0, 1.0) if j > 0 else torch.ones_like(rc)
+                right = ((t[j + 1] - rc) / (t[j + 1] - t[j])).clamp(0.0, 1.0) if j + 1 < len(t) else torch.ones_like(rc)
+                radial.append(torch.minimum(left, right))
+        else:
+            radial = [torch.ones_like(r), 0.1 * r, torch.log(r + 0.5), e3]
+        return torch.stack(radial + [sec_m1 * (dy * dy - dx * dx) / (r * r + 1.0), sin_a * dy * inv,
+                                     sin_a * dy * e3 / 3.0, cyr * dy * inv, cxr * dx * inv], dim=-1)
 
     def _halo_inputs(self, cov: torch.Tensor, offsets: torch.Tensor, cond: torch.Tensor):
         """What the halo term needs per layer and shower: the axis (L, n, 2) in local cell units, sin and
@@ -356,7 +369,7 @@ class LayerFlow(ShowerModel):
         a = cond[:, 1].float()[None] * (math.pi / 180)
         std, mean = self.feat_std[n_l:3 * n_l].reshape(2, n_l).T, self.feat_mean[n_l:3 * n_l].reshape(2, n_l).T
         c_raw = cov[:, :, 2:4] * std[:, None] + mean[:, None]
-        coef = torch.bmm(cov, self.halo_w).reshape(n_l, -1, 4, HALO_BASIS)
+        coef = torch.bmm(cov, self.halo_w).reshape(n_l, -1, 4, self.n_halo)
         return axis, torch.sin(a), 1.0 / torch.cos(a) - 1.0, c_raw.float(), coef
 
     def _halo_logits(self, cov: torch.Tensor, offsets: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -364,6 +377,9 @@ class LayerFlow(ShowerModel):
         axis, sin_a, sec_m1, c_raw, coef = self._halo_inputs(cov, offsets, cond)
         dx = self.cell_x - axis[..., 0:1]
         dy = self.cell_y - axis[..., 1:2]  # (L, n, n_lat)
+        if self.config.halo_knots:
+            psi = self._halo_basis(dx, dy, sin_a[..., None], sec_m1[..., None], c_raw[..., 0:1], c_raw[..., 1:2])
+            return torch.einsum("lnck,lnk->lnc", psi.to(coef.dtype), coef[:, :, 0]).float() * self.halo_mask
         # sum_k b_k psi_k written out (the same as _halo_basis contracted with b, without the (L, n, n_lat, K) basis)
         k = coef[:, :, 0].float()[..., None]  # (L, n, K, 1)
         r = torch.sqrt(dx * dx + dy * dy + 1e-6)
@@ -407,7 +423,8 @@ class LayerFlow(ShowerModel):
         zero = torch.zeros(len(idx))
         psi = self._halo_basis(self.cell_x[idx] - 0.5, self.cell_y[idx] - 0.5, zero, zero, zero, zero).double()
         rows = torch.arange(n_l)[:, None] * n_lat + idx[None]  # (L, H)
-        eye = 1e-3 * torch.eye(HALO_BASIS, dtype=torch.float64)
+        k = self.n_halo
+        eye = 1e-3 * torch.eye(k, dtype=torch.float64)
         with torch.no_grad():
             self.halo_w.zero_()
             laws = [self.cell_hit[:, 0, idx], self.cell_mu[rows, 0], self.cell_log_sigma[rows, 0]]
@@ -415,7 +432,7 @@ class LayerFlow(ShowerModel):
                 laws.append(self.cell_mix[rows, 0])
             for law, v in enumerate(laws):
                 a = torch.linalg.solve(psi.T @ psi + eye, psi.T @ v.double().T)  # (K, L)
-                self.halo_w[:, 0, law * HALO_BASIS:(law + 1) * HALO_BASIS] = a.T.float()
+                self.halo_w[:, 0, law * k:(law + 1) * k] = a.T.float()
                 resid = v - (psi @ a).T.float()  # stays in the cells' own intercepts (weighted by sin(angle))
                 if law == 0:
                     self.cell_hit[:, 0, idx] = resid
