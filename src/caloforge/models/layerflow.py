@@ -36,6 +36,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
+from caloforge.models.kernels import UniformBlock, gathered_dots, select_hits
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
@@ -115,6 +116,10 @@ def _sinh(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * (torch.exp(x) - torch.exp(-x))
 
 
+def _made(noise: torch.Tensor | UniformBlock) -> torch.Tensor:
+    return noise.tensor() if isinstance(noise, UniformBlock) else noise
+
+
 def _put(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """out[index] = values: in place (no copy of a large output), out of place while exporting to ONNX."""
     if torch.onnx.is_in_onnx_export():
@@ -161,7 +166,8 @@ class LayerFlow(ShowerModel):
 
     family = "layerflow"
     Config = LayerFlowConfig
-    sample_chunk = 128
+    takes_uniform_blocks = True  # decode makes its uniforms where it needs them (see kernels.UniformBlock)
+    sample_chunk = 256  # showers per decoding pass on the CPU (measured best of 64-512 with the compiled kernels)
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
@@ -589,7 +595,12 @@ class LayerFlow(ShowerModel):
             if offsets is None or cond is None:
                 raise ValueError("layerflow: the halo term needs the axis offsets and the raw conditions")
             logit = logit * self._halo_own(cond) + self._halo_logits(cov, offsets, cond)
-        return logit if core is None else logit + core[:, :, self.core_pos, 0]
+        if core is None:
+            return logit
+        if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export():
+            return logit + core[:, :, self.core_pos, 0]
+        logit[:, :, self.core_idx] += core[:, :, :-1, 0]  # sampling: only the core block's cells (the same sums)
+        return logit
 
     def _core_basis_values(self, dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
         """The core term's basis (..., B^2, K) at displacements (dx, dy) from the axis (cells), angle (deg) (n,).
@@ -686,12 +697,16 @@ class LayerFlow(ShowerModel):
         return cfg.mip_log_min + width * (b.float() + frac)
 
     def _hit_params(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor,
-                    core_at: torch.Tensor | None = None, halo_at: torch.Tensor | None = None):
+                    core_at: torch.Tensor | None = None, halo_at: torch.Tensor | None = None,
+                    lin: tuple[torch.Tensor, torch.Tensor] | None = None):
         """(mu, sigma, skew, tail) of log(E_hit) for the hit cells given by layer, shower and flat cell index (and
-        the core and halo terms at those cells)."""
-        g = cov[lay, row]  # (H, n_cov)
-        mu = (g * self.cell_mu[flat]).sum(1)
-        log_sigma = (g * self.cell_log_sigma[flat]).sum(1)
+        the core and halo terms at those cells; ``lin``: the per-cell linear parts of mu and log sigma, if made)."""
+        if lin is None:
+            g = cov[lay, row]  # (H, n_cov)
+            mu = (g * self.cell_mu[flat]).sum(1)
+            log_sigma = (g * self.cell_log_sigma[flat]).sum(1)
+        else:
+            mu, log_sigma = lin
         if halo_at is not None:
             mu, log_sigma = mu * halo_at[:, 4] + halo_at[:, 1], log_sigma * halo_at[:, 4] + halo_at[:, 2]
         skew, log_tail = self.cell_skew[flat], self.cell_log_tail[flat]
@@ -706,9 +721,10 @@ class LayerFlow(ShowerModel):
         return mu, log_sigma, skew, tail
 
     def _mix_logit(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
-                   core_at: torch.Tensor | None, halo_at: torch.Tensor | None = None) -> torch.Tensor:
-        """Logit of the soft-hit weight of the hit cells."""
-        m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1)
+                   core_at: torch.Tensor | None, halo_at: torch.Tensor | None = None,
+                   lin: torch.Tensor | None = None) -> torch.Tensor:
+        """Logit of the soft-hit weight of the hit cells (``lin``: its per-cell linear part, if made)."""
+        m = (cov[lay, row] * self.cell_mix[lay * self.n_lat + col]).sum(1) if lin is None else lin
         if halo_at is not None:
             m = m * halo_at[:, 4] + halo_at[:, 3]
         if core_at is None:
@@ -906,8 +922,11 @@ class LayerFlow(ShowerModel):
                                             angled)
             keep = inside & (e > 0)
         row, idx, e = row[keep], idx[keep], e[keep]
-        order = torch.argsort(row * n_win + idx)  # each (row, cell) at most once: the local grid maps one-to-one
-        return row[order], idx[order], e[order]
+        key = row * n_win + idx  # each (row, cell) at most once: the local grid maps one-to-one
+        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):  # the CPU kernels give them in order already
+            order = torch.argsort(key)
+            row, idx, e = row[order], idx[order], e[order]
+        return row, idx, e
 
     def _hits(self, cond: torch.Tensor, *noise: torch.Tensor):
         """The hit cells (shower row, layer, cell within the layer, flat cell index) and their energies (MeV)."""
@@ -932,31 +951,44 @@ class LayerFlow(ShowerModel):
         cov = self._covariates(fs, cf, offsets, cond)
         core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
-        u = u_cells.reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
         logit = self._hit_logits(cov, core, offsets, cond)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
             k = N_FEAT * n_l + self.total
             log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
             count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
             count = torch.where(e_layer > 0, count, torch.zeros_like(count))
-            mask, threshold = self._hits_exactly(logit, u, count)
-            lay, row, col = mask.nonzero(as_tuple=True)
+            fast = select_hits(logit, u_cells, count)  # the compiled kernel on the CPU (same hits), else None
+            if fast is not None:
+                lay, row, col, logit_hit, u_hit, thr_hit = fast
+            else:
+                u = _made(u_cells).reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
+                mask, threshold = self._hits_exactly(logit, u, count)
+                lay, row, col = mask.nonzero(as_tuple=True)
+                if cfg.select_noise:
+                    logit_hit, thr_hit = logit[lay, row, col], threshold[lay, row, 0]
+                    u_hit = u[lay, row, col].clamp(1e-7, 1 - 1e-7)
             flat = lay * n_lat + col
             if cfg.select_noise:  # the energy quantile from the selection noise (see _hits_exactly)
-                u_hit = u[lay, row, col].clamp(1e-7, 1 - 1e-7)
-                v = (u_hit / torch.sigmoid(threshold[lay, row, 0] + logit[lay, row, col])).clamp(1e-6, 1 - 1e-6)
-            else:  # the energy quantile from its own noise
-                v = noise[2].reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col].clamp(1e-6, 1 - 1e-6)
+                v = (u_hit / torch.sigmoid(thr_hit + logit_hit)).clamp(1e-6, 1 - 1e-6)
+            else:  # the energy quantile from its own noise (made at the hits only where it is not made yet)
+                v_all = noise[2]
+                v = (v_all.at(row, flat) if isinstance(v_all, UniformBlock)
+                     else v_all.reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         else:
+            u = _made(u_cells).reshape(-1, n_l, n_lat).transpose(0, 1)
             p = torch.sigmoid(logit)
             lay, row, col = (u < p).nonzero(as_tuple=True)
             flat = lay * n_lat + col
             v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         core_at = self._core_at(core, lay, row, col)
         halo_at = None if self.halo_w is None else self._halo_at(cov, offsets, cond, lay, row, col)
-        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat, core_at, halo_at)
+        # the per-cell linear laws at the hits: one compiled pass on the CPU (None elsewhere: torch inside)
+        lin = gathered_dots(cov, lay, row, flat, [self.cell_mu, self.cell_log_sigma]
+                            + ([self.cell_mix] if cfg.mip_bins > 0 else []))
+        mu, log_sigma, skew, tail = self._hit_params(cov, lay, row, flat, core_at, halo_at,
+                                                     None if lin is None else (lin[0], lin[1]))
         if cfg.mip_bins > 0:  # v < pi: the soft-hit component at quantile v / pi; else the cell's own law
-            pi = torch.sigmoid(self._mix_logit(cov, lay, row, col, core_at, halo_at))
+            pi = torch.sigmoid(self._mix_logit(cov, lay, row, col, core_at, halo_at, None if lin is None else lin[2]))
             soft = v < pi
             y_soft = self._mip_quantile((v / pi.clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6), lay)
             v = torch.where(soft, torch.full_like(v, 0.5), ((v - pi) / (1 - pi).clamp(min=1e-6)).clamp(1e-6, 1 - 1e-6))

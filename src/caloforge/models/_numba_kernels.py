@@ -1,0 +1,184 @@
+"""The numba-compiled kernels behind :mod:`caloforge.models.kernels` (imported on first use: numba takes a third of a
+second to import, and the compiled code is cached on disk). Read the algorithms' description there."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+_F = np.float32
+# Cephes logf: ln(x) = ln(m) + e ln 2 with m in [sqrt(1/2), sqrt(2)), a degree-9 polynomial in m - 1
+_SQRTHF = _F(0.707106781186547524)
+_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = (_F(c) for c in (
+    7.0376836292e-2, -1.1514610310e-1, 1.1676998740e-1, -1.2420140846e-1, 1.4249322787e-1, -1.6668057665e-1,
+    2.0000714765e-1, -2.4999993993e-1, 3.3333331174e-1))
+_LN2_LO, _LN2_HI, _HALF, _ONE = _F(-2.12194440e-4), _F(0.693359375), _F(0.5), _F(1.0)
+_U_LO, _U_HI = _F(1e-7), _F(1 - 1e-7)  # the reference's clamp of the uniforms
+# the PCG output permutation on 32-bit words (held in 64-bit integers, so that torch can compute it too)
+_U = np.uint64
+_MASK, _PA, _PC, _PB = _U(0xFFFFFFFF), _U(747796405), _U(2891336453), _U(277803737)
+_S4, _S8, _S22, _S28 = _U(4), _U(8), _U(22), _U(28)
+_TO_UNIT = _F(2.0 ** -24)
+
+
+@njit(inline="always")
+def _pcg(x: Any) -> Any:
+    state = (x * _PA + _PC) & _MASK
+    word = (((state >> ((state >> _S28) + _S4)) ^ state) * _PB) & _MASK
+    return (word >> _S22) ^ word
+
+
+@njit(inline="always")
+def _row_seeds(seed_lo: Any, seed_hi: Any, r: int) -> tuple[Any, Any]:
+    s1 = _pcg(_pcg(_U(r) ^ seed_lo) ^ seed_hi)
+    return s1, _pcg(s1 ^ seed_hi)
+
+
+@njit(inline="always")
+def _unit(s1: Any, s2: Any, j: int) -> Any:
+    """Uniform number j of the row with seeds (s1, s2)."""
+    return _F(_pcg(_pcg(_U(j) ^ s1) ^ s2) >> _S8) * _TO_UNIT
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def fill_uniform(out: Any, seed_lo: Any, seed_hi: Any, row0: int, start: int, stop: int) -> None:
+    """Rows start..stop of ``out``, which holds the draw's rows from row0 on (the GIL released: callers split the
+    rows over threads)."""
+    m = out.shape[1]
+    for i in range(start, stop):
+        s1, s2 = _row_seeds(seed_lo, seed_hi, row0 + i)
+        row = out[i]
+        for j in range(m):
+            row[j] = _unit(s1, s2, j)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def uniform_at(seed_lo: Any, seed_hi: Any, rows: Any, cols: Any, out: Any, start: int, stop: int) -> None:
+    """out[h] = uniform number cols[h] of draw row rows[h], for h in start..stop (the noise at the hits only)."""
+    for h in range(start, stop):
+        s1, s2 = _row_seeds(seed_lo, seed_hi, rows[h])
+        out[h] = _unit(s1, s2, cols[h])
+
+
+@njit(inline="always", fastmath=True)
+def _keys(u: Any, logit: Any, key: Any) -> None:
+    """key = ln(u / (1 - u)) - logit for one row, u clamped as in the reference."""
+    m_cells = key.shape[0]
+    bits = key.view(np.int32)
+    for j in range(m_cells):
+        uj = min(max(u[j], _U_LO), _U_HI)
+        key[j] = uj / (_ONE - uj)
+    for j in range(m_cells):
+        b = bits[j]
+        e = _F((b >> 23) - 126)
+        bits[j] = (b & 0x007FFFFF) | 0x3F000000  # the mantissa as a float in [0.5, 1)
+        m = key[j]
+        small = m < _SQRTHF
+        e = e - _ONE if small else e
+        f = (m + m - _ONE) if small else (m - _ONE)
+        z = f * f
+        y = ((((((((_P0 * f + _P1) * f + _P2) * f + _P3) * f + _P4) * f + _P5) * f + _P6) * f + _P7) * f
+             + _P8) * f * z
+        key[j] = f + (y + _LN2_LO * e - _HALF * z) + _LN2_HI * e - logit[j]
+
+@njit(inline="always")
+def _sift_down(hk: Any, hj: Any, i: int, size: int) -> None:
+    while True:
+        a = 2 * i + 1
+        if a >= size:
+            return
+        b = a + 1
+        c = b if (b < size and hk[b] > hk[a]) else a
+        if hk[c] <= hk[i]:
+            return
+        hk[i], hk[c] = hk[c], hk[i]
+        hj[i], hj[c] = hj[c], hj[i]
+        i = c
+
+@njit(inline="always")
+def _select_row(li: int, r: int, k: int, o: int, lrow: Any, urow: Any, orow: Any, lay: Any, row: Any, col: Any,
+                logit_hit: Any, u_hit: Any, thr_hit: Any) -> None:
+    """The k hits of one (layer, shower) row, written from position o on."""
+    m_cells = lrow.shape[0]
+    if k >= m_cells:  # every cell is hit: no threshold
+        for j in range(m_cells):
+            lay[o + j], row[o + j], col[o + j] = li, r, j
+            logit_hit[o + j] = lrow[j]
+            u_hit[o + j] = min(max(urow[j], _U_LO), _U_HI)
+            thr_hit[o + j] = np.inf
+        return
+    key = np.empty(m_cells, np.float32)
+    _keys(urow, lrow, key)
+    s = k + 1
+    hk = np.empty(s, np.float32)
+    hj = np.empty(s, np.int64)
+    for q in range(s):
+        hk[q] = key[orow[q]]
+        hj[q] = orow[q]
+    for i in range(s // 2 - 1, -1, -1):
+        _sift_down(hk, hj, i, s)
+    top = hk[0]
+    for q in range(s, m_cells):
+        j = orow[q]
+        if key[j] < top:
+            hk[0] = key[j]
+            hj[0] = j
+            _sift_down(hk, hj, 0, s)
+            top = hk[0]
+    sel = np.sort(hj[1:])  # the k smallest keys (the root is the (k + 1)-th: the threshold)
+    for q in range(k):
+        j = sel[q]
+        lay[o + q], row[o + q], col[o + q] = li, r, j
+        logit_hit[o + q] = lrow[j]
+        u_hit[o + q] = min(max(urow[j], _U_LO), _U_HI)
+        thr_hit[o + q] = top
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def select(logit: Any, u: Any, count: Any, order: Any, offsets: Any, lay: Any, row: Any, col: Any,
+           logit_hit: Any, u_hit: Any, thr_hit: Any, start: int, stop: int) -> None:
+    """Rows start..stop (shower-major: t = shower * L + layer) of the hit selection, uniforms u (n, L, M) given."""
+    n_l = logit.shape[0]
+    for t in range(start, stop):
+        r = t // n_l
+        li = t - r * n_l
+        k = count[r, li]
+        if k > 0:
+            _select_row(li, r, k, offsets[t], logit[li, r], u[r, li], order[li], lay, row, col, logit_hit, u_hit,
+                        thr_hit)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def select_hashed(logit: Any, seed_lo: Any, seed_hi: Any, row0: int, count: Any, order: Any, offsets: Any,
+                  lay: Any, row: Any, col: Any, logit_hit: Any, u_hit: Any, thr_hit: Any, start: int,
+                  stop: int) -> None:
+    """:func:`select` with the uniforms made on the fly from the draw's hash (rows row0.., L * M numbers each)."""
+    n_l, m_cells = logit.shape[0], logit.shape[2]
+    u = np.empty(m_cells, np.float32)
+    for t in range(start, stop):
+        r = t // n_l
+        li = t - r * n_l
+        k = count[r, li]
+        if k > 0:
+            s1, s2 = _row_seeds(seed_lo, seed_hi, row0 + r)
+            c0 = li * m_cells
+            for j in range(m_cells):
+                u[j] = _unit(s1, s2, c0 + j)
+            _select_row(li, r, k, offsets[t], logit[li, r], u, order[li], lay, row, col, logit_hit, u_hit, thr_hit)
+
+
+@njit(nogil=True, fastmath=True, cache=True)
+def gathered_dots(cov: Any, lay: Any, row: Any, flat: Any, tables: Any, out: Any, start: int, stop: int) -> None:
+    """out[q, h] = sum_c cov[lay[h], row[h], c] * tables[q][flat[h], c] for hits start..stop."""
+    n_cov = cov.shape[2]
+    for h in range(start, stop):
+        g = cov[lay[h], row[h]]
+        f = flat[h]
+        for q in range(len(tables)):
+            t = tables[q][f]
+            acc = _F(0.0)
+            for c in range(n_cov):
+                acc += g[c] * t[c]
+            out[q, h] = acc

@@ -1,0 +1,220 @@
+"""The CPU hot paths of sampling, compiled with numba: the uniform noise, and ``layerflow``'s hit selection.
+
+**Uniform noise** (:func:`uniform`): torch's CPU generator makes about 0.2 uniforms per ns, and ``layerflow`` needs
+one per cell (27000 per shower on the house detector), so drawing them cost more than the model. Here uniform
+number ``j`` of row ``r`` is a counter-based hash of (seed, r, j) (two rounds of the PCG output permutation on 32-bit
+words), ``h / 2^32`` truncated to 24 bits like ``torch.rand``: about 1 ns per number and thread, rows independent,
+the same numbers on any number of threads, and a prefix of the rows of a longer draw is the shorter draw. The seed
+is one 63-bit integer drawn from the caller's torch generator, so seeding works as before. A pure-torch version of
+the same hash (:func:`uniform_reference`) gives bit-identical numbers where numba is missing.
+
+**Hit selection** (:func:`select_hits`).
+``layerflow`` (with ``hit_count``) hits exactly ``k`` cells in each layer of each shower: the ``k`` cells with the
+smallest keys ``logit(u) - logit(p)`` (Pareto order sampling), and it needs the next key as well (the selection
+threshold). The torch reference (:meth:`LayerFlow._hits_exactly`) computes every key with several full-size tensor
+passes and a per-layer ``topk`` and keeps them all, although a layer holds about 20 hits among 900 cells. The kernel
+here does the same per (layer, shower) row in one pass that stays in the core's cache:
+
+* the keys with a vectorised single-precision logarithm (the Cephes ``logf`` polynomial, within a few ulp of torch's);
+* a max-heap of the ``k + 1`` smallest keys, fed in order of decreasing mean hit probability, so that after the
+  first few dozen cells almost every other cell is rejected by one comparison;
+* the hits written straight into the output (layer-major, then shower, then cell, as ``mask.nonzero`` orders
+  them), with their logit, their uniform and the threshold, which is all the energy stage needs.
+
+Same noise, same hits: the selections agree with the torch reference except where two keys of one row tie to
+within a few ulp (tested). Rows are independent, so the result does not depend on the number of threads. Without
+numba (or with ``CALOFORGE_NUMBA=0``) :func:`select_hits` returns None and the caller uses the torch reference.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+
+_HAVE_NUMBA = importlib.util.find_spec("numba") is not None
+_compiled: SimpleNamespace | None = None
+
+
+def enabled() -> bool:
+    """Whether the compiled kernels are used: numba installed and not switched off by ``CALOFORGE_NUMBA=0``.
+    Loading them costs about 1.2 s once per process (importing numba and its cached machine code)."""
+    return _HAVE_NUMBA and os.environ.get("CALOFORGE_NUMBA", "1") != "0"
+
+
+def _kernels() -> SimpleNamespace:
+    """The compiled kernels (numba imported and the functions compiled on first use, cached on disk)."""
+    global _compiled
+    if _compiled is None:
+        from caloforge.models import _numba_kernels
+        _compiled = SimpleNamespace(**{name: getattr(_numba_kernels, name) for name in (
+            "fill_uniform", "uniform_at", "select", "select_hashed", "gathered_dots")})
+    return _compiled
+
+
+def _applies(tensors: list[torch.Tensor]) -> bool:
+    """The kernels serve sampling: CPU float32 tensors, outside autograd, ONNX export and tracing."""
+    return (enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing())
+
+
+_pool: ThreadPoolExecutor | None = None
+
+
+def _run_split(fn: Callable[..., None], total: int, *args: Any) -> None:
+    """``fn(*args, start, stop)`` over 0..total in as many parts as torch uses threads (the kernels release the GIL;
+    plain threads rather than numba's parallel layers, whose OpenMP workers spin between calls)."""
+    global _pool
+    parts = max(1, min(torch.get_num_threads(), total // 64))
+    if parts == 1:
+        fn(*args, 0, total)
+        return
+    if _pool is None or _pool._max_workers < parts:
+        _pool = ThreadPoolExecutor(max_workers=parts, thread_name_prefix="caloforge-kernels")
+    bounds = np.linspace(0, total, parts + 1).astype(int)
+    for f in [_pool.submit(fn, *args, int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]:
+        f.result()
+
+
+def _pcg_torch(x: torch.Tensor) -> torch.Tensor:
+    state = (x * 747796405 + 2891336453) & 0xFFFFFFFF
+    word = (((state >> ((state >> 28) + 4)) ^ state) * 277803737) & 0xFFFFFFFF
+    return (word >> 22) ^ word
+
+
+def _draw_seed(generator: torch.Generator | None) -> int:
+    return int(torch.randint(0, 2 ** 62, (1,), generator=generator, dtype=torch.int64))
+
+
+def uniform_reference(n: int, m: int, seed: int, row0: int = 0) -> torch.Tensor:
+    """Rows ``row0 .. row0 + n`` of the uniforms (n, m) of ``seed``, computed with torch integer ops (the
+    definition; :func:`uniform` computes the same numbers faster)."""
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    r = torch.arange(row0, row0 + n, dtype=torch.int64)[:, None]
+    s1 = _pcg_torch(_pcg_torch(r ^ lo) ^ hi)
+    s2 = _pcg_torch(s1 ^ hi)
+    h = _pcg_torch(_pcg_torch(torch.arange(m, dtype=torch.int64)[None] ^ s1) ^ s2)
+    return (h >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def _seed_words(seed: int) -> tuple[np.uint64, np.uint64]:
+    return np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+
+
+class UniformBlock:
+    """Rows ``row0 .. row0 + n`` of a uniform draw (each row ``shape`` numbers), not made yet: :meth:`tensor` makes
+    them all, :meth:`at` only those at given places (``layerflow`` needs the energy uniforms at its hits only, and
+    its selection kernel makes the selection uniforms row by row in cache)."""
+
+    def __init__(self, seed: int, row0: int, n: int, shape: tuple[int, ...]):
+        self.seed, self.row0, self.n, self.row_shape = seed, row0, n, tuple(shape)
+        self.shape = (n, *self.row_shape)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tensor(self) -> torch.Tensor:
+        """All the numbers (n, *shape), float32."""
+        out = torch.empty(self.shape, dtype=torch.float32)
+        flat = out.view(self.n, -1)
+        if enabled():
+            _run_split(_kernels().fill_uniform, self.n, flat.numpy(), *_seed_words(self.seed), self.row0)
+        else:
+            for i in range(0, self.n, 64):  # bounded int64 temporaries
+                flat[i:i + 64] = uniform_reference(min(64, self.n - i), flat.shape[1], self.seed, self.row0 + i)
+        return out
+
+    def at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The numbers at (row within the block, flat index within the row), as ``tensor().view(n, -1)[rows, cols]``
+        gives them."""
+        rows = rows.to(torch.int64) + self.row0
+        cols = cols.to(torch.int64)
+        if enabled():
+            out = np.empty(rows.shape[0], dtype=np.float32)
+            if rows.shape[0]:
+                _run_split(_kernels().uniform_at, rows.shape[0], *_seed_words(self.seed), rows.numpy(), cols.numpy(),
+                           out)
+            return torch.from_numpy(out)
+        lo, hi = self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF
+        s1 = _pcg_torch(_pcg_torch(rows ^ lo) ^ hi)
+        return (_pcg_torch(_pcg_torch(cols ^ s1) ^ _pcg_torch(s1 ^ hi)) >> 8).to(torch.float32) * 2.0 ** -24
+
+
+class UniformRows:
+    """The uniforms of one draw (``shape``, rows along the first axis) as a seed: blocks of rows are made when a
+    sampling loop reaches them, so that it never holds more than one chunk's noise."""
+
+    def __init__(self, shape: tuple[int, ...], generator: torch.Generator | None = None):
+        self.shape, self.seed = tuple(shape), _draw_seed(generator)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def block(self, start: int, stop: int) -> UniformBlock:
+        """Rows start..stop, not made yet (the same numbers as those rows of the whole draw)."""
+        stop = min(stop, self.shape[0])
+        return UniformBlock(self.seed, start, stop - start, self.shape[1:])
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop, made."""
+        return self.block(start, stop).tensor()
+
+
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniforms in [0, 1) of ``shape`` (rows along the first axis) on the CPU, seeded from ``generator``."""
+    return UniformRows(shape, generator).rows(0, shape[0])
+
+
+
+
+def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count: torch.Tensor
+                ) -> tuple[torch.Tensor, ...] | None:
+    """The hits of :meth:`LayerFlow._hits_exactly` as lists, or None where the kernel does not apply.
+
+    ``logit`` (L, n, M) hit logits, ``u_cells`` (n, L * M) the selection uniforms (a tensor, or a block of a draw
+    not made yet: then each row's uniforms are made in cache), ``count`` (n, L) hits per layer. Returns ``lay, row,
+    col`` (H,) int64 in (shower, layer, cell) order and, per hit, its logit, its uniform (clamped as in the reference)
+    and the threshold (the row's next key; +inf when the row is all hits). Applies on CPU float32 tensors outside
+    autograd and export."""
+    if not _applies([logit]):
+        return None
+    n_l, n, m_cells = logit.shape
+    logit_np = logit.contiguous().numpy()
+    k = count.to(torch.int64).clamp(0, m_cells).numpy()  # (n, L)
+    offsets = np.zeros(n_l * n + 1, dtype=np.int64)
+    np.cumsum(k.reshape(-1), out=offsets[1:])  # shower-major: the hits come out in (shower, layer, cell) order
+    # Cells in order of decreasing mean logit: the likely hits fill the heap first (the order changes speed only).
+    order = np.ascontiguousarray(np.argsort(-logit_np.mean(axis=1), axis=1, kind="stable"))
+    h = int(offsets[-1])
+    lay, row, col = (np.empty(h, dtype=np.int64) for _ in range(3))
+    logit_hit, u_hit, thr_hit = (np.empty(h, dtype=np.float32) for _ in range(3))
+    out = (lay, row, col, logit_hit, u_hit, thr_hit)
+    if isinstance(u_cells, UniformBlock):
+        _run_split(_kernels().select_hashed, n_l * n, logit_np, *_seed_words(u_cells.seed), u_cells.row0, k, order,
+                   offsets, *out)
+    else:
+        u_np = u_cells.to(torch.float32).contiguous().numpy().reshape(n, n_l, m_cells)
+        _run_split(_kernels().select, n_l * n, logit_np, u_np, k, order, offsets, *out)
+    return tuple(torch.from_numpy(a) for a in out)
+
+
+def gathered_dots(cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor,
+                  tables: list[torch.Tensor]) -> torch.Tensor | None:
+    """(len(tables), H): for each hit h, the dot product of its covariates ``cov[lay[h], row[h]]`` (L, n, C) with
+    row ``flat[h]`` of each per-cell coefficient table (N, C); what ``(cov[lay, row] * table[flat]).sum(1)`` gives,
+    without the (H, C) gathers. None where the kernel does not apply (then the caller computes it with torch)."""
+    if not _applies([cov, *tables]):
+        return None
+    h = lay.shape[0]
+    out = np.empty((len(tables), h), dtype=np.float32)
+    if h:
+        arrays = tuple(t.detach().contiguous().numpy() for t in tables)
+        _run_split(_kernels().gathered_dots, h, cov.contiguous().numpy(), lay.numpy(), row.numpy(), flat.numpy(),
+                   arrays, out)
+    return torch.from_numpy(out)

@@ -1,0 +1,149 @@
+"""The compiled CPU kernels (caloforge.models.kernels) against their torch definitions, and at the model level."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from caloforge.models import kernels
+from caloforge.models.layerflow import LayerFlow
+from conftest_models import tiny_model, toy_detector, toy_showers
+
+pytestmark = pytest.mark.skipif(not kernels.enabled(), reason="numba missing or switched off")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_kernels_on(monkeypatch):
+    torch.set_num_threads(1)
+    monkeypatch.setenv("CALOFORGE_NUMBA", "1")
+
+
+def _reference(monkeypatch):  # the torch definitions only
+    monkeypatch.setenv("CALOFORGE_NUMBA", "0")
+
+
+# ---- uniform noise -------------------------------------------------------------------------------------------
+def test_uniform_is_its_torch_definition_bit_for_bit(monkeypatch):
+    u = kernels.uniform((37, 3, 50), torch.Generator().manual_seed(4))
+    seed = kernels._draw_seed(torch.Generator().manual_seed(4))
+    assert torch.equal(u.view(37, -1), kernels.uniform_reference(37, 150, seed))
+    _reference(monkeypatch)
+    assert torch.equal(kernels.uniform((37, 3, 50), torch.Generator().manual_seed(4)), u)
+
+
+def test_uniform_rows_are_the_rows_of_the_whole_draw_on_any_thread_count():
+    whole = kernels.UniformRows((300, 90), torch.Generator().manual_seed(1))
+    full = whole.rows(0, 300)
+    assert torch.equal(whole.rows(128, 256), full[128:256]) and torch.equal(whole.rows(290, 400), full[290:])
+    torch.set_num_threads(2)
+    assert torch.equal(kernels.UniformRows((300, 90), torch.Generator().manual_seed(1)).rows(0, 300), full)
+
+
+def test_blocks_made_whole_or_at_places_are_the_draw(monkeypatch):
+    draw = kernels.UniformRows((50, 4, 30), torch.Generator().manual_seed(2))
+    full = draw.rows(0, 50).view(50, -1)
+    block = draw.block(20, 45)
+    assert block.shape == (25, 4, 30) and torch.equal(block.tensor().view(25, -1), full[20:45])
+    rows, cols = torch.randint(0, 25, (300,)), torch.randint(0, 120, (300,))
+    assert torch.equal(block.at(rows, cols), full[20 + rows, cols])
+    _reference(monkeypatch)
+    assert torch.equal(block.at(rows, cols), full[20 + rows, cols]) and torch.equal(draw.rows(0, 50).view(50, -1), full)
+
+
+def test_uniform_statistics():
+    """Range, mean, variance, neighbour and row correlations within 4 standard errors of a uniform's."""
+    u = kernels.uniform((400, 2000), torch.Generator().manual_seed(7)).double()
+    n = u.numel()
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    assert abs(float(u.mean()) - 0.5) < 4 * math.sqrt(1 / 12 / n)
+    assert abs(float(u.var()) - 1 / 12) < 4 * math.sqrt(1 / 180 / n)  # var of (u - 1/2)^2 is 1/180
+    for a, b in ((u[:, :-1], u[:, 1:]), (u[:-1], u[1:])):
+        r = float(torch.corrcoef(torch.stack([a.reshape(-1), b.reshape(-1)]))[0, 1])
+        assert abs(r) < 4 / math.sqrt(a.numel())
+    # distinct generators' seeds give distinct draws; the same seed the same
+    v = kernels.uniform((400, 2000), torch.Generator().manual_seed(8)).double()
+    assert not torch.equal(u, v)
+    assert torch.equal(u, kernels.uniform((400, 2000), torch.Generator().manual_seed(7)).double())
+
+
+# ---- hit selection -------------------------------------------------------------------------------------------
+def _selection_case(seed: int, n_l: int = 5, n: int = 40, m: int = 64):
+    g = torch.Generator().manual_seed(seed)
+    logit = torch.randn(n_l, n, m, generator=g) * 3 - 2
+    u_cells = torch.rand(n, n_l * m, generator=g)
+    count = torch.randint(0, m + 1, (n, n_l), generator=g).float()
+    count[0, :] = torch.tensor([0.0, m, m - 1, 1, 2])[:n_l]  # the edges: no hit, every cell, all but one, one
+    return logit, u_cells, count
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_select_hits_matches_the_torch_reference(seed):
+    logit, u_cells, count = _selection_case(seed)
+    n_l, n, m = logit.shape
+    with torch.no_grad():
+        fast = kernels.select_hits(logit, u_cells, count)
+    assert fast is not None
+    lay, row, col, logit_hit, u_hit, thr_hit = fast
+    u = u_cells.reshape(n, n_l, m).transpose(0, 1)
+    mask, threshold = LayerFlow._hits_exactly(None, logit, u, count)
+    rr, rl, rc = mask.permute(1, 0, 2).nonzero(as_tuple=True)  # the kernel's order: shower, layer, cell
+    assert torch.equal(lay, rl) and torch.equal(row, rr) and torch.equal(col, rc)
+    per_row = torch.zeros(n, n_l, dtype=torch.long).index_put_((row, lay), torch.ones_like(row), accumulate=True)
+    assert torch.equal(per_row, count.long())
+    assert torch.equal(logit_hit, logit[rl, rr, rc]) and torch.equal(u_hit, u[rl, rr, rc].clamp(1e-7, 1 - 1e-7))
+    ref_thr = threshold[rl, rr, 0]
+    finite = torch.isfinite(ref_thr)
+    assert torch.equal(finite, torch.isfinite(thr_hit))
+    assert torch.allclose(thr_hit[finite], ref_thr[finite], atol=2e-5, rtol=1e-5)
+
+
+def test_select_hits_on_a_block_makes_the_same_hits_as_on_its_numbers():
+    logit, _, count = _selection_case(4)
+    n_l, n, m = logit.shape
+    block = kernels.UniformRows((n + 7, n_l * m), torch.Generator().manual_seed(9)).block(7, n + 7)
+    with torch.no_grad():
+        a, b = kernels.select_hits(logit, block, count), kernels.select_hits(logit, block.tensor(), count)
+    assert a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_kernels_stand_aside_under_autograd():
+    logit, u_cells, count = _selection_case(0)
+    with torch.enable_grad():
+        assert kernels.select_hits(logit, u_cells, count) is None
+
+
+def test_gathered_dots_are_the_dot_products():
+    g = torch.Generator().manual_seed(3)
+    cov = torch.randn(4, 10, 6, generator=g)
+    tables = [torch.randn(4 * 25, 6, generator=g) for _ in range(3)]
+    lay, row, col = torch.randint(0, 4, (200,)), torch.randint(0, 10, (200,)), torch.randint(0, 25, (200,))
+    flat = lay * 25 + col
+    with torch.no_grad():
+        out = kernels.gathered_dots(cov, lay, row, flat, tables)
+    ref = torch.stack([(cov[lay, row] * t[flat]).sum(1) for t in tables])
+    assert out is not None and out.shape == (3, 200) and torch.allclose(out, ref, atol=1e-5)
+
+
+# ---- at the model level ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["layerflow:hit_count", "layerflow:core"])
+def test_layerflow_samples_the_same_with_and_without_the_kernels(variant, monkeypatch):
+    """Same seed, same showers: hit for hit (the hit counts exactly; energies to float rounding, allowing the rare
+    tie of two keys within a few ulp)."""
+    det = toy_detector(n_y_angled=9)
+    model = tiny_model(variant, det, toy_showers(det, 48, seed=3)).eval()
+    n = 200
+    rng = np.random.default_rng(0)
+    cond = (rng.uniform(2e4, 9e4, n), np.zeros(n))
+    fast = model.sample(cond[0], cond[1], seed=5)
+    _reference(monkeypatch)
+    ref = model.sample(cond[0], cond[1], seed=5)
+    assert torch.equal((fast > 0).sum(1), (ref > 0).sum(1))
+    close = torch.isclose(fast, ref, rtol=1e-4, atol=1e-5).all(dim=1)
+    assert float(close.float().mean()) >= 0.98
+    torch.set_num_threads(2)
+    monkeypatch.setenv("CALOFORGE_NUMBA", "1")
+    assert torch.equal(model.sample(cond[0], cond[1], seed=5), fast)
+
