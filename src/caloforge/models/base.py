@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,9 @@ class ShowerModel(nn.Module):
     sample_chunk: ClassVar[int] = 0
     #: whether ``decode`` takes uniform noise as :class:`kernels.UniformBlock` (made where needed) in sampling loops
     takes_uniform_blocks: ClassVar[bool] = False
+    #: whether sampling on the CPU decodes several chunks at once, one thread each (see ``_over_chunks``)
+    parallel_chunks: ClassVar[bool] = False
+    _out_lock = threading.Lock()
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
@@ -538,6 +542,37 @@ class ShowerModel(nn.Module):
         chunk = self.sample_chunk if self.sample_chunk > 0 and device.type == "cpu" else n
         return cond, noise, angled, max(chunk, 1)
 
+    def _over_chunks(self, n: int, chunk: int, decode: Any) -> None:
+        """``decode(i)`` for the chunks i = 0, chunk, 2 chunk, ... of n showers, in eval mode without gradients.
+
+        Families with ``parallel_chunks`` on the CPU with several torch threads decode that many chunks at once, each
+        on one thread (their small per-hit tensors gain little from torch's intra-op threads; whole chunks scale).
+        Chunks are independent (their noise is fixed by their rows), so the numbers are the same either way."""
+        was_training = self.training
+        self.eval()
+        starts = range(0, max(n, 1), chunk)  # an empty call decodes one empty chunk (the output's shape)
+        threads = torch.get_num_threads()
+        try:
+            if not (self.parallel_chunks and threads > 1 and len(starts) > 1 and self.cond_mean.device.type == "cpu"):
+                for i in starts:
+                    decode(i)
+                return
+            from concurrent.futures import ThreadPoolExecutor
+
+            def work(i: int) -> None:
+                with torch.no_grad():
+                    decode(i)
+
+            torch.set_num_threads(1)
+            try:
+                with ThreadPoolExecutor(max_workers=min(threads, len(starts))) as pool:
+                    for f in [pool.submit(work, i) for i in starts]:
+                        f.result()
+            finally:
+                torch.set_num_threads(threads)
+        finally:
+            self.train(was_training)
+
     @torch.no_grad()
     def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
                seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
@@ -547,22 +582,19 @@ class ShowerModel(nn.Module):
         window (default: the angled one when any angle is > 0)."""
         cond, noise, angled, chunk = self._prepare(conditions, angles, seed, generator, positions, particles, angled)
         n = cond.shape[0]
-        was_training = self.training
-        self.eval()
-        try:
-            if n <= chunk:
-                return self.zero_dead_cells(self.decode_window(cond, *(self._chunk(t, 0, n) for t in noise),
-                                                               angled=angled), angled)
-            out = None
-            for i in range(0, n, chunk):  # chunks written into one output: no concatenation afterwards
-                part = self.decode_window(cond[i:i + chunk], *(self._chunk(t, i, i + chunk) for t in noise),
-                                          angled=angled)
-                if out is None:
-                    out = torch.empty((n, part.shape[1]), dtype=part.dtype, device=part.device)
-                out[i:i + len(part)] = part
-            return self.zero_dead_cells(out, angled)
-        finally:
-            self.train(was_training)
+        out: torch.Tensor | None = None
+
+        def decode(i: int) -> None:
+            nonlocal out
+            part = self.decode_window(cond[i:i + chunk], *(self._chunk(t, i, i + chunk) for t in noise), angled=angled)
+            if out is None:
+                with self._out_lock:
+                    if out is None:  # chunks written into one output: no concatenation afterwards
+                        out = torch.empty((n, part.shape[1]), dtype=part.dtype, device=part.device)
+            out[i:i + len(part)] = part
+
+        self._over_chunks(n, chunk, decode)
+        return self.zero_dead_cells(out, angled)
 
     @torch.no_grad()
     def sample_hits(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
@@ -575,18 +607,15 @@ class ShowerModel(nn.Module):
         family makes hits directly."""
         cond, noise, angled, chunk = self._prepare(conditions, angles, seed, generator, positions, particles, angled)
         n = cond.shape[0]
-        was_training = self.training
-        self.eval()
-        try:
-            rows, cells, energies = [], [], []
-            for i in range(0, n, chunk):
-                row, cell, e = self.decode_window_hits(cond[i:i + chunk],
-                                                       *(self._chunk(t, i, i + chunk) for t in noise), angled=angled)
-                rows.append(row + i)
-                cells.append(cell)
-                energies.append(e)
-        finally:
-            self.train(was_training)
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def decode(i: int) -> None:
+            row, cell, e = self.decode_window_hits(cond[i:i + chunk], *(self._chunk(t, i, i + chunk) for t in noise),
+                                                   angled=angled)
+            parts[i] = (row + i, cell, e)
+
+        self._over_chunks(n, chunk, decode)
+        rows, cells, energies = zip(*(parts[i] for i in sorted(parts)))
         row, cell, energy = torch.cat(rows), torch.cat(cells), torch.cat(energies)
         if self.detector.dead_cells:
             live = ~torch.isin(cell, self.dead_cells(angled, cell.device))

@@ -189,8 +189,9 @@ def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count
     k = count.to(torch.int64).clamp(0, m_cells).numpy()  # (n, L)
     offsets = np.zeros(n_l * n + 1, dtype=np.int64)
     np.cumsum(k.reshape(-1), out=offsets[1:])  # shower-major: the hits come out in (shower, layer, cell) order
-    # Cells in order of decreasing mean logit: the likely hits fill the heap first (the order changes speed only).
-    order = np.ascontiguousarray(np.argsort(-logit_np.mean(axis=1), axis=1, kind="stable"))
+    # Cells in order of decreasing mean logit over the first showers: the likely hits fill the heap first (the order
+    # changes the speed only, never the hits).
+    order = np.ascontiguousarray(np.argsort(-logit_np[:, :32].sum(axis=1), axis=1, kind="stable"))
     h = int(offsets[-1])
     lay, row, col = (np.empty(h, dtype=np.int64) for _ in range(3))
     logit_hit, u_hit, thr_hit = (np.empty(h, dtype=np.float32) for _ in range(3))
