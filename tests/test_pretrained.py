@@ -107,3 +107,30 @@ def test_configs_reproduce_the_shipped_multi_model():
     meta = json.loads((root / "src" / "caloforge" / "pretrained" / "multi" / "model.json").read_text())
     assert LayerFlowConfig.from_dict(cfg["model"]) == LayerFlowConfig.from_dict(meta["config"])
     assert TrainConfig.from_dict({**cfg["train"], "seed": 1}) == TrainConfig.from_dict(meta["training"]["train"])
+
+
+@pytest.mark.parametrize("name", list(__import__("caloforge.zoo", fromlist=["x"]).shipped_models()))
+def test_every_zoo_model_is_small_loads_generates_and_states_its_figures(name):
+    """Each shipped model: at most 8 MB of weights, loads by name (safetensors + JSON), makes finite non-negative
+    showers of its readout at its training conditions, and carries its evaluation figures with their commands."""
+    import json
+
+    from caloforge.conditions import PARTICLE_PDG, Conditions
+    from caloforge.zoo import shipped_models
+
+    path = shipped_models()[name]
+    assert (path / "model.safetensors").stat().st_size <= 8_000_000
+    meta = json.loads((path / "model.json").read_text())
+    zoo = meta["zoo"]
+    assert zoo["test_set"] and zoo["commands"] and 0.0 <= zoo["auc_low"] <= 1.0 and zoo["flags"] >= 0
+    model = load_model(name)
+    rng = np.random.default_rng(0)
+    cond = meta["conditions"]
+    e = rng.uniform(*cond["energy_mev"], 3)
+    a = rng.uniform(*cond.get("angle_deg", [0, 0]), 3)
+    pos = np.stack([rng.uniform(*cond.get("x_mm", [0, 0]), 3), rng.uniform(*cond.get("y_mm", [0, 0]), 3)], 1)
+    particles = meta.get("particles") or [meta.get("particle", "gamma")]
+    c = Conditions.make(e, a, pos if "position" in model.condition_names else np.zeros((3, 2)),
+                        particle=PARTICLE_PDG[particles[0]])
+    showers = model.sample(c, seed=1).numpy()
+    assert showers.shape[0] == 3 and np.isfinite(showers).all() and (showers >= 0).all() and showers.sum() > 0

@@ -1,4 +1,6 @@
-"""List the models shipped inside the package (``caloforge models``): name, family, detector, particles, conditions.
+"""List the models shipped inside the package (``caloforge models``): name, family, detector, particles, conditions,
+and the figures of its evaluation against held-out Geant4 (the ``zoo`` entry of its ``model.json``, written by
+``scripts/ship_model.py`` with the commands that produced them).
 
 A shipped model is used by name wherever a model directory is expected: ``caloforge generate --model multi``.
 """
@@ -19,7 +21,7 @@ def shipped_models() -> dict[str, Path]:
     return {n: p for n in names if (p := shipped_model_path(n)) is not None}
 
 
-def describe_model(path: Path) -> str:
+def describe_model(path: Path, indent: int = 11) -> str:
     from caloforge.models import read_meta
 
     meta = read_meta(path)
@@ -29,9 +31,22 @@ def describe_model(path: Path) -> str:
     particles = ",".join(meta.get("particles") or [str(meta.get("particle", "?"))])
     takes = ", ".join(meta.get("condition_names", ["energy", "angle"]))
     size = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model.")) / 1e6
-    energies = f"{e[0] / 1e3:g}-{e[1] / 1e3:g} GeV"
-    return (f"{meta['family']:<10} detector {meta['detector']['name']}, {particles}, {energies}, "
-            f"{a[0]:g}-{a[1]:g} deg; conditions: {takes}; {size:.1f} MB")
+    energies = f"{e[0] / 1e3:.3g}-{e[1] / 1e3:.3g} GeV"
+    line = (f"{meta['family']:<10} detector {meta['detector']['name']}, {particles}, {energies}, "
+            f"{a[0]:.2g}-{a[1]:.3g} deg; conditions: {takes}; {size:.1f} MB")
+    zoo = meta.get("zoo")
+    if zoo:
+        pad = " " * indent
+        line += (f"\n{pad}against held-out Geant4 ({zoo['test_set']}): classifier AUC {_f(zoo.get('auc_low'))} "
+                 f"(low level) / {_f(zoo.get('auc_high'))} (high level), FPD {_f(zoo.get('fpd'))} "
+                 f"(floor {_f(zoo.get('fpd_floor'))}), {zoo.get('flags')} flagged metrics")
+        if zoo.get("note"):
+            line += f"\n{pad}{zoo['note']}"
+    return line
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name, path in shipped_models().items():
-        print(name if args.quiet else f"{name:<10} {describe_model(path)}")
+    models = shipped_models()
+    width = max(map(len, models), default=0) + 1
+    for name, path in models.items():
+        print(name if args.quiet else f"{name:<{width}}{describe_model(path, width)}")
     return 0
