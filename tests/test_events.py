@@ -128,6 +128,12 @@ def test_evaluate_files_writes_every_measure(trained_run, tmp_path):
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert saved["floor"]["fisher_z"]["all"]["ndf"] == 650
     assert (tmp_path / "rep" / "distributions-tth.png").stat().st_size > 10000
+    # a candidate's figures do not depend on the other candidates or their order
+    generate_file(str(tmp / "run"), str(tmp_path / "gen2.h5"), conditions_from=str(tmp_path / "ref.h5"), seed=9)
+    both = evaluate_files(str(tmp_path / "ref.h5"), [str(tmp_path / "gen2.h5"), str(tmp_path / "gen.h5")],
+                          ["other", "wgan"], str(tmp_path / "rep2"), critic_steps=10, quiet=True)
+    for key in ("fisher_z", "wasserstein", "classifier_auc"):
+        assert both["candidates"]["wgan"][key] == res["candidates"]["wgan"][key], key
 
 
 def test_event_files_refuse_bad_input(tmp_path):

@@ -179,9 +179,10 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
     result["classifier_pythia_auc"] = classifier_auc(balanced_subset(pythia_train, n_clf, seed), test, seed, threads)
     result["candidates"] = {}
     for lab, c in cands:
+        crng = np.random.default_rng([seed, 1])  # each candidate's own stream: figures independent of the order
         if max_events and len(c) > max_events:
-            c = c.select(np.sort(rng.choice(len(c), max_events, replace=False)))
-        c_sub = c.select(np.sort(rng.permutation(len(c))[: len(other)]))
+            c = c.select(np.sort(crng.choice(len(c), max_events, replace=False)))
+        c_sub = c.select(np.sort(crng.permutation(len(c))[: len(other)]))  # as many events as the floor compares
         r = {"n": len(c), "n_compared": len(c_sub), "fisher_z": fisher_z(base, c_sub),
              "wasserstein": w_est(base, c_sub, seed),
              "classifier_auc": classifier_auc(balanced_subset(c, n_clf, seed), test, seed, threads)}
