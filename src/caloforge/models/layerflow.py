@@ -84,6 +84,8 @@ class LayerFlowConfig(ModelConfig):
     # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
     halo_knots: bool = False  # with halo_term: the radial part of the halo law piecewise linear in r (HALO_KNOTS)
     halo_ramp_deg: float = 0.0  # with halo_term: own laws weigh min(1, sin(angle) / sin(this)) (0: sin(angle))
+    halo_no_width: bool = False  # with halo_term: the halo law ignores the layer's width (log mean r^2) and hit count,
+    # the covariates the far hits themselves make (under teacher forcing they tell the cells where those hits are)
     angle_basis: int = 0  # Gaussian bumps in the incidence angle (0-60 deg) as cell covariates (0: none): each cell's
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     permutation_seed: int = 1234
@@ -376,6 +378,10 @@ class LayerFlow(ShowerModel):
         a = cond[:, 1].float()[None] * (math.pi / 180)
         std, mean = self.feat_std[n_l:3 * n_l].reshape(2, n_l).T, self.feat_mean[n_l:3 * n_l].reshape(2, n_l).T
         c_raw = cov[:, :, 2:4] * std[:, None] + mean[:, None]
+        if self.config.halo_no_width:  # covariates 4 and 5: the layer's log mean r^2 and (with hit_count) hit count
+            keep = torch.ones(cov.shape[2], dtype=cov.dtype, device=cov.device)
+            keep[4:4 + self.n_feat - 3] = 0.0
+            cov = cov * keep
         coef = torch.bmm(cov, self.halo_w).reshape(n_l, -1, 4, self.n_halo)
         return axis, torch.sin(a), 1.0 / torch.cos(a) - 1.0, c_raw.float(), coef
 
