@@ -56,8 +56,11 @@ def _example_conditions(model, n: int, rng: np.random.Generator, angled: bool) -
     a_hi = float(rngs.get("angle_deg", [0, 0])[1]) if angled else 0.0
     parts = [p for p in model.meta.get("particles", [model.meta.get("particle", "gamma")]) if p in PARTICLE_PDG]
     takes_pos = "position" in model.condition_names
-    c = model.detector.cell_size_mm
-    pos = rng.uniform(0, c, (n, 2)) if takes_pos else np.zeros((n, 2))
+    if takes_pos and model.frame == "cells":  # the impact point itself (no cell frame): its training range
+        (x0, x1), (y0, y1) = rngs.get("x_mm", (0.0, 0.0)), rngs.get("y_mm", (0.0, 0.0))
+        pos = np.stack([rng.uniform(x0, x1, n), rng.uniform(y0, y1, n)], axis=1)
+    else:
+        pos = rng.uniform(0, model.detector.cell_size_mm, (n, 2)) if takes_pos else np.zeros((n, 2))
     return Conditions.make(rng.uniform(lo, hi, n), rng.uniform(0, a_hi, n), pos,
                            particle=PARTICLE_PDG[parts[0] if parts else "gamma"]).as_array()
 

@@ -83,6 +83,9 @@ CONDITION_FEATURES: dict[str, tuple[str, Any]] = {
     "cos_x": ("position", lambda c, m: torch.cos(2 * math.pi * c[:, 2] / m.detector.cell_size_mm)),
     "sin_y": ("position", lambda c, m: torch.sin(2 * math.pi * c[:, 3] / m.detector.cell_size_mm)),
     "cos_y": ("position", lambda c, m: torch.cos(2 * math.pi * c[:, 3] / m.detector.cell_size_mm)),
+    # The impact point itself (mm): for families in frame "cells" that declare ``cells_positions`` (no axis frame).
+    "pos_x": ("position", lambda c, m: c[:, 2]),
+    "pos_y": ("position", lambda c, m: c[:, 3]),
     "is_photon": ("particle", lambda c, m: (c[:, 4] == 22).float()),
     # PDG codes: leptons carry the opposite sign of their charge (11 is e-), hadrons the same (211 is pi+)
     "charge": ("particle", lambda c, m: torch.where(c[:, 4] == 22, torch.zeros_like(c[:, 4]),
@@ -93,7 +96,8 @@ LEGACY_FEATURES: tuple[str, ...] = ("log_e", "angle")
 DEFAULT_FEATURES: tuple[str, ...] = ("log_e", "angle", "sec_angle", "sin_x", "cos_x", "sin_y", "cos_y", "is_photon",
                                      "charge")
 #: Features the label regressors of adversarial families reconstruct.
-REGRESSED_FEATURES: tuple[str, ...] = ("log_e", "angle", "frac_x", "frac_y", "sin_x", "cos_x", "sin_y", "cos_y")
+REGRESSED_FEATURES: tuple[str, ...] = ("log_e", "angle", "frac_x", "frac_y", "sin_x", "cos_x", "sin_y", "cos_y",
+                                       "pos_x", "pos_y")
 
 
 @dataclass
@@ -219,6 +223,9 @@ class ShowerModel(nn.Module):
     readouts: ClassVar[str] = "grid"
     #: Condition features of a new model (None: :data:`DEFAULT_FEATURES`); "cells" families read energy and particle.
     default_features: ClassVar[tuple[str, ...] | None] = None
+    #: An image family ("grid") that declares it also takes per-layer readouts, in frame "cells" (it maps each layer
+    #: onto an image itself), with the impact point as a condition there (features ``pos_x``, ``pos_y``).
+    cells_positions: ClassVar[bool] = False
     #: ``sample`` decodes in chunks of this many showers (cache-friendly on CPU); 0 = one call.
     sample_chunk: ClassVar[int] = 0
     #: whether ``decode`` takes uniform noise as :class:`kernels.UniformBlock` (made where needed) in sampling loops
@@ -230,7 +237,7 @@ class ShowerModel(nn.Module):
     def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__()
-        if self.readouts == "any" or frame == "cells":
+        if self.readouts == "any" or frame == "cells" or (self.cells_positions and not detector.is_uniform):
             self._init_cells_frame(detector, n_cells, config, features, frame)
             return
         if not detector.is_uniform:  # the image families model (layer, x, y) windows
@@ -263,7 +270,8 @@ class ShowerModel(nn.Module):
     def _init_cells_frame(self, detector: Detector, n_cells: int | None, config: ModelConfig | None,
                           features: tuple[str, ...] | list[str] | None, frame: str | None) -> None:
         """The ``cells`` frame: the detector's stored normal-incidence cells, as they are, at the origin."""
-        if self.readouts != "any" or (frame or "cells") != "cells":
+        if (self.readouts != "any" and not (self.cells_positions and not detector.is_uniform)) or (
+                frame or "cells") != "cells":
             raise ModelError(f"frame {frame!r}: model family {self.family!r} takes "
                              f"{'grid windows (frames axis, window)' if self.readouts != 'any' else 'frame cells'}")
         self.detector = detector
@@ -277,6 +285,7 @@ class ShowerModel(nn.Module):
         self.features = tuple(features) if features is not None else (self.default_features or ("log_e",))
         bad = [f for f in self.features if f not in CONDITION_FEATURES or CONDITION_FEATURES[f][0] in ("angle",
                                                                                                        "position")]
+        bad = [f for f in bad if not (self.cells_positions and f in ("pos_x", "pos_y"))]
         if bad or not self.features or self.features[0] != "log_e":
             raise ModelError(f"condition features {list(self.features)}: a model in frame 'cells' expects 'log_e' "
                              f"first and energy or particle features only (log_e, is_photon, charge)")
@@ -511,7 +520,7 @@ class ShowerModel(nn.Module):
             raise ModelError(f"{source}: angle {float(c.angle.max()):g} deg requested; this {self.family} model of "
                              f"{self.detector.name} generates normal incidence only (frame 'cells')")
         bad = (c.x != 0) | (c.y != 0)
-        if np.any(bad):
+        if np.any(bad) and "position" not in self.condition_names:  # else: check_conditions' impact region
             k = int(np.flatnonzero(bad)[0])
             raise ModelError(f"{source}: impact point ({c.x[k]:g}, {c.y[k]:g}) mm at row {k} requested; this "
                              f"{self.family} model of {self.detector.name} generates showers at the detector's "

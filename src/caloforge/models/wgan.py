@@ -9,20 +9,37 @@ showers enters the generator loss as K * |loss_real - loss_fake| with K = 0.01.
 To stay trainable on two CPU cores the calorimeter layers are the *channels* of 2D convolutions on the
 (x, y) cell grid. Cells are represented as y = log1p(E_cell / (1e-5 E_inc)) / y_scale (energy normalised by
 the incident energy, log-compressed); the generator ends in a ReLU, so exact zeros (empty cells) exist.
+
+Hexagon readouts (``hgcal-proto``, the talk's own calorimeter): frame "cells". Each layer's hexagons go onto the
+image of their axial lattice coordinates (:func:`caloforge.models.calogan.layer_images`, the talk's Cartesian map
+of its hexagons; the same image in every layer, the layers its channels); the generator's pixels outside the sensor
+are set to zero before the critic and the regressors see them and are never read back. The labels are the talk's:
+energy and the impact point (x, y) in mm (features ``log_e``, ``pos_x``, ``pos_y``, and the particle), with the
+position regressors next to the energy one (K_p = K_e = ``aux_weight``).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from caloforge.detector import Detector
-from caloforge.models.base import REGRESSED_FEATURES, ModelConfig, ShowerModel, TrainBatch
+from caloforge.models.base import (
+    REGRESSED_FEATURES,
+    ConditionsWarning,
+    ModelConfig,
+    ModelError,
+    ShowerModel,
+    TrainBatch,
+)
+from caloforge.models.calogan import layer_images
 from caloforge.models.logcells import LogCells
 
 
@@ -125,12 +142,15 @@ class WGAN(LogCells, ShowerModel):
     family = "wgan"
     Config = WGANConfig
     sample_chunk = 256  # bounds the memory of placing the cells in the window (one index per cell)
+    cells_positions = True  # hexagon readouts in frame "cells", the impact point a condition (the HGCAL labels)
+    default_features = ("log_e", "pos_x", "pos_y", "is_photon", "charge")  # frame "cells" only
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: WGANConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: WGANConfig = self.config  # type: ignore[assignment]
-        n_l, nx, ny = self.shape
+        n_l, nx, ny = self._cell_images() if self.frame == "cells" else self.shape
+        self.image_shape = (n_l, nx, ny)
         self.register_buffer("y_scale", torch.tensor(1.0))
         self.generator = _Generator(n_l, nx, ny, cfg, self.n_cond_features)
         # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
@@ -140,7 +160,61 @@ class WGAN(LogCells, ShowerModel):
         self.regressed = [i for i, f in enumerate(self.features) if f in REGRESSED_FEATURES]
         self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.regressed])
 
+    def _cell_images(self) -> tuple[int, int, int]:
+        """Frame "cells": every layer's cells on one image (calogan's map), as buffers: ``cell_pixels`` (n_cells,),
+        each cell's flat (layer, row, column) pixel, and ``pixel_mask`` (1, L, H, W), 1 on the sensor's pixels."""
+        det = self.detector
+        images = layer_images(det)
+        if not all(layer.cells.kind == "hex" for layer in det.layers) or len({(h, w) for h, w, _ in images}) != 1:
+            raise ModelError(f"model family {self.family!r} stacks the layers as the channels of one image (uniform "
+                             f"grids, or hexagons on the same lattice in every layer); detector {det.name!r} has "
+                             f"per-layer cells ({det.readout_summary()}), which it cannot represent (calogan and "
+                             f"densewgan take any readout)")
+        h, w = images[0][0], images[0][1]
+        pixels = [np.arange(h * w) if p is None else np.asarray(p) for _, _, p in images]
+        flat = np.concatenate([layer * h * w + p for layer, p in enumerate(pixels)])
+        mask = torch.zeros(len(images) * h * w)
+        mask[torch.as_tensor(flat)] = 1.0
+        self.register_buffer("cell_pixels", torch.as_tensor(flat, dtype=torch.long), persistent=False)
+        self.register_buffer("pixel_mask", mask.view(1, len(images), h, w), persistent=False)
+        return len(images), h, w
+
+    def check_conditions(self, conditions: Any, source: str = "conditions") -> None:
+        """The base class's checks; in frame "cells" also a warning for impact points outside the training range
+        (the cells frame does not move with the shower axis: positions there are extrapolations)."""
+        super().check_conditions(conditions, source)
+        rng = self.meta.get("conditions") or {}
+        if self.frame != "cells" or "position" not in self.condition_names or not len(conditions):
+            return
+        for name, v, key in (("x", conditions.x, "x_mm"), ("y", conditions.y, "y_mm")):
+            lo, hi = rng.get(key, (-math.inf, math.inf))
+            tol = 0.05 * (hi - lo) + 1e-6
+            if float(np.min(v)) < lo - tol or float(np.max(v)) > hi + tol:
+                warnings.warn(f"{self.family} model: requested impact {name} [{float(np.min(v)):g}, "
+                              f"{float(np.max(v)):g}] mm lies outside the training range [{lo:g}, {hi:g}] mm; showers "
+                              f"there are extrapolations", ConditionsWarning, stacklevel=3)
+
     # ---- representation (caloforge.models.logcells) ---------------------------------------------------
+    def to_image(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Showers (n, n_cells) MeV -> normalised images (n, L, H, W) (frame "cells": zero off the sensor)."""
+        if self.frame != "cells":
+            return super().to_image(showers, energies)
+        x = showers.float()
+        img = x.new_zeros(len(x), self.pixel_mask.numel()).index_copy(1, self.cell_pixels, x)
+        return torch.log1p(img.view(len(x), *self.image_shape) / self._unit(energies)) / self.y_scale
+
+    def from_image(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Normalised images -> showers (n, n_cells) MeV (frame "cells": the sensor's pixels, in cell order)."""
+        if self.frame != "cells":
+            return super().from_image(y, energies)
+        e = (torch.exp(y * self.y_scale) - 1) * self._unit(energies)
+        return e.flatten(1).index_select(1, self.cell_pixels)
+
+    def _generate(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """Generated normalised images; off the sensor zero (frame "cells")."""
+        y = self.generator(z, cf)
+        return y * self.pixel_mask if self.frame == "cells" else y
+
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
         return torch.log1p(torch.expm1(y * self.y_scale) * self._unit(energies) / 0.1) / 10.0
@@ -187,7 +261,7 @@ class WGAN(LogCells, ShowerModel):
         y_real = self.to_image(batch.showers, batch.energies)
         # Critic.
         with torch.no_grad():
-            y_fake = self.generator(batch.randn(cfg.latent_dim), cf)
+            y_fake = self._generate(batch.randn(cfg.latent_dim), cf)
         eps = batch.rand(1, 1, 1)
         y_hat = (eps * y_real + (1 - eps) * y_fake).requires_grad_(True)
         grad, = torch.autograd.grad(self.critic_score(y_hat, cf).sum(), y_hat, create_graph=True)
@@ -212,7 +286,7 @@ class WGAN(LogCells, ShowerModel):
         out["reg"] = float(reg_real.sum().detach())
         # Generator.
         if (step + 1) % cfg.n_critic == 0:
-            y_gen = self.generator(batch.randn(cfg.latent_dim), cf)
+            y_gen = self._generate(batch.randn(cfg.latent_dim), cf)
             g_adv = -self.critic_score(y_gen, cf).mean()
             reg_fake = self._regression_loss(y_gen, batch.energies, cf)
             loss_g = g_adv + cfg.aux_weight * (reg_real.detach() - reg_fake).abs().sum()
