@@ -92,15 +92,19 @@ def _draw_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2 ** 62, (1,), generator=generator, dtype=torch.int64))
 
 
+def _unit_torch(seed: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Uniform number ``cols`` of draw row ``rows`` (int64, broadcast together): the definition of the noise."""
+    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    s1 = _pcg_torch(_pcg_torch(rows ^ lo) ^ hi)
+    h = _pcg_torch(_pcg_torch(cols ^ s1) ^ _pcg_torch(s1 ^ hi))
+    return (h >> 8).to(torch.float32) * 2.0 ** -24
+
+
 def uniform_reference(n: int, m: int, seed: int, row0: int = 0) -> torch.Tensor:
     """Rows ``row0 .. row0 + n`` of the uniforms (n, m) of ``seed``, computed with torch integer ops (the
     definition; :func:`uniform` computes the same numbers faster)."""
-    lo, hi = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    r = torch.arange(row0, row0 + n, dtype=torch.int64)[:, None]
-    s1 = _pcg_torch(_pcg_torch(r ^ lo) ^ hi)
-    s2 = _pcg_torch(s1 ^ hi)
-    h = _pcg_torch(_pcg_torch(torch.arange(m, dtype=torch.int64)[None] ^ s1) ^ s2)
-    return (h >> 8).to(torch.float32) * 2.0 ** -24
+    return _unit_torch(seed, torch.arange(row0, row0 + n, dtype=torch.int64)[:, None],
+                       torch.arange(m, dtype=torch.int64)[None])
 
 
 def _seed_words(seed: int) -> tuple[np.uint64, np.uint64]:
@@ -141,9 +145,7 @@ class UniformBlock:
                 _run_split(_kernels().uniform_at, rows.shape[0], *_seed_words(self.seed), rows.numpy(), cols.numpy(),
                            out)
             return torch.from_numpy(out)
-        lo, hi = self.seed & 0xFFFFFFFF, (self.seed >> 32) & 0xFFFFFFFF
-        s1 = _pcg_torch(_pcg_torch(rows ^ lo) ^ hi)
-        return (_pcg_torch(_pcg_torch(cols ^ s1) ^ _pcg_torch(s1 ^ hi)) >> 8).to(torch.float32) * 2.0 ** -24
+        return _unit_torch(self.seed, rows, cols)
 
 
 class UniformRows:
