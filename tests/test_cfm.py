@@ -160,3 +160,44 @@ def test_export_checkpoint_script_gives_the_trained_model(tmp_path):
     assert exported.meta["training"]["step"] == 4 and exported.meta["particles"] == ["gamma"]
     e = [20e3, 60e3]
     assert torch.equal(exported.sample(e, 0.0, seed=1), trained.sample(e, 0.0, seed=1))
+
+
+def test_reflow_script_distils_the_teacher_and_resumes_exactly(tmp_path):
+    """scripts/cfm_reflow.py: the student, trained on the teacher's (noise, endpoint) pairs, maps noise in one Euler
+    step closer to the teacher's many-step endpoint than the teacher's own one step does; a run stopped early and
+    rerun (one pair chunk lost) ends with the same weights as an uninterrupted one; non-cfm models are refused."""
+    import importlib.util
+    from pathlib import Path
+
+    from caloforge.models import load_model, save_model
+    from conftest_models import write_toy_file
+
+    spec = importlib.util.spec_from_file_location("cfm_reflow", Path(__file__).parents[1] / "scripts" / "cfm_reflow.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    det = toy_detector()
+    data = write_toy_file(tmp_path / "toy.h5", det, 48, seed=3)
+    teacher = tiny_model("cfm", det, data)
+    save_model(teacher, tmp_path / "t")
+    args = [str(tmp_path / "t"), "--conditions-from", str(tmp_path / "toy.h5"), "--pairs", "48", "--chunk", "16",
+            "--teacher-steps", "8", "--batch-size", "16", "--lr", "3e-3", "--checkpoint-every", "10", "-q"]
+    assert script.main(args + ["--steps", "200", "-o", str(tmp_path / "a")]) == 0
+    assert script.main(args + ["--steps", "100", "-o", str(tmp_path / "b")]) == 0
+    (tmp_path / "b" / "pairs" / "chunk-00001.safetensors").unlink()
+    assert script.main(args + ["--steps", "200", "-o", str(tmp_path / "b")]) == 0
+    a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    assert (a.sample_steps, a.solver) == (1, "euler") and a.meta["reflow"]["teacher_steps"] == 8
+
+    cond = torch.as_tensor(data.conditions.as_array()[:48], dtype=torch.float32)
+    x0 = torch.randn(teacher.noise_shapes(48)[0][0], generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        target = teacher.integrate(x0, teacher.condition_features(cond), steps=8, solver="midpoint")
+        one_teacher = teacher.integrate(x0, teacher.condition_features(cond), steps=1, solver="euler")
+        one_student = a.integrate(x0, a.condition_features(cond), steps=1, solver="euler")
+    assert float(((one_student - target) ** 2).mean()) < 0.7 * float(((one_teacher - target) ** 2).mean())
+
+    save_model(tiny_model("gan3d", det, data), tmp_path / "g")
+    with pytest.raises(ModelError, match="reflow needs a cfm model"):
+        script.main([str(tmp_path / "g"), "--conditions-from", str(tmp_path / "toy.h5"), "-o", str(tmp_path / "x")])

@@ -202,3 +202,26 @@ def test_train_generate_export_through_the_command_line(det, tmp_path, capsys):
     assert out.showers.shape == (40, det.n_cells()) and np.all(out.showers >= 0)
     assert main(["export", "--model", str(run), "-o", str(tmp_path / "m.onnx")]) == 0  # example impact points
     assert "onnxruntime vs torch" in capsys.readouterr().err                            # from its training range
+
+
+def test_critic_response_features_are_standardised_on_the_training_data(tmp_path):
+    """critic_response: the critic's view of log(E_layer / E_inc) and log(E_vis / E_inc) has mean 0 and spread 1
+    over the training showers (so a response off by one training spread moves it by one), the buffers save and
+    load, and a shower scaled by 1.05 moves the total's feature by log(1.05) / its training spread."""
+    from conftest_models import tiny_model, toy_detector, toy_showers
+
+    det = toy_detector()
+    data = toy_showers(det, 80, seed=5)
+    model = tiny_model("wgan:critic_response", det, data)
+    e = torch.as_tensor(data.energies)
+    x = torch.as_tensor(data.showers)
+    feats = model._response_features(model.cell_fractions(model.to_image(x, e)).sum(dim=(2, 3)))
+    assert feats.shape == (80, model.image_shape[0] + 1)
+    assert torch.allclose(feats.mean(0), torch.zeros(feats.shape[1]), atol=1e-3)
+    assert torch.allclose(feats.std(0), torch.ones(feats.shape[1]), atol=1e-3)
+    scaled = model._response_features(model.cell_fractions(model.to_image(1.05 * x, e)).sum(dim=(2, 3)))
+    shift = float((scaled[:, -1] - feats[:, -1]).mean())
+    assert shift == pytest.approx(float(np.log(1.05) / model.response_std[-1]), rel=1e-3)
+    save_model(model, tmp_path / "m")
+    back = load_model(tmp_path / "m")
+    assert torch.equal(back.response_mean, model.response_mean) and torch.equal(back.response_std, model.response_std)
