@@ -130,6 +130,8 @@ TINY_CONFIGS: dict[str, dict] = {
               "sorted_cells": 32, "post_channels": 4, "post_layers": 2, "flow_blocks": 2, "flow_hidden": 8,
               "post_start_step": 2, "out_bias_init": 0.05},
     "cfm": {"width": 16, "blocks": 2, "heads": 2, "head_channels": 2, "sample_steps": 3},
+    "cfm:patches": {"width": 16, "blocks": 2, "heads": 2, "head_channels": 2, "sample_steps": 3, "patch_layers": 2,
+                    "patch_x": 3, "patch_y": 2},
     "cfm:euler": {"width": 16, "blocks": 1, "heads": 2, "head_channels": 1, "sample_steps": 2,
                   "solver": "euler", "rescale_layers": False},
 }

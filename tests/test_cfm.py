@@ -201,3 +201,17 @@ def test_reflow_script_distils_the_teacher_and_resumes_exactly(tmp_path):
     save_model(tiny_model("gan3d", det, data), tmp_path / "g")
     with pytest.raises(ModelError, match="reflow needs a cfm model"):
         script.main([str(tmp_path / "g"), "--conditions-from", str(tmp_path / "toy.h5"), "-o", str(tmp_path / "x")])
+
+
+def test_patch_tokens_must_tile_the_cells():
+    """Patch tokens: options that do not divide the model's cells are refused with the numbers; the layer-token
+    model keeps its parameter names (models saved before patches load unchanged)."""
+    det = toy_detector()
+    data = toy_showers(det, 20, seed=1)
+    cfm = get_family("cfm")
+    with pytest.raises(ModelError, match="must divide the model's cells 4 x 6 x 6"):
+        cfm(det, data.showers.shape[1], cfm.Config.from_dict(dict(TINY_CONFIGS["cfm"], patch_layers=3, patch_x=3)))
+    names = {k for k in tiny_model("cfm", det, data).state_dict()}
+    assert "net.embed.weight" in names and "net.patch_pos" not in names and "net.out_e.weight" not in names
+    patched = tiny_model("cfm:patches", det, data)
+    assert patched.net.grid == (2, 2, 3) and patched.net.embed.in_features == 2 * 3 * 2

@@ -64,8 +64,16 @@ class CFMConfig(ModelConfig):
     rescale_layers: bool = True
     sample_steps: int = 16
     solver: str = "midpoint"
+    # Tokens: 0 = one token per layer (its 900 cells embedded into ``width`` numbers; the stop-17 model). With
+    # ``patch_x`` > 0 the tokens are patches of patch_layers x patch_x x patch_y cells (CaloDREAM's patching) plus one
+    # token per layer group for its energies, so that the network can say which cell the core is in (stop 19:
+    # a layer token could not; BENCHMARKS.md).
+    patch_layers: int = 1
+    patch_x: int = 0
+    patch_y: int = 0
 
     bounds: ClassVar[dict[str, tuple]] = {
+        "patch_layers": (1, 1000), "patch_x": (0, 1000), "patch_y": (0, 1000),
         "width": (4, 2048), "blocks": (1, 64), "heads": (1, 64), "mlp_ratio": (0.25, 16.0),
         "head_channels": (1, 64), "cell_offset_mev": (1e-9, 1e3),
         "min_hit_mev": (0.0, 1e3), "energy_weight": (0.0, 1e6), "sample_steps": (1, 10000),
@@ -73,7 +81,8 @@ class CFMConfig(ModelConfig):
     }
 
     def weight_estimate(self) -> int:  # for the house detector's 30 x 900 cells
-        d, c = self.width, 900
+        d = self.width
+        c = 900 if self.patch_x <= 0 else self.patch_layers * self.patch_x * max(self.patch_y, 1)
         per_block = 4 * d * d + 2 * int(self.mlp_ratio * d) * d + 6 * d * d
         return (c + 1) * d + d * (c * (self.head_channels + 1) + 1) + self.blocks * per_block + 4 * d * d
 
@@ -94,8 +103,9 @@ def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class _Block(nn.Module):
     """Pre-norm self-attention and MLP over the layer tokens, layer norms modulated by the embedding (adaLN)."""
 
-    def __init__(self, d: int, heads: int, mlp_ratio: float):
+    def __init__(self, d: int, heads: int, mlp_ratio: float, fused: bool = False):
         super().__init__()
+        self.fused = fused
         if d % heads:
             raise ModelError(f"model option 'width' {d} must be a multiple of 'heads' {heads}")
         self.heads = heads
@@ -111,6 +121,8 @@ class _Block(nn.Module):
     def _attention(self, h: torch.Tensor) -> torch.Tensor:
         n, L, d = h.shape
         q, k, v = self.qkv(h).reshape(n, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.fused:  # patch tokens: hundreds of them, the fused kernel does not store the (L, L) weights
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, L, d))
         w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1)
         return self.proj((w @ v).transpose(1, 2).reshape(n, L, d))
 
@@ -123,23 +135,43 @@ class _Block(nn.Module):
 class _VelocityNet(nn.Module):
     """v(x_t, t, conditions): tokens (n, L, C + 1) -> velocities (n, L, C + 1)."""
 
-    def __init__(self, n_layers: int, n_cells: int, n_cond: int, cfg: CFMConfig):
+    def __init__(self, n_layers: int, n_cells: int, n_cond: int, cfg: CFMConfig,
+                 grid: tuple[int, int] | None = None):
         super().__init__()
         d, k = cfg.width, cfg.head_channels
         self.d, self.k, self.n_cells = d, k, n_cells
-        self.embed = nn.Linear(n_cells + 1, d)
-        self.layer_pos = nn.Parameter(0.02 * torch.randn(n_layers, d))
+        self.patched = cfg.patch_x > 0
+        if self.patched:
+            nx, ny = grid if grid is not None else (n_cells, 1)
+            pl, px, py = cfg.patch_layers, cfg.patch_x, cfg.patch_y or ny
+            if n_layers % pl or nx % px or ny % py:
+                raise ModelError(f"cfm model options patch_layers/patch_x/patch_y = {pl}/{px}/{py} must divide the "
+                                 f"model's cells {n_layers} x {nx} x {ny}")
+            self.patch, self.grid = (pl, px, py), (n_layers // pl, nx // px, ny // py)
+            n_patch = self.grid[0] * self.grid[1] * self.grid[2]
+            self.embed = nn.Linear(pl * px * py, d)
+            self.embed_e = nn.Linear(pl, d)
+            self.patch_pos = nn.Parameter(0.02 * torch.randn(n_patch, d))
+            self.layer_pos = nn.Parameter(0.02 * torch.randn(self.grid[0], d))
+            self.out = nn.Linear(d, pl * px * py * (k + 1))
+            self.out_e = nn.Linear(d, pl)
+        else:
+            self.embed = nn.Linear(n_cells + 1, d)
+            self.layer_pos = nn.Parameter(0.02 * torch.randn(n_layers, d))
+            self.out = nn.Linear(d, n_cells * (k + 1) + 1)
         self.t_mlp = _silu_mlp(d, d, d)
         self.c_mlp = _silu_mlp(n_cond, d, d)
-        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.blocks))
+        self.blocks = nn.ModuleList(_Block(d, cfg.heads, cfg.mlp_ratio, fused=self.patched)
+                                    for _ in range(cfg.blocks))
         self.norm = nn.LayerNorm(d, elementwise_affine=False)
         self.final_mod = nn.Linear(d, 2 * d)
-        self.out = nn.Linear(d, n_cells * (k + 1) + 1)
         # the per-cell head: v_c = a_c + sum_j u_j silu(z_cj + w_j x_c), (a_c, z_c) from the token, u, w shared
         self.head_w = nn.Parameter(torch.ones(k))
         self.head_u = nn.Parameter(torch.full((k,), 1.0 / k))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        if self.patched:
+            return self._forward_patches(x, t, cf)
         n, L, _ = x.shape
         c = F.silu(self.t_mlp(time_embedding(t, self.d)) + self.c_mlp(cf))
         h = self.embed(x) + self.layer_pos[None]
@@ -148,9 +180,30 @@ class _VelocityNet(nn.Module):
         s, b = self.final_mod(c)[:, None].chunk(2, dim=-1)
         o = self.out(self.norm(h) * (1 + s) + b)
         z = o[..., :-1].reshape(n, L, self.n_cells, self.k + 1)
-        pre = torch.addcmul(z[..., 1:], x[..., :-1, None], self.head_w)
-        v_cells = z[..., 0] + F.silu(pre) @ self.head_u
-        return torch.cat([v_cells, o[..., -1:]], dim=-1)
+        return torch.cat([self._cell_head(z, x[..., :-1]), o[..., -1:]], dim=-1)
+
+    def _cell_head(self, z: torch.Tensor, x_cells: torch.Tensor) -> torch.Tensor:
+        pre = torch.addcmul(z[..., 1:], x_cells[..., None], self.head_w)
+        return z[..., 0] + F.silu(pre) @ self.head_u
+
+    def _forward_patches(self, x: torch.Tensor, t: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (gl * gx * gy of them) and one energy token per layer group."""
+        n, L, _ = x.shape
+        (pl, px, py), (gl, gx, gy) = self.patch, self.grid
+        cells = x[..., :-1].reshape(n, gl, pl, gx, px, gy, py).permute(0, 1, 3, 5, 2, 4, 6)
+        tokens = cells.reshape(n, gl * gx * gy, pl * px * py)
+        c = F.silu(self.t_mlp(time_embedding(t, self.d)) + self.c_mlp(cf))
+        h = torch.cat([self.embed(tokens) + self.patch_pos[None],
+                       self.embed_e(x[..., -1].reshape(n, gl, pl)) + self.layer_pos[None]], dim=1)
+        for block in self.blocks:
+            h = block(h, c)
+        s, b = self.final_mod(c)[:, None].chunk(2, dim=-1)
+        h = self.norm(h) * (1 + s) + b
+        n_p = gl * gx * gy
+        z = self.out(h[:, :n_p]).reshape(n, gl, gx, gy, pl, px, py, self.k + 1)
+        z = z.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, L, self.n_cells, self.k + 1)
+        v_e = self.out_e(h[:, n_p:]).reshape(n, L, 1)
+        return torch.cat([self._cell_head(z, x[..., :-1]), v_e], dim=-1)
 
 
 class CFM(ShowerModel):
@@ -168,7 +221,7 @@ class CFM(ShowerModel):
         self.register_buffer("cell_stats", torch.tensor([math.log(cfg.cell_offset_mev), 1.0]))  # mean, std
         self.register_buffer("layer_mean", torch.zeros(n_l))
         self.register_buffer("layer_std", torch.ones(n_l))
-        self.net = _VelocityNet(n_l, nx * ny, self.n_cond_features, cfg)
+        self.net = _VelocityNet(n_l, nx * ny, self.n_cond_features, cfg, grid=(nx, ny))
         self.sample_steps, self.solver = cfg.sample_steps, cfg.solver
 
     def set_sampling(self, steps: int | None = None, solver: str | None = None) -> CFM:
