@@ -60,9 +60,9 @@ class WGANConfig(ModelConfig):
     beta1: float = 0.5
     beta2: float = 0.9
     # The critic also sees log(E_layer / E_inc) per layer and log(E_vis / E_inc), each standardised by its spread in
-    # the training data, so that a response off by a few % (Geant4's spread at 50 GeV on hgcal-proto is ~1.5 %) is
-    # a signal of order one. Off: the older fixed scaling (log f + 7) / 3 of the layers only, under which a 3 % shift
-    # is 0.01 (stop 18's models; their sigma90 came out 2-3x Geant4's).
+    # the training data (over all energies), so that a response off by its spread (sigma90 / mu90 of Geant4 on
+    # hgcal-proto: 5-7 %) is a signal of order one. Off: the older fixed scaling (log f + 7) / 3 of the layers only,
+    # under which a 5 % shift is 0.017 (stop 18's models; their sigma90 came out 2-3x Geant4's).
     critic_response: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
