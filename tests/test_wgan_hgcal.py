@@ -225,3 +225,26 @@ def test_critic_response_features_are_standardised_on_the_training_data(tmp_path
     save_model(model, tmp_path / "m")
     back = load_model(tmp_path / "m")
     assert torch.equal(back.response_mean, model.response_mean) and torch.equal(back.response_std, model.response_std)
+
+
+def test_response_distance_is_the_sorted_feature_distance():
+    """response_weight: the generator's extra term is zero for a batch against itself, grows with a scaled batch
+    (a response off by 5 % moves the total's feature by log(1.05) / spread for every shower), and a training step
+    logs it."""
+    from conftest_models import tiny_model, toy_detector, toy_showers
+
+    det = toy_detector()
+    data = toy_showers(det, 64, seed=6)
+    model = tiny_model("wgan:critic_response", det, data)
+    e = torch.as_tensor(data.energies)
+    y = model.to_image(torch.as_tensor(data.showers), e)
+    assert float(model._response_distance(y, y)) == 0.0
+    y_scaled = model.to_image(1.05 * torch.as_tensor(data.showers), e)
+    d = float(model._response_distance(y_scaled, y))
+    n_feat = model.image_shape[0] + 1
+    assert d == pytest.approx(float((np.log(1.05) / model.response_std).sum()) / n_feat, rel=1e-2)
+    from caloforge.models import TrainBatch
+    opts = model.configure_optimizers(1e-3)
+    cond = torch.as_tensor(data.conditions.as_array(), dtype=torch.float32)
+    logs = [model.training_step(TrainBatch(cond, torch.as_tensor(data.showers)), opts, step) for step in range(2)]
+    assert "resp" in logs[1] and logs[1]["resp"] > 0  # n_critic = 2: the generator steps at step 1

@@ -64,12 +64,18 @@ class WGANConfig(ModelConfig):
     # hgcal-proto: 5-7 %) is a signal of order one. Off: the older fixed scaling (log f + 7) / 3 of the layers only,
     # under which a 5 % shift is 0.017 (stop 18's models; their sigma90 came out 2-3x Geant4's).
     critic_response: bool = False
+    # Weight of a generator term that matches, feature by feature, the sorted standardised log layer fractions and
+    # log total of a generated batch to those of the real batch it was generated for (same conditions): a 1-D
+    # Wasserstein distance per feature. The critic cannot enforce the response spread itself: with the gradient
+    # penalty it is 1-Lipschitz in the log-compressed cells, in which a change of the total by its spread is a step
+    # of ~0.005 per cell (a cell's energy is exp(y_scale y), y_scale ~ 10). 0 turns it off.
+    response_weight: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
         "aux_channels": (1, 512), "n_critic": (1, 100), "gp_lambda": (0.0, 1e6), "aux_weight": (0.0, 1e6),
         "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
-        "beta2": (0.0, 0.999999),
+        "beta2": (0.0, 0.999999), "response_weight": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for a 30 x 30 window; the generator's first layer grows with the window
@@ -162,7 +168,7 @@ class WGAN(LogCells, ShowerModel):
         # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
         # what the validation weighs most, and they are hard to read off log-compressed cells.
         self.critic = _Critic(n_l, nx, ny, cfg, self.n_cond_features)
-        if cfg.critic_response:  # mean and spread of log(E_layer / E_inc) per layer and of log(E_vis / E_inc)
+        if cfg.critic_response or cfg.response_weight > 0:  # mean, spread of log(E_layer / E_inc), log(E_vis / E_inc)
             self.register_buffer("response_mean", torch.zeros(n_l + 1))
             self.register_buffer("response_std", torch.ones(n_l + 1))
         # one regressor per label (energy, angle, the impact offsets): the HGCAL recipe's energy and position nets
@@ -240,9 +246,17 @@ class WGAN(LogCells, ShowerModel):
         logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
         return ((logs - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
 
+    def _response_distance(self, y_gen: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+        """Mean over the L + 1 response features of the 1-D Wasserstein distance between the generated and the real
+        batch (sorted values compared; in data-parallel training each process compares its own shard)."""
+        f_gen = self._response_features(self.cell_fractions(y_gen).sum(dim=(2, 3)))
+        with torch.no_grad():
+            f_real = self._response_features(self.cell_fractions(y_real).sum(dim=(2, 3)))
+        return (torch.sort(f_gen, dim=0).values - torch.sort(f_real, dim=0).values).abs().mean()
+
     def _fit_preprocessing(self, data: Any) -> None:
         self.fit_log_scale(data)
-        if not self.config.critic_response:
+        if not (self.config.critic_response or self.config.response_weight > 0):
             return
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
         logs = []
@@ -321,6 +335,10 @@ class WGAN(LogCells, ShowerModel):
             g_adv = -self.critic_score(y_gen, cf).mean()
             reg_fake = self._regression_loss(y_gen, batch.energies, cf)
             loss_g = g_adv + cfg.aux_weight * (reg_real.detach() - reg_fake).abs().sum()
+            if cfg.response_weight > 0:
+                resp = self._response_distance(y_gen, y_real)
+                loss_g = loss_g + cfg.response_weight * resp
+                out["resp"] = float(resp.detach())
             optimizers["generator"].zero_grad(set_to_none=True)
             loss_g.backward()
             reduce_gradients(self.generator.parameters(), batch.share)
