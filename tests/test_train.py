@@ -177,7 +177,9 @@ def test_mirror_x_is_the_detector_mirror_image(toy_file, tmp_path):
     window[:, :, [0, -1], :] = 0.0
     window[:, :, :, [0, -1]] = 0.0
     c = det.cell_size_mm
-    cond = Conditions(np.full(n, 3e4), 0.0, rng.uniform(-c, c, n), rng.uniform(-c, c, n), 22)
+    x = rng.uniform(-c, c, n)
+    x[[0, 2, 4]] = 0.0, c, -c  # impacts on cell boundaries (corner photons): the axis cell stays
+    cond = Conditions(np.full(n, 3e4), 0.0, x, rng.uniform(-c, c, n), 22)
     local = torch.as_tensor(model.to_local(window.reshape(n, -1), cond.as_array()))
     raw = torch.as_tensor(cond.as_array(), dtype=torch.float32)
     mask = torch.as_tensor(np.arange(n) % 2 == 0)

@@ -611,7 +611,7 @@ class Trainer:
         """Showers of the rows in ``mask`` mirrored in x (x -> -x): the calorimeter is symmetric under it at any
         angle (the tilt is in the y-z plane). In the shower-axis frame the local column i becomes 30 - i (the
         axis cell moves by one), so the mirrored grid shifts by one column; its outermost column (75 mm from the
-        axis) is dropped."""
+        axis) is dropped. An impact on a cell boundary (x = k c) keeps its axis cell: there i becomes 29 - i."""
         import torch
 
         n_l, nx, ny = self.model.shape
@@ -619,8 +619,10 @@ class Trainer:
         moved = torch.zeros_like(s)
         moved[:, :, 1:, :] = s[:, :, :-1, :]
         showers, cond = showers.clone(), cond.clone()
-        showers[mask] = moved.reshape(len(moved), -1)
         cond[mask, 2] = -cond[mask, 2]
+        # an impact on a cell boundary (x = k c, e.g. the corner photons) keeps its axis cell: no shift
+        on_edge = (self.model.axis_cells(cond[mask])[2] == 0)[:, None, None, None]
+        showers[mask] = torch.where(on_edge, s, moved).reshape(len(moved), -1)
         return cond, showers
 
     def _autocast(self):
