@@ -248,3 +248,23 @@ def test_response_distance_is_the_sorted_feature_distance():
     cond = torch.as_tensor(data.conditions.as_array(), dtype=torch.float32)
     logs = [model.training_step(TrainBatch(cond, torch.as_tensor(data.showers)), opts, step) for step in range(2)]
     assert "resp" in logs[1] and logs[1]["resp"] > 0  # n_critic = 2: the generator steps at step 1
+
+
+def test_response_z_scores_are_standard_at_each_energy():
+    """response_by_energy: the z-scores of the log total at each shower's energy have mean 0 and spread 1 in every
+    energy bin of the training data (the quadratic fits follow the energy dependence), so a batch of mixed energies
+    compares spreads at each energy."""
+    from conftest_models import tiny_model, toy_detector, toy_showers
+
+    det = toy_detector()
+    data = toy_showers(det, 400, seed=8)
+    model = tiny_model("wgan:critic_response", det, data)
+    e = torch.as_tensor(data.energies)
+    frac = model.cell_fractions(model.to_image(torch.as_tensor(data.showers), e)).sum(dim=(2, 3))
+    z = model._response_z(frac, e)[:, -1].numpy()
+    edges = np.quantile(data.energies, [0, 0.5, 1])
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        sel = (data.energies >= lo) & (data.energies <= hi)
+        n = int(sel.sum())
+        assert abs(z[sel].mean()) < 4 / np.sqrt(n) + 0.1 and abs(z[sel].std() - 1) < 0.25, (lo, hi, z[sel].mean(),
+                                                                                              z[sel].std())

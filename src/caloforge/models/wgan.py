@@ -70,6 +70,10 @@ class WGANConfig(ModelConfig):
     # penalty it is 1-Lipschitz in the log-compressed cells, in which a change of the total by its spread is a step
     # of ~0.005 per cell (a cell's energy is exp(y_scale y), y_scale ~ 10). 0 turns it off.
     response_weight: float = 0.0
+    # With response_weight: compare z-scores of the response features at each shower's energy (mean and spread
+    # fitted on the training data as quadratics in log E) instead of features standardised over all energies, so
+    # that a batch of mixed energies constrains the spread at each energy, not only the mixture's.
+    response_by_energy: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
@@ -171,6 +175,10 @@ class WGAN(LogCells, ShowerModel):
         if cfg.critic_response or cfg.response_weight > 0:  # mean, spread of log(E_layer / E_inc), log(E_vis / E_inc)
             self.register_buffer("response_mean", torch.zeros(n_l + 1))
             self.register_buffer("response_std", torch.ones(n_l + 1))
+        if cfg.response_by_energy:  # quadratics in t = (log E - a) / b of each feature's mean and spread (rows t^0..2)
+            self.register_buffer("response_t", torch.tensor([0.0, 1.0]))
+            self.register_buffer("response_mean_poly", torch.zeros(3, n_l + 1))
+            self.register_buffer("response_std_poly", torch.zeros(3, n_l + 1))
         # one regressor per label (energy, angle, the impact offsets): the HGCAL recipe's energy and position nets
         self.regressed = [i for i, f in enumerate(self.features) if f in REGRESSED_FEATURES]
         self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.regressed])
@@ -246,12 +254,25 @@ class WGAN(LogCells, ShowerModel):
         logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
         return ((logs - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
 
-    def _response_distance(self, y_gen: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+    def _response_z(self, frac: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Log layer fractions and log total (n, L + 1) as z-scores at each shower's energy, within +-10."""
+        logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
+        t = (torch.log(energies.float()) - self.response_t[0]) / self.response_t[1]
+        powers = torch.stack([torch.ones_like(t), t, t * t], dim=1)  # (n, 3)
+        mean = powers @ self.response_mean_poly
+        spread = (powers @ self.response_std_poly).clamp(min=1e-3)
+        return ((logs - mean) / spread).clamp(-10.0, 10.0)
+
+    def _response_distance(self, y_gen: torch.Tensor, y_real: torch.Tensor,
+                           energies: torch.Tensor | None = None) -> torch.Tensor:
         """Mean over the L + 1 response features of the 1-D Wasserstein distance between the generated and the real
         batch (sorted values compared; in data-parallel training each process compares its own shard)."""
-        f_gen = self._response_features(self.cell_fractions(y_gen).sum(dim=(2, 3)))
+        by_energy = self.config.response_by_energy and energies is not None
+        feats = (lambda y: self._response_z(self.cell_fractions(y).sum(dim=(2, 3)), energies)) if by_energy else \
+            (lambda y: self._response_features(self.cell_fractions(y).sum(dim=(2, 3))))
+        f_gen = feats(y_gen)
         with torch.no_grad():
-            f_real = self._response_features(self.cell_fractions(y_real).sum(dim=(2, 3)))
+            f_real = feats(y_real)
         return (torch.sort(f_gen, dim=0).values - torch.sort(f_real, dim=0).values).abs().mean()
 
     def _fit_preprocessing(self, data: Any) -> None:
@@ -271,6 +292,19 @@ class WGAN(LogCells, ShowerModel):
         std = lay.std(0) if len(lay) > 1 else torch.ones(lay.shape[1], dtype=torch.float64)
         self.response_mean.copy_(lay.mean(0).float())
         self.response_std.copy_(torch.where(std > 1e-3, std, torch.full_like(std, 1e-3)).float())
+        if not self.config.response_by_energy:
+            return
+        log_e = np.log(energies)
+        a, b = float(log_e.mean()), float(log_e.std()) if len(log_e) > 1 and log_e.std() > 1e-6 else 1.0
+        t = (log_e - a) / b
+        powers = np.stack([np.ones_like(t), t, t * t], axis=1)
+        y = lay.numpy()
+        mean_poly = np.linalg.lstsq(powers, y, rcond=None)[0]  # (3, L + 1)
+        abs_res = np.abs(y - powers @ mean_poly) * math.sqrt(math.pi / 2)  # E|x| = sigma sqrt(2 / pi)
+        std_poly = np.linalg.lstsq(powers, abs_res, rcond=None)[0]
+        self.response_t.copy_(torch.tensor([a, b]))
+        self.response_mean_poly.copy_(torch.as_tensor(mean_poly, dtype=torch.float32))
+        self.response_std_poly.copy_(torch.as_tensor(std_poly, dtype=torch.float32))
 
     # ---- sampling -----------------------------------------------------------------------------------
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
@@ -336,7 +370,7 @@ class WGAN(LogCells, ShowerModel):
             reg_fake = self._regression_loss(y_gen, batch.energies, cf)
             loss_g = g_adv + cfg.aux_weight * (reg_real.detach() - reg_fake).abs().sum()
             if cfg.response_weight > 0:
-                resp = self._response_distance(y_gen, y_real)
+                resp = self._response_distance(y_gen, y_real, batch.energies)
                 loss_g = loss_g + cfg.response_weight * resp
                 out["resp"] = float(resp.detach())
             optimizers["generator"].zero_grad(set_to_none=True)
