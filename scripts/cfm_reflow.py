@@ -30,14 +30,14 @@ from pathlib import Path
 
 import torch
 
+from caloforge.dataset import DatasetError
+from caloforge.models import ModelError
 
-def _teacher_chunk(teacher, cond: torch.Tensor, seed: int, k: int, steps: int, solver: str) -> torch.Tensor:
-    """Endpoints x1 (n, L, C + 1) of the teacher's ODE from the noise of chunk k."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + k)
-    (shape, _), = teacher.noise_shapes(len(cond))
-    x0 = torch.randn(shape, generator=g)
-    with torch.no_grad():
-        return x0, teacher.integrate(x0, teacher.condition_features(cond), steps=steps, solver=solver)
+
+def _chunk_noise(teacher, n: int, seed: int, k: int) -> torch.Tensor:
+    """The noise x0 (n, L, C + 1) of pair chunk k: from (seed, k), so it is remade rather than stored."""
+    (shape, _), = teacher.noise_shapes(n)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + k))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from caloforge.dataset import open_showers
-    from caloforge.models import ModelError, load_model, read_meta, save_model
+    from caloforge.models import load_model, read_meta, save_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("teacher", help="a saved cfm model directory")
@@ -83,20 +83,17 @@ def main(argv: list[str] | None = None) -> int:
         path = out / "pairs" / f"chunk-{k:05d}.safetensors"
         if path.exists():
             continue
-        _, x1 = _teacher_chunk(teacher, cond_all[i:i + args.chunk], args.seed, k, args.teacher_steps,
-                               args.teacher_solver)
+        cond = cond_all[i:i + args.chunk]
+        with torch.no_grad():
+            x1 = teacher.integrate(_chunk_noise(teacher, len(cond), args.seed, k), teacher.condition_features(cond),
+                                   steps=args.teacher_steps, solver=args.teacher_solver)
         tmp = path.with_suffix(".tmp")
         save_file({"x1": x1.contiguous()}, str(tmp))
         tmp.replace(path)
     teacher_s = time.time() - t0
-    x0s, x1s = [], []
-    for k, i in enumerate(chunks):
-        cond = cond_all[i:i + args.chunk]
-        g = torch.Generator().manual_seed(args.seed * 1_000_003 + k)
-        (shape, _), = teacher.noise_shapes(len(cond))
-        x0s.append(torch.randn(shape, generator=g))
-        x1s.append(load_file(str(out / "pairs" / f"chunk-{k:05d}.safetensors"))["x1"])
-    x0_all, x1_all = torch.cat(x0s), torch.cat(x1s)
+    x0_all = torch.cat([_chunk_noise(teacher, len(cond_all[i:i + args.chunk]), args.seed, k)
+                        for k, i in enumerate(chunks)])
+    x1_all = torch.cat([load_file(str(out / "pairs" / f"chunk-{k:05d}.safetensors"))["x1"] for k in range(len(chunks))])
 
     # 2. the student: the teacher's weights, trained on the coupled pairs (resumable)
     student = load_model(args.teacher)
@@ -109,16 +106,12 @@ def main(argv: list[str] | None = None) -> int:
         state = torch.load(state_path, weights_only=True)
         opt.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), json.loads(state["history"])
-    cfg = student.config
     bar = tqdm(total=args.steps, initial=step, desc="student", unit="step", disable=args.quiet)
     while step < args.steps:
         g = torch.Generator().manual_seed(args.seed * 7919 + step)  # per-step stream: a resume draws the same rows
         rows = torch.randint(len(x0_all), (args.batch_size,), generator=g)
         t = torch.rand(args.batch_size, generator=g)
-        x0, x1, cond = x0_all[rows], x1_all[rows], cond_all[rows]
-        xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
-        err = (student.velocity(xt, t, student.condition_features(cond)) - (x1 - x0)) ** 2
-        loss = err[..., :-1].mean() + cfg.energy_weight * err[..., -1].mean()
+        loss = student.pair_loss(x0_all[rows], x1_all[rows], t, student.condition_features(cond_all[rows]))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -139,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. the model directory: default sampling = the student's Euler steps
     student.eval()
-    cfg.sample_steps, cfg.solver = args.student_steps, "euler"
+    student.config.sample_steps, student.config.solver = args.student_steps, "euler"
     meta = read_meta(args.teacher)
     save_model(student, out, extra={"training": meta.get("training", {}), "reflow": {
         "teacher": str(args.teacher), "teacher_steps": args.teacher_steps, "teacher_solver": args.teacher_solver,
@@ -155,7 +148,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except Exception as err:  # noqa: BLE001 - a script: one line, not a trace
-        if type(err).__name__ not in ("ModelError", "DatasetError"):
-            raise
+    except (ModelError, DatasetError) as err:
         sys.exit(f"cfm_reflow: error: {err}")

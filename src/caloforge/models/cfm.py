@@ -170,40 +170,37 @@ class _VelocityNet(nn.Module):
         self.head_u = nn.Parameter(torch.full((k,), 1.0 / k))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        if self.patched:
-            return self._forward_patches(x, t, cf)
-        n, L, _ = x.shape
         c = F.silu(self.t_mlp(time_embedding(t, self.d)) + self.c_mlp(cf))
-        h = self.embed(x) + self.layer_pos[None]
+        h = self._tokens(x)
         for block in self.blocks:
             h = block(h, c)
         s, b = self.final_mod(c)[:, None].chunk(2, dim=-1)
-        o = self.out(self.norm(h) * (1 + s) + b)
-        z = o[..., :-1].reshape(n, L, self.n_cells, self.k + 1)
-        return torch.cat([self._cell_head(z, x[..., :-1]), o[..., -1:]], dim=-1)
+        z, v_energy = self._outputs(self.norm(h) * (1 + s) + b, x.shape[1])
+        pre = torch.addcmul(z[..., 1:], x[..., :-1, None], self.head_w)
+        return torch.cat([z[..., 0] + F.silu(pre) @ self.head_u, v_energy], dim=-1)
 
-    def _cell_head(self, z: torch.Tensor, x_cells: torch.Tensor) -> torch.Tensor:
-        pre = torch.addcmul(z[..., 1:], x_cells[..., None], self.head_w)
-        return z[..., 0] + F.silu(pre) @ self.head_u
-
-    def _forward_patches(self, x: torch.Tensor, t: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        """Patch tokens (gl * gx * gy of them) and one energy token per layer group."""
-        n, L, _ = x.shape
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Embedded tokens: one per layer, or the patches then one energy token per layer group."""
+        if not self.patched:
+            return self.embed(x) + self.layer_pos[None]
+        n = x.shape[0]
         (pl, px, py), (gl, gx, gy) = self.patch, self.grid
         cells = x[..., :-1].reshape(n, gl, pl, gx, px, gy, py).permute(0, 1, 3, 5, 2, 4, 6)
         tokens = cells.reshape(n, gl * gx * gy, pl * px * py)
-        c = F.silu(self.t_mlp(time_embedding(t, self.d)) + self.c_mlp(cf))
-        h = torch.cat([self.embed(tokens) + self.patch_pos[None],
-                       self.embed_e(x[..., -1].reshape(n, gl, pl)) + self.layer_pos[None]], dim=1)
-        for block in self.blocks:
-            h = block(h, c)
-        s, b = self.final_mod(c)[:, None].chunk(2, dim=-1)
-        h = self.norm(h) * (1 + s) + b
+        return torch.cat([self.embed(tokens) + self.patch_pos[None],
+                          self.embed_e(x[..., -1].reshape(n, gl, pl)) + self.layer_pos[None]], dim=1)
+
+    def _outputs(self, h: torch.Tensor, n_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-cell head inputs (n, L, C, 1 + head_channels) and the layer-energy velocities (n, L, 1)."""
+        n = h.shape[0]
+        if not self.patched:
+            o = self.out(h)
+            return o[..., :-1].reshape(n, n_layers, self.n_cells, self.k + 1), o[..., -1:]
+        (pl, px, py), (gl, gx, gy) = self.patch, self.grid
         n_p = gl * gx * gy
         z = self.out(h[:, :n_p]).reshape(n, gl, gx, gy, pl, px, py, self.k + 1)
-        z = z.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, L, self.n_cells, self.k + 1)
-        v_e = self.out_e(h[:, n_p:]).reshape(n, L, 1)
-        return torch.cat([self._cell_head(z, x[..., :-1]), v_e], dim=-1)
+        z = z.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(n, n_layers, self.n_cells, self.k + 1)
+        return z, self.out_e(h[:, n_p:]).reshape(n, n_layers, 1)
 
 
 class CFM(ShowerModel):
@@ -326,11 +323,14 @@ class CFM(ShowerModel):
     def loss(self, batch: TrainBatch) -> torch.Tensor:
         """Flow-matching loss: mean squared error of the velocity on the cells plus ``energy_weight`` times that on
         the layer energies."""
-        cfg: CFMConfig = self.config  # type: ignore[assignment]
         x1 = self.to_tokens(batch.showers, batch.energies)
-        n_l, c1 = x1.shape[1], x1.shape[2]
-        x0 = batch.randn(n_l, c1)
-        t = batch.rand()
+        x0 = batch.randn(x1.shape[1], x1.shape[2])
+        return self.pair_loss(x0, x1, batch.rand(), self.condition_features(batch.cond))
+
+    def pair_loss(self, x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """The flow-matching loss of given (noise, shower token) pairs at times t: independent pairs in training,
+        the teacher's coupled pairs in reflow (scripts/cfm_reflow.py)."""
+        cfg: CFMConfig = self.config  # type: ignore[assignment]
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
-        err = (self.velocity(xt, t, self.condition_features(batch.cond)) - (x1 - x0)) ** 2
+        err = (self.velocity(xt, t, cf) - (x1 - x0)) ** 2
         return err[..., :-1].mean() + cfg.energy_weight * err[..., -1].mean()

@@ -249,14 +249,18 @@ class WGAN(LogCells, ShowerModel):
             return self.critic(y, cf, (torch.log(frac + 1e-6) + 7.0) / 3.0)
         return self.critic(y, cf, self._response_features(frac))
 
+    @staticmethod
+    def _response_logs(frac: torch.Tensor) -> torch.Tensor:
+        """Layer fractions (n, L) -> log layer fractions and log total (n, L + 1)."""
+        return torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
+
     def _response_features(self, frac: torch.Tensor) -> torch.Tensor:
         """Layer fractions (n, L) -> standardised log layer fractions and log total (n, L + 1), within +-10."""
-        logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
-        return ((logs - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
+        return ((self._response_logs(frac) - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
 
     def _response_z(self, frac: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Log layer fractions and log total (n, L + 1) as z-scores at each shower's energy, within +-10."""
-        logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
+        logs = self._response_logs(frac)
         t = (torch.log(energies.float()) - self.response_t[0]) / self.response_t[1]
         powers = torch.stack([torch.ones_like(t), t, t * t], dim=1)  # (n, 3)
         mean = powers @ self.response_mean_poly
@@ -268,8 +272,11 @@ class WGAN(LogCells, ShowerModel):
         """Mean over the L + 1 response features of the 1-D Wasserstein distance between the generated and the real
         batch (sorted values compared; in data-parallel training each process compares its own shard)."""
         by_energy = self.config.response_by_energy and energies is not None
-        feats = (lambda y: self._response_z(self.cell_fractions(y).sum(dim=(2, 3)), energies)) if by_energy else \
-            (lambda y: self._response_features(self.cell_fractions(y).sum(dim=(2, 3))))
+
+        def feats(y: torch.Tensor) -> torch.Tensor:
+            frac = self.cell_fractions(y).sum(dim=(2, 3))
+            return self._response_z(frac, energies) if by_energy else self._response_features(frac)
+
         f_gen = feats(y_gen)
         with torch.no_grad():
             f_real = feats(y_real)
@@ -285,7 +292,7 @@ class WGAN(LogCells, ShowerModel):
             for i in range(0, len(energies), 500):
                 x = torch.as_tensor(np.asarray(data.showers[i:i + 500], dtype=np.float32))
                 frac = self.cell_fractions(self.to_image(x, torch.as_tensor(energies[i:i + 500]))).sum(dim=(2, 3))
-                logs.append(torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1).double() + 1e-6))
+                logs.append(self._response_logs(frac.double()))
         if not logs:
             return
         lay = torch.cat(logs)
@@ -295,7 +302,8 @@ class WGAN(LogCells, ShowerModel):
         if not self.config.response_by_energy:
             return
         log_e = np.log(energies)
-        a, b = float(log_e.mean()), float(log_e.std()) if len(log_e) > 1 and log_e.std() > 1e-6 else 1.0
+        a = float(log_e.mean())
+        b = float(log_e.std()) if len(log_e) > 1 and log_e.std() > 1e-6 else 1.0
         t = (log_e - a) / b
         powers = np.stack([np.ones_like(t), t, t * t], axis=1)
         y = lay.numpy()
