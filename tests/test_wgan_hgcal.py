@@ -268,3 +268,29 @@ def test_response_z_scores_are_standard_at_each_energy():
         n = int(sel.sum())
         assert abs(z[sel].mean()) < 4 / np.sqrt(n) + 0.1 and abs(z[sel].std() - 1) < 0.25, (lo, hi, z[sel].mean(),
                                                                                               z[sel].std())
+
+
+@pytest.mark.parametrize("variant", ["wgan", "wgan:cell_power"])
+def test_cell_representation_round_trips_and_scales(variant):
+    """Both cell representations map showers to y in [0, 1] (0 empty, 1 the hottest training cell) and back to the
+    same MeV; under the power law p a shower scaled by 1.05 scales every y by 1.05^p, under the logarithm it shifts
+    the hot cells' y by about log(1.05) / y_scale."""
+    from conftest_models import tiny_model, toy_detector, toy_showers
+
+    det = toy_detector()
+    data = toy_showers(det, 40, seed=6)
+    model = tiny_model(variant, det, data)
+    e = torch.as_tensor(data.energies)
+    x = torch.as_tensor(data.showers)
+    y = model.to_image(x, e)
+    assert float(y.min()) == 0.0 and float(y.max()) == pytest.approx(1.0, abs=1e-5)
+    back = model.from_image(y, e)
+    assert torch.allclose(back, x.float(), rtol=1e-4, atol=1e-3)
+    assert torch.equal(model.from_image(torch.zeros_like(y), e), torch.zeros_like(back))
+    y2 = model.to_image(1.05 * x, e)
+    hot = y > 0.5
+    if variant == "wgan:cell_power":
+        assert torch.allclose(y2[y > 0], y[y > 0] * 1.05 ** 0.5, rtol=1e-4)
+    else:
+        assert torch.allclose(y2[hot] - y[hot], torch.full_like(y[hot], float(np.log(1.05) / model.y_scale)),
+                              atol=2e-3)

@@ -9,6 +9,10 @@ import numpy as np
 from numba import njit
 
 _F = np.float32
+# fastmath without "arcp" and "afn": the loops vectorise (with error_model="numpy", which drops the division-by-zero
+# check that kept the key loop scalar), and a vectorised division stays exact, so the keys are the same bits as the
+# scalar code's (no reciprocal approximation).
+_FM = {"nnan", "ninf", "nsz", "contract", "reassoc"}
 # Cephes logf: ln(x) = ln(m) + e ln 2 with m in [sqrt(1/2), sqrt(2)), a degree-9 polynomial in m - 1
 _SQRTHF = _F(0.707106781186547524)
 _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7, _P8 = (_F(c) for c in (
@@ -42,7 +46,7 @@ def _unit(s1: Any, s2: Any, j: int) -> Any:
     return _F(_pcg(_pcg(_U(j) ^ s1) ^ s2) >> _S8) * _TO_UNIT
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def fill_uniform(out: Any, seed_lo: Any, seed_hi: Any, row0: int, start: int, stop: int) -> None:
     """Rows start..stop of ``out``, which holds the draw's rows from row0 on (the GIL released: callers split the
     rows over threads)."""
@@ -54,7 +58,7 @@ def fill_uniform(out: Any, seed_lo: Any, seed_hi: Any, row0: int, start: int, st
             row[j] = _unit(s1, s2, j)
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def uniform_at(seed_lo: Any, seed_hi: Any, rows: Any, cols: Any, out: Any, start: int, stop: int) -> None:
     """out[h] = uniform number cols[h] of draw row rows[h], for h in start..stop (the noise at the hits only)."""
     for h in range(start, stop):
@@ -62,15 +66,32 @@ def uniform_at(seed_lo: Any, seed_hi: Any, rows: Any, cols: Any, out: Any, start
         out[h] = _unit(s1, s2, cols[h])
 
 
-@njit(inline="always", fastmath=True)
-def _keys(u: Any, logit: Any, key: Any) -> None:
-    """key = ln(u / (1 - u)) - logit for one row, u clamped as in the reference."""
-    m_cells = key.shape[0]
-    bits = key.view(np.int32)
-    for j in range(m_cells):
-        uj = min(max(u[j], _U_LO), _U_HI)
+@njit(inline="always")
+def _clamped(u: Any) -> Any:
+    return min(max(u, _U_LO), _U_HI)
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy")
+def _odds(u: Any, key: Any) -> None:
+    """key = u / (1 - u) for one row of given uniforms, u clamped as in the reference."""
+    for j in range(key.shape[0]):
+        uj = _clamped(u[j])
         key[j] = uj / (_ONE - uj)
-    for j in range(m_cells):
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy")
+def _odds_hashed(s1: Any, s2: Any, c0: int, key: Any) -> None:
+    """:func:`_odds` of uniforms c0, c0 + 1, ... of the row with seeds (s1, s2), made in the same loop."""
+    for j in range(key.shape[0]):
+        uj = _clamped(_unit(s1, s2, c0 + j))
+        key[j] = uj / (_ONE - uj)
+
+
+@njit(inline="always", fastmath=_FM, error_model="numpy")
+def _log_keys(key: Any, logit: Any) -> None:
+    """key = ln(key) - logit in place (the odds become the keys ln(u / (1 - u)) - logit)."""
+    bits = key.view(np.int32)
+    for j in range(key.shape[0]):
         b = bits[j]
         e = _F((b >> 23) - 126)
         bits[j] = (b & 0x007FFFFF) | 0x3F000000  # the mantissa as a float in [0.5, 1)
@@ -82,6 +103,7 @@ def _keys(u: Any, logit: Any, key: Any) -> None:
         y = ((((((((_P0 * f + _P1) * f + _P2) * f + _P3) * f + _P4) * f + _P5) * f + _P6) * f + _P7) * f
              + _P8) * f * z
         key[j] = f + (y + _LN2_LO * e - _HALF * z) + _LN2_HI * e - logit[j]
+
 
 @njit(inline="always")
 def _sift_down(hk: Any, hj: Any, i: int, size: int) -> None:
@@ -97,23 +119,20 @@ def _sift_down(hk: Any, hj: Any, i: int, size: int) -> None:
         hj[i], hj[c] = hj[c], hj[i]
         i = c
 
+
 @njit(inline="always")
-def _select_row(li: int, r: int, k: int, o: int, lrow: Any, urow: Any, orow: Any, lay: Any, row: Any, col: Any,
-                logit_hit: Any, u_hit: Any, thr_hit: Any) -> None:
-    """The k hits of one (layer, shower) row, written from position o on."""
+def _select_row(li: int, r: int, k: int, o: int, lrow: Any, key: Any, orow: Any, hk: Any, hj: Any, lay: Any,
+                row: Any, col: Any, logit_hit: Any, thr_hit: Any) -> None:
+    """The k hits of one (layer, shower) row from its keys, written from position o on (all but their uniforms).
+    ``hk``, ``hj``: scratch of at least k + 1 entries."""
     m_cells = lrow.shape[0]
     if k >= m_cells:  # every cell is hit: no threshold
         for j in range(m_cells):
             lay[o + j], row[o + j], col[o + j] = li, r, j
             logit_hit[o + j] = lrow[j]
-            u_hit[o + j] = min(max(urow[j], _U_LO), _U_HI)
             thr_hit[o + j] = np.inf
         return
-    key = np.empty(m_cells, np.float32)
-    _keys(urow, lrow, key)
     s = k + 1
-    hk = np.empty(s, np.float32)
-    hj = np.empty(s, np.int64)
     for q in range(s):
         hk[q] = key[orow[q]]
         hj[q] = orow[q]
@@ -127,49 +146,69 @@ def _select_row(li: int, r: int, k: int, o: int, lrow: Any, urow: Any, orow: Any
             hj[0] = j
             _sift_down(hk, hj, 0, s)
             top = hk[0]
-    sel = np.sort(hj[1:])  # the k smallest keys (the root is the (k + 1)-th: the threshold)
+    for a in range(2, s):  # the k smallest keys (the root is the (k + 1)-th: the threshold) in cell order
+        v = hj[a]
+        b = a - 1
+        while b >= 1 and hj[b] > v:
+            hj[b + 1] = hj[b]
+            b -= 1
+        hj[b + 1] = v
     for q in range(k):
-        j = sel[q]
+        j = hj[q + 1]
         lay[o + q], row[o + q], col[o + q] = li, r, j
         logit_hit[o + q] = lrow[j]
-        u_hit[o + q] = min(max(urow[j], _U_LO), _U_HI)
         thr_hit[o + q] = top
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def select(logit: Any, u: Any, count: Any, order: Any, offsets: Any, lay: Any, row: Any, col: Any,
            logit_hit: Any, u_hit: Any, thr_hit: Any, start: int, stop: int) -> None:
     """Rows start..stop (shower-major: t = shower * L + layer) of the hit selection, uniforms u (n, L, M) given."""
-    n_l = logit.shape[0]
+    n_l, m_cells = logit.shape[0], logit.shape[2]
+    key = np.empty(m_cells, np.float32)
+    hk = np.empty(m_cells + 1, np.float32)
+    hj = np.empty(m_cells + 1, np.int64)
     for t in range(start, stop):
         r = t // n_l
         li = t - r * n_l
         k = count[r, li]
         if k > 0:
-            _select_row(li, r, k, offsets[t], logit[li, r], u[r, li], order[li], lay, row, col, logit_hit, u_hit,
-                        thr_hit)
+            o = offsets[t]
+            urow = u[r, li]
+            if k < m_cells:
+                _odds(urow, key)
+                _log_keys(key, logit[li, r])
+            _select_row(li, r, k, o, logit[li, r], key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
+            for q in range(min(k, m_cells)):
+                u_hit[o + q] = _clamped(urow[col[o + q]])
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def select_hashed(logit: Any, seed_lo: Any, seed_hi: Any, row0: int, count: Any, order: Any, offsets: Any,
                   lay: Any, row: Any, col: Any, logit_hit: Any, u_hit: Any, thr_hit: Any, start: int,
                   stop: int) -> None:
     """:func:`select` with the uniforms made on the fly from the draw's hash (rows row0.., L * M numbers each)."""
     n_l, m_cells = logit.shape[0], logit.shape[2]
-    u = np.empty(m_cells, np.float32)
+    key = np.empty(m_cells, np.float32)
+    hk = np.empty(m_cells + 1, np.float32)
+    hj = np.empty(m_cells + 1, np.int64)
     for t in range(start, stop):
         r = t // n_l
         li = t - r * n_l
         k = count[r, li]
         if k > 0:
+            o = offsets[t]
             s1, s2 = _row_seeds(seed_lo, seed_hi, row0 + r)
             c0 = li * m_cells
-            for j in range(m_cells):
-                u[j] = _unit(s1, s2, c0 + j)
-            _select_row(li, r, k, offsets[t], logit[li, r], u, order[li], lay, row, col, logit_hit, u_hit, thr_hit)
+            if k < m_cells:
+                _odds_hashed(s1, s2, c0, key)
+                _log_keys(key, logit[li, r])
+            _select_row(li, r, k, o, logit[li, r], key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
+            for q in range(min(k, m_cells)):
+                u_hit[o + q] = _clamped(_unit(s1, s2, c0 + col[o + q]))
 
 
-@njit(nogil=True, fastmath=True, cache=True)
+@njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def gathered_dots(cov: Any, lay: Any, row: Any, flat: Any, tables: Any, out: Any, start: int, stop: int) -> None:
     """out[q, h] = sum_c cov[lay[h], row[h], c] * tables[q][flat[h], c] for hits start..stop."""
     n_cov = cov.shape[2]

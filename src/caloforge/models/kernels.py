@@ -15,7 +15,9 @@ threshold). The torch reference (:meth:`LayerFlow._hits_exactly`) computes every
 passes and a per-layer ``topk`` and keeps them all, although a layer holds about 20 hits among 900 cells. The kernel
 here does the same per (layer, shower) row in one pass that stays in the core's cache:
 
-* the keys with a vectorised single-precision logarithm (the Cephes ``logf`` polynomial, within a few ulp of torch's);
+* the keys with a vectorised single-precision logarithm (the Cephes ``logf`` polynomial, within a few ulp of torch's),
+  the uniforms hashed in the same vectorised loop (compiled without numba's division-by-zero check, which kept that
+  loop scalar, and without approximate reciprocals, so that the keys are the same bits either way);
 * a max-heap of the ``k + 1`` smallest keys, fed in order of decreasing mean hit probability, so that after the
   first few dozen cells almost every other cell is rejected by one comparison;
 * the hits written straight into the output (layer-major, then shower, then cell, as ``mask.nonzero`` orders

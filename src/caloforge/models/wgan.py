@@ -74,12 +74,16 @@ class WGANConfig(ModelConfig):
     # fitted on the training data as quadratics in log E) instead of features standardised over all energies, so
     # that a batch of mixed energies constrains the spread at each energy, not only the mixture's.
     response_by_energy: bool = False
+    # Cell representation: 0 the logarithm y = log1p(E_cell / unit) / y_scale; p > 0 the power law
+    # y = (E_cell / unit)^p / y_scale (caloforge.models.logcells), unit = norm_fraction * E_inc.
+    cell_power: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
         "aux_channels": (1, 512), "n_critic": (1, 100), "gp_lambda": (0.0, 1e6), "aux_weight": (0.0, 1e6),
         "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "response_weight": (0.0, 1e6),
+        "cell_power": (0.0, 1.0),
     }
 
     def weight_estimate(self) -> int:  # for a 30 x 30 window; the generator's first layer grows with the window
@@ -224,13 +228,13 @@ class WGAN(LogCells, ShowerModel):
             return super().to_image(showers, energies)
         x = showers.float()
         img = x.new_zeros(len(x), self.pixel_mask.numel()).index_copy(1, self.cell_pixels, x)
-        return torch.log1p(img.view(len(x), *self.image_shape) / self._unit(energies)) / self.y_scale
+        return self.compress(img.view(len(x), *self.image_shape) / self._unit(energies)) / self.y_scale
 
     def from_image(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Normalised images -> showers (n, n_cells) MeV (frame "cells": the sensor's pixels, in cell order)."""
         if self.frame != "cells":
             return super().from_image(y, energies)
-        e = (torch.exp(y * self.y_scale) - 1) * self._unit(energies)
+        e = self.expand(y) * self._unit(energies)
         return e.flatten(1).index_select(1, self.cell_pixels)
 
     def _generate(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
@@ -240,7 +244,7 @@ class WGAN(LogCells, ShowerModel):
 
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
-        return torch.log1p(torch.expm1(y * self.y_scale) * self._unit(energies) / 0.1) / 10.0
+        return torch.log1p(self.expand(y) * self._unit(energies) / 0.1) / 10.0
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         """Critic output for normalised images y and condition features (labels)."""
