@@ -187,3 +187,19 @@ def test_shower_shapes_script(det, tmp_path):
     assert rows2["E_tot [GeV]"]["ks"] > rows2["E_tot [GeV]"]["ks_crit"]
     assert rows2["f_1"]["ks"] < rows2["f_1"]["ks_crit"]  # fractions do not change (cells far above threshold)
     assert mod.image_agreement(images, images2) == pytest.approx([1.0, 1.0, 1.0], rel=0.02)
+
+
+def test_densewgan_power_law_cells_round_trip():
+    """cell_power = 0.5 on a per-layer readout: y in [0, 1] with 1 the hottest training cell, back to the same MeV,
+    a shower scaled by 1.05 scales every y by sqrt(1.05), empty cells stay exactly 0."""
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 40, seed=4)
+    model = tiny_model("densewgan:cell_power", det, data)
+    e = torch.as_tensor(data.energies)
+    x = torch.as_tensor(data.showers).float()
+    y = model.to_y(x, e)
+    assert float(y.min()) == 0.0 and float(y.max()) == pytest.approx(1.0, abs=1e-5)
+    assert torch.allclose(model.from_y(y, e), x, rtol=1e-4, atol=1e-3)
+    assert torch.equal(model.from_y(y, e)[x == 0], x[x == 0])
+    hit = y > 0
+    assert torch.allclose(model.to_y(1.05 * x, e)[hit], y[hit] * 1.05 ** 0.5, rtol=1e-4)

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from caloforge.models.base import TrainBatch
+from caloforge.models.logcells import CellScale
 
 
-class FlatLogCells:
+class FlatLogCells(CellScale):
     """Mixin for a :class:`ShowerModel` in frame "cells": needs ``config.norm_fraction``, ``config.latent_dim``,
     ``config.beta1/beta2``, ``n_cells``, ``detector``, and ``generate_y``, ``generator_parameters`` and
     ``critic_parameters``; call :meth:`init_flat_cells` in ``__init__``."""
@@ -38,16 +39,16 @@ class FlatLogCells:
         return (energies.float() * self.config.norm_fraction)[:, None]
 
     def to_y(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """Showers (n, n_cells) MeV -> normalised log cells (n, n_cells)."""
-        return torch.log1p(showers.float() / self._unit(energies)) / self.y_scale
+        """Showers (n, n_cells) MeV -> normalised cells (n, n_cells) (log or power law: logcells.CellScale)."""
+        return self.compress(showers.float() / self._unit(energies)) / self.y_scale
 
     def from_y(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
-        """Normalised log cells -> showers (n, n_cells) MeV (exp - 1: ONNX has no Expm1; y = 0 stays 0)."""
-        return (torch.exp(y * self.y_scale) - 1) * self._unit(energies)
+        """Normalised cells -> showers (n, n_cells) MeV (y = 0 stays 0)."""
+        return self.expand(y) * self._unit(energies)
 
     def cell_fractions(self, y: torch.Tensor) -> torch.Tensor:
         """Cell energies as fractions of the incident energy."""
-        return (torch.exp(y * self.y_scale) - 1) * self.config.norm_fraction
+        return self.expand(y) * self.config.norm_fraction
 
     def layer_features(self, y: torch.Tensor) -> torch.Tensor:
         """Per-layer log energy fractions of the incident energy and hit fractions (n, 2 L), roughly unit scale:
@@ -70,12 +71,13 @@ class FlatLogCells:
                 "critic": torch.optim.Adam(self.critic_parameters(), lr=lr, betas=betas)}
 
     def fit_log_scale(self, data: Any) -> None:
-        """``y_scale``: the largest log-compressed training cell."""
+        """``y_scale``: the largest compressed training cell."""
         hi = 0.0
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
         for i in range(0, len(energies), 1000):
             x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
-            hi = max(hi, float(np.log1p(x / (energies[i:i + 1000, None] * self.config.norm_fraction)).max()))
+            r = torch.as_tensor(x / (energies[i:i + 1000, None] * self.config.norm_fraction))
+            hi = max(hi, float(self.compress(r).max()))
         self.y_scale.fill_(max(hi, 1e-3))
 
 

@@ -3,11 +3,11 @@ y_scale, energy normalised by the incident energy and log-compressed, so that y 
 hottest training cell is y = 1. The class using it needs ``config.norm_fraction``, ``shape``, ``n_cells`` and a
 ``y_scale`` buffer.
 
-A config with ``cell_power`` p > 0 (``wgan``) uses the power law y = (E_cell / (norm_fraction E_inc))^p / y_scale
-instead of the logarithm: y = 0 is still an empty cell and 1 the hottest, but a relative change of a hot cell's energy
-is p times a relative change of y rather than y_scale (~10) times an absolute one, so the generator's own noise in y
-moves the hot cells, and with them the total energy, less, and a change of the total is a larger step in y for the
-critic to see."""
+A config with ``cell_power`` p > 0 (``wgan``, ``densewgan``) uses the power law
+y = (E_cell / (norm_fraction E_inc))^p / y_scale instead of the logarithm: y = 0 is still an empty cell and 1 the
+hottest, but a relative change of a hot cell's energy is p times a relative change of y rather than y_scale (~10)
+times an absolute one, so the generator's own noise in y moves the hot cells, and with them the total energy, less,
+and a change of the total is a larger step in y for the critic to see."""
 
 from __future__ import annotations
 
@@ -17,11 +17,9 @@ import numpy as np
 import torch
 
 
-class LogCells:
-    """Mixin: showers (n, n_cells) MeV <-> normalised images (n, *shape)."""
-
-    def _unit(self, energies: torch.Tensor) -> torch.Tensor:
-        return (energies.float() * self.config.norm_fraction)[:, None, None, None]
+class CellScale:
+    """The compression of cell energies (in units of norm_fraction E_inc) itself: the logarithm, or the power law of
+    ``config.cell_power`` where the config has one > 0. Shared by :class:`LogCells` and ``flatgan.FlatLogCells``."""
 
     def _cell_power(self) -> float:
         return float(getattr(self.config, "cell_power", 0.0))
@@ -38,6 +36,13 @@ class LogCells:
             return (y * self.y_scale).clamp(min=0.0) ** (1.0 / p)
         # exp - 1 rather than expm1: ONNX has no Expm1, and y = 0 still maps to exactly 0.
         return torch.exp(y * self.y_scale) - 1
+
+
+class LogCells(CellScale):
+    """Mixin: showers (n, n_cells) MeV <-> normalised images (n, *shape)."""
+
+    def _unit(self, energies: torch.Tensor) -> torch.Tensor:
+        return (energies.float() * self.config.norm_fraction)[:, None, None, None]
 
     def to_image(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Showers (n, n_cells) MeV -> normalised images (n, *shape)."""
