@@ -44,6 +44,35 @@ def test_frechet_distance_of_unit_gaussians_is_shift_squared():
     assert abs(same) < max(5 * same_err, 0.02)
 
 
+def test_frechet_distance_with_singular_covariances_matches_the_reduced_problem():
+    """Layer fractions that sum to one make the covariance singular; a feature constant in both samples adds
+    nothing: the distance equals the one without the dependent and the constant columns."""
+    rng = np.random.default_rng(7)  # its own stream: the later tests keep theirs
+    x, y = rng.dirichlet(np.ones(4), 500), rng.dirichlet([1.0, 1.2, 0.8, 1.0], 500)
+    x, y = np.c_[x, np.full(500, 3.0)], np.c_[y, np.full(500, 3.0)]
+    full = m.frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+    xr, yr = x[:, :3], y[:, :3]
+    reduced = m.frechet_distance(xr.mean(0), np.cov(xr, rowvar=False), yr.mean(0), np.cov(yr, rowvar=False))
+    # the dropped fraction is minus the sum of the others: its mean and variance terms are added back
+    extra_mu = (x[:, 3].mean() - y[:, 3].mean()) ** 2
+    s1, s2 = np.std(x[:, 3], ddof=1), np.std(y[:, 3], ddof=1)
+    assert full >= reduced - 1e-9 and full <= reduced + extra_mu + (s1 - s2) ** 2 + 1e-3
+    assert np.isfinite(full)
+
+
+def test_fpd_floor_with_a_feature_constant_in_one_half():
+    """A feature with one value in the reference but a few others in the candidate (the deepest layer of a
+    4-layer calorimeter) is scaled by 1, not by the round-off std of ~1e-17 (which made FPD floors of 1e31)."""
+    rng = np.random.default_rng(8)
+    a = rng.normal(size=(300, 5))
+    b = rng.normal(size=(300, 5))
+    a[:, 2] = np.where(np.arange(300) % 2 == 0, 0.1, np.nextafter(0.1, 1.0))  # constant up to round-off
+    b[:, 2] = 0.1
+    b[:3, 2] = 1.5
+    value, err = m.fpd(a, b, seed=0)
+    assert abs(value) < 1.0 and err < 1.0
+
+
 def test_kpd_is_zero_for_equal_and_positive_for_shifted():
     a, b = RNG.normal(size=(3000, 3)), RNG.normal(size=(3000, 3))
     value, err = m.kpd(a, b, batch_size=1000, n_batches=10)

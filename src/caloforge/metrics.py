@@ -17,12 +17,11 @@ p-value is below that level.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import linalg, stats
+from scipy import stats
 
 FLOOR_SIGMAS = 3.0
 N_BINS = 40
@@ -388,24 +387,29 @@ def correlation_chi2_ndf(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---- FPD and KPD (arXiv:2211.10295) ---------------------------------------------------------------------------
 def standardise(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both samples scaled by the reference's per-feature mean and std (constant features: std 1)."""
+    """Both samples scaled by the reference's per-feature mean and std (constant features: std 1). A feature is
+    constant when its std is below 1e-9 of max(1, |mean|): round-off leaves a std of ~1e-17 on a feature that has
+    one value in the reference (the deepest layer of a 4-layer calorimeter), and dividing the other sample by that
+    made FPD floors of 1e31."""
     mu, sd = ref.mean(axis=0), ref.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
+    sd = np.where(sd > 1e-9 * np.maximum(1.0, np.abs(mu)), sd, 1.0)
     return (ref - mu) / sd, (cand - mu) / sd
 
 
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
-    """Frechet distance between two Gaussians: |mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2))."""
+    """Frechet distance between two Gaussians: |mu1 - mu2|^2 + Tr(C1 + C2 - 2 (C1 C2)^(1/2)).
+
+    Tr((C1 C2)^(1/2)) is computed as the sum of the square roots of the eigenvalues of the symmetric matrix
+    C1^(1/2) C2 C1^(1/2) (the same eigenvalues as C1 C2), with round-off negatives set to zero. A general matrix
+    square root of C1 C2 (scipy's ``sqrtm``) can return large spurious values when a covariance is (nearly)
+    singular, as for a feature that is constant in one sample."""
     diff = np.atleast_1d(mu1 - mu2)
     cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(cov1 @ cov2)
-        if not np.all(np.isfinite(covmean)):
-            eps = 1e-6 * np.eye(len(cov1))
-            covmean = linalg.sqrtm((cov1 + eps) @ (cov2 + eps))
-    covmean = np.real(covmean)
-    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(covmean))
+    w, v = np.linalg.eigh((cov1 + cov1.T) / 2)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    m = root1 @ cov2 @ root1
+    tr_covmean = float(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0.0, None)).sum())
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * tr_covmean)
 
 
 def _gauss_fd(a: np.ndarray, b: np.ndarray) -> float:

@@ -70,13 +70,14 @@ class CaloGANConfig(ModelConfig):
     norm_fraction: float = 1e-5
     beta1: float = 0.5
     beta2: float = 0.9
+    cell_power: float = 0.0  # 0: log-compressed cells; p > 0: y = (E_cell / unit)^p / y_scale (models/logcells.py)
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
         "disc_features": (1, 1024), "disc_hidden": (1, 4096), "mbd_kernels": (0, 256), "mbd_dims": (1, 64),
         "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5), "n_critic": (1, 100),
         "energy_weight": (0.0, 1e6), "response_weight": (0.0, 1e6), "out_bias_init": (-1e3, 1e3),
-        "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999),
+        "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
     }
 
     def weight_estimate(self) -> int:  # for about 500 cells in 3 layers
