@@ -130,7 +130,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "densewgan": {"latent_dim": 8, "gen_hidden": 16, "gen_depth": 2, "critic_hidden": 16, "critic_depth": 2,
                   "n_critic": 2},
     "densewgan:cell_power": {"latent_dim": 8, "gen_hidden": 16, "gen_depth": 2, "critic_hidden": 16,
-                             "critic_depth": 2, "n_critic": 2, "cell_power": 0.5},
+                             "critic_depth": 2, "n_critic": 2, "cell_power": 0.5, "layer_energies": True},
     "bibae": {"latent_dim": 4, "enc_channels": 2, "dec_channels": 2, "critic_channels": 2, "hidden": 8,
               "sorted_cells": 32, "post_channels": 4, "post_layers": 2, "flow_blocks": 2, "flow_hidden": 8,
               "post_start_step": 2, "out_bias_init": 0.05},

@@ -203,3 +203,31 @@ def test_densewgan_power_law_cells_round_trip():
     assert torch.equal(model.from_y(y, e)[x == 0], x[x == 0])
     hit = y > 0
     assert torch.allclose(model.to_y(1.05 * x, e)[hit], y[hit] * 1.05 ** 0.5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5])
+def test_densewgan_layer_energies_set_each_layer(power):
+    """layer_energies: every non-empty generated layer holds exactly the energy of the generator's layer head
+    (log or power-law cells), the training layer energies are standard in the head's units, and gradients reach
+    the head."""
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 40, seed=5)
+    cfg = dict(TINY_CONFIGS["densewgan"], cell_power=power, layer_energies=True)
+    model = get_family("densewgan")(det, None, get_family("densewgan").Config.from_dict(cfg))
+    model.fit_preprocessing(data)
+    x = torch.as_tensor(data.showers).float()
+    frac = (x @ model.layer_onehot) / torch.as_tensor(data.energies).float()[:, None]
+    t_data = (torch.log(frac + 1e-6) - model.layer_log_mean) / model.layer_log_std
+    assert torch.allclose(t_data.mean(0), torch.zeros(det.n_layers), atol=1e-4)
+    z, cf = torch.randn(16, cfg["latent_dim"]), model.condition_features(
+        torch.as_tensor(data.conditions.as_array()[:16], dtype=torch.float32))
+    out = model.generator(torch.cat([z, cf], dim=1))
+    y = model.generate_y(z, cf)
+    got = model.cell_fractions(y) @ model.layer_onehot
+    want = torch.exp(out[:, model.n_cells:] * model.layer_log_std + model.layer_log_mean) - 1e-6
+    raw = model.cell_fractions(torch.relu(out[:, :model.n_cells])) @ model.layer_onehot
+    assert bool((raw > 0).any())
+    assert torch.allclose(got[raw > 0], want[raw > 0], rtol=1e-3)
+    y.sum().backward()
+    assert model.generator[-1].weight.grad[model.n_cells:].abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.generator.parameters() if p.grad is not None)

@@ -30,7 +30,8 @@ it). The gradient penalty is taken on a batch of interpolates, which the minibat
 critic smooth on the batch as a whole. An optional moment term (``response_weight``) matches the batch means of the
 log layer fractions of generated and real showers (same conditions): not in the seed; 0 turns it off.
 
-Cells are represented as in ``wgan``: y = log1p(E_cell / (norm_fraction E_inc)) / y_scale, ReLU outputs (exact
+Cells are represented as in ``wgan``: y = log1p(E_cell / (norm_fraction E_inc)) / y_scale, or with ``cell_power`` p
+the power law (E_cell / (norm_fraction E_inc))^p / y_scale (:mod:`caloforge.models.logcells`); ReLU outputs (exact
 zeros). Frame "cells": normal incidence at the detector's impact point (0, 0), as the seed's particle gun.
 """
 

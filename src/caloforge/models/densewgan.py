@@ -8,7 +8,8 @@ lists as work in progress the **conditional GAN** (energy as input) and the **im
 (gradient penalty); both are done here: generator and critic take the energy, and the Lipschitz constraint is the
 gradient penalty (``gp_lambda``) rather than weight clipping, which trains more reliably at the same cost.
 
-Cells are represented as in ``wgan``: y = log1p(E_cell / (norm_fraction E_inc)) / y_scale, ReLU outputs (exact
+Cells are represented as in ``wgan``: y = log1p(E_cell / (norm_fraction E_inc)) / y_scale, or with ``cell_power`` p
+the power law (E_cell / (norm_fraction E_inc))^p / y_scale (:mod:`caloforge.models.logcells`); ReLU outputs (exact
 zeros). Any readout works (the detector's flat cell vector, frame "cells": normal incidence at (0, 0)).
 """
 
@@ -43,6 +44,9 @@ class DenseWGANConfig(ModelConfig):
     beta1: float = 0.5
     beta2: float = 0.9
     cell_power: float = 0.0  # 0: log-compressed cells; p > 0: y = (E_cell / unit)^p / y_scale (models/logcells.py)
+    # The generator also outputs each layer's energy, and its cells are rescaled to it (flatgan.with_layer_energies):
+    # the response is then set by L numbers instead of a sum of noisy cells (not in the seed).
+    layer_energies: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
@@ -78,8 +82,12 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
         self.init_flat_cells()
         n_c, n_l = self.n_cond_features, self.detector.n_layers
-        self.generator = _mlp(cfg.latent_dim + n_c, cfg.gen_hidden, cfg.gen_depth, self.n_cells)
+        n_out = self.n_cells + (n_l if cfg.layer_energies else 0)
+        self.generator = _mlp(cfg.latent_dim + n_c, cfg.gen_hidden, cfg.gen_depth, n_out)
         nn.init.constant_(self.generator[-1].bias, cfg.out_bias_init)
+        if cfg.layer_energies:
+            nn.init.zeros_(self.generator[-1].bias[self.n_cells:])  # the training mean of each layer's energy
+            self.init_layer_energies()
         self.critic = _mlp(self.n_cells + 2 * n_l + n_c, cfg.critic_hidden, cfg.critic_depth, 1,
                            out_bias=cfg.loss == "gan")  # a bias cancels in W
 
@@ -91,9 +99,13 @@ class DenseWGAN(FlatLogCells, ShowerModel):
 
     def _fit_preprocessing(self, data: Any) -> None:
         self.fit_log_scale(data)
+        if self.config.layer_energies:
+            self.fit_layer_energies(data)
 
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.generator(torch.cat([z, cf], dim=1)))
+        out = self.generator(torch.cat([z, cf], dim=1))
+        y = torch.relu(out[:, :self.n_cells])
+        return self.with_layer_energies(y, out[:, self.n_cells:]) if self.config.layer_energies else y
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([y, self.layer_features(y), cf], dim=1)).squeeze(1)

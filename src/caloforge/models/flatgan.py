@@ -57,6 +57,36 @@ class FlatLogCells(CellScale):
         hits = torch.tanh(50.0 * y) @ self.layer_onehot / self.layer_onehot.sum(0)  # soft count, y >= 0
         return torch.cat([(torch.log(frac + 1e-6) + 7.0) / 3.0, hits], dim=1)
 
+    def init_layer_energies(self) -> None:
+        """Buffers of :meth:`with_layer_energies`: mean and spread of each layer's log(E_layer / E_inc + 1e-6) in the
+        training data (set by :meth:`fit_layer_energies`)."""
+        n_l = len(self.layer_offsets) - 1
+        self.register_buffer("layer_log_mean", torch.zeros(n_l))
+        self.register_buffer("layer_log_std", torch.ones(n_l))
+
+    def fit_layer_energies(self, data: Any) -> None:
+        energies = np.asarray(data.conditions.energy, dtype=np.float64)
+        logs = []
+        for i in range(0, len(energies), 1000):
+            x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
+            frac = x @ self.layer_onehot.double().numpy() / energies[i:i + 1000, None]
+            logs.append(np.log(frac + 1e-6))
+        if not logs:
+            return
+        lay = np.concatenate(logs)
+        std = lay.std(0) if len(lay) > 1 else np.ones(lay.shape[1])
+        self.layer_log_mean.copy_(torch.as_tensor(lay.mean(0), dtype=torch.float32))
+        self.layer_log_std.copy_(torch.as_tensor(np.where(std > 1e-3, std, 1e-3), dtype=torch.float32))
+
+    def with_layer_energies(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Generated cells y (n, n_cells) rescaled layer by layer to the generated layer energies: t (n, L) are
+        standardised log(E_layer / E_inc + 1e-6). The shower's response and longitudinal profile are then L
+        numbers the generator sets directly, not sums of noisy cells; empty generated layers stay empty."""
+        frac = self.cell_fractions(y) @ self.layer_onehot  # (n, L)
+        target = (torch.exp(t * self.layer_log_std + self.layer_log_mean) - 1e-6).clamp(min=0.0)
+        factor = torch.where(frac > 0, target / frac.clamp(min=1e-12), torch.ones_like(frac))
+        return self.scale_cells(y, factor @ self.layer_onehot.T)
+
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
         return [((n, self.config.latent_dim), "normal")]
 

@@ -37,6 +37,14 @@ class CellScale:
         # exp - 1 rather than expm1: ONNX has no Expm1, and y = 0 still maps to exactly 0.
         return torch.exp(y * self.y_scale) - 1
 
+    def scale_cells(self, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """Normalised y of cells whose energies are multiplied by ``factor`` (broadcast with y), computed in y so
+        that empty cells keep finite gradients (under the power law (f r)^p = f^p r^p)."""
+        p = self._cell_power()
+        if p > 0:
+            return y * factor ** p
+        return torch.log1p((torch.exp(y * self.y_scale) - 1) * factor) / self.y_scale
+
 
 class LogCells(CellScale):
     """Mixin: showers (n, n_cells) MeV <-> normalised images (n, *shape)."""
