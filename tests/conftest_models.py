@@ -123,7 +123,7 @@ TINY_CONFIGS: dict[str, dict] = {
                              "aux_channels": 4, "n_critic": 2, "critic_response": True, "response_weight": 1.0,
                              "response_by_energy": True},
     "wgan:cell_power": {"latent_dim": 8, "gen_channels": 4, "critic_channels": 4, "critic_hidden": 16,
-                        "aux_channels": 4, "n_critic": 2, "cell_power": 0.5},
+                        "aux_channels": 4, "n_critic": 2, "cell_power": 0.5, "layer_energies": True},
     "gan3d": {"latent_dim": 8, "gen_channels": 4, "disc_channels": 2, "out_bias_init": 0.05},
     "calogan": {"latent_dim": 8, "gen_channels": 4, "lc_channels": 2, "disc_channels": 2, "disc_features": 8,
                 "disc_hidden": 16, "mbd_kernels": 3, "mbd_dims": 2, "n_critic": 2, "response_weight": 1.0},

@@ -294,3 +294,31 @@ def test_cell_representation_round_trips_and_scales(variant):
     else:
         assert torch.allclose(y2[hot] - y[hot], torch.full_like(y[hot], float(np.log(1.05) / model.y_scale)),
                               atol=2e-3)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.5])
+def test_layer_energies_set_each_generated_layer(det, data, power):
+    """layer_energies on hexagons: each non-empty generated layer holds the layer head's energy exactly, pixels
+    off the sensor stay zero, and sampling goes through the same path (decode = _generate)."""
+    cfg = dict(TINY, cell_power=power, layer_energies=True)
+    torch.manual_seed(0)
+    model = WGAN(det, None, WGAN.Config.from_dict(cfg))
+    model.meta["conditions"] = {"energy_mev": [20e3, 90e3], "angle_deg": [0.0, 0.0], "x_mm": [-5.0, 5.0],
+                                "y_mm": [-5.0, 5.0]}
+    model.fit_preprocessing(data)
+    model.eval()
+    cond = torch.as_tensor(data.conditions.as_array()[:8], dtype=torch.float32)
+    cf = model.condition_features(cond)
+    z = torch.randn(8, cfg["latent_dim"])
+    with torch.no_grad():
+        y = model._generate(z, cf)
+        n_l = model.image_shape[0]
+        want = torch.exp(model.generator.layer_energies(z, cf) * model.response_std[:n_l]
+                         + model.response_mean[:n_l]) - 1e-6
+        raw = model.cell_fractions(model.generator(z, cf) * model.pixel_mask).sum(dim=(2, 3))
+        got = model.cell_fractions(y).sum(dim=(2, 3))
+        assert bool((raw > 0).any())
+        assert torch.allclose(got[raw > 0], want[raw > 0], rtol=1e-3)
+        assert float((y * (1 - model.pixel_mask)).abs().max()) == 0.0
+        showers = model.decode(cond, z)
+        assert torch.allclose(showers, model.from_image(y.clamp(max=1.0), cond[:, 0]))

@@ -77,6 +77,9 @@ class WGANConfig(ModelConfig):
     # Cell representation: 0 the logarithm y = log1p(E_cell / unit) / y_scale; p > 0 the power law
     # y = (E_cell / unit)^p / y_scale (caloforge.models.logcells), unit = norm_fraction * E_inc.
     cell_power: float = 0.0
+    # The generator also outputs each layer's energy (a small head on noise and labels) and its cells are rescaled
+    # to it: the response is then set by L numbers instead of a sum of noisy cells (not in the talk).
+    layer_energies: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
@@ -108,6 +111,11 @@ class _Generator(nn.Module):
         self.out = nn.Conv2d(ch + n_cond, n_layers, 3, padding=1)
         nn.init.constant_(self.out.bias, cfg.out_bias_init)
         self.ch = ch
+        self.layer_head = None
+        if cfg.layer_energies:  # standardised log layer energies; zero bias: the training means
+            self.layer_head = nn.Sequential(nn.Linear(cfg.latent_dim + n_cond, 128), _lrelu(),
+                                            nn.Linear(128, n_layers))
+            nn.init.zeros_(self.layer_head[-1].bias)
 
     @staticmethod
     def _with_labels(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -119,6 +127,10 @@ class _Generator(nn.Module):
         h = self.up2(self._with_labels(F.interpolate(h, scale_factor=2.0, mode="nearest"), c))
         h = h[:, :, :self.nx, :self.ny]
         return F.relu(self.out(self._with_labels(h, c)))
+
+    def layer_energies(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Standardised log(E_layer / E_inc + 1e-6) per layer (n, L) (config ``layer_energies``)."""
+        return self.layer_head(torch.cat([z, c], dim=1))
 
 
 class _Critic(nn.Module):
@@ -176,7 +188,8 @@ class WGAN(LogCells, ShowerModel):
         # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
         # what the validation weighs most, and they are hard to read off log-compressed cells.
         self.critic = _Critic(n_l, nx, ny, cfg, self.n_cond_features)
-        if cfg.critic_response or cfg.response_weight > 0:  # mean, spread of log(E_layer / E_inc), log(E_vis / E_inc)
+        if cfg.critic_response or cfg.response_weight > 0 or cfg.layer_energies:
+            # mean, spread of log(E_layer / E_inc), log(E_vis / E_inc) in the training data
             self.register_buffer("response_mean", torch.zeros(n_l + 1))
             self.register_buffer("response_std", torch.ones(n_l + 1))
         if cfg.response_by_energy:  # quadratics in t = (log E - a) / b of each feature's mean and spread (rows t^0..2)
@@ -238,9 +251,19 @@ class WGAN(LogCells, ShowerModel):
         return e.flatten(1).index_select(1, self.cell_pixels)
 
     def _generate(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        """Generated normalised images; off the sensor zero (frame "cells")."""
+        """Generated normalised images; off the sensor zero (frame "cells"); with ``layer_energies`` each non-empty
+        layer rescaled to the generator's layer energy."""
         y = self.generator(z, cf)
-        return y * self.pixel_mask if self.frame == "cells" else y
+        if self.frame == "cells":
+            y = y * self.pixel_mask
+        if not self.config.layer_energies:
+            return y
+        n_l = self.image_shape[0]
+        t = self.generator.layer_energies(z, cf)
+        target = (torch.exp(t * self.response_std[:n_l] + self.response_mean[:n_l]) - 1e-6).clamp(min=0.0)
+        frac = self.cell_fractions(y).sum(dim=(2, 3))
+        factor = torch.where(frac > 0, target / frac.clamp(min=1e-12), torch.ones_like(frac))
+        return self.scale_cells(y, factor[:, :, None, None])
 
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
@@ -288,7 +311,7 @@ class WGAN(LogCells, ShowerModel):
 
     def _fit_preprocessing(self, data: Any) -> None:
         self.fit_log_scale(data)
-        if not (self.config.critic_response or self.config.response_weight > 0):
+        if not (self.config.critic_response or self.config.response_weight > 0 or self.config.layer_energies):
             return
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
         logs = []
@@ -324,7 +347,7 @@ class WGAN(LogCells, ShowerModel):
         return [((n, cfg.latent_dim), "normal")]
 
     def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        y = self.generator(noise[0], self.condition_features(cond))
+        y = self._generate(noise[0], self.condition_features(cond))
         return self.from_image(y.clamp(max=1.0), cond[:, 0])  # 1.0 = the hottest training cell
 
     # ---- training -----------------------------------------------------------------------------------
