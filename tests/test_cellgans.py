@@ -231,3 +231,20 @@ def test_densewgan_layer_energies_set_each_layer(power):
     y.sum().backward()
     assert model.generator[-1].weight.grad[model.n_cells:].abs().sum() > 0
     assert all(torch.isfinite(p.grad).all() for p in model.generator.parameters() if p.grad is not None)
+
+
+def test_calogan_layer_energies_set_each_layer():
+    """calogan with layer_energies: the concatenated per-layer images hold the layer head's energies."""
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 40, seed=6)
+    model = tiny_model("calogan:layer_energies", det, data).eval()
+    cond = torch.as_tensor(data.conditions.as_array()[:12], dtype=torch.float32)
+    cf = model.condition_features(cond)
+    z = torch.randn(12, model.config.latent_dim)
+    with torch.no_grad():
+        y = model.generate_y(z, cf)
+        want = torch.exp(model.layer_head(torch.cat([z, cf], dim=1)) * model.layer_log_std
+                         + model.layer_log_mean) - 1e-6
+        got = model.cell_fractions(y) @ model.layer_onehot
+    hit = got > 0
+    assert bool(hit.any()) and torch.allclose(got[hit], want[hit], rtol=1e-3)

@@ -72,6 +72,9 @@ class CaloGANConfig(ModelConfig):
     beta1: float = 0.5
     beta2: float = 0.9
     cell_power: float = 0.0  # 0: log-compressed cells; p > 0: y = (E_cell / unit)^p / y_scale (models/logcells.py)
+    # A head on noise and labels sets each layer's energy and the generated cells are rescaled to it
+    # (flatgan.with_layer_energies; not in the seed).
+    layer_energies: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
@@ -239,9 +242,17 @@ class CaloGAN(FlatLogCells, ShowerModel):
         self.generators = nn.ModuleList([_LayerGenerator(h, w, sizes[i - 1] if i else 0, cfg, n_c, p)
                                          for i, (h, w, p) in enumerate(images)])
         self.discriminator = _Discriminator(images, cfg, n_c)
+        self.layer_head = None
+        if cfg.layer_energies:  # standardised log layer energies; zero bias: the training means
+            self.layer_head = nn.Sequential(nn.Linear(cfg.latent_dim + n_c, 128), nn.LeakyReLU(0.2),
+                                            nn.Linear(128, len(images)))
+            nn.init.zeros_(self.layer_head[-1].bias)
+            self.init_layer_energies()
 
     def generator_parameters(self) -> Any:
-        return self.generators.parameters()
+        if self.layer_head is None:
+            return self.generators.parameters()
+        return [*self.generators.parameters(), *self.layer_head.parameters()]
 
     def critic_parameters(self) -> Any:
         return self.discriminator.parameters()
@@ -252,6 +263,8 @@ class CaloGAN(FlatLogCells, ShowerModel):
         vis = np.concatenate([np.asarray(data.showers[i:i + 1000], np.float64).sum(1)
                               for i in range(0, len(e), 1000)]) if len(e) else np.ones(1)
         self.max_visible_fraction.fill_(float((vis / e[:len(vis)]).max()) if len(e) else 1.0)
+        if self.config.layer_energies:
+            self.fit_layer_energies(data)
 
     # ---- networks -----------------------------------------------------------------------------------
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
@@ -260,7 +273,10 @@ class CaloGAN(FlatLogCells, ShowerModel):
         for net in self.generators:
             prev = net(z, cf, prev)
             out.append(prev)
-        return torch.cat(out, dim=1)
+        y = torch.cat(out, dim=1)
+        if self.layer_head is None:
+            return y
+        return self.with_layer_energies(y, self.layer_head(torch.cat([z, cf], dim=1)))
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.discriminator(y, cf, self.layer_features(y))
