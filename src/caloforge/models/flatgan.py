@@ -82,9 +82,7 @@ class FlatLogCells(CellScale):
         """Generated cells y (n, n_cells) rescaled layer by layer to the generated layer energies: t (n, L) are
         standardised log(E_layer / E_inc + 1e-6). The shower's response and longitudinal profile are then L
         numbers the generator sets directly, not sums of noisy cells; empty generated layers stay empty."""
-        frac = self.cell_fractions(y) @ self.layer_onehot  # (n, L)
-        target = (torch.exp(t * self.layer_log_std + self.layer_log_mean) - 1e-6).clamp(min=0.0)
-        factor = torch.where(frac > 0, target / frac.clamp(min=1e-12), torch.ones_like(frac))
+        factor = layer_factors(self.cell_fractions(y) @ self.layer_onehot, t, self.layer_log_mean, self.layer_log_std)
         return self.scale_cells(y, factor @ self.layer_onehot.T)
 
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
@@ -109,6 +107,16 @@ class FlatLogCells(CellScale):
             r = torch.as_tensor(x / (energies[i:i + 1000, None] * self.config.norm_fraction))
             hi = max(hi, float(self.compress(r).max()))
         self.y_scale.fill_(max(hi, 1e-3))
+
+
+def layer_factors(frac: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The factors (n, L) that take generated layer fractions ``frac`` (of E_inc) to the generated standardised log
+    layer energies ``t`` (log(E_layer / E_inc + 1e-6) = t std + mean, at most 0). The fractions enter without their
+    gradient: the generator sets a layer's energy through ``t`` and its shape through the cells, and a nearly empty
+    generated layer cannot send 1 / frac^2 gradients (which made training diverge). Empty layers stay empty."""
+    target = (torch.exp((t * std + mean).clamp(max=0.0)) - 1e-6).clamp(min=0.0)
+    f = frac.detach()
+    return torch.where(f > 0, target / f.clamp(min=1e-9), torch.ones_like(f))
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, share: float, grad_clip: float) -> None:

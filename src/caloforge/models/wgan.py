@@ -40,6 +40,7 @@ from caloforge.models.base import (
     TrainBatch,
 )
 from caloforge.models.calogan import layer_images
+from caloforge.models.flatgan import layer_factors
 from caloforge.models.logcells import LogCells
 
 
@@ -259,10 +260,8 @@ class WGAN(LogCells, ShowerModel):
         if not self.config.layer_energies:
             return y
         n_l = self.image_shape[0]
-        t = self.generator.layer_energies(z, cf)
-        target = (torch.exp(t * self.response_std[:n_l] + self.response_mean[:n_l]) - 1e-6).clamp(min=0.0)
-        frac = self.cell_fractions(y).sum(dim=(2, 3))
-        factor = torch.where(frac > 0, target / frac.clamp(min=1e-12), torch.ones_like(frac))
+        factor = layer_factors(self.cell_fractions(y).sum(dim=(2, 3)), self.generator.layer_energies(z, cf),
+                               self.response_mean[:n_l], self.response_std[:n_l])
         return self.scale_cells(y, factor[:, :, None, None])
 
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
