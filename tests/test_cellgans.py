@@ -224,12 +224,19 @@ def test_densewgan_layer_energies_set_each_layer(power):
     out = model.generator(torch.cat([z, cf], dim=1))
     y = model.generate_y(z, cf)
     got = model.cell_fractions(y) @ model.layer_onehot
-    want = torch.exp(out[:, model.n_cells:] * model.layer_log_std + model.layer_log_mean) - 1e-6
+    want = torch.exp((out[:, model.n_cells:] * model.layer_log_std + model.layer_log_mean).clamp(max=0.0))
     raw = model.cell_fractions(torch.relu(out[:, :model.n_cells])) @ model.layer_onehot
     assert bool((raw > 0).any())
     assert torch.allclose(got[raw > 0], want[raw > 0], rtol=1e-3)
     y.sum().backward()
     assert model.generator[-1].weight.grad[model.n_cells:].abs().sum() > 0
+    assert all(torch.isfinite(p.grad).all() for p in model.generator.parameters() if p.grad is not None)
+    # extreme layer energies (a head far below or above the training range): finite gradients still
+    model.zero_grad()
+    with torch.no_grad():
+        model.generator[-1].bias[model.n_cells:] = torch.tensor([-1e3, 1e3] * (det.n_layers // 2)
+                                                                + [-1e3] * (det.n_layers % 2))
+    model.generate_y(z, cf).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.generator.parameters() if p.grad is not None)
 
 
@@ -243,8 +250,8 @@ def test_calogan_layer_energies_set_each_layer():
     z = torch.randn(12, model.config.latent_dim)
     with torch.no_grad():
         y = model.generate_y(z, cf)
-        want = torch.exp(model.layer_head(torch.cat([z, cf], dim=1)) * model.layer_log_std
-                         + model.layer_log_mean) - 1e-6
+        want = torch.exp((model.layer_head(torch.cat([z, cf], dim=1)) * model.layer_log_std
+                          + model.layer_log_mean).clamp(max=0.0))
         got = model.cell_fractions(y) @ model.layer_onehot
     hit = got > 0
     assert bool(hit.any()) and torch.allclose(got[hit], want[hit], rtol=1e-3)

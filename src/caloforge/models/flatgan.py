@@ -82,8 +82,9 @@ class FlatLogCells(CellScale):
         """Generated cells y (n, n_cells) rescaled layer by layer to the generated layer energies: t (n, L) are
         standardised log(E_layer / E_inc + 1e-6). The shower's response and longitudinal profile are then L
         numbers the generator sets directly, not sums of noisy cells; empty generated layers stay empty."""
-        factor = layer_factors(self.cell_fractions(y) @ self.layer_onehot, t, self.layer_log_mean, self.layer_log_std)
-        return self.scale_cells(y, factor @ self.layer_onehot.T)
+        log_factor = layer_log_factors(self.cell_fractions(y) @ self.layer_onehot, t, self.layer_log_mean,
+                                       self.layer_log_std)
+        return self.scale_cells(y, log_factor @ self.layer_onehot.T)
 
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
         return [((n, self.config.latent_dim), "normal")]
@@ -109,14 +110,16 @@ class FlatLogCells(CellScale):
         self.y_scale.fill_(max(hi, 1e-3))
 
 
-def layer_factors(frac: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The factors (n, L) that take generated layer fractions ``frac`` (of E_inc) to the generated standardised log
-    layer energies ``t`` (log(E_layer / E_inc + 1e-6) = t std + mean, at most 0). The fractions enter without their
+def layer_log_factors(frac: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Log of the factors (n, L) that take generated layer fractions ``frac`` (of E_inc) to the generated layer
+    energies: ``t`` standardised log(E_layer / E_inc) (= t std + mean, at most 0; the 1e-6 offset of the training
+    statistics is not undone). In logs and within +-30 so that neither the factor nor its gradient is ever 0 or
+    infinite (f^p of the power-law cells has an infinite derivative at f = 0). The fractions enter without their
     gradient: the generator sets a layer's energy through ``t`` and its shape through the cells, and a nearly empty
-    generated layer cannot send 1 / frac^2 gradients (which made training diverge). Empty layers stay empty."""
-    target = (torch.exp((t * std + mean).clamp(max=0.0)) - 1e-6).clamp(min=0.0)
+    generated layer cannot send 1 / frac^2 gradients. Empty layers stay empty (log factor 0)."""
     f = frac.detach()
-    return torch.where(f > 0, target / f.clamp(min=1e-9), torch.ones_like(f))
+    log_factor = (t * std + mean).clamp(max=0.0) - torch.log(f.clamp(min=1e-12))
+    return torch.where(f > 0, log_factor.clamp(-30.0, 30.0), torch.zeros_like(f))
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, share: float, grad_clip: float) -> None:

@@ -37,13 +37,13 @@ class CellScale:
         # exp - 1 rather than expm1: ONNX has no Expm1, and y = 0 still maps to exactly 0.
         return torch.exp(y * self.y_scale) - 1
 
-    def scale_cells(self, y: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """Normalised y of cells whose energies are multiplied by ``factor`` (broadcast with y), computed in y so
-        that empty cells keep finite gradients (under the power law (f r)^p = f^p r^p)."""
+    def scale_cells(self, y: torch.Tensor, log_factor: torch.Tensor) -> torch.Tensor:
+        """Normalised y of cells whose energies are multiplied by exp(``log_factor``) (broadcast with y), computed in
+        y so that empty cells keep finite gradients (under the power law (f r)^p = exp(p log f) r^p)."""
         p = self._cell_power()
         if p > 0:
-            return y * factor ** p
-        return torch.log1p((torch.exp(y * self.y_scale) - 1) * factor) / self.y_scale
+            return y * torch.exp(p * log_factor)
+        return torch.log1p((torch.exp(y * self.y_scale) - 1) * torch.exp(log_factor)) / self.y_scale
 
 
 class LogCells(CellScale):

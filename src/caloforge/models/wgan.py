@@ -40,7 +40,7 @@ from caloforge.models.base import (
     TrainBatch,
 )
 from caloforge.models.calogan import layer_images
-from caloforge.models.flatgan import layer_factors
+from caloforge.models.flatgan import layer_log_factors
 from caloforge.models.logcells import LogCells
 
 
@@ -260,9 +260,9 @@ class WGAN(LogCells, ShowerModel):
         if not self.config.layer_energies:
             return y
         n_l = self.image_shape[0]
-        factor = layer_factors(self.cell_fractions(y).sum(dim=(2, 3)), self.generator.layer_energies(z, cf),
-                               self.response_mean[:n_l], self.response_std[:n_l])
-        return self.scale_cells(y, factor[:, :, None, None])
+        log_factor = layer_log_factors(self.cell_fractions(y).sum(dim=(2, 3)), self.generator.layer_energies(z, cf),
+                                       self.response_mean[:n_l], self.response_std[:n_l])
+        return self.scale_cells(y, log_factor[:, :, None, None])
 
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
