@@ -65,6 +65,7 @@ class FlatLogCells(CellScale):
         self.register_buffer("layer_log_std", torch.ones(n_l))
 
     def fit_layer_energies(self, data: Any) -> None:
+        """Set ``layer_log_mean`` and ``layer_log_std`` from the training showers."""
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
         logs = []
         for i in range(0, len(energies), 1000):
