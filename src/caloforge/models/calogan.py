@@ -46,7 +46,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import FlatLogCells, adversarial_step
+from caloforge.models.flatgan import FlatLogCells, adversarial_step, layer_energy_head
 
 
 @dataclass
@@ -243,10 +243,8 @@ class CaloGAN(FlatLogCells, ShowerModel):
                                          for i, (h, w, p) in enumerate(images)])
         self.discriminator = _Discriminator(images, cfg, n_c)
         self.layer_head = None
-        if cfg.layer_energies:  # standardised log layer energies; zero bias: the training means
-            self.layer_head = nn.Sequential(nn.Linear(cfg.latent_dim + n_c, 128), nn.LeakyReLU(0.2),
-                                            nn.Linear(128, len(images)))
-            nn.init.zeros_(self.layer_head[-1].bias)
+        if cfg.layer_energies:
+            self.layer_head = layer_energy_head(cfg.latent_dim + n_c, len(images))
             self.init_layer_energies()
 
     def generator_parameters(self) -> Any:

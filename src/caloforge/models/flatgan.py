@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from caloforge.models.base import TrainBatch
 from caloforge.models.logcells import CellScale
@@ -109,6 +110,14 @@ class FlatLogCells(CellScale):
             r = torch.as_tensor(x / (energies[i:i + 1000, None] * self.config.norm_fraction))
             hi = max(hi, float(self.compress(r).max()))
         self.y_scale.fill_(max(hi, 1e-3))
+
+
+def layer_energy_head(n_in: int, n_layers: int) -> nn.Sequential:
+    """The small network that generates each layer's standardised log energy from noise and labels (``calogan`` and
+    ``wgan`` with ``layer_energies``); zero output bias: the training means."""
+    head = nn.Sequential(nn.Linear(n_in, 128), nn.LeakyReLU(0.2), nn.Linear(128, n_layers))
+    nn.init.zeros_(head[-1].bias)
+    return head
 
 
 def layer_log_factors(frac: torch.Tensor, t: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ from caloforge.models.base import (
     TrainBatch,
 )
 from caloforge.models.calogan import layer_images
-from caloforge.models.flatgan import layer_log_factors
+from caloforge.models.flatgan import layer_energy_head, layer_log_factors
 from caloforge.models.logcells import LogCells
 
 
@@ -113,10 +113,8 @@ class _Generator(nn.Module):
         nn.init.constant_(self.out.bias, cfg.out_bias_init)
         self.ch = ch
         self.layer_head = None
-        if cfg.layer_energies:  # standardised log layer energies; zero bias: the training means
-            self.layer_head = nn.Sequential(nn.Linear(cfg.latent_dim + n_cond, 128), _lrelu(),
-                                            nn.Linear(128, n_layers))
-            nn.init.zeros_(self.layer_head[-1].bias)
+        if cfg.layer_energies:
+            self.layer_head = layer_energy_head(cfg.latent_dim + n_cond, n_layers)
 
     @staticmethod
     def _with_labels(h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
