@@ -89,6 +89,26 @@ def test_split_refuses_bad_fractions_and_its_own_input(ev, tmp_path, capsys):
     assert code == 2 and "--overwrite" in err
 
 
+def test_split_exclude_keeps_an_earlier_test_file_out(ev, tmp_path, capsys):
+    """--exclude: a grown production split again keeps every event of an earlier split's test file out of all the
+    new parts, and a file with none of the input's events is refused (most likely the wrong file)."""
+    code, _ = _cli(capsys, "events", "split", ev, "--fractions", "0.75,0.25", "-o", tmp_path / "tr.h5", "-o",
+                   tmp_path / "te.h5", "--seed", "3")
+    assert code == 0
+    test = read_events(tmp_path / "te.h5")
+    code, _ = _cli(capsys, "events", "split", ev, "--exclude", tmp_path / "te.h5", "--fractions", "0.6,0.4", "-o",
+                   tmp_path / "a.h5", "-o", tmp_path / "b.h5")
+    assert code == 0
+    parts = [read_events(tmp_path / n) for n in ("a.h5", "b.h5")]
+    assert sum(len(p) for p in parts) == len(read_events(ev)) - len(test)
+    held = {r.tobytes() for r in test.high_level.astype(np.float32)}
+    assert not any(r.tobytes() in held for p in parts for r in p.high_level.astype(np.float32))
+    write_events(tmp_path / "other.h5", _events(30, 99))
+    code, err = _cli(capsys, "events", "split", ev, "--exclude", tmp_path / "other.h5", "--fractions", "1", "-o",
+                     tmp_path / "c.h5")
+    assert code == 2 and "--exclude" in err and "none of its 30 events" in err
+
+
 def test_event_generate_bounds_and_outputs(run_dir, ev, tmp_path, capsys):
     code, err = _cli(capsys, "events", "generate", "--model", run_dir, "-n", 2**31, "-o", tmp_path / "g.h5")
     assert code == 2 and "-n 2147483648: expected an integer in [1, 5000000]" in err  # was: a hang

@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--fractions", default="0.75,0.25", help="comma-separated fractions (default 0.75,0.25)")
     p.add_argument("-o", "--output", action="append", required=True, help="output file, one per fraction")
     p.add_argument("--seed", type=int, default=0, help="seed of the permutation (default 0)")
+    p.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                   help="drop the events that are also in FILE (e.g. an earlier test file) before splitting")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
     p = sub.add_parser("train", help="train the event WGAN (--model eventwgan) on an event file")
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
         for out in args.output:
             check_output_file(out, overwrite=args.overwrite)
-        sizes = split_file(args.input, parse_fractions(args.fractions), args.output, args.seed)
+        sizes = split_file(args.input, parse_fractions(args.fractions), args.output, args.seed, args.exclude)
         print(", ".join(f"{o}: {n}" for o, n in zip(args.output, sizes)))
         return 0
     if step == "train":

@@ -159,8 +159,19 @@ def parse_fractions(text: str) -> list[float]:
     return fractions
 
 
-def split_file(path: str, fractions: list[float], outputs: list[str], seed: int = 0) -> list[int]:
-    """Split an event file by a seeded permutation into len(fractions) files; returns their sizes."""
+def _row_keys(ev: Events) -> list[bytes]:
+    """One key per event: the bytes of all its variables as stored (float32) and its process."""
+    cols = [ev.high_level] + [a for a in (ev.low_level, ev.aux) if a is not None]
+    rows = np.ascontiguousarray(np.concatenate([c.astype(np.float32) for c in cols], axis=1))
+    return [r.tobytes() + bytes([int(p)]) for r, p in zip(rows, ev.process)]
+
+
+def split_file(path: str, fractions: list[float], outputs: list[str], seed: int = 0,
+               exclude: list[str] | None = None) -> list[int]:
+    """Split an event file by a seeded permutation into len(fractions) files; returns their sizes.
+
+    ``exclude``: event files whose events (identical in every variable) are dropped from the input first, so that a
+    grown production can be split again without putting an earlier test file's events into the new training file."""
     from caloforge.validate import check_seed, same_file
 
     if len(fractions) != len(outputs):
@@ -172,6 +183,13 @@ def split_file(path: str, fractions: list[float], outputs: list[str], seed: int 
         if same_file(out, path) or any(same_file(out, o) for o in outputs[:i]):
             raise EventFileError(f"-o {out}: is the input file or another -o; expected distinct new files")
     ev = read_events(path)
+    for other in exclude or []:
+        drop = set(_row_keys(read_events(other)))
+        keep = np.array([k not in drop for k in _row_keys(ev)], dtype=bool)
+        if keep.all() and drop:
+            raise EventFileError(f"--exclude {other}: none of its {len(drop)} events is in {path}; expected a file "
+                                 "split from (an earlier snapshot of) the same production")
+        ev = ev.select(np.flatnonzero(keep))
     perm = np.random.default_rng(seed).permutation(len(ev))
     bounds = np.round(np.cumsum([0.0, *fractions]) * len(ev)).astype(int)
     sizes = []

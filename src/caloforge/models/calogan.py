@@ -75,6 +75,9 @@ class CaloGANConfig(ModelConfig):
     # A head on noise and labels sets each layer's energy and the generated cells are rescaled to it
     # (flatgan.with_layer_energies; not in the seed).
     layer_energies: bool = False
+    # Weight of a generator term: the energy distance between generated and real (standardised log layer energies,
+    # log total, labels) of the batch (flatgan.response_distance; not in the seed). 0 turns it off.
+    response_distance: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
@@ -82,6 +85,7 @@ class CaloGANConfig(ModelConfig):
         "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5), "n_critic": (1, 100),
         "energy_weight": (0.0, 1e6), "response_weight": (0.0, 1e6), "out_bias_init": (-1e3, 1e3),
         "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
+        "response_distance": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for about 500 cells in 3 layers
@@ -246,6 +250,8 @@ class CaloGAN(FlatLogCells, ShowerModel):
         if cfg.layer_energies:
             self.layer_head = layer_energy_head(cfg.latent_dim + n_c, len(images))
             self.init_layer_energies()
+        if cfg.response_distance > 0:
+            self.init_response_features()
 
     def generator_parameters(self) -> Any:
         if self.layer_head is None:
@@ -261,7 +267,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
         vis = np.concatenate([np.asarray(data.showers[i:i + 1000], np.float64).sum(1)
                               for i in range(0, len(e), 1000)]) if len(e) else np.ones(1)
         self.max_visible_fraction.fill_(float((vis / e[:len(vis)]).max()) if len(e) else 1.0)
-        if self.config.layer_energies:
+        if self.config.layer_energies or self.config.response_distance > 0:
             self.fit_layer_energies(data)
 
     # ---- networks -----------------------------------------------------------------------------------
@@ -290,6 +296,10 @@ class CaloGAN(FlatLogCells, ShowerModel):
             n_l = len(self.grids)
             gen, real = self.layer_features(y_gen)[:, :n_l], self.layer_features(y_real)[:, :n_l]
             loss = loss + cfg.response_weight * (gen.mean(0) - real.mean(0)).abs().sum()
+        if cfg.response_distance > 0:
+            y_real = self.to_y(batch.showers, batch.energies)
+            loss = loss + cfg.response_distance * self.response_distance(y_gen, y_real,
+                                                                         self.condition_features(batch.cond))
         return loss
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,

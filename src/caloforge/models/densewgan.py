@@ -47,12 +47,15 @@ class DenseWGANConfig(ModelConfig):
     # The generator also outputs each layer's energy, and its cells are rescaled to it (flatgan.with_layer_energies):
     # the response is then set by L numbers instead of a sum of noisy cells (not in the seed).
     layer_energies: bool = False
+    # Weight of a generator term: the energy distance between generated and real (standardised log layer energies,
+    # log total, labels) of the batch (flatgan.response_distance; not in the seed). 0 turns it off.
+    response_distance: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
         "critic_depth": (1, 16), "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5),
         "n_critic": (1, 100), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
-        "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
+        "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for up to about 1000 cells
@@ -88,6 +91,8 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         if cfg.layer_energies:
             nn.init.zeros_(self.generator[-1].bias[self.n_cells:])  # the training mean of each layer's energy
             self.init_layer_energies()
+        if cfg.response_distance > 0:
+            self.init_response_features()
         self.critic = _mlp(self.n_cells + 2 * n_l + n_c, cfg.critic_hidden, cfg.critic_depth, 1,
                            out_bias=cfg.loss == "gan")  # a bias cancels in W
 
@@ -99,7 +104,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
 
     def _fit_preprocessing(self, data: Any) -> None:
         self.fit_log_scale(data)
-        if self.config.layer_energies:
+        if self.config.layer_energies or self.config.response_distance > 0:
             self.fit_layer_energies(data)
 
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
@@ -112,4 +117,10 @@ class DenseWGAN(FlatLogCells, ShowerModel):
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
-        return adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, None, grad_clip)
+        extra = self._response_extra if self.config.response_distance > 0 else None
+        return adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra, grad_clip)
+
+    def _response_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        y_real = self.to_y(batch.showers, batch.energies)
+        cf = self.condition_features(batch.cond)
+        return self.config.response_distance * self.response_distance(y_gen, y_real, cf)

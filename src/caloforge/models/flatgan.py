@@ -65,27 +65,73 @@ class FlatLogCells(CellScale):
         self.register_buffer("layer_log_mean", torch.zeros(n_l))
         self.register_buffer("layer_log_std", torch.ones(n_l))
 
-    def fit_layer_energies(self, data: Any) -> None:
-        """Set ``layer_log_mean`` and ``layer_log_std`` from the training showers."""
+    def init_response_features(self) -> None:
+        """Buffers of :meth:`response_features`: mean and spread of log(E_layer / E_inc + 1e-6) per layer and of
+        log(E_vis / E_inc + 1e-6) in the training data (set by :meth:`fit_layer_energies`)."""
+        n_l = len(self.layer_offsets) - 1
+        self.register_buffer("response_mean", torch.zeros(n_l + 1))
+        self.register_buffer("response_std", torch.ones(n_l + 1))
+
+    def _training_response_logs(self, data: Any) -> np.ndarray | None:
+        """log(E_layer / E_inc + 1e-6) per layer and log(E_vis / E_inc + 1e-6) of the training showers (n, L + 1)."""
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
         logs = []
         for i in range(0, len(energies), 1000):
             x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
             frac = x @ self.layer_onehot.double().numpy() / energies[i:i + 1000, None]
-            logs.append(np.log(frac + 1e-6))
-        if not logs:
+            logs.append(np.log(np.concatenate([frac, frac.sum(1, keepdims=True)], axis=1) + 1e-6))
+        return np.concatenate(logs) if logs else None
+
+    def fit_layer_energies(self, data: Any) -> None:
+        """Set the statistics of the layer energies (``layer_log_mean``, ``layer_log_std``) and, where the model has
+        them, of the response features (``response_mean``, ``response_std``) from the training showers."""
+        logs = self._training_response_logs(data)
+        if logs is None:
             return
-        lay = np.concatenate(logs)
-        std = lay.std(0) if len(lay) > 1 else np.ones(lay.shape[1])
-        self.layer_log_mean.copy_(torch.as_tensor(lay.mean(0), dtype=torch.float32))
-        self.layer_log_std.copy_(torch.as_tensor(np.where(std > 1e-3, std, 1e-3), dtype=torch.float32))
+        std = logs.std(0) if len(logs) > 1 else np.ones(logs.shape[1])
+        mean, std = torch.as_tensor(logs.mean(0)), torch.as_tensor(np.where(std > 1e-3, std, 1e-3))
+        if hasattr(self, "layer_log_mean"):
+            self.layer_log_mean.copy_(mean[:-1].float())
+            self.layer_log_std.copy_(std[:-1].float())
+        if hasattr(self, "response_mean"):
+            self.response_mean.copy_(mean.float())
+            self.response_std.copy_(std.float())
+
+    def response_distance(self, y_gen: torch.Tensor, y_real: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """Energy distance between the generated and the real batch in (standardised response, labels): the joint
+        law of the layer energies and the total given the conditions, matched without a critic (config
+        ``response_distance``; the batch's generated showers have the real showers' conditions).
+
+        With generated layer energies (``layer_energies``) the generated response is the layer head's, for every
+        layer: the head is then trained as a generator of the response in its own right, and its gradient does not
+        reach the cells, where it would push their raw sizes (which the rescaling undoes) and could empty a layer
+        for good (a layer whose cells are all zero stays empty, and the head cannot refill it)."""
+        with torch.no_grad():
+            real = torch.cat([self.response_features(y_real), cf], dim=1)
+        logs = getattr(self, "generated_layer_logs", None)
+        if logs is not None and logs.shape[0] == len(y_gen) and logs.requires_grad:
+            f_gen = head_response(logs, self.response_mean, self.response_std)
+        else:
+            f_gen = self.response_features(y_gen)
+        return energy_distance(torch.cat([f_gen, cf], dim=1), real)
+
+    def response_features(self, y: torch.Tensor) -> torch.Tensor:
+        """Standardised log(E_layer / E_inc) per layer and log(E_vis / E_inc) of normalised cells (n, L + 1), within
+        +-10 (the real side of :meth:`response_distance`)."""
+        frac = self.cell_fractions(y) @ self.layer_onehot
+        logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
+        return ((logs - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
 
     def with_layer_energies(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Generated cells y (n, n_cells) rescaled layer by layer to the generated layer energies: t (n, L) are
         standardised log(E_layer / E_inc + 1e-6). The shower's response and longitudinal profile are then L
-        numbers the generator sets directly, not sums of noisy cells; empty generated layers stay empty."""
-        log_factor = layer_log_factors(self.cell_fractions(y) @ self.layer_onehot, t, self.layer_log_mean,
-                                       self.layer_log_std)
+        numbers the generator sets directly, not sums of noisy cells; empty generated layers stay empty.
+
+        The layer head's energies, log(E_layer / E_inc) (n, L), are kept in ``generated_layer_logs`` for
+        :meth:`response_distance`."""
+        frac = self.cell_fractions(y) @ self.layer_onehot
+        log_factor = layer_log_factors(frac, t, self.layer_log_mean, self.layer_log_std)
+        self.generated_layer_logs = (t * self.layer_log_std + self.layer_log_mean).clamp(max=0.0)
         return self.scale_cells(y, log_factor @ self.layer_onehot.T)
 
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
@@ -110,6 +156,27 @@ class FlatLogCells(CellScale):
             r = torch.as_tensor(x / (energies[i:i + 1000, None] * self.config.norm_fraction))
             hi = max(hi, float(self.compress(r).max()))
         self.y_scale.fill_(max(hi, 1e-3))
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Energy distance 2 E|a - b| - E|a - a'| - E|b - b'| between the rows of a (n, d) and b (m, d) (Szekely): zero
+    exactly when the two distributions are equal, a smooth loss with no critic, and unbiased (pairs i = j left out)."""
+    def mean_dist(u: torch.Tensor, v: torch.Tensor, same: bool) -> torch.Tensor:
+        d = ((u[:, None, :] - v[None, :, :]).pow(2).sum(-1) + 1e-12).sqrt()
+        if not same:
+            return d.mean()
+        n = len(u)
+        return (d.sum() - d.diagonal().sum()) / max(n * (n - 1), 1)
+
+    return 2 * mean_dist(a, b, False) - mean_dist(a, a, True) - mean_dist(b, b, True)
+
+
+def head_response(logs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """A layer head's log(E_layer / E_inc) (n, L) -> standardised log layer fractions and log total (n, L + 1), as
+    the response features of real showers (log(f + 1e-6), then (x - mean) / std within +-10)."""
+    frac = torch.exp(logs)
+    head = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
+    return ((head - mean) / std).clamp(-10.0, 10.0)
 
 
 def layer_energy_head(n_in: int, n_layers: int) -> nn.Sequential:
@@ -166,7 +233,8 @@ def adversarial_step(model: Any, batch: TrainBatch, optimizers: dict[str, torch.
         eps = batch.rand(1)
         y_hat = (eps * y_real + (1 - eps) * y_fake).requires_grad_(True)
         grad, = torch.autograd.grad(critic(y_hat, cf).sum(), y_hat, create_graph=True)
-        gp = ((grad.norm(dim=1) - 1) ** 2).mean()
+        grad_norm = grad.norm(dim=1)
+        gp = ((grad_norm - 1) ** 2).mean()
         w_dist = d_real.mean() - d_fake.mean()
         loss_c = -w_dist + cfg.gp_lambda * gp
         out = {"critic": float(loss_c.detach()), "w": float(w_dist.detach()), "gp": float(gp.detach())}

@@ -16,8 +16,10 @@ As the talk describes it:
 The losses follow the 3dGAN recipe: binary cross-entropy for real/fake and the particle class, a mean absolute
 percentage error for the energy, and a mean absolute error on the total deposited energy, weighted by
 ``adv_weight``, ``energy_weight``, ``ecal_weight``, ``class_weight``. Cells are represented as in ``wgan``:
-y = log1p(E_cell / (norm_fraction E_inc)) / y_scale. The 3dGAN crops 25 x 25 x 25 from the CLIC ECAL; on the house
-detector the model's image is the 30 x 30 x 30 shower-axis frame (docs/models.md).
+y = log1p(E_cell / (norm_fraction E_inc)) / y_scale, or with ``cell_power`` p > 0 the power law
+(E_cell / (norm_fraction E_inc))^p / y_scale (not in the seed; ``caloforge.models.logcells``). The 3dGAN crops
+25 x 25 x 25 from the CLIC ECAL; on the house detector the model's image is the 30 x 30 x 30 shower-axis frame
+(docs/models.md).
 """
 
 from __future__ import annotations
@@ -53,12 +55,13 @@ class GAN3DConfig(ModelConfig):
     norm_fraction: float = 1e-5
     beta1: float = 0.5
     beta2: float = 0.999
+    cell_power: float = 0.0  # 0: log-compressed cells; p > 0: y = (E_cell / unit)^p / y_scale (models/logcells.py)
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "disc_channels": (1, 256), "dropout": (0.0, 0.9),
         "adv_weight": (0.0, 1e6), "energy_weight": (0.0, 1e6), "ecal_weight": (0.0, 1e6), "class_weight": (0.0, 1e6),
         "label_smoothing": (0.0, 0.5), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0),
-        "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999),
+        "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
     }
 
     def weight_estimate(self) -> int:  # for a 30 x 30 x 30 image

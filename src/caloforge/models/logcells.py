@@ -3,7 +3,7 @@ y_scale, energy normalised by the incident energy and log-compressed, so that y 
 hottest training cell is y = 1. The class using it needs ``config.norm_fraction``, ``shape``, ``n_cells`` and a
 ``y_scale`` buffer.
 
-A config with ``cell_power`` p > 0 (``wgan``, ``densewgan``, ``calogan``) uses the power law
+A config with ``cell_power`` p > 0 (``wgan``, ``densewgan``, ``calogan``, ``gan3d``) uses the power law
 y = (E_cell / (norm_fraction E_inc))^p / y_scale instead of the logarithm: y = 0 is still an empty cell and 1 the
 hottest, but a relative change of a hot cell's energy is p times a relative change of y rather than y_scale (~10)
 times an absolute one, so the generator's own noise in y moves the hot cells, and with them the total energy, less,

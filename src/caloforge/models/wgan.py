@@ -40,7 +40,7 @@ from caloforge.models.base import (
     TrainBatch,
 )
 from caloforge.models.calogan import layer_images
-from caloforge.models.flatgan import layer_energy_head, layer_log_factors
+from caloforge.models.flatgan import energy_distance, head_response, layer_energy_head, layer_log_factors
 from caloforge.models.logcells import LogCells
 
 
@@ -81,13 +81,17 @@ class WGANConfig(ModelConfig):
     # The generator also outputs each layer's energy (a small head on noise and labels) and its cells are rescaled
     # to it: the response is then set by L numbers instead of a sum of noisy cells (not in the talk).
     layer_energies: bool = False
+    # Weight of a generator term: the energy distance between generated and real (standardised log layer fractions,
+    # log total, labels) of the batch (caloforge.models.flatgan.energy_distance): the joint law of the response
+    # given the conditions, matched without a critic. 0 turns it off.
+    response_distance: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
         "aux_channels": (1, 512), "n_critic": (1, 100), "gp_lambda": (0.0, 1e6), "aux_weight": (0.0, 1e6),
         "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "response_weight": (0.0, 1e6),
-        "cell_power": (0.0, 1.0),
+        "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for a 30 x 30 window; the generator's first layer grows with the window
@@ -187,7 +191,7 @@ class WGAN(LogCells, ShowerModel):
         # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
         # what the validation weighs most, and they are hard to read off log-compressed cells.
         self.critic = _Critic(n_l, nx, ny, cfg, self.n_cond_features)
-        if cfg.critic_response or cfg.response_weight > 0 or cfg.layer_energies:
+        if cfg.critic_response or cfg.response_weight > 0 or cfg.layer_energies or cfg.response_distance > 0:
             # mean, spread of log(E_layer / E_inc), log(E_vis / E_inc) in the training data
             self.register_buffer("response_mean", torch.zeros(n_l + 1))
             self.register_buffer("response_std", torch.ones(n_l + 1))
@@ -258,8 +262,10 @@ class WGAN(LogCells, ShowerModel):
         if not self.config.layer_energies:
             return y
         n_l = self.image_shape[0]
-        log_factor = layer_log_factors(self.cell_fractions(y).sum(dim=(2, 3)), self.generator.layer_energies(z, cf),
-                                       self.response_mean[:n_l], self.response_std[:n_l])
+        t = self.generator.layer_energies(z, cf)
+        mean, std = self.response_mean[:n_l], self.response_std[:n_l]
+        log_factor = layer_log_factors(self.cell_fractions(y).sum(dim=(2, 3)), t, mean, std)
+        self.generated_layer_logs = (t * std + mean).clamp(max=0.0)  # for response_distance (flatgan.head_response)
         return self.scale_cells(y, log_factor[:, :, None, None])
 
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
@@ -308,7 +314,8 @@ class WGAN(LogCells, ShowerModel):
 
     def _fit_preprocessing(self, data: Any) -> None:
         self.fit_log_scale(data)
-        if not (self.config.critic_response or self.config.response_weight > 0 or self.config.layer_energies):
+        if not (self.config.critic_response or self.config.response_weight > 0 or self.config.layer_energies
+                or self.config.response_distance > 0):
             return
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
         logs = []
@@ -405,6 +412,16 @@ class WGAN(LogCells, ShowerModel):
                 resp = self._response_distance(y_gen, y_real, batch.energies)
                 loss_g = loss_g + cfg.response_weight * resp
                 out["resp"] = float(resp.detach())
+            if cfg.response_distance > 0:  # with layer_energies: the layer head's response (flatgan.response_distance)
+                with torch.no_grad():
+                    real = torch.cat([self._response_features(self.cell_fractions(y_real).sum(dim=(2, 3))), cf], 1)
+                if cfg.layer_energies:
+                    f_gen = head_response(self.generated_layer_logs, self.response_mean, self.response_std)
+                else:
+                    f_gen = self._response_features(self.cell_fractions(y_gen).sum(dim=(2, 3)))
+                dist = energy_distance(torch.cat([f_gen, cf], 1), real)
+                loss_g = loss_g + cfg.response_distance * dist
+                out["edist"] = float(dist.detach())
             optimizers["generator"].zero_grad(set_to_none=True)
             loss_g.backward()
             reduce_gradients(self.generator.parameters(), batch.share)
