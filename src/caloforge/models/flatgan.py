@@ -118,9 +118,7 @@ class FlatLogCells(CellScale):
     def response_features(self, y: torch.Tensor) -> torch.Tensor:
         """Standardised log(E_layer / E_inc) per layer and log(E_vis / E_inc) of normalised cells (n, L + 1), within
         +-10 (the real side of :meth:`response_distance`)."""
-        frac = self.cell_fractions(y) @ self.layer_onehot
-        logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
-        return ((logs - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
+        return standardised_response(self.cell_fractions(y) @ self.layer_onehot, self.response_mean, self.response_std)
 
     def with_layer_energies(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Generated cells y (n, n_cells) rescaled layer by layer to the generated layer energies: t (n, L) are
@@ -171,12 +169,16 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 2 * mean_dist(a, b, False) - mean_dist(a, a, True) - mean_dist(b, b, True)
 
 
+def standardised_response(frac: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Layer fractions of E_inc (n, L) -> log(f + 1e-6) of each layer and of their sum, standardised by the training
+    ``mean`` and ``std`` (L + 1) and kept within +-10: the response features of every GAN family."""
+    logs = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
+    return ((logs - mean) / std).clamp(-10.0, 10.0)
+
+
 def head_response(logs: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """A layer head's log(E_layer / E_inc) (n, L) -> standardised log layer fractions and log total (n, L + 1), as
-    the response features of real showers (log(f + 1e-6), then (x - mean) / std within +-10)."""
-    frac = torch.exp(logs)
-    head = torch.log(torch.cat([frac, frac.sum(1, keepdim=True)], dim=1) + 1e-6)
-    return ((head - mean) / std).clamp(-10.0, 10.0)
+    """A layer head's log(E_layer / E_inc) (n, L) -> the response features, as of real showers."""
+    return standardised_response(torch.exp(logs), mean, std)
 
 
 def layer_energy_head(n_in: int, n_layers: int) -> nn.Sequential:
@@ -233,8 +235,7 @@ def adversarial_step(model: Any, batch: TrainBatch, optimizers: dict[str, torch.
         eps = batch.rand(1)
         y_hat = (eps * y_real + (1 - eps) * y_fake).requires_grad_(True)
         grad, = torch.autograd.grad(critic(y_hat, cf).sum(), y_hat, create_graph=True)
-        grad_norm = grad.norm(dim=1)
-        gp = ((grad_norm - 1) ** 2).mean()
+        gp = ((grad.norm(dim=1) - 1) ** 2).mean()
         w_dist = d_real.mean() - d_fake.mean()
         loss_c = -w_dist + cfg.gp_lambda * gp
         out = {"critic": float(loss_c.detach()), "w": float(w_dist.detach()), "gp": float(gp.detach())}

@@ -40,7 +40,13 @@ from caloforge.models.base import (
     TrainBatch,
 )
 from caloforge.models.calogan import layer_images
-from caloforge.models.flatgan import energy_distance, head_response, layer_energy_head, layer_log_factors
+from caloforge.models.flatgan import (
+    energy_distance,
+    head_response,
+    layer_energy_head,
+    layer_log_factors,
+    standardised_response,
+)
 from caloforge.models.logcells import LogCells
 
 
@@ -286,7 +292,7 @@ class WGAN(LogCells, ShowerModel):
 
     def _response_features(self, frac: torch.Tensor) -> torch.Tensor:
         """Layer fractions (n, L) -> standardised log layer fractions and log total (n, L + 1), within +-10."""
-        return ((self._response_logs(frac) - self.response_mean) / self.response_std).clamp(-10.0, 10.0)
+        return standardised_response(frac, self.response_mean, self.response_std)
 
     def _response_z(self, frac: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Log layer fractions and log total (n, L + 1) as z-scores at each shower's energy, within +-10."""
