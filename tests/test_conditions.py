@@ -162,6 +162,45 @@ def test_axis_frame_round_trip(family):
     np.testing.assert_allclose(back.numpy(), data.showers)  # the toy never leaves the local grid
 
 
+def test_padded_local_grid_keeps_the_far_halo_of_an_inclined_shower(tmp_path):
+    """``pad_y``: the shower-axis frame's local grid reaches further along y; it keeps window cells that the
+    normal-incidence-sized grid drops, maps back exactly, and its models save, load and sample into the window."""
+    from caloforge.models import get_family
+
+    det, data = _angled_toy(20, seed=4)
+    halo = data.showers.reshape(20, *det.shape(True)).copy()
+    halo[:, :, :, -1] += 0.5  # energy in the last row of the angled window, far from most axes
+    data = Batch(data.conditions, halo.reshape(20, -1))
+    cls = get_family("layerflow")
+    cfg = {**TINY_CONFIGS["layerflow:core"], "pad_y": 3}
+    model = cls(det, None, cls.Config.from_dict(cfg))
+    n_l, n_x, n_y = det.shape(False)
+    assert model.frame == "axis" and model.shape == (n_l, n_x, n_y + 6)
+    assert model.n_cells == cls.local_n_cells(det, model.config) == n_l * n_x * (n_y + 6)
+    cond = data.conditions.as_array()
+    plain = tiny_model("layerflow", det, Batch(data.conditions, np.zeros((20, det.n_cells()), np.float32)))
+    kept = {name: m.to_local(data.showers, cond).sum() for name, m in (("padded", model), ("plain", plain))}
+    assert kept["plain"] < kept["padded"] <= data.showers.sum() * (1 + 1e-6)
+    local = model.to_local(data.showers, cond)
+    back = model.to_window(torch.as_tensor(local), torch.as_tensor(cond), angled=True).numpy()
+    np.testing.assert_allclose(back.reshape(20, -1)[back.reshape(20, -1) > 0], data.showers[back.reshape(20, -1) > 0])
+    assert back.sum() == pytest.approx(kept["padded"], rel=1e-5)
+    # the axis cell sits pad_y rows further into the local grid: its centre is still at the axis cell's centre
+    x_mm, y_mm = model.local_cell_centers_mm()
+    assert y_mm[n_y // 2 + 3] == pytest.approx(det.cell_size_mm / 2)
+    model.fit_preprocessing(Batch(data.conditions, local))
+    save_model(model, tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert loaded.pad_y == 3 and loaded.shape == model.shape
+    pos = np.random.default_rng(1).uniform(0, 5, (6, 2))
+    a = loaded.sample(np.full(6, 5e4), 30.0, seed=2, positions=pos, angled=True)
+    assert a.shape == (6, det.n_cells(True)) and torch.equal(a, model.sample(np.full(6, 5e4), 30.0, seed=2,
+                                                                               positions=pos, angled=True))
+    assert torch.all(a >= 0) and torch.all(a.sum(1) > 0)
+    with pytest.raises(ModelError, match="shower-axis frame"):
+        cls(det, det.n_cells(True), cls.Config.from_dict({**cfg, "pad_y": 2}))  # the angled window, not a padded grid
+
+
 @pytest.mark.parametrize("family", ["layerflow"])  # an untrained GAN's in-frame output varies arbitrarily
 def test_angle_and_position_move_the_centroid(family):
     """Fitted to an angled toy sample (layerflow's preprocessing fits the conditional mean of the layer features),

@@ -389,3 +389,27 @@ def test_layerflow_clamp_keeps_a_wild_flow_inside_the_training_range():
     train_max = float((data.showers.sum(1) / data.energies).max())
     assert wild["layerflow"] > 3 * train_max, ("the test needs a flow that leaves the training range", wild, train_max)
     assert wild["layerflow:hit_count"] < 3 * train_max, (wild, train_max)
+
+
+def test_layerflow_flow_weight_decay_shrinks_the_flows_only():
+    """``flow_weight_decay``: decoupled decay of the flows' weights; the per-cell laws keep theirs (and their lr)."""
+    det = toy_detector()
+    data = toy_showers(det, 40, seed=2)
+    model = tiny_model("layerflow:hit_count", det, data)
+    model.config.flow_weight_decay = 1.0
+    opt = model.configure_optimizers(1e-3)["main"]
+    assert isinstance(opt, torch.optim.AdamW)
+    flow_group, cell_group = opt.param_groups
+    assert flow_group["weight_decay"] == 1.0 and cell_group["weight_decay"] == 0.0 and cell_group["lr"] == 1e-2
+    assert any(p is model.cell_mu for p in cell_group["params"])
+    assert any(p is model.blocks[0].net[0].weight for p in flow_group["params"])
+    # with zero gradients, one AdamW step shrinks the flow's weights by lr x decay and leaves the cells alone
+    flow_before = model.blocks[0].net[0].weight.detach().clone()
+    cells_before = model.cell_mu.detach().clone()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert torch.allclose(model.blocks[0].net[0].weight, flow_before * (1 - 1e-3 * 1.0))
+    assert torch.equal(model.cell_mu.detach(), cells_before)
+    with pytest.raises(ValueError, match="exclusive"):
+        model.configure_optimizers(1e-3, weight_decay=0.1)

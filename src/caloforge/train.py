@@ -478,8 +478,9 @@ class Trainer:
                 det = f.detector
             if det is None:
                 raise TrainingError(f"{run['data']}: no detector description in the file attributes; cannot train")
-            # Every model trained now works in the shower-axis frame (the normal-incidence window's shape).
-            shell = cls(det, det.n_cells(False), config)
+            # Every model trained now works in the shower-axis frame (the normal-incidence window's shape, or wider
+            # in y with a family's pad_y).
+            shell = cls(det, None, config)
             data = load_training_data(run["data"], self.cfg.val_fraction, self.cfg.split_seed, quiet,
                                       to_local=shell.to_local, n_local=shell.n_cells)
         train, val, detector, provenance = data

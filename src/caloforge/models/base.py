@@ -245,21 +245,31 @@ class ShowerModel(nn.Module):
                              f"(detectors like ild-ecal, clic-ecal); detector {detector.name!r} has per-layer cells "
                              f"({detector.readout_summary()}), which no shipped family can represent yet")
         self.detector = detector
-        self.n_cells = int(n_cells if n_cells is not None else detector.n_cells())
+        self.config = config if config is not None else self.Config()
+        #: cells added on both sides of the shower-axis frame's local grid along y, the tilt direction (a family
+        #: config's ``pad_y``): the far halo of an inclined shower reaches beyond the normal window's half-width
+        self.pad_y = int(getattr(self.config, "pad_y", 0))
+        n_local = self.local_n_cells(detector, self.config)
+        self.n_cells = int(n_cells if n_cells is not None else n_local)
         try:
-            self.shape: tuple[int, int, int] = detector.shape_for_cells(self.n_cells)
+            self.shape: tuple[int, int, int] = (
+                detector.shape_for_cells(self.n_cells) if self.pad_y == 0 or self.n_cells != n_local
+                else self.local_shape(detector, self.config))
         except DetectorError as err:
             raise ModelError(str(err)) from None
-        self.config = config if config is not None else self.Config()
         self.features = tuple(features) if features is not None else DEFAULT_FEATURES
         unknown = [f for f in self.features if f not in CONDITION_FEATURES]
         if unknown or not self.features or self.features[0] != "log_e":
             raise ModelError(f"condition features {list(self.features)}: expected 'log_e' first and names from "
                              f"{list(CONDITION_FEATURES)}")
-        self.frame = frame if frame is not None else ("axis" if self.n_cells == detector.n_cells(False) else "window")
-        if self.frame not in ("axis", "window") or (self.frame == "axis" and self.n_cells != detector.n_cells(False)):
+        self.frame = frame if frame is not None else ("axis" if self.n_cells == n_local else "window")
+        if self.frame not in ("axis", "window") or (self.frame == "axis" and self.n_cells != n_local):
             raise ModelError(f"frame {self.frame!r}: expected 'window', or 'axis' with the normal-incidence window's "
-                             f"{detector.n_cells(False)} cells (got {self.n_cells})")
+                             f"{n_local} cells{f' (padded by {self.pad_y} in y)' if self.pad_y else ''} "
+                             f"(got {self.n_cells})")
+        if self.pad_y and self.frame != "axis":
+            raise ModelError(f"pad_y = {self.pad_y}: a padded local grid needs the shower-axis frame (got frame "
+                             f"{self.frame!r} with {self.n_cells} cells)")
         # Condition standardisation: every feature -> zero mean, unit variance (set by fit_preprocessing).
         self.register_buffer("cond_mean", torch.zeros(len(self.features)))
         self.register_buffer("cond_std", torch.ones(len(self.features)))
@@ -359,6 +369,29 @@ class ShowerModel(nn.Module):
         """Family-specific constants; ``data`` has ``conditions`` and ``showers`` (numpy, the model's own cells)."""
 
     # ---- the shower-axis frame ----------------------------------------------------------------------
+    @classmethod
+    def local_shape(cls, detector: Detector, config: ModelConfig | None = None) -> tuple[int, int, int]:
+        """(layers, x, y) of the shower-axis frame's local grid: the normal-incidence window, ``pad_y`` cells wider
+        on both sides in y."""
+        n_l, n_x, n_y = detector.shape(False)
+        return n_l, n_x, n_y + 2 * int(getattr(config, "pad_y", 0))
+
+    @classmethod
+    def local_n_cells(cls, detector: Detector, config: ModelConfig | None = None) -> int:
+        """Cells per shower in the shower-axis frame (what ``cls(detector, None, config)`` models)."""
+        if not detector.is_uniform:
+            return detector.n_cells(False)
+        return int(np.prod(cls.local_shape(detector, config)))
+
+    def local_cell_centers_mm(self) -> tuple[np.ndarray, np.ndarray]:
+        """Centres (x, y) in mm of the model's own columns and rows, relative to the axis cell's corner when the
+        frame is ``axis`` (the window's coordinates when the axis hits the cell at the origin)."""
+        n_x, n_y = self.shape[1], self.shape[2]
+        c = self.detector.cell_size_mm
+        x = self.detector.readout.x_min_mm + (np.arange(n_x) + 0.5) * c
+        y = self.detector.readout.y_min_mm + (np.arange(n_y) - self.pad_y + 0.5) * c
+        return x, y
+
     def axis_cells(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Whole-cell shifts of the shower axis, x (n,) and y per layer (n, L), and its offsets within the cell
         (same shapes, in [0, 1)); all zero shifts in the ``window`` frame."""
@@ -368,7 +401,7 @@ class ShowerModel(nn.Module):
         cond = cond.float()
         ux = cond[:, 2] / c
         uy = (cond[:, 3:4] + torch.tan(cond[:, 1:2] * (math.pi / 180)) * self.layer_z[None]) / c
-        sx, sy = torch.floor(ux), torch.floor(uy)
+        sx, sy = torch.floor(ux), torch.floor(uy) - self.pad_y  # where the local grid's first column and row lie
         if self.frame == "window":
             sx, sy = torch.zeros_like(sx), torch.zeros_like(sy)
         return sx, sy, ux - torch.floor(ux), uy - torch.floor(uy)
