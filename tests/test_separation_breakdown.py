@@ -6,8 +6,6 @@ import importlib.util
 import re
 from pathlib import Path
 
-import numpy as np
-
 from caloforge.dataset import write_showers
 from conftest_models import toy_detector, toy_showers
 
