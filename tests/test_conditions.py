@@ -197,6 +197,18 @@ def test_padded_local_grid_keeps_the_far_halo_of_an_inclined_shower(tmp_path):
     assert a.shape == (6, det.n_cells(True)) and torch.equal(a, model.sample(np.full(6, 5e4), 30.0, seed=2,
                                                                                positions=pos, angled=True))
     assert torch.all(a >= 0) and torch.all(a.sum(1) > 0)
+    import onnxruntime as ort
+
+    from caloforge.export import export_onnx, noise_inputs
+
+    sess = ort.InferenceSession(str(export_onnx(loaded, tmp_path / "m.onnx", angled=True)),
+                                providers=["CPUExecutionProvider"])
+    c = torch.as_tensor(cond[:4], dtype=torch.float32)
+    noise = loaded.draw_noise(4, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = loaded.decode_window(c, *noise, angled=True).numpy()
+    feeds = {"conditions": c.numpy(), **{name: t.numpy() for (name, _, _), t in zip(noise_inputs(loaded), noise)}}
+    np.testing.assert_allclose(sess.run(["showers"], feeds)[0], ref, rtol=2e-3, atol=1e-4)
     with pytest.raises(ModelError, match="shower-axis frame"):
         cls(det, det.n_cells(True), cls.Config.from_dict({**cfg, "pad_y": 2}))  # the angled window, not a padded grid
 
