@@ -87,7 +87,8 @@ def test_shipped_models_are_listed_and_load_by_name(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "default" in out and "multi" in out and "0-60 deg" in out
-    assert load_model("default").n_cells == load_model("multi").n_cells == 27000
+    assert load_model("default").n_cells == 27000  # the normal-incidence window, around the shower axis
+    assert load_model("multi").shape == (30, 30, 40)  # the same, 5 cells wider on both sides along y (pad_y)
     with pytest.raises(Exception, match="model not found"):
         load_model("no-such-model")
 
