@@ -208,3 +208,14 @@ def toy_cell_showers(detector: Detector, n: int, seed: int = 0) -> Batch:
         showers[i, (rng.random(len(dist)) < 0.2) | (showers[i] < 1e-4 * showers[i].max())] = 0.0
     particles = np.where(np.arange(n) % 2 == 0, 22, -11)
     return Batch(Conditions.make(energies, np.zeros(n), particle=particles), showers)
+
+
+def load_script(name: str):
+    """The module of ``scripts/NAME.py`` (the scripts are not a package), to call its ``main`` in a test."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

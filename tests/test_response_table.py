@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("response_table",
-                                                  Path(__file__).parents[1] / "scripts" / "response_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest_models import load_script
 
 
 def test_response_table_offsets_and_ratios(tmp_path, capsys):
@@ -23,7 +15,7 @@ def test_response_table_offsets_and_ratios(tmp_path, capsys):
     metrics = {"candidates": {"m": {"response": {"e_ratio": {"reference": [point], "candidate": [cand]}}},
                               "no-response": {}}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    assert _script().main([str(tmp_path / "metrics.json")]) == 0
+    assert load_script("response_table").main([str(tmp_path / "metrics.json")]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("m: 50 GeV: mu90 +2.0 +- 1.4 %, sigma90 x3.00 +- 0.32")
     # errors: 102 % x hypot(0.0002/0.0204, 0.0002/0.02) = 1.43 %; 3 x hypot(1/30, 1/10) = 0.316

@@ -2,20 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 from caloforge.dataset import write_showers
-from conftest_models import toy_detector, toy_showers
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("separation_breakdown",
-                                                  Path(__file__).parents[1] / "scripts" / "separation_breakdown.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest_models import load_script, toy_detector, toy_showers
 
 
 def _auc(out: str) -> float:
@@ -29,7 +19,7 @@ def test_breakdown_separates_a_wider_first_layer_only(tmp_path, capsys):
     wide[:, 0, :, [0, -1]] += wide[:, 0, :, 3:5].sum(axis=2, keepdims=True).transpose(2, 0, 1) * 0.3  # far halo, y
     for name, batch_showers in (("ref", ref.showers), ("same", same.showers), ("wide", wide.reshape(600, -1))):
         write_showers(tmp_path / f"{name}.h5", det, (ref if name == "ref" else same).conditions, batch_showers)
-    script = _script()
+    script = load_script("separation_breakdown")
     assert script.main([str(tmp_path / "ref.h5"), str(tmp_path / "same.h5"), "--max-iter", "30"]) == 0
     null = _auc(capsys.readouterr().out)
     assert script.main([str(tmp_path / "ref.h5"), str(tmp_path / "wide.h5"), "--groups", "--max-iter", "30"]) == 0

@@ -252,9 +252,8 @@ class ShowerModel(nn.Module):
         n_local = self.local_n_cells(detector, self.config)
         self.n_cells = int(n_cells if n_cells is not None else n_local)
         try:
-            self.shape: tuple[int, int, int] = (
-                detector.shape_for_cells(self.n_cells) if self.pad_y == 0 or self.n_cells != n_local
-                else self.local_shape(detector, self.config))
+            self.shape: tuple[int, int, int] = (self.local_shape(detector, self.config) if self.n_cells == n_local
+                                                else detector.shape_for_cells(self.n_cells))
         except DetectorError as err:
             raise ModelError(str(err)) from None
         self.features = tuple(features) if features is not None else DEFAULT_FEATURES
@@ -384,8 +383,9 @@ class ShowerModel(nn.Module):
         return int(np.prod(cls.local_shape(detector, config)))
 
     def local_cell_centers_mm(self) -> tuple[np.ndarray, np.ndarray]:
-        """Centres (x, y) in mm of the model's own columns and rows, relative to the axis cell's corner when the
-        frame is ``axis`` (the window's coordinates when the axis hits the cell at the origin)."""
+        """Centres (x, y) in mm of the model's own columns and rows: in the ``axis`` frame relative to the corner of
+        the cell the axis crosses (the window's coordinates when that is the cell at the origin), in the ``window``
+        frame the window's."""
         n_x, n_y = self.shape[1], self.shape[2]
         c = self.detector.cell_size_mm
         x = self.detector.readout.x_min_mm + (np.arange(n_x) + 0.5) * c

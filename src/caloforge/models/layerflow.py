@@ -89,7 +89,7 @@ class LayerFlowConfig(ModelConfig):
     angle_basis: int = 0  # Gaussian bumps in the incidence angle (0-60 deg) as cell covariates (0: none): each cell's
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     flow_weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the flows' weights; the cell laws get none.
-    # With 20000 showers the flows overfit (train NLL falling while the validation NLL stalls): 1.0 is the remedy
+    # 1.0 lowers the flows' validation NLL on 20000 showers, but cost layer correlations in v33 (docs/models.md)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -199,10 +199,7 @@ class LayerFlow(ShowerModel):
         self.total = bool(cfg.total_energy)
         self.flow_dim = N_FEAT * n_l + self.total
         self.dim = self.n_feat * n_l + self.total
-        if self.frame == "axis":
-            x_mm, y_mm = self.local_cell_centers_mm()
-        else:
-            x_mm, y_mm, _ = detector.cell_centers_mm(angled=(n_y != detector.readout.n_y))
+        x_mm, y_mm = self.local_cell_centers_mm()
         gx, gy = np.meshgrid(x_mm / detector.cell_size_mm, y_mm / detector.cell_size_mm, indexing="ij")
         self.register_buffer("cell_x", torch.as_tensor(gx.reshape(-1), dtype=torch.float32), persistent=False)
         self.register_buffer("cell_y", torch.as_tensor(gy.reshape(-1), dtype=torch.float32), persistent=False)
