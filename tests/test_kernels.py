@@ -109,6 +109,61 @@ def test_select_hits_on_a_block_makes_the_same_hits_as_on_its_numbers():
     assert a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("with_core", [False, True])
+def test_selection_from_covariates_is_the_selection_on_the_logits(with_core):
+    """The kernel that makes each row's logits itself (bmm(cov, w) plus the core term on the core cells) selects
+    the hits that select_hits selects on those logits made beforehand (up to a near-tie of two keys)."""
+    g = torch.Generator().manual_seed(11)
+    n_l, n, c, m = 5, 60, 7, 64
+    cov, w = torch.randn(n_l, n, c, generator=g), torch.randn(n_l, c, m, generator=g) * 0.8 - 0.3
+    core_idx = torch.tensor([3, 4, 11, 12, 20]) if with_core else None
+    core_vals = torch.randn(n_l, n, 5, generator=g) if with_core else None
+    count = torch.randint(0, m + 1, (n, n_l), generator=g).float()
+    count[0, :] = torch.tensor([0.0, m, m - 1, 1, 2])
+    block = kernels.UniformRows((n, n_l * m), torch.Generator().manual_seed(12)).block(0, n)
+    with torch.no_grad():
+        fused = kernels.select_hits_from_covariates(cov, w, core_vals, core_idx, block, count)
+        logit = torch.bmm(cov, w)
+        if with_core:
+            logit[:, :, core_idx] += core_vals
+        ref = kernels.select_hits(logit, block, count)
+        assert kernels.select_hits_from_covariates(cov, w, core_vals, core_idx, block.tensor(), count) is None
+    assert fused is not None and ref is not None
+    for a, b in zip(fused[:3], ref[:3]):
+        assert torch.equal(a, b)
+    for a, b in zip(fused[3:], ref[3:]):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+
+
+def test_scratch_buffers_are_reused_and_stand_aside_under_autograd():
+    pool = kernels.ScratchPool(keep=2)
+    like = torch.zeros(1)
+    with torch.no_grad():
+        a = pool.take((3, 4, 5), like)
+        assert a is not None and a.shape == (3, 4, 5) and a.dtype == torch.float32
+        ptr = a.data_ptr()
+        pool.give(a)
+        b = pool.take((2, 5), like)  # a smaller request reuses the free buffer
+        assert b is not None and b.data_ptr() == ptr and b.shape == (2, 5)
+        c = pool.take((2, 5), like)  # the buffer is taken: a new one
+        assert c is not None and c.data_ptr() != ptr
+        pool.give(b), pool.give(c), pool.give(None)
+        assert pool.take((1,), torch.zeros(1, dtype=torch.float64)) is None
+    with torch.enable_grad():
+        assert pool.take((3,), like) is None
+
+
+def test_basis_dot_is_the_einsum_with_a_zero_row():
+    g = torch.Generator().manual_seed(13)
+    phi, coef = torch.randn(3, 8, 49, 6, generator=g), torch.randn(3, 8, 4, 6, generator=g)
+    with torch.no_grad():
+        out = kernels.basis_dot(phi, coef)
+    ref = torch.einsum("lnbk,lnjk->lnbj", phi, coef)
+    assert out is not None and out.shape == (3, 8, 50, 4)
+    assert torch.allclose(out[:, :, :-1], ref, atol=1e-5) and not out[:, :, -1].any()
+
+
 def test_kernels_stand_aside_under_autograd():
     logit, u_cells, count = _selection_case(0)
     with torch.enable_grad():
@@ -125,6 +180,23 @@ def test_gathered_dots_are_the_dot_products():
         out = kernels.gathered_dots(cov, lay, row, flat, tables)
     ref = torch.stack([(cov[lay, row] * t[flat]).sum(1) for t in tables])
     assert out is not None and out.shape == (3, 200) and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_first_bins_is_searchsorted_row_by_row():
+    """Same bins as torch.searchsorted (side left) on each hit's layer row: q on a CDF value, between, below the
+    first and above the last, and rows with empty (zero-width) bins."""
+    g = torch.Generator().manual_seed(8)
+    prob = torch.softmax(torch.randn(5, 48, generator=g) * 3, dim=1)
+    prob[2, 10:20] = 0.0  # repeated CDF values
+    cdf = torch.cumsum(prob / prob.sum(1, keepdim=True), dim=1)
+    lay = torch.randint(0, 5, (4000,), generator=g)
+    q = torch.rand(4000, generator=g)
+    q[:200] = cdf[lay[:200], torch.randint(0, 48, (200,), generator=g)]  # exactly on a CDF value
+    q[200:210], q[210:220] = 0.0, 1.5
+    with torch.no_grad():
+        out = kernels.first_bins(cdf, q, lay)
+    ref = torch.stack([torch.searchsorted(cdf[lay[h]], q[h:h + 1])[0] for h in range(4000)])
+    assert out is not None and torch.equal(out, ref)
 
 
 # ---- at the model level ----------------------------------------------------------------------------------------

@@ -8,6 +8,10 @@ the same numbers on any number of threads, and a prefix of the rows of a longer 
 is one 63-bit integer drawn from the caller's torch generator, so seeding works as before. A pure-torch version of
 the same hash (:func:`uniform_reference`) gives bit-identical numbers where numba is missing.
 
+**Bins of a histogram's quantile function** (:func:`first_bins`): ``torch.searchsorted`` over the layers' CDFs
+laid end to end took about 35 ns per hit; a table of where each of T buckets of [0, 1] starts, then a step or two
+forward, gives the same bins (the comparisons are the same float32 ones) in a few ns.
+
 **Hit selection** (:func:`select_hits`).
 ``layerflow`` (with ``hit_count``) hits exactly ``k`` cells in each layer of each shower: the ``k`` cells with the
 smallest keys ``logit(u) - logit(p)`` (Pareto order sampling), and it needs the next key as well (the selection
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -56,7 +61,8 @@ def _kernels() -> SimpleNamespace:
     if _compiled is None:
         from caloforge.models import _numba_kernels
         _compiled = SimpleNamespace(**{name: getattr(_numba_kernels, name) for name in (
-            "fill_uniform", "uniform_at", "select", "select_hashed", "gathered_dots")})
+            "fill_uniform", "uniform_at", "select", "select_hashed", "gathered_dots", "first_bins", "basis_dot",
+            "select_hashed_fused")})
     return _compiled
 
 
@@ -209,6 +215,40 @@ def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count
     return tuple(torch.from_numpy(a) for a in out)
 
 
+def select_hits_from_covariates(cov: torch.Tensor, w: torch.Tensor, core_vals: torch.Tensor | None,
+                                core_idx: torch.Tensor | None, u_cells: torch.Tensor | UniformBlock,
+                                count: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """:func:`select_hits` for the logits ``bmm(cov, w)`` (cov (L, n, C), w (L, C, M)) plus ``core_vals`` (L, n, B)
+    added at the cells ``core_idx`` (B,), without making the (L, n, M) logits: each row is made in cache by the
+    kernel. The logits are the same sums in another order (float rounding apart), so the hits are those of
+    :func:`select_hits` except for the rare near-tie of two keys. None where the kernel does not apply (then the
+    caller makes the logits): autograd, ONNX, not CPU float32, or uniforms given as a tensor."""
+    if not isinstance(u_cells, UniformBlock) or not _applies([cov, w]):
+        return None
+    n_l, n, _ = cov.shape
+    m_cells = w.shape[2]
+    if core_vals is None or core_idx is None:
+        core_np, idx_np = np.zeros((n_l, n, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
+    else:
+        core_np, idx_np = core_vals.to(torch.float32).contiguous().numpy(), core_idx.to(torch.int64).numpy()
+    cov_np, w_np = cov.contiguous().numpy(), w.detach().contiguous().numpy()
+    k = count.to(torch.int64).clamp(0, m_cells).numpy()  # (n, L)
+    offsets = np.zeros(n_l * n + 1, dtype=np.int64)
+    np.cumsum(k.reshape(-1), out=offsets[1:])
+    # the cells in order of decreasing mean logit over the first showers (speed only, as in select_hits)
+    head = torch.bmm(cov[:, :32], w).sum(dim=1).numpy()
+    if len(idx_np):
+        head[:, idx_np] += core_np[:, :32].sum(axis=1)
+    order = np.ascontiguousarray(np.argsort(-head, axis=1, kind="stable"))
+    h = int(offsets[-1])
+    lay, row, col = (np.empty(h, dtype=np.int64) for _ in range(3))
+    logit_hit, u_hit, thr_hit = (np.empty(h, dtype=np.float32) for _ in range(3))
+    out = (lay, row, col, logit_hit, u_hit, thr_hit)
+    _run_split(_kernels().select_hashed_fused, n_l * n, cov_np, w_np, core_np, idx_np, *_seed_words(u_cells.seed),
+               u_cells.row0, k, order, offsets, *out)
+    return tuple(torch.from_numpy(a) for a in out)
+
+
 def gathered_dots(cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat: torch.Tensor,
                   tables: list[torch.Tensor]) -> torch.Tensor | None:
     """(len(tables), H): for each hit h, the dot product of its covariates ``cov[lay[h], row[h]]`` (L, n, C) with
@@ -223,3 +263,78 @@ def gathered_dots(cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat:
         _run_split(_kernels().gathered_dots, h, cov.contiguous().numpy(), lay.numpy(), row.numpy(), flat.numpy(),
                    arrays, out)
     return torch.from_numpy(out)
+
+
+BUCKETS = 1024  # buckets of [0, 1] in first_bins' start table (a power of 2: q * T and t / T are exact)
+
+
+def first_bins(cdf: torch.Tensor, q: torch.Tensor, lay: torch.Tensor) -> torch.Tensor | None:
+    """For each hit, the number of entries of its layer's CDF row ``cdf[lay]`` (L, K), increasing, that lie below
+    ``q`` (H,): ``torch.searchsorted(cdf[lay], q)`` row by row (side left), including K when q is above the whole
+    row. None where the kernels do not apply."""
+    if not _applies([cdf, q]):
+        return None
+    cdf_np = cdf.detach().contiguous().numpy()
+    grid = np.arange(BUCKETS, dtype=np.float32) / np.float32(BUCKETS)
+    start = np.stack([np.searchsorted(row, grid, side="left") for row in cdf_np]).astype(np.int64)
+    h = q.shape[0]
+    out = np.empty(h, dtype=np.int64)
+    if h:
+        _run_split(_kernels().first_bins, h, cdf_np, start, q.contiguous().numpy(), lay.contiguous().numpy(), out)
+    return torch.from_numpy(out)
+
+
+def basis_dot(phi: torch.Tensor, coef: torch.Tensor) -> torch.Tensor | None:
+    """``torch.einsum("...bk,...jk->...bj", phi, coef)`` (basis values at B places times J coefficient rows, for
+    each of many showers and layers), with a zero row appended after the B places: (..., B + 1, J). torch runs
+    this as thousands of tiny matrix products, each with the overhead of a call; the loop here is 5-10x faster.
+    None where the kernels do not apply."""
+    if not _applies([phi, coef]):
+        return None
+    lead, (n_b, n_k), n_j = phi.shape[:-2], phi.shape[-2:], coef.shape[-2]
+    p = phi.contiguous().reshape(-1, n_b, n_k).numpy()
+    c = coef.to(torch.float32).contiguous().reshape(-1, n_j, n_k).numpy()
+    out = np.empty((p.shape[0], n_b + 1, n_j), dtype=np.float32)
+    if p.shape[0]:
+        _run_split(_kernels().basis_dot, p.shape[0], p, c, out)
+    return torch.from_numpy(out).reshape(*lead, n_b + 1, n_j)
+
+
+class ScratchPool:
+    """Reusable float32 CPU buffers for the large temporaries of one sampling chunk (``layerflow``'s hit logits:
+    28-37 MB per chunk of 256 showers). glibc serves allocations above 32 MB (and, until its threshold adapts,
+    smaller ones) with a fresh mmap and unmaps them on free, so such a tensor made anew for every chunk is
+    page-faulted in again each time: a fifth of `multi`'s sampling time was the kernel zeroing pages. A buffer
+    taken here goes back with :meth:`give` when the chunk is done; a few are kept (one per concurrent chunk)."""
+
+    def __init__(self, keep: int = 4):
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+        self.keep = keep
+
+    def take(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor | None:
+        """An uninitialised float32 tensor of ``shape``, or None where buffers are not used (a ``like`` tensor
+        that is not CPU float32, autograd on, ONNX export or tracing: the caller then allocates as usual)."""
+        if (like.device.type != "cpu" or like.dtype != torch.float32 or torch.is_grad_enabled()
+                or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()):
+            return None
+        n = int(np.prod(shape))
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= n]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
+        if buf is None:
+            buf = torch.empty(n, dtype=torch.float32)
+        return buf[:n].view(shape)
+
+    def give(self, t: torch.Tensor | None) -> None:
+        """Return a buffer from :meth:`take` (None is ignored); the caller must hold no view of it any more."""
+        if t is None:
+            return
+        base = t._base if t._base is not None else t
+        with self._lock:
+            self._free.append(base)
+            self._free.sort(key=torch.Tensor.numel, reverse=True)
+            del self._free[self.keep:]
+
+
+SCRATCH = ScratchPool()

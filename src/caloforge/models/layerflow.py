@@ -36,7 +36,15 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.kernels import UniformBlock, gathered_dots, select_hits
+from caloforge.models.kernels import (
+    SCRATCH,
+    UniformBlock,
+    basis_dot,
+    first_bins,
+    gathered_dots,
+    select_hits,
+    select_hits_from_covariates,
+)
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
@@ -598,11 +606,13 @@ class LayerFlow(ShowerModel):
 
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
-                    cond: torch.Tensor | None = None) -> torch.Tensor:
+                    cond: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product (plus the core term,
-        and the halo term, which needs the axis offsets and raw conditions)."""
+        and the halo term, which needs the axis offsets and raw conditions); ``out``: a float32 buffer for the
+        product (sampling reuses one, :class:`kernels.ScratchPool`)."""
         w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
-        logit = torch.bmm(cov, w).float()  # float32 even under bf16 autocast
+        # float32 even under bf16 autocast
+        logit = torch.bmm(cov, w.to(cov.dtype), out=out) if out is not None else torch.bmm(cov, w).float()
         if self.halo_w is not None:
             if offsets is None or cond is None:
                 raise ValueError("layerflow: the halo term needs the axis offsets and the raw conditions")
@@ -611,7 +621,7 @@ class LayerFlow(ShowerModel):
             return logit
         if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export():
             return logit + core[:, :, self.core_pos, 0]
-        logit[:, :, self.core_idx] += core[:, :, :-1, 0]  # sampling: only the core block's cells (the same sums)
+        logit.index_add_(2, self.core_idx, core[:, :, :-1, 0])  # sampling: only the core block's cells (same sums)
         return logit
 
     def _core_basis_values(self, dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
@@ -654,6 +664,8 @@ class LayerFlow(ShowerModel):
         angle = cond[:, 1].float() if cond is not None else torch.zeros_like(ax[0, :, 0])
         phi = self._core_basis_values(dx, dy, angle).to(cov.dtype)  # (L, n, B^2, K)
         coef = torch.bmm(cov, self.core_w).reshape(self.n_layers, -1, self.core_laws, self.core_basis)
+        if self.core_cw is None and (fast := basis_dot(phi, coef)) is not None:  # sampling on the CPU
+            return fast  # the same sums, the zero row included
         term = torch.einsum("lnbk,lnjk->lnbj", phi, coef).float()
         if self.core_cw is not None:  # follow the layer's centroid: zero at the axis, so symmetric where it is
             cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
@@ -673,7 +685,10 @@ class LayerFlow(ShowerModel):
     def _core_at(self, core: torch.Tensor | None, lay: torch.Tensor, row: torch.Tensor,
                  col: torch.Tensor) -> torch.Tensor | None:
         """The core term (H, 4) at the hit cells (layer, shower, cell within the layer)."""
-        return None if core is None else core[lay, row, self.core_pos[col]]
+        if core is None:
+            return None
+        n_l, n, n_b, n_j = core.shape  # one gather of whole rows (faster than three index tensors)
+        return core.reshape(-1, n_j).index_select(0, (lay * n + row) * n_b + self.core_pos[col])
 
     def _mip_bin(self, y: torch.Tensor) -> torch.Tensor:
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
@@ -699,10 +714,12 @@ class LayerFlow(ShowerModel):
             c = cdf[lay]  # (H, K)
             b = (c < q[:, None]).sum(dim=1).clamp(max=k - 1)
             upper = torch.gather(c, 1, b[:, None])[:, 0]
-        else:  # the same bin by binary search: the layers' CDFs laid end to end, offset by the layer (exact in f64)
-            flat = (cdf.double() + torch.arange(cdf.shape[0], device=cdf.device, dtype=torch.float64)[:, None])
-            pos = torch.searchsorted(flat.reshape(-1), q.double() + lay.double())
-            b = (pos - lay * k).clamp(max=k - 1)
+        else:  # the same bin: the compiled bucket search on the CPU, else a binary search over the layers' CDFs
+            pos = first_bins(cdf, q, lay)  # laid end to end and offset by the layer (exact in float64)
+            if pos is None:
+                flat = (cdf.double() + torch.arange(cdf.shape[0], device=cdf.device, dtype=torch.float64)[:, None])
+                pos = torch.searchsorted(flat.reshape(-1), q.double() + lay.double()) - lay * k
+            b = pos.clamp(max=k - 1)
             upper = cdf.reshape(-1)[lay * k + b]
         p_b = prob[lay, b]
         frac = ((q - (upper - p_b)) / p_b.clamp(min=1e-12)).clamp(0.0, 1.0)
@@ -949,6 +966,17 @@ class LayerFlow(ShowerModel):
             row, idx, e = row[order], idx[order], e[order]
         return row, idx, e
 
+    def _select_in_kernel(self, cov: torch.Tensor, core: torch.Tensor | None, u_cells: Any,
+                          count: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The hits of :meth:`_hits_exactly` for the logits of :meth:`_hit_logits`, from the compiled kernel that
+        makes the logits row by row (no halo term; CPU sampling from hashed uniforms), else None."""
+        if self.halo_w is not None:
+            return None
+        w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
+        if core is None:
+            return select_hits_from_covariates(cov, w, None, None, u_cells, count)
+        return select_hits_from_covariates(cov, w, core[:, :, :-1, 0], self.core_idx, u_cells, count)
+
     def _hits(self, cond: torch.Tensor, *noise: torch.Tensor):
         """The hit cells (shower row, layer, cell within the layer, flat cell index) and their energies (MeV)."""
         z_flow, u_cells = noise[:2]
@@ -972,13 +1000,20 @@ class LayerFlow(ShowerModel):
         cov = self._covariates(fs, cf, offsets, cond)
         core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
-        logit = self._hit_logits(cov, core, offsets, cond)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
             k = N_FEAT * n_l + self.total
             log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
             count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
             count = torch.where(e_layer > 0, count, torch.zeros_like(count))
-            fast = select_hits(logit, u_cells, count)  # the compiled kernel on the CPU (same hits), else None
+        # On the CPU the compiled kernel makes each row's logits in cache and selects its hits (None elsewhere).
+        fast = self._select_in_kernel(cov, core, u_cells, count) if cfg.hit_count else None
+        buf = logit = None
+        if fast is None:
+            buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
+            logit = self._hit_logits(cov, core, offsets, cond, out=buf)
+        if cfg.hit_count:
+            if fast is None:
+                fast = select_hits(logit, u_cells, count)  # the compiled kernel on given logits, else None
             if fast is not None:
                 lay, row, col, logit_hit, u_hit, thr_hit = fast
             else:
@@ -1001,6 +1036,8 @@ class LayerFlow(ShowerModel):
             lay, row, col = (u < p).nonzero(as_tuple=True)
             flat = lay * n_lat + col
             v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
+        del logit
+        SCRATCH.give(buf)
         core_at = self._core_at(core, lay, row, col)
         halo_at = None if self.halo_w is None else self._halo_at(cov, offsets, cond, lay, row, col)
         # the per-cell linear laws at the hits: one compiled pass on the CPU (None elsewhere: torch inside)
