@@ -158,7 +158,7 @@ def test_basis_dot_is_the_einsum_with_a_zero_row():
     g = torch.Generator().manual_seed(13)
     phi, coef = torch.randn(3, 8, 49, 6, generator=g), torch.randn(3, 8, 4, 6, generator=g)
     with torch.no_grad():
-        out = kernels.basis_dot(phi, coef)
+        out = kernels.basis_dot(list(phi.unbind(-1)), coef)
     ref = torch.einsum("lnbk,lnjk->lnbj", phi, coef)
     assert out is not None and out.shape == (3, 8, 50, 4)
     assert torch.allclose(out[:, :, :-1], ref, atol=1e-5) and not out[:, :, -1].any()

@@ -27,6 +27,12 @@ here does the same per (layer, shower) row in one pass that stays in the core's 
 * the hits written straight into the output (layer-major, then shower, then cell, as ``mask.nonzero`` orders
   them), with their logit, their uniform and the threshold, which is all the energy stage needs.
 
+The shipped models' hit logits are one batched product of per-layer covariates with per-cell coefficients (plus a
+core term on a block of cells): :func:`select_hits_from_covariates` makes each row's logits in the kernel, in cache,
+instead of reading a (layers, showers, cells) tensor of 28-37 MB per chunk made beforehand (writing and reading it
+cost more than the arithmetic). The small per-hit and per-core-cell contractions (:func:`gathered_dots`,
+:func:`basis_dot`) and the soft-hit bins (:func:`first_bins`) are compiled too.
+
 Same noise, same hits: the selections agree with the torch reference except where two keys of one row tie to
 within a few ulp (tested). Rows are independent, so the result does not depend on the number of threads. Without
 numba (or with ``CALOFORGE_NUMBA=0``) :func:`select_hits` returns None and the caller uses the torch reference.
@@ -284,19 +290,20 @@ def first_bins(cdf: torch.Tensor, q: torch.Tensor, lay: torch.Tensor) -> torch.T
     return torch.from_numpy(out)
 
 
-def basis_dot(phi: torch.Tensor, coef: torch.Tensor) -> torch.Tensor | None:
-    """``torch.einsum("...bk,...jk->...bj", phi, coef)`` (basis values at B places times J coefficient rows, for
-    each of many showers and layers), with a zero row appended after the B places: (..., B + 1, J). torch runs
-    this as thousands of tiny matrix products, each with the overhead of a call; the loop here is 5-10x faster.
-    None where the kernels do not apply."""
-    if not _applies([phi, coef]):
+def basis_dot(basis: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor | None:
+    """``torch.einsum("...bk,...jk->...bj", torch.stack(basis, -1), coef)``: K basis functions, each (..., B) at B
+    places, times J coefficient rows (..., J, K), for each of many showers and layers, with a zero row appended
+    after the B places: (..., B + 1, J). torch runs this as thousands of tiny matrix products, each with the
+    overhead of a call, after an interleaving copy of the basis; the loop here reads the K functions where they
+    lie. None where the kernels do not apply."""
+    if not _applies([*basis, coef]):
         return None
-    lead, (n_b, n_k), n_j = phi.shape[:-2], phi.shape[-2:], coef.shape[-2]
-    p = phi.contiguous().reshape(-1, n_b, n_k).numpy()
-    c = coef.to(torch.float32).contiguous().reshape(-1, n_j, n_k).numpy()
-    out = np.empty((p.shape[0], n_b + 1, n_j), dtype=np.float32)
-    if p.shape[0]:
-        _run_split(_kernels().basis_dot, p.shape[0], p, c, out)
+    lead, n_b, n_j = basis[0].shape[:-1], basis[0].shape[-1], coef.shape[-2]
+    funcs = tuple(b.contiguous().reshape(-1, n_b).numpy() for b in basis)
+    c = coef.to(torch.float32).contiguous().reshape(-1, n_j, len(basis)).numpy()
+    out = np.empty((c.shape[0], n_b + 1, n_j), dtype=np.float32)
+    if c.shape[0]:
+        _run_split(_kernels().basis_dot, c.shape[0], funcs, c, out)
     return torch.from_numpy(out).reshape(*lead, n_b + 1, n_j)
 
 

@@ -625,7 +625,12 @@ class LayerFlow(ShowerModel):
         return logit
 
     def _core_basis_values(self, dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-        """The core term's basis (..., B^2, K) at displacements (dx, dy) from the axis (cells), angle (deg) (n,).
+        """The core term's basis (..., B^2, K): :meth:`_core_basis` stacked."""
+        return torch.stack(self._core_basis(dx, dy, angle), dim=-1)
+
+    def _core_basis(self, dx: torch.Tensor, dy: torch.Tensor, angle: torch.Tensor) -> list[torch.Tensor]:
+        """The core term's K basis functions, each (..., B^2), at displacements (dx, dy) from the axis (cells),
+        angle (deg) (n,).
 
         Gaussians in the distance at widths core_width x 2^k and odd partners in dy. With ``core_exclusive`` also a
         constant and the distance itself (the core cells have no intercepts of their own), and the odd and
@@ -639,7 +644,7 @@ class LayerFlow(ShowerModel):
                 s = cfg.core_width * 2.0 ** k
                 g = torch.exp(r2 * (-0.5 / s ** 2))
                 basis += [g, g * (dy / s)]
-            return torch.stack(basis, dim=-1)
+            return basis
         a = angle * (math.pi / 180)
         sin_a, sec_m1 = torch.sin(a)[:, None], 1.0 / torch.cos(a)[:, None] - 1.0  # (n, 1)
         g = [torch.exp(r2 * (-0.5 / (cfg.core_width * 2.0 ** k) ** 2)) for k in range(4)]
@@ -649,7 +654,7 @@ class LayerFlow(ShowerModel):
         if cfg.core_far:  # the halo: a slow fall-off with the distance (hit probability, soft-hit weight)
             r = basis[1]
             basis += [torch.log(r + 0.5), torch.exp(r * (-1.0 / 3.0))]
-        return torch.stack(basis, dim=-1)
+        return basis
 
     def _core_terms(self, cov: torch.Tensor, offsets: torch.Tensor | None,
                     cond: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -662,10 +667,11 @@ class LayerFlow(ShowerModel):
         dx = self.cell_x[self.core_idx] - ax
         dy = self.cell_y[self.core_idx] - ay  # (L, n, B^2)
         angle = cond[:, 1].float() if cond is not None else torch.zeros_like(ax[0, :, 0])
-        phi = self._core_basis_values(dx, dy, angle).to(cov.dtype)  # (L, n, B^2, K)
+        basis = [b.to(cov.dtype) for b in self._core_basis(dx, dy, angle)]  # K x (L, n, B^2)
         coef = torch.bmm(cov, self.core_w).reshape(self.n_layers, -1, self.core_laws, self.core_basis)
-        if self.core_cw is None and (fast := basis_dot(phi, coef)) is not None:  # sampling on the CPU
+        if self.core_cw is None and (fast := basis_dot(basis, coef)) is not None:  # sampling on the CPU
             return fast  # the same sums, the zero row included
+        phi = torch.stack(basis, dim=-1)  # (L, n, B^2, K)
         term = torch.einsum("lnbk,lnjk->lnbj", phi, coef).float()
         if self.core_cw is not None:  # follow the layer's centroid: zero at the axis, so symmetric where it is
             cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
