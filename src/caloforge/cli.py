@@ -7,7 +7,9 @@ Those modules keep heavy imports (torch, geant4) inside ``run`` so that ``calofo
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
+import os
 import sys
 
 from caloforge import __version__
@@ -50,8 +52,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve allocations up to 32 MB from the heap and to keep up to 1 GB of freed memory, instead of
+    fresh mmaps that the kernel page-faults in and zeroes again for every batch (per-chunk temporaries of 4-37 MB
+    while sampling; on a virtual machine those faults cost a tenth to a fifth of a generate job). Applied to
+    caloforge's own processes only, not on import; ``CALOFORGE_MALLOC=0`` leaves the allocator alone. Returns whether
+    it was applied."""
+    if os.environ.get("CALOFORGE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
