@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import h5py
 import numpy as np
@@ -273,3 +274,12 @@ def test_append_hits_refuses_inconsistent_hits(tmp_path):
     with ShowerFile(tmp_path / "s.h5") as f:
         s = f.read().showers
     assert s[0, 3] == 1.0 and s[3, 5] == 2.0 and s.sum() == 3.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_cli_keeps_freed_memory_unless_told_not_to(monkeypatch):
+    from caloforge.cli import keep_freed_memory
+
+    assert keep_freed_memory() is True  # mallopt accepted both settings
+    monkeypatch.setenv("CALOFORGE_MALLOC", "0")
+    assert keep_freed_memory() is False
