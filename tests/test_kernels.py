@@ -109,33 +109,6 @@ def test_select_hits_on_a_block_makes_the_same_hits_as_on_its_numbers():
     assert a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("with_core", [False, True])
-def test_selection_from_covariates_is_the_selection_on_the_logits(with_core):
-    """The kernel that makes each row's logits itself (bmm(cov, w) plus the core term on the core cells) selects
-    the hits that select_hits selects on those logits made beforehand (up to a near-tie of two keys)."""
-    g = torch.Generator().manual_seed(11)
-    n_l, n, c, m = 5, 60, 7, 64
-    cov, w = torch.randn(n_l, n, c, generator=g), torch.randn(n_l, c, m, generator=g) * 0.8 - 0.3
-    core_idx = torch.tensor([3, 4, 11, 12, 20]) if with_core else None
-    core_vals = torch.randn(n_l, n, 5, generator=g) if with_core else None
-    count = torch.randint(0, m + 1, (n, n_l), generator=g).float()
-    count[0, :] = torch.tensor([0.0, m, m - 1, 1, 2])
-    block = kernels.UniformRows((n, n_l * m), torch.Generator().manual_seed(12)).block(0, n)
-    with torch.no_grad():
-        fused = kernels.select_hits_from_covariates(cov, w, core_vals, core_idx, block, count)
-        logit = torch.bmm(cov, w)
-        if with_core:
-            logit[:, :, core_idx] += core_vals
-        ref = kernels.select_hits(logit, block, count)
-        assert kernels.select_hits_from_covariates(cov, w, core_vals, core_idx, block.tensor(), count) is None
-    assert fused is not None and ref is not None
-    for a, b in zip(fused[:3], ref[:3]):
-        assert torch.equal(a, b)
-    for a, b in zip(fused[3:], ref[3:]):
-        finite = torch.isfinite(b)
-        assert torch.equal(finite, torch.isfinite(a)) and torch.allclose(a[finite], b[finite], atol=1e-5, rtol=1e-5)
-
-
 def test_scratch_buffers_are_reused_and_stand_aside_under_autograd():
     pool = kernels.ScratchPool(keep=2)
     like = torch.zeros(1)

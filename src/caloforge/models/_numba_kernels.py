@@ -208,51 +208,6 @@ def select_hashed(logit: Any, seed_lo: Any, seed_hi: Any, row0: int, count: Any,
                 u_hit[o + q] = _clamped(_unit(s1, s2, c0 + col[o + q]))
 
 
-@njit(inline="always", fastmath=_FM, error_model="numpy")
-def _logit_row(g: Any, w: Any, core_vals: Any, core_idx: Any, out: Any) -> None:
-    """out = g @ w (covariates (C,) times the layer's per-cell coefficients (C, M)), plus core_vals at the cells
-    core_idx: one row of the hit logits, made in cache."""
-    n_c = w.shape[0]
-    w0, g0 = w[0], g[0]
-    for j in range(out.shape[0]):
-        out[j] = g0 * w0[j]
-    for c in range(1, n_c):
-        wc, gc = w[c], g[c]
-        for j in range(out.shape[0]):
-            out[j] += gc * wc[j]
-    for b in range(core_idx.shape[0]):
-        out[core_idx[b]] += core_vals[b]
-
-
-@njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
-def select_hashed_fused(cov: Any, w: Any, core_vals: Any, core_idx: Any, seed_lo: Any, seed_hi: Any, row0: int,
-                        count: Any, order: Any, offsets: Any, lay: Any, row: Any, col: Any, logit_hit: Any,
-                        u_hit: Any, thr_hit: Any, start: int, stop: int) -> None:
-    """:func:`select_hashed` with each row's logits made here from the covariates cov (L, n, C), the per-cell
-    coefficients w (L, C, M) and the core term core_vals (L, n, B) on the cells core_idx (B,), instead of read from
-    a (L, n, M) tensor made beforehand (which costs more to write and read than to compute)."""
-    n_l, m_cells = w.shape[0], w.shape[2]
-    lrow = np.empty(m_cells, np.float32)
-    key = np.empty(m_cells, np.float32)
-    hk = np.empty(m_cells + 1, np.float32)
-    hj = np.empty(m_cells + 1, np.int64)
-    for t in range(start, stop):
-        r = t // n_l
-        li = t - r * n_l
-        k = count[r, li]
-        if k > 0:
-            o = offsets[t]
-            _logit_row(cov[li, r], w[li], core_vals[li, r], core_idx, lrow)
-            s1, s2 = _row_seeds(seed_lo, seed_hi, row0 + r)
-            c0 = li * m_cells
-            if k < m_cells:
-                _odds_hashed(s1, s2, c0, key)
-                _log_keys(key, lrow)
-            _select_row(li, r, k, o, lrow, key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
-            for q in range(min(k, m_cells)):
-                u_hit[o + q] = _clamped(_unit(s1, s2, c0 + col[o + q]))
-
-
 @njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def gathered_dots(cov: Any, lay: Any, row: Any, flat: Any, tables: Any, out: Any, start: int, stop: int) -> None:
     """out[q, h] = sum_c cov[lay[h], row[h], c] * tables[q][flat[h], c] for hits start..stop."""

@@ -27,11 +27,10 @@ here does the same per (layer, shower) row in one pass that stays in the core's 
 * the hits written straight into the output (layer-major, then shower, then cell, as ``mask.nonzero`` orders
   them), with their logit, their uniform and the threshold, which is all the energy stage needs.
 
-The shipped models' hit logits are one batched product of per-layer covariates with per-cell coefficients (plus a
-core term on a block of cells): :func:`select_hits_from_covariates` makes each row's logits in the kernel, in cache,
-instead of reading a (layers, showers, cells) tensor of 28-37 MB per chunk made beforehand (writing and reading it
-cost more than the arithmetic). The small per-hit and per-core-cell contractions (:func:`gathered_dots`,
-:func:`basis_dot`) and the soft-hit bins (:func:`first_bins`) are compiled too.
+The hit logits the selection reads are a (layers, showers, cells) tensor of 28-37 MB per chunk; made afresh for
+every chunk, its pages were faulted in and zeroed by the kernel each time, which cost three times the product itself.
+Sampling takes it from a :class:`ScratchPool` of reused buffers. The small per-hit and per-core-cell contractions
+(:func:`gathered_dots`, :func:`basis_dot`) and the soft-hit bins (:func:`first_bins`) are compiled too.
 
 Same noise, same hits: the selections agree with the torch reference except where two keys of one row tie to
 within a few ulp (tested). Rows are independent, so the result does not depend on the number of threads. Without
@@ -67,8 +66,7 @@ def _kernels() -> SimpleNamespace:
     if _compiled is None:
         from caloforge.models import _numba_kernels
         _compiled = SimpleNamespace(**{name: getattr(_numba_kernels, name) for name in (
-            "fill_uniform", "uniform_at", "select", "select_hashed", "gathered_dots", "first_bins", "basis_dot",
-            "select_hashed_fused")})
+            "fill_uniform", "uniform_at", "select", "select_hashed", "gathered_dots", "first_bins", "basis_dot")})
     return _compiled
 
 
@@ -218,40 +216,6 @@ def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count
     else:
         u_np = u_cells.to(torch.float32).contiguous().numpy().reshape(n, n_l, m_cells)
         _run_split(_kernels().select, n_l * n, logit_np, u_np, k, order, offsets, *out)
-    return tuple(torch.from_numpy(a) for a in out)
-
-
-def select_hits_from_covariates(cov: torch.Tensor, w: torch.Tensor, core_vals: torch.Tensor | None,
-                                core_idx: torch.Tensor | None, u_cells: torch.Tensor | UniformBlock,
-                                count: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-    """:func:`select_hits` for the logits ``bmm(cov, w)`` (cov (L, n, C), w (L, C, M)) plus ``core_vals`` (L, n, B)
-    added at the cells ``core_idx`` (B,), without making the (L, n, M) logits: each row is made in cache by the
-    kernel. The logits are the same sums in another order (float rounding apart), so the hits are those of
-    :func:`select_hits` except for the rare near-tie of two keys. None where the kernel does not apply (then the
-    caller makes the logits): autograd, ONNX, not CPU float32, or uniforms given as a tensor."""
-    if not isinstance(u_cells, UniformBlock) or not _applies([cov, w]):
-        return None
-    n_l, n, _ = cov.shape
-    m_cells = w.shape[2]
-    if core_vals is None or core_idx is None:
-        core_np, idx_np = np.zeros((n_l, n, 0), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    else:
-        core_np, idx_np = core_vals.to(torch.float32).contiguous().numpy(), core_idx.to(torch.int64).numpy()
-    cov_np, w_np = cov.contiguous().numpy(), w.detach().contiguous().numpy()
-    k = count.to(torch.int64).clamp(0, m_cells).numpy()  # (n, L)
-    offsets = np.zeros(n_l * n + 1, dtype=np.int64)
-    np.cumsum(k.reshape(-1), out=offsets[1:])
-    # the cells in order of decreasing mean logit over the first showers (speed only, as in select_hits)
-    head = torch.bmm(cov[:, :32], w).sum(dim=1).numpy()
-    if len(idx_np):
-        head[:, idx_np] += core_np[:, :32].sum(axis=1)
-    order = np.ascontiguousarray(np.argsort(-head, axis=1, kind="stable"))
-    h = int(offsets[-1])
-    lay, row, col = (np.empty(h, dtype=np.int64) for _ in range(3))
-    logit_hit, u_hit, thr_hit = (np.empty(h, dtype=np.float32) for _ in range(3))
-    out = (lay, row, col, logit_hit, u_hit, thr_hit)
-    _run_split(_kernels().select_hashed_fused, n_l * n, cov_np, w_np, core_np, idx_np, *_seed_words(u_cells.seed),
-               u_cells.row0, k, order, offsets, *out)
     return tuple(torch.from_numpy(a) for a in out)
 
 

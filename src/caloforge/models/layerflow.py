@@ -43,7 +43,6 @@ from caloforge.models.kernels import (
     first_bins,
     gathered_dots,
     select_hits,
-    select_hits_from_covariates,
 )
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
@@ -993,17 +992,6 @@ class LayerFlow(ShowerModel):
             row, idx, e = row[order], idx[order], e[order]
         return row, idx, e
 
-    def _select_in_kernel(self, cov: torch.Tensor, core: torch.Tensor | None, u_cells: Any,
-                          count: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The hits of :meth:`_hits_exactly` for the logits of :meth:`_hit_logits`, from the compiled kernel that
-        makes the logits row by row (no halo term; CPU sampling from hashed uniforms), else None."""
-        if self.halo_w is not None:
-            return None
-        w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
-        if core is None:
-            return select_hits_from_covariates(cov, w, None, None, u_cells, count)
-        return select_hits_from_covariates(cov, w, core[:, :, :-1, 0], self.core_idx, u_cells, count)
-
     def _hits(self, cond: torch.Tensor, *noise: torch.Tensor):
         """The hit cells (shower row, layer, cell within the layer, flat cell index) and their energies (MeV)."""
         z_flow, u_cells = noise[:2]
@@ -1027,20 +1015,14 @@ class LayerFlow(ShowerModel):
         cov = self._covariates(fs, cf, offsets, cond)
         core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
+        buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
+        logit = self._hit_logits(cov, core, offsets, cond, out=buf)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
             k = N_FEAT * n_l + self.total
             log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
             count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
             count = torch.where(e_layer > 0, count, torch.zeros_like(count))
-        # On the CPU the compiled kernel makes each row's logits in cache and selects its hits (None elsewhere).
-        fast = self._select_in_kernel(cov, core, u_cells, count) if cfg.hit_count else None
-        buf = logit = None
-        if fast is None:
-            buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
-            logit = self._hit_logits(cov, core, offsets, cond, out=buf)
-        if cfg.hit_count:
-            if fast is None:
-                fast = select_hits(logit, u_cells, count)  # the compiled kernel on given logits, else None
+            fast = select_hits(logit, u_cells, count)  # the compiled kernel on the CPU (same hits), else None
             if fast is not None:
                 lay, row, col, logit_hit, u_hit, thr_hit = fast
             else:
