@@ -16,7 +16,14 @@ from caloforge.dataset import ShowerFile, write_showers
 from caloforge.detector import Detector
 from caloforge.models import ModelError, get_family, load_model, save_model
 from caloforge.models.calogan import LocallyConnected2d, MinibatchDiscrimination
-from conftest_models import TINY_CONFIGS, tiny_model, toy_detector, toy_layered_detector, toy_layered_showers
+from conftest_models import (
+    TINY_CONFIGS,
+    load_script,
+    tiny_model,
+    toy_detector,
+    toy_layered_detector,
+    toy_layered_showers,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -166,13 +173,8 @@ def test_train_generate_export_bench_cli(family, det, tmp_path, capsys):
 
 def test_shower_shapes_script(det, tmp_path):
     """scripts/shower_shapes.py: identical samples agree exactly; a sample with doubled energies is told apart."""
-    import importlib.util
-    from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("shower_shapes",
-                                                  Path(__file__).parents[1] / "scripts" / "shower_shapes.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("shower_shapes")
     b = toy_layered_showers(det, 60, seed=2)
     write_showers(tmp_path / "a.h5", det, b.conditions, b.showers)
     write_showers(tmp_path / "b.h5", det, b.conditions, 2 * b.showers)

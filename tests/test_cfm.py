@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from caloforge.models import ModelError, TrainBatch, get_family
-from conftest_models import TINY_CONFIGS, tiny_model, toy_detector, toy_showers
+from conftest_models import TINY_CONFIGS, load_script, tiny_model, toy_detector, toy_showers
 
 
 @pytest.fixture(autouse=True)
@@ -117,14 +117,10 @@ def test_short_training_learns_the_toy_showers(detector):
 
 def test_steps_script_writes_the_same_weights_with_other_steps(detector, data, tmp_path):
     """scripts/cfm_steps.py: a model copy that samples with other steps, as set_sampling does; non-cfm refused."""
-    import importlib.util
-    from pathlib import Path
 
     from caloforge.models import load_model, save_model
 
-    spec = importlib.util.spec_from_file_location("cfm_steps", Path(__file__).parents[1] / "scripts" / "cfm_steps.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("cfm_steps")
     model = tiny_model("cfm", detector, data)
     save_model(model, tmp_path / "m")
     assert script.main([str(tmp_path / "m"), "--steps", "5", "--solver", "heun", "-o", str(tmp_path / "m5")]) == 0
@@ -140,17 +136,12 @@ def test_steps_script_writes_the_same_weights_with_other_steps(detector, data, t
 def test_export_checkpoint_script_gives_the_trained_model(tmp_path):
     """scripts/export_checkpoint.py: the model of a run's last checkpoint, without loading the data, samples as the
     model the trainer wrote at the same step."""
-    import importlib.util
-    from pathlib import Path
 
     from caloforge.models import load_model
     from caloforge.train import TrainConfig, Trainer
     from conftest_models import write_toy_file
 
-    spec = importlib.util.spec_from_file_location("export_checkpoint",
-                                                  Path(__file__).parents[1] / "scripts" / "export_checkpoint.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("export_checkpoint")
     det = toy_detector()
     write_toy_file(tmp_path / "toy.h5", det, 40, seed=1)
     cfg = TrainConfig(batch_size=16, max_steps=4, checkpoint_every=2, val_every=0, val_fraction=0.2, select="last")
@@ -166,15 +157,11 @@ def test_reflow_script_distils_the_teacher_and_resumes_exactly(tmp_path):
     """scripts/cfm_reflow.py: the student, trained on the teacher's (noise, endpoint) pairs, maps noise in one Euler
     step closer to the teacher's many-step endpoint than the teacher's own one step does; a run stopped early and
     rerun (one pair chunk lost) ends with the same weights as an uninterrupted one; non-cfm models are refused."""
-    import importlib.util
-    from pathlib import Path
 
     from caloforge.models import load_model, save_model
     from conftest_models import write_toy_file
 
-    spec = importlib.util.spec_from_file_location("cfm_reflow", Path(__file__).parents[1] / "scripts" / "cfm_reflow.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("cfm_reflow")
     det = toy_detector()
     data = write_toy_file(tmp_path / "toy.h5", det, 48, seed=3)
     teacher = tiny_model("cfm", det, data)

@@ -16,6 +16,7 @@ from caloforge.dataset import (
     write_showers,
 )
 from caloforge.detector import Detector, load_detector
+from conftest_models import load_script
 
 DET = load_detector("ild-ecal")
 N_CELLS = DET.n_cells()
@@ -135,16 +136,12 @@ def test_writer_refuses_bad_values(tmp_path):
 def test_merge_sets_widens_normal_windows_and_keeps_conditions(tmp_path):
     """scripts/merge_sets.py: a normal-window file and an angled-window file of one detector become one angled file,
     every row's conditions and cells intact (the normal window's cells are the angled window's first y columns)."""
-    import importlib.util
-    from pathlib import Path
 
     from caloforge.conditions import Conditions
     from caloforge.dataset import write_showers
     from conftest_models import toy_detector
 
-    spec = importlib.util.spec_from_file_location("merge_sets", Path(__file__).parents[1] / "scripts" / "merge_sets.py")
-    merge = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge)
+    merge = load_script("merge_sets")
     det = toy_detector(n_layers=3, n_xy=4, n_y_angled=8)
     rng = np.random.default_rng(0)
     normal = rng.exponential(1.0, (5, 3 * 4 * 4)).astype(np.float32)
@@ -171,17 +168,12 @@ def test_merge_sets_widens_normal_windows_and_keeps_conditions(tmp_path):
 def test_centroid_bias_script_measures_a_known_shift(tmp_path, capsys):
     """scripts/centroid_bias.py: a candidate whose layer energy sits one cell above the reference's (same conditions)
     has a bias of exactly +1 cell in that layer; an identical candidate has 0."""
-    import importlib.util
-    from pathlib import Path
 
     from caloforge.conditions import Conditions
     from caloforge.dataset import write_showers
     from conftest_models import toy_detector
 
-    spec = importlib.util.spec_from_file_location("centroid_bias",
-                                                  Path(__file__).parents[1] / "scripts" / "centroid_bias.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("centroid_bias")
     det = toy_detector(n_layers=3, n_xy=4, n_y_angled=8)
     n = 30
     ref = np.zeros((n, 3, 4, 4), np.float32)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 from caloforge import flags
 from caloforge.metrics import compare_summaries
 from caloforge.observables import summarise
-from conftest_models import toy_detector, toy_showers, write_toy_file
+from conftest_models import load_script, toy_detector, toy_showers, write_toy_file
 
 ROOT = Path(__file__).resolve().parents[1]
 DET = toy_detector("toy-flags", n_layers=6, n_xy=8)
@@ -116,9 +115,7 @@ def test_report_states_the_rule_of_the_code(tmp_path):
 
 
 def test_calibration_script_runs_on_a_small_file(tmp_path):
-    spec = importlib.util.spec_from_file_location("calibrate_flags", ROOT / "scripts" / "calibrate_flags.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("calibrate_flags")
     path = tmp_path / "toy.h5"
     write_toy_file(path, DET, 160, seed=3)
     out = tmp_path / "cal.json"
@@ -130,9 +127,7 @@ def test_calibration_script_runs_on_a_small_file(tmp_path):
 
 
 def test_lateral_stretch_widens_every_shower_by_the_scale():
-    spec = importlib.util.spec_from_file_location("calibrate_flags", ROOT / "scripts" / "calibrate_flags.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("calibrate_flags")
     from caloforge.observables import as_geometry, compute_observables
 
     b = toy_showers(DET, 200, seed=4)

@@ -8,7 +8,6 @@ The same checks run on toy showers (always) and on small Geant4 photon samples f
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 from html.parser import HTMLParser
@@ -22,6 +21,7 @@ from caloforge.dataset import ShowerFile, ShowerWriter
 from caloforge.detector import load_detector
 from caloforge.evaluate import evaluate
 from caloforge.metrics import flagged_observables
+from conftest_models import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 ENERGY_OBSERVABLES = {"e_vis", "e_vis_weighted", "e_ratio", "e_ratio_weighted"}
@@ -32,9 +32,7 @@ LATERAL_CENTRES = {"cog_x", "cog_y"}
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_evaluate", ROOT / "scripts" / "bench_evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("bench_evaluate")
     return mod
 
 
