@@ -168,9 +168,8 @@ def test_failure_mid_generation_leaves_no_file(model_dir, tmp_path, monkeypatch,
     model = load_model(model_dir, device="cpu")
     sampler = ConditionSampler.parse("20:90", "0", "0,0", "gamma", model.detector.cell_size_mm)
     calls = []
-    assert model.makes_hits  # generate asks it for hits, and the writer takes them (in a dense file too)
     if side == "model":
-        sample = model.sample_hits
+        sample = model.sample
 
         def failing(*a, **k):
             calls.append(1)
@@ -178,9 +177,9 @@ def test_failure_mid_generation_leaves_no_file(model_dir, tmp_path, monkeypatch,
                 raise RuntimeError("model failed")
             return sample(*a, **k)
 
-        monkeypatch.setattr(model, "sample_hits", failing)
+        monkeypatch.setattr(model, "sample", failing)
     else:
-        append = ShowerWriter.append_hits
+        append = ShowerWriter.append
 
         def failing(self, *a, **k):
             calls.append(1)
@@ -188,7 +187,7 @@ def test_failure_mid_generation_leaves_no_file(model_dir, tmp_path, monkeypatch,
                 raise OSError("disk full")
             return append(self, *a, **k)
 
-        monkeypatch.setattr(ShowerWriter, "append_hits", failing)
+        monkeypatch.setattr(ShowerWriter, "append", failing)
     out = tmp_path / "g.h5"
     with pytest.raises(RuntimeError if side == "model" else OSError, match="failed" if side == "model" else "disk"):
         generate_file(model, out, 50, sampler, batch_size=5, overlap=overlap)
@@ -257,30 +256,12 @@ def test_sample_hits_equal_the_non_zero_cells_of_sample(model_dir):
     assert torch.equal(cells, cells_d) and torch.equal(energies, energies_d)
 
 
-def test_append_hits_to_a_dense_file_writes_the_dense_rows(tmp_path, monkeypatch):
-    """A dense file takes hits too: its rows, built block by block (three rows per block here), are the showers."""
-    import caloforge.dataset as dataset
-    from caloforge.models.base import dense_hits
-
-    det, b = _showers(8)
-    monkeypatch.setattr(dataset, "DENSE_BLOCK_BYTES", 3 * 4 * det.n_cells())
-    row, cells, energies = dense_hits(torch.as_tensor(b.showers))
-    counts = np.bincount(row.numpy(), minlength=8)
-    with ShowerWriter(tmp_path / "h.h5", det, det.n_cells(), layout="dense") as w:
-        w.append_hits(b.conditions[:5], counts[:5], cells[:counts[:5].sum()], energies[:counts[:5].sum()])
-        w.append_hits(b.conditions[5:], counts[5:], cells[counts[:5].sum():], energies[counts[:5].sum():])
-    with ShowerFile(tmp_path / "h.h5") as f:
-        got = f.read()
-    assert (b.showers > 0).sum() > 20 and np.array_equal(got.showers, b.showers)
-    assert np.array_equal(got.conditions.energy, b.conditions.energy)
-
-
 def test_append_hits_refuses_inconsistent_hits(tmp_path):
     det, b = _showers(6)
     c, showers = b.conditions[:4], b.showers[:4]
     with ShowerWriter(tmp_path / "d.h5", det, det.n_cells(), layout="dense") as w:
-        with pytest.raises(DatasetError, match="counts"):
-            w.append_hits(c, np.zeros(4), [3], [1.0])
+        with pytest.raises(DatasetError, match="needs the sparse layout"):
+            w.append_hits(c, np.zeros(4), [], [])
         w.append(c, showers)
     with ShowerWriter(tmp_path / "s.h5", det, det.n_cells(), layout="sparse") as w:
         with pytest.raises(DatasetError, match="counts"):

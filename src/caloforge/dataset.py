@@ -86,10 +86,6 @@ class Batch:
         return len(self.conditions)
 
 
-#: The largest dense block :meth:`ShowerWriter.append_hits` builds at once (below glibc's 32 MB mmap threshold).
-DENSE_BLOCK_BYTES = 16 << 20
-
-
 def _check_values(path: str, field: str, a: np.ndarray, positive: bool = False) -> None:
     if a.size and a.dtype.kind == "f":  # the common case in two passes without temporaries: min and max
         lo, hi = a.min(), a.max()  # NaN propagates into both; +-inf shows in one
@@ -510,12 +506,12 @@ class ShowerWriter:
             self._append(c, showers=showers)
 
     def append_hits(self, conditions: Conditions, counts: np.ndarray, cells: np.ndarray, energies: np.ndarray) -> None:
-        """Append showers given as their hits: ``counts`` (n,) hits per shower, then ``cells`` (cell index within the
-        shower) and ``energies`` (MeV) of every hit, shower after shower, cells increasing. This is what a GPU, or a
-        model that makes hits directly, hands back without the dense array; the file is the same as :meth:`append`
-        would write. A dense file gets the rows densified a block of at most DENSE_BLOCK_BYTES at a time (buffers
-        that the allocator reuses, where one dense batch of 1000 house-detector showers is 108 MB)."""
+        """Append showers given as their hits (sparse layout only): ``counts`` (n,) hits per shower, then ``cells``
+        (cell index within the shower) and ``energies`` (MeV) of every hit, shower after shower, cells increasing.
+        This is what a GPU hands back without the dense array; the file is the same as :meth:`append` would write."""
         n = len(conditions)
+        if self.layout != "sparse":
+            raise DatasetError(f"{self.path}: append_hits needs the sparse layout; this file is {self.layout}")
         counts = np.asarray(counts, np.int64).reshape(-1)
         cells = np.asarray(cells, np.int32).reshape(-1)
         energies = np.asarray(energies, np.float32).reshape(-1)
@@ -528,17 +524,7 @@ class ShowerWriter:
             raise DatasetError(f"{self.path}: hit cell indices span [{cells.min()}, {cells.max()}]; expected "
                                f"[0, {self.n_cells})")
         _check_values(self.path, HIT_ENERGIES, energies)
-        if self.layout == "sparse":
-            self._append(conditions, hits=(counts, cells, energies))
-            return
-        rows = max(1, DENSE_BLOCK_BYTES // (4 * self.n_cells))
-        ends = np.concatenate([[0], np.cumsum(counts)])
-        for a in range(0, n, rows):
-            b = min(a + rows, n)
-            block = np.zeros((b - a, self.n_cells), np.float32)
-            row = np.repeat(np.arange(b - a), counts[a:b])
-            block[row, cells[ends[a]:ends[b]]] = energies[ends[a]:ends[b]]
-            self._append(conditions[a:b], showers=block)
+        self._append(conditions, hits=(counts, cells, energies))
 
     def _append(self, c: Conditions, showers: np.ndarray | None = None,
                 hits: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> None:

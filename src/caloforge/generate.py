@@ -123,12 +123,11 @@ def apply_sampling(model, steps: int | None, solver: str | None) -> dict:
 
 def _generate_batch(model, c, gen, angled: bool, layout: str) -> tuple[str, tuple]:
     """Generate one batch and hand it to the writer: the hits straight from the model (sparse: only they cross to the
-    host; families that make hits directly hand hits on the CPU in either layout, and the writer builds dense rows
-    block by block in its own thread), or the dense array (through pinned
+    host, and families that make hits directly never build the dense window), or the dense array (through pinned
     memory from a GPU: a pageable copy runs at a tenth of the speed)."""
     import torch
 
-    if layout == "sparse" or (model.makes_hits and not model.cond_mean.is_cuda):  # dense: the writer scatters
+    if layout == "sparse":
         counts, cells, energies = model.sample_hits(c, generator=gen, angled=angled)
         return "append_hits", (counts.cpu().numpy(), cells.int().cpu().numpy(), energies.float().cpu().numpy())
     showers = model.sample(c, generator=gen, angled=angled)

@@ -232,9 +232,6 @@ class ShowerModel(nn.Module):
     takes_uniform_blocks: ClassVar[bool] = False
     #: whether sampling on the CPU decodes several chunks at once, one thread each (see ``_over_chunks``)
     parallel_chunks: ClassVar[bool] = False
-    #: The family makes hits directly (``decode_window_hits`` without a dense window): ``generate`` then asks it for
-    #: hits in either file layout, and the writer builds the dense rows block by block.
-    makes_hits: ClassVar[bool] = False
     _out_lock = threading.Lock()
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: ModelConfig | None = None,

@@ -180,7 +180,6 @@ class LayerFlow(ShowerModel):
 
     family = "layerflow"
     Config = LayerFlowConfig
-    makes_hits = True
     takes_uniform_blocks = True  # decode makes its uniforms where it needs them (see kernels.UniformBlock)
     parallel_chunks = True  # on the CPU, one chunk per thread
     sample_chunk = 256  # showers per decoding pass on the CPU (measured best of 64-512 with the compiled kernels)
