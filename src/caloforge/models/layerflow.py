@@ -720,8 +720,8 @@ class LayerFlow(ShowerModel):
             b = (c < q[:, None]).sum(dim=1).clamp(max=k - 1)
             upper = torch.gather(c, 1, b[:, None])[:, 0]
         else:  # the same bin: the compiled bucket search on the CPU, else a binary search over the layers' CDFs
-            pos = first_bins(cdf, q, lay)  # laid end to end and offset by the layer (exact in float64)
-            if pos is None:
+            pos = first_bins(cdf, q, lay)
+            if pos is None:  # the CDFs laid end to end, offset by the layer (exact in float64)
                 flat = (cdf.double() + torch.arange(cdf.shape[0], device=cdf.device, dtype=torch.float64)[:, None])
                 pos = torch.searchsorted(flat.reshape(-1), q.double() + lay.double()) - lay * k
             b = pos.clamp(max=k - 1)
