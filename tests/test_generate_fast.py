@@ -283,3 +283,24 @@ def test_cli_keeps_freed_memory_unless_told_not_to(monkeypatch):
     assert keep_freed_memory() is True  # mallopt accepted both settings
     monkeypatch.setenv("CALOFORGE_MALLOC", "0")
     assert keep_freed_memory() is False
+
+
+def test_bench_alternate_times_each_tree(model_dir, tmp_path, capsys):
+    """scripts/bench_alternate.py: one row per job with a median per tree (two labels for the same checkout)."""
+    from pathlib import Path
+
+    from conftest_models import load_script
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    script = load_script("bench_alternate")
+    out = tmp_path / "ab.json"
+    assert script.main(["--tree", f"a={src}", "--tree", f"b={src}", "--models", str(model_dir), "--batch-sizes", "8",
+                        "--reps", "1", "--whole-factor", "2", "--formats", "sparse:none", "--threads", "1",
+                        "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith(str(model_dir)[:8])]
+    assert any("sparse none" in r for r in rows) and any("model alone" in r for r in rows)
+    data = json.loads(out.read_text())
+    assert all(len(v) == 1 and v[0] > 0 for v in data.values()) and len(data) == 2 * 3
+    with pytest.raises(SystemExit):
+        script.main(["--tree", "nolabel"])
