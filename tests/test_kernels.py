@@ -153,6 +153,16 @@ def test_gathered_dots_are_the_dot_products():
         out = kernels.gathered_dots(cov, lay, row, flat, tables)
     ref = torch.stack([(cov[lay, row] * t[flat]).sum(1) for t in tables])
     assert out is not None and out.shape == (3, 200) and torch.allclose(out, ref, atol=1e-5)
+    tables[1].add_(0.5)  # an in-place update (an optimiser step, a weight load) must not meet a stale cached copy
+    with torch.no_grad():
+        again = kernels.gathered_dots(cov, lay, row, flat, tables)
+    assert again is not None and torch.allclose(again[1], (cov[lay, row] * tables[1][flat]).sum(1), atol=1e-5)
+    assert torch.equal(again[0], out[0])
+    other = [torch.randn(4 * 25, 6, generator=g) for _ in range(3)]  # other tensors of the same shapes and versions
+    with torch.no_grad():
+        theirs = kernels.gathered_dots(cov, lay, row, flat, other)
+    assert theirs is not None and torch.allclose(theirs, torch.stack([(cov[lay, row] * t[flat]).sum(1) for t in other]),
+                                                  atol=1e-5)
 
 
 def test_first_bins_is_searchsorted_row_by_row():

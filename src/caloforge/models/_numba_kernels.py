@@ -210,16 +210,16 @@ def select_hashed(logit: Any, seed_lo: Any, seed_hi: Any, row0: int, count: Any,
 
 @njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def gathered_dots(cov: Any, lay: Any, row: Any, flat: Any, tables: Any, out: Any, start: int, stop: int) -> None:
-    """out[q, h] = sum_c cov[lay[h], row[h], c] * tables[q][flat[h], c] for hits start..stop."""
-    n_cov = cov.shape[2]
+    """out[q, h] = sum_c cov[lay[h], row[h], c] * tables[flat[h], q, c] for hits start..stop (the tables
+    interleaved per cell, so that one cell's coefficients of every law share cache lines)."""
+    n_cov, n_q = cov.shape[2], tables.shape[1]
     for h in range(start, stop):
         g = cov[lay[h], row[h]]
-        f = flat[h]
-        for q in range(len(tables)):
-            t = tables[q][f]
+        t = tables[flat[h]]
+        for q in range(n_q):
             acc = _F(0.0)
             for c in range(n_cov):
-                acc += g[c] * t[c]
+                acc += g[c] * t[q, c]
             out[q, h] = acc
 
 
