@@ -610,8 +610,7 @@ class LayerFlow(ShowerModel):
         and the halo term, which needs the axis offsets and raw conditions); ``out``: a float32 buffer for the
         product (sampling reuses one, :class:`kernels.ScratchPool`)."""
         w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
-        # float32 even under bf16 autocast
-        logit = torch.bmm(cov, w.to(cov.dtype), out=out) if out is not None else torch.bmm(cov, w).float()
+        logit = torch.bmm(cov, w, out=out) if out is not None else torch.bmm(cov, w).float()  # f32 under bf16 autocast
         if self.halo_w is not None:
             if offsets is None or cond is None:
                 raise ValueError("layerflow: the halo term needs the axis offsets and the raw conditions")
