@@ -294,6 +294,72 @@ def test_energy_distance_sees_a_wider_spread():
     assert torch.isfinite(x.grad).all()
 
 
+def test_energy_score_sees_the_spread_at_each_condition():
+    """Two generators with the same mixture over the batch: one right at each condition, one drawing from the
+    mixture whatever the condition. The batch's energy distance cannot tell them apart; the energy score can, and it
+    also sees a spread doubled at half of the conditions."""
+    from caloforge.models.flatgan import energy_distance, energy_score
+
+    g = torch.Generator().manual_seed(1)
+    n = 4000
+    mu = torch.linspace(-3, 3, n)[:, None]
+    real = mu + torch.randn(n, 1, generator=g)
+
+    def right(k: float = 1.0) -> torch.Tensor:
+        wide = torch.where(mu > 0, k, 1.0)
+        return mu + wide * torch.randn(n, 1, generator=g)
+
+    def mixture() -> torch.Tensor:
+        return mu[torch.randperm(n, generator=g)] + torch.randn(n, 1, generator=g)
+
+    rows = torch.randperm(n, generator=g)[:800]
+    assert abs(float(energy_distance(mixture()[rows], real[rows]))) < 0.05
+    good, mixed, wide = (float(energy_score(a, b, real)) for a, b in
+                         ((right(), right()), (mixture(), mixture()), (right(3.0), right(3.0))))
+    # Expected scores (normal laws): sqrt(2 / pi) (sqrt(s^2 + 1) - s / sqrt(2)) for spread s against 1, i.e. 0.564
+    # (right), and 0.697 when half of the rows have s = 3; the sampling error of each is ~0.015 here.
+    assert good == pytest.approx(1 / math.sqrt(math.pi), abs=0.06)
+    assert wide == pytest.approx(0.697, abs=0.06)
+    assert mixed > good + 0.3 and wide > good + 0.07
+
+
+@pytest.mark.parametrize("family", ["densewgan", "calogan", "wgan"])
+def test_response_conditional_needs_the_layer_head(family):
+    """response_conditional scores the layer head's samples: without layer_energies (or without a weight) the
+    model refuses the config and says what it needs."""
+    det = toy_detector() if family == "wgan" else toy_layered_detector()
+    cfg = dict(TINY_CONFIGS[f"{family}:response_conditional"], layer_energies=False)
+    cls = get_family(family)
+    with pytest.raises(ModelError, match="response_conditional.*layer_energies = true"):
+        cls(det, None, cls.Config.from_dict(cfg))
+
+
+def test_response_conditional_trains_the_layer_head_only():
+    """The energy-score term of densewgan reaches the layer head's outputs, not the cells', is positive, and is
+    reproducible from the batch's noise."""
+    from caloforge.models.base import TrainBatch
+
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 40, seed=8)
+    model = tiny_model("densewgan:response_conditional", det, data)
+    cond = torch.as_tensor(data.conditions.as_array()[:32], dtype=torch.float32)
+    x = torch.as_tensor(data.showers[:32]).float()
+
+    def term(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        batch = TrainBatch(cond=cond, showers=x)
+        y_gen = model.generate_y(batch.randn(model.config.latent_dim), model.condition_features(cond))
+        return model._response_extra(y_gen, batch)
+
+    model.zero_grad()
+    t = term(3)
+    assert float(t) > 0 and float(t) == pytest.approx(float(term(3)), rel=1e-6)
+    t.backward()
+    grad = model.generator[-1].weight.grad
+    assert grad[model.n_cells:].abs().sum() > 0
+    assert grad[:model.n_cells].abs().sum() == 0
+
+
 def test_response_distance_trains_the_layer_head_only():
     """response_distance with generated layer energies: the term's gradient reaches the layer head's outputs and not
     the cells' (whose raw sizes the rescaling undoes), and it is positive against the real batch."""

@@ -46,7 +46,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import FlatLogCells, adversarial_step, layer_energy_head
+from caloforge.models.flatgan import FlatLogCells, adversarial_step, check_response_conditional, layer_energy_head
 
 
 @dataclass
@@ -78,6 +78,9 @@ class CaloGANConfig(ModelConfig):
     # Weight of a generator term: the energy distance between generated and real (standardised log layer energies,
     # log total, labels) of the batch (flatgan.response_distance; not in the seed). 0 turns it off.
     response_distance: float = 0.0
+    # With response_distance and layer_energies: the energy score of the layer head's response at each shower's own
+    # conditions instead of the batch's energy distance (as in densewgan).
+    response_conditional: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
@@ -237,6 +240,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: CaloGANConfig = self.config  # type: ignore[assignment]
+        check_response_conditional(cfg, self.family)
         images = layer_images(detector)
         self.grids = [(h, w) for h, w, _ in images]
         self.init_flat_cells()
@@ -298,8 +302,13 @@ class CaloGAN(FlatLogCells, ShowerModel):
             loss = loss + cfg.response_weight * (gen.mean(0) - real.mean(0)).abs().sum()
         if cfg.response_distance > 0:
             y_real = self.to_y(batch.showers, batch.energies)
-            loss = loss + cfg.response_distance * self.response_distance(y_gen, y_real,
-                                                                         self.condition_features(batch.cond))
+            cf = self.condition_features(batch.cond)
+            if cfg.response_conditional:
+                logs_b = self.head_logs(self.layer_head(torch.cat([batch.randn(cfg.latent_dim), cf], dim=1)))
+                term = self.response_score(self.generated_layer_logs, logs_b, y_real)
+            else:
+                term = self.response_distance(y_gen, y_real, cf)
+            loss = loss + cfg.response_distance * term
         return loss
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,

@@ -23,7 +23,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import FlatLogCells, adversarial_step
+from caloforge.models.flatgan import FlatLogCells, adversarial_step, check_response_conditional
 
 
 @dataclass
@@ -50,6 +50,10 @@ class DenseWGANConfig(ModelConfig):
     # Weight of a generator term: the energy distance between generated and real (standardised log layer energies,
     # log total, labels) of the batch (flatgan.response_distance; not in the seed). 0 turns it off.
     response_distance: float = 0.0
+    # With response_distance and layer_energies: the term is the energy score of the layer head's response at each
+    # shower's own conditions (a second head sample per shower; flatgan.energy_score) instead of the batch's energy
+    # distance, so that the spread is matched at every energy, not only over the batch's mixture.
+    response_conditional: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
@@ -83,6 +87,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
+        check_response_conditional(cfg, self.family)
         self.init_flat_cells()
         n_c, n_l = self.n_cond_features, self.detector.n_layers
         n_out = self.n_cells + (n_l if cfg.layer_energies else 0)
@@ -123,4 +128,9 @@ class DenseWGAN(FlatLogCells, ShowerModel):
     def _response_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         y_real = self.to_y(batch.showers, batch.energies)
         cf = self.condition_features(batch.cond)
-        return self.config.response_distance * self.response_distance(y_gen, y_real, cf)
+        cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
+        if not cfg.response_conditional:
+            return cfg.response_distance * self.response_distance(y_gen, y_real, cf)
+        logs_a = self.generated_layer_logs  # the head of y_gen's generator pass
+        logs_b = self.head_logs(self.generator(torch.cat([batch.randn(cfg.latent_dim), cf], dim=1))[:, self.n_cells:])
+        return cfg.response_distance * self.response_score(logs_a, logs_b, y_real)

@@ -115,6 +115,20 @@ class FlatLogCells(CellScale):
             f_gen = self.response_features(y_gen)
         return energy_distance(torch.cat([f_gen, cf], dim=1), real)
 
+    def response_score(self, logs_a: torch.Tensor, logs_b: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+        """Energy score of the layer head's response at each real shower's own conditions (config
+        ``response_conditional``): ``logs_a`` and ``logs_b`` are two head samples, log(E_layer / E_inc) (n, L), for the
+        conditions of the real showers ``y_real``. Unlike :meth:`response_distance` it constrains the spread at every
+        condition, not only over the batch's mixture of energies."""
+        with torch.no_grad():
+            real = self.response_features(y_real)
+        mean, std = self.response_mean, self.response_std
+        return energy_score(head_response(logs_a, mean, std), head_response(logs_b, mean, std), real)
+
+    def head_logs(self, t: torch.Tensor) -> torch.Tensor:
+        """The layer head's standardised outputs t (n, L) -> log(E_layer / E_inc), at most 0."""
+        return (t * self.layer_log_std + self.layer_log_mean).clamp(max=0.0)
+
     def response_features(self, y: torch.Tensor) -> torch.Tensor:
         """Standardised log(E_layer / E_inc) per layer and log(E_vis / E_inc) of normalised cells (n, L + 1), within
         +-10 (the real side of :meth:`response_distance`)."""
@@ -129,7 +143,7 @@ class FlatLogCells(CellScale):
         :meth:`response_distance`."""
         frac = self.cell_fractions(y) @ self.layer_onehot
         log_factor = layer_log_factors(frac, t, self.layer_log_mean, self.layer_log_std)
-        self.generated_layer_logs = (t * self.layer_log_std + self.layer_log_mean).clamp(max=0.0)
+        self.generated_layer_logs = self.head_logs(t)
         return self.scale_cells(y, log_factor @ self.layer_onehot.T)
 
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
@@ -156,6 +170,16 @@ class FlatLogCells(CellScale):
         self.y_scale.fill_(max(hi, 1e-3))
 
 
+def check_response_conditional(cfg: Any, family: str) -> None:
+    """``response_conditional`` scores the layer head's samples: it needs ``layer_energies`` and a weight."""
+    from caloforge.models.base import ModelError
+
+    if getattr(cfg, "response_conditional", False) and not (cfg.layer_energies and cfg.response_distance > 0):
+        raise ModelError(f"{family} config: response_conditional = true scores the layer head's response and needs "
+                         f"layer_energies = true and response_distance > 0 (got layer_energies = "
+                         f"{cfg.layer_energies}, response_distance = {cfg.response_distance})")
+
+
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Energy distance 2 E|a - b| - E|a - a'| - E|b - b'| between the rows of a (n, d) and b (m, d) (Szekely): zero
     exactly when the two distributions are equal, a smooth loss with no critic, and unbiased (pairs i = j left out)."""
@@ -167,6 +191,17 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (d.sum() - d.diagonal().sum()) / max(n * (n - 1), 1)
 
     return 2 * mean_dist(a, b, False) - mean_dist(a, a, True) - mean_dist(b, b, True)
+
+
+def energy_score(gen_a: torch.Tensor, gen_b: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Mean energy score (|a - x| + |b - x|) / 2 - |a - b| / 2 of rows x of ``real`` (n, d), each with two generated
+    rows a, b (n, d) drawn at that row's own conditions (Gneiting and Raftery 2007). A strictly proper scoring rule:
+    its expectation is smallest only when the generated law equals the real one at every condition, so a batch of
+    mixed energies constrains each energy's spread (the batch's energy distance sees only the mixture)."""
+    def dist(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return ((u - v).pow(2).sum(-1) + 1e-12).sqrt()
+
+    return (0.5 * (dist(gen_a, real) + dist(gen_b, real)) - 0.5 * dist(gen_a, gen_b)).mean()
 
 
 def standardised_response(frac: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,9 @@ from caloforge.models.base import (
 )
 from caloforge.models.calogan import layer_images
 from caloforge.models.flatgan import (
+    check_response_conditional,
     energy_distance,
+    energy_score,
     head_response,
     layer_energy_head,
     layer_log_factors,
@@ -91,6 +93,10 @@ class WGANConfig(ModelConfig):
     # log total, labels) of the batch (caloforge.models.flatgan.energy_distance): the joint law of the response
     # given the conditions, matched without a critic. 0 turns it off.
     response_distance: float = 0.0
+    # With response_distance and layer_energies: the energy score of the layer head's response at each shower's own
+    # conditions (a second head sample per shower; flatgan.energy_score) instead of the batch's energy distance, so
+    # that the spread is matched at every energy and impact point, not only over the batch's mixture.
+    response_conditional: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
@@ -190,6 +196,7 @@ class WGAN(LogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: WGANConfig = self.config  # type: ignore[assignment]
+        check_response_conditional(cfg, self.family)
         n_l, nx, ny = self._cell_images() if self.frame == "cells" else self.shape
         self.image_shape = (n_l, nx, ny)
         self.register_buffer("y_scale", torch.tensor(1.0))
@@ -271,8 +278,13 @@ class WGAN(LogCells, ShowerModel):
         t = self.generator.layer_energies(z, cf)
         mean, std = self.response_mean[:n_l], self.response_std[:n_l]
         log_factor = layer_log_factors(self.cell_fractions(y).sum(dim=(2, 3)), t, mean, std)
-        self.generated_layer_logs = (t * std + mean).clamp(max=0.0)  # for response_distance (flatgan.head_response)
+        self.generated_layer_logs = self._head_logs(t)  # for response_distance (flatgan.head_response)
         return self.scale_cells(y, log_factor[:, :, None, None])
+
+    def _head_logs(self, t: torch.Tensor) -> torch.Tensor:
+        """The layer head's standardised outputs t (n, L) -> log(E_layer / E_inc), at most 0."""
+        n_l = self.image_shape[0]
+        return (t * self.response_std[:n_l] + self.response_mean[:n_l]).clamp(max=0.0)
 
     def _absolute(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
         """Absolute-scale image log1p(E_cell / 0.1 MeV) / 10 for the label regressors."""
@@ -425,7 +437,12 @@ class WGAN(LogCells, ShowerModel):
                     f_gen = head_response(self.generated_layer_logs, self.response_mean, self.response_std)
                 else:
                     f_gen = self._response_features(self.cell_fractions(y_gen).sum(dim=(2, 3)))
-                dist = energy_distance(torch.cat([f_gen, cf], 1), real)
+                if cfg.response_conditional:
+                    logs_b = self._head_logs(self.generator.layer_energies(batch.randn(cfg.latent_dim), cf))
+                    f_b = head_response(logs_b, self.response_mean, self.response_std)
+                    dist = energy_score(f_gen, f_b, real[:, :f_gen.shape[1]])
+                else:
+                    dist = energy_distance(torch.cat([f_gen, cf], 1), real)
                 loss_g = loss_g + cfg.response_distance * dist
                 out["edist"] = float(dist.detach())
             optimizers["generator"].zero_grad(set_to_none=True)
