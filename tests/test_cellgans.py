@@ -349,7 +349,7 @@ def test_response_conditional_trains_the_layer_head_only():
         torch.manual_seed(seed)
         batch = TrainBatch(cond=cond, showers=x)
         y_gen = model.generate_y(batch.randn(model.config.latent_dim), model.condition_features(cond))
-        return model._response_extra(y_gen, batch)
+        return model._generator_extra(y_gen, batch)
 
     model.zero_grad()
     t = term(3)
@@ -358,6 +358,33 @@ def test_response_conditional_trains_the_layer_head_only():
     grad = model.generator[-1].weight.grad
     assert grad[model.n_cells:].abs().sum() > 0
     assert grad[:model.n_cells].abs().sum() == 0
+
+
+@pytest.mark.parametrize("variant", ["densewgan:shape_score", "calogan:response_conditional"])
+def test_shape_features_are_the_layer_moments(variant):
+    """shape_score's features are the evaluation's per-layer centroids and widths (observables.layer_moments), and
+    standardised on the training showers; the score's gradient reaches the cells."""
+    from caloforge.observables import as_geometry, layer_moments
+
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 60, seed=11)
+    model = tiny_model(variant, det, data)
+    x = torch.as_tensor(data.showers).float()
+    e = torch.as_tensor(data.energies).float()
+    raw = model._raw_shape_features(x / e[:, None]).double().numpy()
+    mom = layer_moments(np.asarray(data.showers, np.float64), as_geometry(det))
+    n_l = det.n_layers
+    full = mom["e"] / np.asarray(data.energies)[:, None] > 1e-3  # the 1e-6 offset is negligible there
+    for k, name in enumerate(("cog_x", "cog_y", "width_x", "width_y")):
+        want = mom[name] if k < 2 else np.sqrt(mom[name] ** 2 + 1e-2)
+        np.testing.assert_allclose(raw[:, k * n_l:(k + 1) * n_l][full], want[full], rtol=2e-3, atol=2e-3)
+    f = model.shape_features(model.to_y(x, e))
+    varying = model.shape_std != 1.0
+    assert bool(varying.any())
+    assert torch.allclose(f.mean(0)[varying], torch.zeros(int(varying.sum())), atol=0.05)
+    y = model.to_y(x[:8], e[:8]).requires_grad_(True)
+    model.shape_score(y, y.flip(0), model.to_y(x[8:16], e[8:16])).backward()
+    assert torch.isfinite(y.grad).all() and float(y.grad.abs().sum()) > 0
 
 
 def test_response_distance_trains_the_layer_head_only():

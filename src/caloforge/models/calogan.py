@@ -81,6 +81,9 @@ class CaloGANConfig(ModelConfig):
     # With response_distance and layer_energies: the energy score of the layer head's response at each shower's own
     # conditions instead of the batch's energy distance (as in densewgan).
     response_conditional: bool = False
+    # Weight of a generator term: the energy score of each layer's centroids and widths of two generated showers per
+    # real one, at its conditions (flatgan.shape_score; not in the seed). 0 turns it off.
+    shape_score: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
@@ -88,7 +91,7 @@ class CaloGANConfig(ModelConfig):
         "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5), "n_critic": (1, 100),
         "energy_weight": (0.0, 1e6), "response_weight": (0.0, 1e6), "out_bias_init": (-1e3, 1e3),
         "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
-        "response_distance": (0.0, 1e6),
+        "response_distance": (0.0, 1e6), "shape_score": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for about 500 cells in 3 layers
@@ -256,6 +259,8 @@ class CaloGAN(FlatLogCells, ShowerModel):
             self.init_layer_energies()
         if cfg.response_distance > 0:
             self.init_response_features()
+        if cfg.shape_score > 0:
+            self.init_shape_features()
 
     def generator_parameters(self) -> Any:
         if self.layer_head is None:
@@ -273,6 +278,8 @@ class CaloGAN(FlatLogCells, ShowerModel):
         self.max_visible_fraction.fill_(float((vis / e[:len(vis)]).max()) if len(e) else 1.0)
         if self.config.layer_energies or self.config.response_distance > 0:
             self.fit_layer_energies(data)
+        if self.config.shape_score > 0:
+            self.fit_shape_features(data)
 
     # ---- networks -----------------------------------------------------------------------------------
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
@@ -300,15 +307,20 @@ class CaloGAN(FlatLogCells, ShowerModel):
             n_l = len(self.grids)
             gen, real = self.layer_features(y_gen)[:, :n_l], self.layer_features(y_real)[:, :n_l]
             loss = loss + cfg.response_weight * (gen.mean(0) - real.mean(0)).abs().sum()
-        if cfg.response_distance > 0:
+        if cfg.response_distance > 0 or cfg.shape_score > 0:
             y_real = self.to_y(batch.showers, batch.energies)
             cf = self.condition_features(batch.cond)
+        if cfg.response_distance > 0 and not cfg.response_conditional:
+            loss = loss + cfg.response_distance * self.response_distance(y_gen, y_real, cf)
+        if cfg.shape_score > 0:  # a second full shower per real one (its head's energies with it)
+            logs_a = self.generated_layer_logs if self.layer_head is not None else None
+            y_b = self.generate_y(batch.randn(cfg.latent_dim), cf)
+            loss = loss + cfg.shape_score * self.shape_score(y_gen, y_b, y_real)
             if cfg.response_conditional:
-                logs_b = self.head_logs(self.layer_head(torch.cat([batch.randn(cfg.latent_dim), cf], dim=1)))
-                term = self.response_score(self.generated_layer_logs, logs_b, y_real)
-            else:
-                term = self.response_distance(y_gen, y_real, cf)
-            loss = loss + cfg.response_distance * term
+                loss = loss + cfg.response_distance * self.response_score(logs_a, self.generated_layer_logs, y_real)
+        elif cfg.response_conditional:  # the head alone gives the second response
+            logs_b = self.head_logs(self.layer_head(torch.cat([batch.randn(cfg.latent_dim), cf], dim=1)))
+            loss = loss + cfg.response_distance * self.response_score(self.generated_layer_logs, logs_b, y_real)
         return loss
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,

@@ -54,12 +54,16 @@ class DenseWGANConfig(ModelConfig):
     # shower's own conditions (a second head sample per shower; flatgan.energy_score) instead of the batch's energy
     # distance, so that the spread is matched at every energy, not only over the batch's mixture.
     response_conditional: bool = False
+    # Weight of a generator term: the energy score of each layer's centroids and widths of two generated showers per
+    # real one, at its conditions (flatgan.shape_score; not in the seed). 0 turns it off.
+    shape_score: float = 0.0
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
         "critic_depth": (1, 16), "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5),
         "n_critic": (1, 100), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
+        "shape_score": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for up to about 1000 cells
@@ -98,6 +102,8 @@ class DenseWGAN(FlatLogCells, ShowerModel):
             self.init_layer_energies()
         if cfg.response_distance > 0:
             self.init_response_features()
+        if cfg.shape_score > 0:
+            self.init_shape_features()
         self.critic = _mlp(self.n_cells + 2 * n_l + n_c, cfg.critic_hidden, cfg.critic_depth, 1,
                            out_bias=cfg.loss == "gan")  # a bias cancels in W
 
@@ -111,6 +117,8 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         self.fit_log_scale(data)
         if self.config.layer_energies or self.config.response_distance > 0:
             self.fit_layer_energies(data)
+        if self.config.shape_score > 0:
+            self.fit_shape_features(data)
 
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         out = self.generator(torch.cat([z, cf], dim=1))
@@ -122,15 +130,25 @@ class DenseWGAN(FlatLogCells, ShowerModel):
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
-        extra = self._response_extra if self.config.response_distance > 0 else None
+        cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
+        extra = self._generator_extra if cfg.response_distance > 0 or cfg.shape_score > 0 else None
         return adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra, grad_clip)
 
-    def _response_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+    def _generator_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
+        """The response term (batch energy distance, or the energy score at each shower's conditions) and the
+        shape score; the conditional scores draw a second generated shower per real one."""
+        cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
         y_real = self.to_y(batch.showers, batch.energies)
         cf = self.condition_features(batch.cond)
-        cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
-        if not cfg.response_conditional:
-            return cfg.response_distance * self.response_distance(y_gen, y_real, cf)
-        logs_a = self.generated_layer_logs  # the head of y_gen's generator pass
-        logs_b = self.head_logs(self.generator(torch.cat([batch.randn(cfg.latent_dim), cf], dim=1))[:, self.n_cells:])
-        return cfg.response_distance * self.response_score(logs_a, logs_b, y_real)
+        loss = y_gen.new_zeros(())
+        if cfg.response_distance > 0 and not cfg.response_conditional:
+            loss = loss + cfg.response_distance * self.response_distance(y_gen, y_real, cf)
+        if not (cfg.response_conditional or cfg.shape_score > 0):
+            return loss
+        logs_a = getattr(self, "generated_layer_logs", None)  # the head of y_gen's generator pass
+        y_b = self.generate_y(batch.randn(cfg.latent_dim), cf)
+        if cfg.response_conditional:
+            loss = loss + cfg.response_distance * self.response_score(logs_a, self.generated_layer_logs, y_real)
+        if cfg.shape_score > 0:
+            loss = loss + cfg.shape_score * self.shape_score(y_gen, y_b, y_real)
+        return loss

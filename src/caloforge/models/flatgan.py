@@ -129,6 +129,63 @@ class FlatLogCells(CellScale):
         """The layer head's standardised outputs t (n, L) -> log(E_layer / E_inc), at most 0."""
         return (t * self.layer_log_std + self.layer_log_mean).clamp(max=0.0)
 
+    def init_shape_features(self) -> None:
+        """Buffers of :meth:`shape_features`: each cell's (1, x, y, x^2, y^2) in its layer's columns (n_cells, 5 L), and
+        the training mean and spread of the 4 L features (set by :meth:`fit_shape_features`)."""
+        from caloforge.observables import as_geometry
+
+        geom = as_geometry(self.detector)
+        if geom.n_cells != self.n_cells:
+            raise ValueError(f"shape_score needs the detector's flat cell vector ({geom.n_cells} cells), the model "
+                             f"has {self.n_cells}")
+        x, y = torch.as_tensor(geom.cell_x).float(), torch.as_tensor(geom.cell_y).float()
+        cols = torch.stack([torch.ones_like(x), x, y, x * x, y * y], dim=1)  # (n_cells, 5)
+        basis = (cols[:, :, None] * self.layer_onehot[:, None, :]).flatten(1)  # (n_cells, 5 L), column k L + l
+        self.register_buffer("moment_basis", basis, persistent=False)
+        n_l = len(self.layer_offsets) - 1
+        self.register_buffer("shape_mean", torch.zeros(4 * n_l))
+        self.register_buffer("shape_std", torch.ones(4 * n_l))
+
+    def _raw_shape_features(self, frac: torch.Tensor) -> torch.Tensor:
+        """Cell energies as fractions of E_inc (n, n_cells) -> per layer the centroids x, y and the widths x, y (mm)
+        (n, 4 L); an empty layer has centroid 0 and width 0.1 mm."""
+        m = frac @ self.moment_basis
+        n_l = len(self.layer_offsets) - 1
+        e = m[:, :n_l] + 1e-6
+        cx, cy = m[:, n_l:2 * n_l] / e, m[:, 2 * n_l:3 * n_l] / e
+        wx = (m[:, 3 * n_l:4 * n_l] / e - cx * cx).clamp(min=0.0).add(1e-2).sqrt()
+        wy = (m[:, 4 * n_l:] / e - cy * cy).clamp(min=0.0).add(1e-2).sqrt()
+        return torch.cat([cx, cy, wx, wy], dim=1)
+
+    def shape_features(self, y: torch.Tensor) -> torch.Tensor:
+        """Per layer the centroids and widths of normalised cells y, standardised by the training statistics, within
+        +-10 (n, 4 L): the shape inside each layer that a classifier on high-level features reads."""
+        return ((self._raw_shape_features(self.cell_fractions(y)) - self.shape_mean) / self.shape_std).clamp(-10, 10)
+
+    def fit_shape_features(self, data: Any) -> None:
+        """``shape_mean``, ``shape_std`` from the training showers (a constant feature, e.g. the y centroid of a
+        layer one cell high, keeps spread 1)."""
+        energies = np.asarray(data.conditions.energy, dtype=np.float64)
+        feats = []
+        with torch.no_grad():
+            for i in range(0, len(energies), 1000):
+                x = np.asarray(data.showers[i:i + 1000], dtype=np.float64) / energies[i:i + 1000, None]
+                feats.append(self._raw_shape_features(torch.as_tensor(x, dtype=torch.float32)).double())
+        if not feats:
+            return
+        f = torch.cat(feats)
+        std = f.std(0) if len(f) > 1 else torch.ones(f.shape[1], dtype=torch.float64)
+        self.shape_mean.copy_(f.mean(0).float())
+        self.shape_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)).float())
+
+    def shape_score(self, y_a: torch.Tensor, y_b: torch.Tensor, y_real: torch.Tensor) -> torch.Tensor:
+        """Energy score of the layers' centroids and widths (:meth:`shape_features`) of two generated samples per
+        real shower, at its conditions (config ``shape_score``): the lateral shape matched shower by shower's
+        conditions, where the critic leaves it too regular (centroids that scatter too little)."""
+        with torch.no_grad():
+            real = self.shape_features(y_real)
+        return energy_score(self.shape_features(y_a), self.shape_features(y_b), real)
+
     def response_features(self, y: torch.Tensor) -> torch.Tensor:
         """Standardised log(E_layer / E_inc) per layer and log(E_vis / E_inc) of normalised cells (n, L + 1), within
         +-10 (the real side of :meth:`response_distance`)."""
