@@ -22,8 +22,16 @@ import torch
 from torch import nn
 
 from caloforge.detector import Detector
-from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import FlatLogCells, adversarial_step, check_response_conditional
+from caloforge.models.base import ModelConfig, ModelError, ShowerModel, TrainBatch
+from caloforge.models.flatgan import (
+    EMPTY_LAYER_LOG,
+    ConditionalFlow,
+    FlatLogCells,
+    _step,
+    adversarial_step,
+    check_response_conditional,
+    flow_targets,
+)
 
 
 @dataclass
@@ -57,6 +65,10 @@ class DenseWGANConfig(ModelConfig):
     # Weight of a generator term: the energy score of each layer's centroids and widths of two generated showers per
     # real one, at its conditions (flatgan.shape_score; not in the seed). 0 turns it off.
     shape_score: float = 0.0
+    # With layer_energies: the layer energies come from a conditional normalising flow trained by maximum likelihood
+    # on the real showers' layer energies (flatgan.ConditionalFlow, its own optimizer, a step per training step), the
+    # cells from the GAN and rescaled to them; the response is then a fitted density (not in the seed).
+    layer_flow: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
@@ -92,11 +104,17 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
         check_response_conditional(cfg, self.family)
+        if cfg.layer_flow and not (cfg.layer_energies and cfg.response_distance == 0 and cfg.latent_dim
+                                   >= self.detector.n_layers):
+            raise ModelError(f"densewgan config: layer_flow = true needs layer_energies = true, response_distance = 0 "
+                             f"(the flow is trained by likelihood alone) and latent_dim >= {self.detector.n_layers} "
+                             f"(the layers of {self.detector.name!r})")
         self.init_flat_cells()
         n_c, n_l = self.n_cond_features, self.detector.n_layers
-        n_out = self.n_cells + (n_l if cfg.layer_energies else 0)
+        n_out = self.n_cells + (n_l if cfg.layer_energies and not cfg.layer_flow else 0)
         self.generator = _mlp(cfg.latent_dim + n_c, cfg.gen_hidden, cfg.gen_depth, n_out)
         nn.init.constant_(self.generator[-1].bias, cfg.out_bias_init)
+        self.layer_flow = ConditionalFlow(n_l, n_c) if cfg.layer_flow else None
         if cfg.layer_energies:
             nn.init.zeros_(self.generator[-1].bias[self.n_cells:])  # the training mean of each layer's energy
             self.init_layer_energies()
@@ -123,7 +141,19 @@ class DenseWGAN(FlatLogCells, ShowerModel):
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         out = self.generator(torch.cat([z, cf], dim=1))
         y = torch.relu(out[:, :self.n_cells])
-        return self.with_layer_energies(y, out[:, self.n_cells:]) if self.config.layer_energies else y
+        if self.layer_flow is None:
+            return self.with_layer_energies(y, out[:, self.n_cells:]) if self.config.layer_energies else y
+        n_l = self.layer_log_mean.numel()
+        with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
+            t = self.layer_flow.sample(z[:, :n_l], cf)
+        y = self.with_layer_energies(y, t)
+        empty = self.generated_layer_logs < EMPTY_LAYER_LOG  # where the training zeros sit (flatgan.flow_targets)
+        return y * ((~empty).to(y.dtype) @ self.layer_onehot.T)
+
+    def layer_flow_targets(self, batch: TrainBatch) -> torch.Tensor:
+        """The real showers' standardised log layer energies (n, L), the flow's training rows."""
+        frac = batch.showers.float() @ self.layer_onehot / batch.energies.float()[:, None]
+        return flow_targets(frac, batch.rand(frac.shape[1]), self.layer_log_mean, self.layer_log_std)
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([y, self.layer_features(y), cf], dim=1)).squeeze(1)
@@ -131,8 +161,21 @@ class DenseWGAN(FlatLogCells, ShowerModel):
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
+        out = {}
+        if self.layer_flow is not None:
+            nll = -self.layer_flow.log_prob(self.layer_flow_targets(batch), self.condition_features(batch.cond)).mean()
+            _step(optimizers["flow"], nll, list(self.layer_flow.parameters()), batch.share, grad_clip)
+            out["flow_nll"] = float(nll.detach())
         extra = self._generator_extra if cfg.response_distance > 0 or cfg.shape_score > 0 else None
-        return adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra, grad_clip)
+        return {**adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra,
+                                   grad_clip), **out}
+
+    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
+        """Adam for the generator and the critic; with ``layer_flow`` also one for the flow (default betas)."""
+        opts = super().configure_optimizers(lr, weight_decay)
+        if self.layer_flow is not None:
+            opts["flow"] = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
+        return opts
 
     def _generator_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """The response term (batch energy distance, or the energy score at each shower's conditions) and the

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -225,6 +226,49 @@ class FlatLogCells(CellScale):
             r = torch.as_tensor(x / (energies[i:i + 1000, None] * self.config.norm_fraction))
             hi = max(hi, float(self.compress(r).max()))
         self.y_scale.fill_(max(hi, 1e-3))
+
+
+class ConditionalFlow(nn.Module):
+    """A small conditional normalising flow (affine couplings, alternating halves) for a GAN's layer energies: trained
+    by maximum likelihood on the real showers' standardised log layer energies given the labels, so their spread at
+    every condition is a fitted density, not what an adversarial game leaves it (config ``layer_flow``)."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int = 64, blocks: int = 6, clamp: float = 3.0):
+        super().__init__()
+        from caloforge.models.layerflow import _Coupling
+
+        self.dim = dim
+        self.blocks = nn.ModuleList(_Coupling(dim, cond_dim, hidden, 2, clamp) for _ in range(blocks))
+
+    def log_prob(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Log density of rows x (n, dim) given condition features c (n, cond_dim)."""
+        logdet = x.new_zeros(len(x))
+        for i, block in enumerate(self.blocks):
+            if i % 2:
+                x = x.flip(1)
+            x, ld = block(x, c)
+            logdet = logdet + ld
+        return -0.5 * (x * x).sum(1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
+
+    def sample(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Normal noise z (n, dim) -> rows of the fitted law given c."""
+        for i in reversed(range(len(self.blocks))):
+            z = self.blocks[i].inverse(z, c)
+            if i % 2:
+                z = z.flip(1)
+        return z
+
+
+#: log(E_layer / E_inc) below which a generated layer is empty (the 1e-6 offset of the response statistics).
+EMPTY_LAYER_LOG = math.log(1e-6)
+
+
+def flow_targets(frac: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Real layer energies as fractions of E_inc (n, L) -> a layer flow's training rows: standardised
+    log(f + 1e-6); an empty layer is spread uniformly in log below 1e-6 of E_inc with the uniform noise ``u`` (n, L)
+    (a point mass has no density), where the generated layer counts as empty (:data:`EMPTY_LAYER_LOG`)."""
+    logs = torch.where(frac > 0, torch.log(frac + 1e-6), EMPTY_LAYER_LOG + torch.log(0.02 + 0.98 * u))
+    return (logs - mean) / std
 
 
 def check_response_conditional(cfg: Any, family: str) -> None:

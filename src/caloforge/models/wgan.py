@@ -41,9 +41,13 @@ from caloforge.models.base import (
 )
 from caloforge.models.calogan import layer_images
 from caloforge.models.flatgan import (
+    EMPTY_LAYER_LOG,
+    ConditionalFlow,
+    _step,
     check_response_conditional,
     energy_distance,
     energy_score,
+    flow_targets,
     head_response,
     layer_energy_head,
     layer_log_factors,
@@ -97,6 +101,10 @@ class WGANConfig(ModelConfig):
     # conditions (a second head sample per shower; flatgan.energy_score) instead of the batch's energy distance, so
     # that the spread is matched at every energy and impact point, not only over the batch's mixture.
     response_conditional: bool = False
+    # With layer_energies: the layer energies come from a conditional normalising flow trained by maximum likelihood
+    # on the real showers' layer energies (flatgan.ConditionalFlow, its own optimizer) instead of the generator's
+    # head; the cells are rescaled to them (as densewgan's layer_flow; not in the talk).
+    layer_flow: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
@@ -129,7 +137,7 @@ class _Generator(nn.Module):
         nn.init.constant_(self.out.bias, cfg.out_bias_init)
         self.ch = ch
         self.layer_head = None
-        if cfg.layer_energies:
+        if cfg.layer_energies and not cfg.layer_flow:
             self.layer_head = layer_energy_head(cfg.latent_dim + n_cond, n_layers)
 
     @staticmethod
@@ -215,6 +223,12 @@ class WGAN(LogCells, ShowerModel):
         # one regressor per label (energy, angle, the impact offsets): the HGCAL recipe's energy and position nets
         self.regressed = [i for i, f in enumerate(self.features) if f in REGRESSED_FEATURES]
         self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.regressed])
+        self.layer_flow = None
+        if cfg.layer_flow:
+            if not (cfg.layer_energies and cfg.response_distance == 0 and cfg.latent_dim >= n_l):
+                raise ModelError(f"wgan config: layer_flow = true needs layer_energies = true, response_distance = 0 "
+                                 f"(the flow is trained by likelihood alone) and latent_dim >= {n_l} (the layers)")
+            self.layer_flow = ConditionalFlow(n_l, self.n_cond_features)
 
     def _cell_images(self) -> tuple[int, int, int]:
         """Frame "cells": every layer's cells on one image (calogan's map), as buffers: ``cell_pixels`` (n_cells,),
@@ -275,11 +289,18 @@ class WGAN(LogCells, ShowerModel):
         if not self.config.layer_energies:
             return y
         n_l = self.image_shape[0]
-        t = self.generator.layer_energies(z, cf)
+        if self.layer_flow is None:
+            t = self.generator.layer_energies(z, cf)
+        else:
+            with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
+                t = self.layer_flow.sample(z[:, :n_l], cf)
         mean, std = self.response_mean[:n_l], self.response_std[:n_l]
         log_factor = layer_log_factors(self.cell_fractions(y).sum(dim=(2, 3)), t, mean, std)
         self.generated_layer_logs = self._head_logs(t)  # for response_distance (flatgan.head_response)
-        return self.scale_cells(y, log_factor[:, :, None, None])
+        y = self.scale_cells(y, log_factor[:, :, None, None])
+        if self.layer_flow is None:
+            return y
+        return y * (self.generated_layer_logs >= EMPTY_LAYER_LOG).to(y.dtype)[:, :, None, None]
 
     def _head_logs(self, t: torch.Tensor) -> torch.Tensor:
         """The layer head's standardised outputs t (n, L) -> log(E_layer / E_inc), at most 0."""
@@ -380,6 +401,7 @@ class WGAN(LogCells, ShowerModel):
             "generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
             "critic": torch.optim.Adam(self.critic.parameters(), lr=lr, betas=betas),
             "regressors": torch.optim.Adam(self.regressors.parameters(), lr=lr, betas=betas),
+            **({"flow": torch.optim.Adam(self.layer_flow.parameters(), lr=lr)} if self.layer_flow is not None else {}),
         }
 
     def _regression_loss(self, y: torch.Tensor, energies: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
@@ -395,6 +417,14 @@ class WGAN(LogCells, ShowerModel):
         cfg: WGANConfig = self.config  # type: ignore[assignment]
         cf = self.condition_features(batch.cond)
         y_real = self.to_image(batch.showers, batch.energies)
+        flow_out = {}
+        if self.layer_flow is not None:  # the layer flow, by likelihood on the real showers
+            n_l = self.image_shape[0]
+            frac = self.cell_fractions(y_real).sum(dim=(2, 3))
+            rows = flow_targets(frac, batch.rand(n_l), self.response_mean[:n_l], self.response_std[:n_l])
+            nll = -self.layer_flow.log_prob(rows, cf).mean()
+            _step(optimizers["flow"], nll, list(self.layer_flow.parameters()), batch.share, grad_clip)
+            flow_out["flow_nll"] = float(nll.detach())
         # Critic.
         with torch.no_grad():
             y_fake = self._generate(batch.randn(cfg.latent_dim), cf)
@@ -455,4 +485,4 @@ class WGAN(LogCells, ShowerModel):
             self._last_gen = out["gen"]
         else:
             out["gen"] = getattr(self, "_last_gen", 0.0)
-        return out
+        return {**out, **flow_out}
