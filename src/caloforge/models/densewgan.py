@@ -29,6 +29,7 @@ from caloforge.models.flatgan import (
     FlatLogCells,
     _step,
     adversarial_step,
+    anchor_loss,
     check_response_conditional,
     flow_targets,
 )
@@ -69,12 +70,16 @@ class DenseWGANConfig(ModelConfig):
     # on the real showers' layer energies (flatgan.ConditionalFlow, its own optimizer, a step per training step), the
     # cells from the GAN and rescaled to them; the response is then a fitted density (not in the seed).
     layer_flow: bool = False
+    # With layer_flow: weight of the anchor of the generator's raw layer energies to the flow's (flatgan.anchor_loss),
+    # without which layers drift to zero and die.
+    layer_flow_anchor: float = 0.1
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
         "critic_depth": (1, 16), "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5),
         "n_critic": (1, 100), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
+        "layer_flow_anchor": (0.0, 1e6),
         "shape_score": (0.0, 1e6),
     }
 
@@ -146,6 +151,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         n_l = self.layer_log_mean.numel()
         with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
             t = self.layer_flow.sample(z[:, :n_l], cf)
+        self.raw_layer_frac = self.cell_fractions(y) @ self.layer_onehot  # for the anchor (flatgan.anchor_loss)
         y = self.with_layer_energies(y, t)
         empty = self.generated_layer_logs < EMPTY_LAYER_LOG  # where the training zeros sit (flatgan.flow_targets)
         return y * ((~empty).to(y.dtype) @ self.layer_onehot.T)
@@ -166,7 +172,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
             nll = -self.layer_flow.log_prob(self.layer_flow_targets(batch), self.condition_features(batch.cond)).mean()
             _step(optimizers["flow"], nll, list(self.layer_flow.parameters()), batch.share, grad_clip)
             out["flow_nll"] = float(nll.detach())
-        extra = self._generator_extra if cfg.response_distance > 0 or cfg.shape_score > 0 else None
+        extra = self._generator_extra if cfg.response_distance > 0 or cfg.shape_score > 0 or cfg.layer_flow else None
         return {**adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra,
                                    grad_clip), **out}
 
@@ -184,6 +190,8 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         y_real = self.to_y(batch.showers, batch.energies)
         cf = self.condition_features(batch.cond)
         loss = y_gen.new_zeros(())
+        if self.layer_flow is not None and cfg.layer_flow_anchor > 0:
+            loss = loss + cfg.layer_flow_anchor * anchor_loss(self.raw_layer_frac, self.generated_layer_logs)
         if cfg.response_distance > 0 and not cfg.response_conditional:
             loss = loss + cfg.response_distance * self.response_distance(y_gen, y_real, cf)
         if not (cfg.response_conditional or cfg.shape_score > 0):

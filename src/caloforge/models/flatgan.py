@@ -271,6 +271,16 @@ def flow_targets(frac: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, std: t
     return (logs - mean) / std
 
 
+def anchor_loss(raw_frac: torch.Tensor, target_logs: torch.Tensor) -> torch.Tensor:
+    """Mean squared log gap between a generator's raw layer energies (n, L; fractions of E_inc, before the rescaling
+    to the layer flow's energies) and the flow's, over the layers the flow fills. The rescaling makes the raw scale
+    free, and a layer whose raw cells drift to zero stays empty for good (ReLU cells get no gradient): the anchor
+    keeps the raw scale near the target (config ``layer_flow_anchor``)."""
+    full = target_logs.detach() >= EMPTY_LAYER_LOG
+    gap = torch.log(raw_frac + 1e-7) - target_logs.detach()
+    return (gap * gap * full).sum() / full.sum().clamp(min=1)
+
+
 def check_response_conditional(cfg: Any, family: str) -> None:
     """``response_conditional`` scores the layer head's samples: it needs ``layer_energies`` and a weight."""
     from caloforge.models.base import ModelError

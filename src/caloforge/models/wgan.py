@@ -44,6 +44,7 @@ from caloforge.models.flatgan import (
     EMPTY_LAYER_LOG,
     ConditionalFlow,
     _step,
+    anchor_loss,
     check_response_conditional,
     energy_distance,
     energy_score,
@@ -105,13 +106,16 @@ class WGANConfig(ModelConfig):
     # on the real showers' layer energies (flatgan.ConditionalFlow, its own optimizer) instead of the generator's
     # head; the cells are rescaled to them (as densewgan's layer_flow; not in the talk).
     layer_flow: bool = False
+    # With layer_flow: weight of the anchor of the generator's raw layer energies to the flow's (flatgan.anchor_loss),
+    # without which layers drift to zero and die.
+    layer_flow_anchor: float = 0.1
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
         "aux_channels": (1, 512), "n_critic": (1, 100), "gp_lambda": (0.0, 1e6), "aux_weight": (0.0, 1e6),
         "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "response_weight": (0.0, 1e6),
-        "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
+        "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6), "layer_flow_anchor": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for a 30 x 30 window; the generator's first layer grows with the window
@@ -295,7 +299,8 @@ class WGAN(LogCells, ShowerModel):
             with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
                 t = self.layer_flow.sample(z[:, :n_l], cf)
         mean, std = self.response_mean[:n_l], self.response_std[:n_l]
-        log_factor = layer_log_factors(self.cell_fractions(y).sum(dim=(2, 3)), t, mean, std)
+        self.raw_layer_frac = self.cell_fractions(y).sum(dim=(2, 3))  # for layer_flow's anchor (flatgan.anchor_loss)
+        log_factor = layer_log_factors(self.raw_layer_frac, t, mean, std)
         self.generated_layer_logs = self._head_logs(t)  # for response_distance (flatgan.head_response)
         y = self.scale_cells(y, log_factor[:, :, None, None])
         if self.layer_flow is None:
@@ -456,6 +461,10 @@ class WGAN(LogCells, ShowerModel):
             g_adv = -self.critic_score(y_gen, cf).mean()
             reg_fake = self._regression_loss(y_gen, batch.energies, cf)
             loss_g = g_adv + cfg.aux_weight * (reg_real.detach() - reg_fake).abs().sum()
+            if self.layer_flow is not None and cfg.layer_flow_anchor > 0:
+                anchor = anchor_loss(self.raw_layer_frac, self.generated_layer_logs)
+                loss_g = loss_g + cfg.layer_flow_anchor * anchor
+                out["anchor"] = float(anchor.detach())
             if cfg.response_weight > 0:
                 resp = self._response_distance(y_gen, y_real, batch.energies)
                 loss_g = loss_g + cfg.response_weight * resp
