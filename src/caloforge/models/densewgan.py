@@ -73,6 +73,9 @@ class DenseWGANConfig(ModelConfig):
     # With layer_flow: weight of the anchor of the generator's raw layer energies to the flow's (flatgan.anchor_loss),
     # without which layers drift to zero and die.
     layer_flow_anchor: float = 0.1
+    # With layer_flow: the generator also takes the flow's layer energies as inputs, so that it can draw cells that
+    # go with them (false: only the noise they were drawn from).
+    generator_sees_layers: bool = True
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
@@ -117,7 +120,8 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         self.init_flat_cells()
         n_c, n_l = self.n_cond_features, self.detector.n_layers
         n_out = self.n_cells + (n_l if cfg.layer_energies and not cfg.layer_flow else 0)
-        self.generator = _mlp(cfg.latent_dim + n_c, cfg.gen_hidden, cfg.gen_depth, n_out)
+        self.sees_layers = n_l if cfg.layer_flow and cfg.generator_sees_layers else 0
+        self.generator = _mlp(cfg.latent_dim + n_c + self.sees_layers, cfg.gen_hidden, cfg.gen_depth, n_out)
         nn.init.constant_(self.generator[-1].bias, cfg.out_bias_init)
         self.layer_flow = ConditionalFlow(n_l, n_c) if cfg.layer_flow else None
         if cfg.layer_energies:
@@ -144,13 +148,15 @@ class DenseWGAN(FlatLogCells, ShowerModel):
             self.fit_shape_features(data)
 
     def generate_y(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        out = self.generator(torch.cat([z, cf], dim=1))
-        y = torch.relu(out[:, :self.n_cells])
         if self.layer_flow is None:
+            out = self.generator(torch.cat([z, cf], dim=1))
+            y = torch.relu(out[:, :self.n_cells])
             return self.with_layer_energies(y, out[:, self.n_cells:]) if self.config.layer_energies else y
         n_l = self.layer_log_mean.numel()
         with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
             t = self.layer_flow.sample(z[:, :n_l], cf)
+        inputs = [z, cf, t.clamp(-10.0, 10.0)] if self.sees_layers else [z, cf]
+        y = torch.relu(self.generator(torch.cat(inputs, dim=1)))
         self.raw_layer_frac = self.cell_fractions(y) @ self.layer_onehot  # for the anchor (flatgan.anchor_loss)
         y = self.with_layer_energies(y, t)
         empty = self.generated_layer_logs < EMPTY_LAYER_LOG  # where the training zeros sit (flatgan.flow_targets)

@@ -109,6 +109,9 @@ class WGANConfig(ModelConfig):
     # With layer_flow: weight of the anchor of the generator's raw layer energies to the flow's (flatgan.anchor_loss),
     # without which layers drift to zero and die.
     layer_flow_anchor: float = 0.1
+    # With layer_flow: the generator also takes the flow's layer energies as inputs, so that it can draw cells that
+    # go with them (false: only the noise they were drawn from).
+    generator_sees_layers: bool = True
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
@@ -212,7 +215,8 @@ class WGAN(LogCells, ShowerModel):
         n_l, nx, ny = self._cell_images() if self.frame == "cells" else self.shape
         self.image_shape = (n_l, nx, ny)
         self.register_buffer("y_scale", torch.tensor(1.0))
-        self.generator = _Generator(n_l, nx, ny, cfg, self.n_cond_features)
+        self.sees_layers = n_l if cfg.layer_flow and cfg.generator_sees_layers else 0
+        self.generator = _Generator(n_l, nx, ny, cfg, self.n_cond_features + self.sees_layers)
         # The critic also sees log(E_layer / E_inc) per layer: the energy response and longitudinal profile are
         # what the validation weighs most, and they are hard to read off log-compressed cells.
         self.critic = _Critic(n_l, nx, ny, cfg, self.n_cond_features)
@@ -287,17 +291,18 @@ class WGAN(LogCells, ShowerModel):
     def _generate(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         """Generated normalised images; off the sensor zero (frame "cells"); with ``layer_energies`` each non-empty
         layer rescaled to the generator's layer energy."""
-        y = self.generator(z, cf)
+        n_l = self.image_shape[0]
+        t = None
+        if self.layer_flow is not None:
+            with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
+                t = self.layer_flow.sample(z[:, :n_l], cf)
+        y = self.generator(z, torch.cat([cf, t.clamp(-10.0, 10.0)], dim=1) if self.sees_layers else cf)
         if self.frame == "cells":
             y = y * self.pixel_mask
         if not self.config.layer_energies:
             return y
-        n_l = self.image_shape[0]
-        if self.layer_flow is None:
+        if t is None:
             t = self.generator.layer_energies(z, cf)
-        else:
-            with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
-                t = self.layer_flow.sample(z[:, :n_l], cf)
         mean, std = self.response_mean[:n_l], self.response_std[:n_l]
         self.raw_layer_frac = self.cell_fractions(y).sum(dim=(2, 3))  # for layer_flow's anchor (flatgan.anchor_loss)
         log_factor = layer_log_factors(self.raw_layer_frac, t, mean, std)
