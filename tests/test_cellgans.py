@@ -462,3 +462,46 @@ def test_conditional_flow_inverts_and_learns_a_spread_per_condition():
             assert torch.allclose(back, z, atol=1e-3)
             assert float(got[:, 0].mean()) == pytest.approx(2 * level, abs=0.1)
             assert float(got[:, 0].std()) == pytest.approx(want, rel=0.2)
+
+
+@pytest.mark.parametrize("sees", [True, False])
+def test_layer_flow_sets_each_layer_and_feeds_the_generator(sees):
+    """densewgan with layer_flow: every non-empty generated layer holds the flow's energy for the same noise, the
+    generator takes those energies as inputs (generator_sees_layers) or only the noise, and a layer whose flow
+    energy is below 1e-6 of E_inc comes out empty."""
+    from caloforge.models.flatgan import EMPTY_LAYER_LOG
+
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 40, seed=12)
+    cfg = dict(TINY_CONFIGS["densewgan:layer_flow"], generator_sees_layers=sees)
+    cls = get_family("densewgan")
+    model = cls(det, None, cls.Config.from_dict(cfg))
+    model.fit_preprocessing(data)
+    n_l = det.n_layers
+    assert model.generator[0].in_features == cfg["latent_dim"] + model.n_cond_features + (n_l if sees else 0)
+    cond = torch.as_tensor(data.conditions.as_array()[:16], dtype=torch.float32)
+    cf = model.condition_features(cond)
+    z = torch.randn(16, cfg["latent_dim"])
+    with torch.no_grad():
+        y = model.generate_y(z, cf)
+        want = model.head_logs(model.layer_flow.sample(z[:, :n_l], cf))
+    got = model.cell_fractions(y) @ model.layer_onehot
+    hit = got > 0
+    assert bool(hit.any()) and torch.allclose(torch.log(got[hit]), want[hit], atol=1e-3)
+    assert not bool(hit[want < EMPTY_LAYER_LOG].any())
+
+
+def test_anchor_loss_pulls_raw_layers_to_the_flow_and_skips_empty_ones():
+    """flatgan.anchor_loss: zero when the raw layer energies are the flow's, the squared log gap otherwise, nothing
+    from layers the flow leaves empty, and a gradient that raises a raw layer below its target."""
+    from caloforge.models.flatgan import EMPTY_LAYER_LOG, anchor_loss
+
+    target = torch.log(torch.tensor([[0.1, 0.01, 1e-8]]))
+    raw = torch.tensor([[0.1, 0.01, 0.5]], requires_grad=True)
+    assert float(anchor_loss(raw, target)) == pytest.approx(0.0, abs=1e-5)  # the empty third layer is ignored
+    assert float(target[0, 2]) < EMPTY_LAYER_LOG
+    low = torch.tensor([[0.1 / math.e, 0.01, 0.5]], requires_grad=True)
+    loss = anchor_loss(low, target)
+    assert float(loss) == pytest.approx(0.5, rel=1e-3)  # gap -1 in one of two counted layers
+    loss.backward()
+    assert float(low.grad[0, 0]) < 0 and float(low.grad[0, 2]) == 0.0
