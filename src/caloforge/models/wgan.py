@@ -109,9 +109,9 @@ class WGANConfig(ModelConfig):
     # With layer_flow: weight of the anchor of the generator's raw layer energies to the flow's (flatgan.anchor_loss),
     # without which layers drift to zero and die.
     layer_flow_anchor: float = 0.1
-    # With layer_flow: the generator also takes the flow's layer energies as inputs, so that it can draw cells that
-    # go with them (false: only the noise they were drawn from).
-    generator_sees_layers: bool = True
+    # With layer_flow: the generator also takes the flow's layer energies as inputs (else only the noise they were
+    # drawn from). On densewgan it made every measure worse (BENCHMARKS.md, "Stop 24"), hence off.
+    generator_sees_layers: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 512), "critic_channels": (1, 512), "critic_hidden": (1, 4096),
