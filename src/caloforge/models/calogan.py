@@ -46,7 +46,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import FlatLogCells, adversarial_step, check_response_conditional, layer_energy_head
+from caloforge.models.flatgan import FlatLogCells, adversarial_step, check_layer_options, layer_energy_head
 
 
 @dataclass
@@ -243,7 +243,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: CaloGANConfig = self.config  # type: ignore[assignment]
-        check_response_conditional(cfg, self.family)
+        check_layer_options(cfg, self.family, detector.n_layers)
         images = layer_images(detector)
         self.grids = [(h, w) for h, w, _ in images]
         self.init_flat_cells()

@@ -22,16 +22,15 @@ import torch
 from torch import nn
 
 from caloforge.detector import Detector
-from caloforge.models.base import ModelConfig, ModelError, ShowerModel, TrainBatch
+from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 from caloforge.models.flatgan import (
     EMPTY_LAYER_LOG,
     ConditionalFlow,
     FlatLogCells,
-    _step,
     adversarial_step,
     anchor_loss,
-    check_response_conditional,
-    flow_targets,
+    check_layer_options,
+    flow_step,
 )
 
 
@@ -111,12 +110,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
-        check_response_conditional(cfg, self.family)
-        if cfg.layer_flow and not (cfg.layer_energies and cfg.response_distance == 0 and cfg.latent_dim
-                                   >= self.detector.n_layers):
-            raise ModelError(f"densewgan config: layer_flow = true needs layer_energies = true, response_distance = 0 "
-                             f"(the flow is trained by likelihood alone) and latent_dim >= {self.detector.n_layers} "
-                             f"(the layers of {self.detector.name!r})")
+        check_layer_options(cfg, self.family, self.detector.n_layers)
         self.init_flat_cells()
         n_c, n_l = self.n_cond_features, self.detector.n_layers
         n_out = self.n_cells + (n_l if cfg.layer_energies and not cfg.layer_flow else 0)
@@ -158,14 +152,9 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         inputs = [z, cf, t.clamp(-10.0, 10.0)] if self.sees_layers else [z, cf]
         y = torch.relu(self.generator(torch.cat(inputs, dim=1)))
         self.raw_layer_frac = self.cell_fractions(y) @ self.layer_onehot  # for the anchor (flatgan.anchor_loss)
-        y = self.with_layer_energies(y, t)
+        y = self.with_layer_energies(y, t, self.raw_layer_frac)
         empty = self.generated_layer_logs < EMPTY_LAYER_LOG  # where the training zeros sit (flatgan.flow_targets)
         return y * ((~empty).to(y.dtype) @ self.layer_onehot.T)
-
-    def layer_flow_targets(self, batch: TrainBatch) -> torch.Tensor:
-        """The real showers' standardised log layer energies (n, L), the flow's training rows."""
-        frac = batch.showers.float() @ self.layer_onehot / batch.energies.float()[:, None]
-        return flow_targets(frac, batch.rand(frac.shape[1]), self.layer_log_mean, self.layer_log_std)
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([y, self.layer_features(y), cf], dim=1)).squeeze(1)
@@ -174,10 +163,10 @@ class DenseWGAN(FlatLogCells, ShowerModel):
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
         out = {}
-        if self.layer_flow is not None:
-            nll = -self.layer_flow.log_prob(self.layer_flow_targets(batch), self.condition_features(batch.cond)).mean()
-            _step(optimizers["flow"], nll, list(self.layer_flow.parameters()), batch.share, grad_clip)
-            out["flow_nll"] = float(nll.detach())
+        if self.layer_flow is not None:  # the layer flow, by likelihood on the real showers
+            frac = batch.showers.float() @ self.layer_onehot / batch.energies.float()[:, None]
+            out["flow_nll"] = flow_step(self.layer_flow, frac, self.condition_features(batch.cond), batch,
+                                        optimizers["flow"], self.layer_log_mean, self.layer_log_std, grad_clip)
         extra = self._generator_extra if cfg.response_distance > 0 or cfg.shape_score > 0 or cfg.layer_flow else None
         return {**adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra,
                                    grad_clip), **out}

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caloforge.models.base import TrainBatch
+from caloforge.models.base import ModelError, TrainBatch
+from caloforge.models.layerflow import _Coupling
 from caloforge.models.logcells import CellScale
 
 
@@ -192,14 +193,15 @@ class FlatLogCells(CellScale):
         +-10 (the real side of :meth:`response_distance`)."""
         return standardised_response(self.cell_fractions(y) @ self.layer_onehot, self.response_mean, self.response_std)
 
-    def with_layer_energies(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def with_layer_energies(self, y: torch.Tensor, t: torch.Tensor, frac: torch.Tensor | None = None) -> torch.Tensor:
         """Generated cells y (n, n_cells) rescaled layer by layer to the generated layer energies: t (n, L) are
         standardised log(E_layer / E_inc + 1e-6). The shower's response and longitudinal profile are then L
         numbers the generator sets directly, not sums of noisy cells; empty generated layers stay empty.
 
         The layer head's energies, log(E_layer / E_inc) (n, L), are kept in ``generated_layer_logs`` for
         :meth:`response_distance`."""
-        frac = self.cell_fractions(y) @ self.layer_onehot
+        if frac is None:  # the generated layer fractions of E_inc, unless the caller has them
+            frac = self.cell_fractions(y) @ self.layer_onehot
         log_factor = layer_log_factors(frac, t, self.layer_log_mean, self.layer_log_std)
         self.generated_layer_logs = self.head_logs(t)
         return self.scale_cells(y, log_factor @ self.layer_onehot.T)
@@ -235,8 +237,6 @@ class ConditionalFlow(nn.Module):
 
     def __init__(self, dim: int, cond_dim: int, hidden: int = 64, blocks: int = 6, clamp: float = 3.0):
         super().__init__()
-        from caloforge.models.layerflow import _Coupling
-
         self.dim = dim
         self.blocks = nn.ModuleList(_Coupling(dim, cond_dim, hidden, 2, clamp) for _ in range(blocks))
 
@@ -281,14 +281,28 @@ def anchor_loss(raw_frac: torch.Tensor, target_logs: torch.Tensor) -> torch.Tens
     return (gap * gap * full).sum() / full.sum().clamp(min=1)
 
 
-def check_response_conditional(cfg: Any, family: str) -> None:
-    """``response_conditional`` scores the layer head's samples: it needs ``layer_energies`` and a weight."""
-    from caloforge.models.base import ModelError
+def flow_step(flow: ConditionalFlow, frac: torch.Tensor, cf: torch.Tensor, batch: TrainBatch,
+              optimizer: torch.optim.Optimizer, mean: torch.Tensor, std: torch.Tensor, grad_clip: float) -> float:
+    """One maximum-likelihood step of a layer flow on the real layer energies ``frac`` (n, L; fractions of E_inc)
+    given the condition features; returns the negative log-likelihood."""
+    rows = flow_targets(frac, batch.rand(frac.shape[1]), mean, std)
+    nll = -flow.log_prob(rows, cf).mean()
+    _step(optimizer, nll, list(flow.parameters()), batch.share, grad_clip)
+    return float(nll.detach())
 
+
+def check_layer_options(cfg: Any, family: str, n_layers: int) -> None:
+    """The layer-energy options that need others: ``response_conditional`` scores the layer head's samples (it needs
+    ``layer_energies`` and a weight); ``layer_flow`` replaces the head (it needs ``layer_energies``, no response
+    term, which could not train the flow, and a noise vector at least as long as the layers)."""
     if getattr(cfg, "response_conditional", False) and not (cfg.layer_energies and cfg.response_distance > 0):
         raise ModelError(f"{family} config: response_conditional = true scores the layer head's response and needs "
                          f"layer_energies = true and response_distance > 0 (got layer_energies = "
                          f"{cfg.layer_energies}, response_distance = {cfg.response_distance})")
+    if getattr(cfg, "layer_flow", False) and not (cfg.layer_energies and cfg.response_distance == 0
+                                                  and cfg.latent_dim >= n_layers):
+        raise ModelError(f"{family} config: layer_flow = true needs layer_energies = true, response_distance = 0 "
+                         f"(the flow is trained by likelihood alone) and latent_dim >= {n_layers} (the layers)")
 
 
 def energy_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -43,12 +43,11 @@ from caloforge.models.calogan import layer_images
 from caloforge.models.flatgan import (
     EMPTY_LAYER_LOG,
     ConditionalFlow,
-    _step,
     anchor_loss,
-    check_response_conditional,
+    check_layer_options,
     energy_distance,
     energy_score,
-    flow_targets,
+    flow_step,
     head_response,
     layer_energy_head,
     layer_log_factors,
@@ -211,9 +210,9 @@ class WGAN(LogCells, ShowerModel):
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
         super().__init__(detector, n_cells, config, features, frame)
         cfg: WGANConfig = self.config  # type: ignore[assignment]
-        check_response_conditional(cfg, self.family)
         n_l, nx, ny = self._cell_images() if self.frame == "cells" else self.shape
         self.image_shape = (n_l, nx, ny)
+        check_layer_options(cfg, self.family, n_l)
         self.register_buffer("y_scale", torch.tensor(1.0))
         self.sees_layers = n_l if cfg.layer_flow and cfg.generator_sees_layers else 0
         self.generator = _Generator(n_l, nx, ny, cfg, self.n_cond_features + self.sees_layers)
@@ -231,12 +230,7 @@ class WGAN(LogCells, ShowerModel):
         # one regressor per label (energy, angle, the impact offsets): the HGCAL recipe's energy and position nets
         self.regressed = [i for i, f in enumerate(self.features) if f in REGRESSED_FEATURES]
         self.regressors = nn.ModuleList([_Regressor(n_l, nx, ny, cfg) for _ in self.regressed])
-        self.layer_flow = None
-        if cfg.layer_flow:
-            if not (cfg.layer_energies and cfg.response_distance == 0 and cfg.latent_dim >= n_l):
-                raise ModelError(f"wgan config: layer_flow = true needs layer_energies = true, response_distance = 0 "
-                                 f"(the flow is trained by likelihood alone) and latent_dim >= {n_l} (the layers)")
-            self.layer_flow = ConditionalFlow(n_l, self.n_cond_features)
+        self.layer_flow = ConditionalFlow(n_l, self.n_cond_features) if cfg.layer_flow else None
 
     def _cell_images(self) -> tuple[int, int, int]:
         """Frame "cells": every layer's cells on one image (calogan's map), as buffers: ``cell_pixels`` (n_cells,),
@@ -431,10 +425,8 @@ class WGAN(LogCells, ShowerModel):
         if self.layer_flow is not None:  # the layer flow, by likelihood on the real showers
             n_l = self.image_shape[0]
             frac = self.cell_fractions(y_real).sum(dim=(2, 3))
-            rows = flow_targets(frac, batch.rand(n_l), self.response_mean[:n_l], self.response_std[:n_l])
-            nll = -self.layer_flow.log_prob(rows, cf).mean()
-            _step(optimizers["flow"], nll, list(self.layer_flow.parameters()), batch.share, grad_clip)
-            flow_out["flow_nll"] = float(nll.detach())
+            flow_out["flow_nll"] = flow_step(self.layer_flow, frac, cf, batch, optimizers["flow"],
+                                             self.response_mean[:n_l], self.response_std[:n_l], grad_clip)
         # Critic.
         with torch.no_grad():
             y_fake = self._generate(batch.randn(cfg.latent_dim), cf)
