@@ -464,21 +464,25 @@ def test_conditional_flow_inverts_and_learns_a_spread_per_condition():
             assert float(got[:, 0].std()) == pytest.approx(want, rel=0.2)
 
 
-@pytest.mark.parametrize("sees", [True, False])
-def test_layer_flow_sets_each_layer_and_feeds_the_generator(sees):
-    """densewgan with layer_flow: every non-empty generated layer holds the flow's energy for the same noise, the
-    generator takes those energies as inputs (generator_sees_layers) or only the noise, and a layer whose flow
-    energy is below 1e-6 of E_inc comes out empty."""
+@pytest.mark.parametrize("family, sees", [("densewgan", True), ("densewgan", False), ("calogan", False)])
+def test_layer_flow_sets_each_layer_and_feeds_the_generator(family, sees):
+    """densewgan and calogan with layer_flow: every non-empty generated layer holds the flow's energy for the same
+    noise, densewgan's generator takes those energies as inputs (generator_sees_layers) or only the noise, calogan
+    has no layer head beside the flow, and a layer whose flow energy is below 1e-6 of E_inc comes out empty."""
     from caloforge.models.flatgan import EMPTY_LAYER_LOG
 
     det = toy_layered_detector()
     data = toy_layered_showers(det, 40, seed=12)
-    cfg = dict(TINY_CONFIGS["densewgan:layer_flow"], generator_sees_layers=sees)
-    cls = get_family("densewgan")
+    cfg = dict(TINY_CONFIGS[f"{family}:layer_flow"], **({"generator_sees_layers": sees} if family == "densewgan"
+                                                         else {}))
+    cls = get_family(family)
     model = cls(det, None, cls.Config.from_dict(cfg))
     model.fit_preprocessing(data)
     n_l = det.n_layers
-    assert model.generator[0].in_features == cfg["latent_dim"] + model.n_cond_features + (n_l if sees else 0)
+    if family == "densewgan":
+        assert model.generator[0].in_features == cfg["latent_dim"] + model.n_cond_features + (n_l if sees else 0)
+    else:
+        assert model.layer_head is None and "flow" in model.configure_optimizers(1e-3)
     cond = torch.as_tensor(data.conditions.as_array()[:16], dtype=torch.float32)
     cf = model.condition_features(cond)
     z = torch.randn(16, cfg["latent_dim"])

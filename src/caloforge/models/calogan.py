@@ -84,6 +84,12 @@ class CaloGANConfig(ModelConfig):
     # Weight of a generator term: the energy score of each layer's centroids and widths of two generated showers per
     # real one, at its conditions (flatgan.shape_score; not in the seed). 0 turns it off.
     shape_score: float = 0.0
+    # With layer_energies: the layer energies come from a conditional normalising flow trained by maximum likelihood
+    # on the real showers (flatgan.ConditionalFlow, as densewgan's), instead of the layer head; the per-layer images
+    # are rescaled to them (not in the seed).
+    layer_flow: bool = False
+    # With layer_flow: weight of the anchor of the generators' raw layer energies to the flow's (flatgan.anchor_loss).
+    layer_flow_anchor: float = 0.1
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
@@ -91,7 +97,7 @@ class CaloGANConfig(ModelConfig):
         "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5), "n_critic": (1, 100),
         "energy_weight": (0.0, 1e6), "response_weight": (0.0, 1e6), "out_bias_init": (-1e3, 1e3),
         "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
-        "response_distance": (0.0, 1e6), "shape_score": (0.0, 1e6),
+        "response_distance": (0.0, 1e6), "shape_score": (0.0, 1e6), "layer_flow_anchor": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for about 500 cells in 3 layers
@@ -254,8 +260,10 @@ class CaloGAN(FlatLogCells, ShowerModel):
                                          for i, (h, w, p) in enumerate(images)])
         self.discriminator = _Discriminator(images, cfg, n_c)
         self.layer_head = None
+        self.init_layer_flow()
         if cfg.layer_energies:
-            self.layer_head = layer_energy_head(cfg.latent_dim + n_c, len(images))
+            if self.layer_flow is None:
+                self.layer_head = layer_energy_head(cfg.latent_dim + n_c, len(images))
             self.init_layer_energies()
         if cfg.response_distance > 0:
             self.init_response_features()
@@ -289,6 +297,8 @@ class CaloGAN(FlatLogCells, ShowerModel):
             prev = net(z, cf, prev)
             out.append(prev)
         y = torch.cat(out, dim=1)
+        if self.layer_flow is not None:
+            return self.with_flow_energies(y, self.flow_layer_energies(z, cf))
         if self.layer_head is None:
             return y
         return self.with_layer_energies(y, self.layer_head(torch.cat([z, cf], dim=1)))
@@ -302,6 +312,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
         cfg: CaloGANConfig = self.config  # type: ignore[assignment]
         frac = self.cell_fractions(y_gen).sum(1)
         loss = cfg.energy_weight * torch.relu(frac - self.max_visible_fraction).mean()
+        loss = loss + self.layer_flow_anchor_loss(y_gen)  # before a second pass replaces the raw layer energies
         if cfg.response_weight > 0:
             y_real = self.to_y(batch.showers, batch.energies)
             n_l = len(self.grids)
@@ -325,5 +336,6 @@ class CaloGAN(FlatLogCells, ShowerModel):
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
-        return adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score,
-                                self._generator_extra, grad_clip)
+        out = self.layer_flow_step(batch, optimizers, grad_clip)  # the layer flow, by likelihood on real showers
+        return {**adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score,
+                                   self._generator_extra, grad_clip), **out}

@@ -23,15 +23,7 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import (
-    EMPTY_LAYER_LOG,
-    ConditionalFlow,
-    FlatLogCells,
-    adversarial_step,
-    anchor_loss,
-    check_layer_options,
-    flow_step,
-)
+from caloforge.models.flatgan import FlatLogCells, adversarial_step, check_layer_options
 
 
 @dataclass
@@ -117,7 +109,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         self.sees_layers = n_l if cfg.layer_flow and cfg.generator_sees_layers else 0
         self.generator = _mlp(cfg.latent_dim + n_c + self.sees_layers, cfg.gen_hidden, cfg.gen_depth, n_out)
         nn.init.constant_(self.generator[-1].bias, cfg.out_bias_init)
-        self.layer_flow = ConditionalFlow(n_l, n_c) if cfg.layer_flow else None
+        self.init_layer_flow()
         if cfg.layer_energies:
             nn.init.zeros_(self.generator[-1].bias[self.n_cells:])  # the training mean of each layer's energy
             self.init_layer_energies()
@@ -146,15 +138,9 @@ class DenseWGAN(FlatLogCells, ShowerModel):
             out = self.generator(torch.cat([z, cf], dim=1))
             y = torch.relu(out[:, :self.n_cells])
             return self.with_layer_energies(y, out[:, self.n_cells:]) if self.config.layer_energies else y
-        n_l = self.layer_log_mean.numel()
-        with torch.no_grad():  # the flow learns from the likelihood alone, never from the critic
-            t = self.layer_flow.sample(z[:, :n_l], cf)
+        t = self.flow_layer_energies(z, cf)
         inputs = [z, cf, t.clamp(-10.0, 10.0)] if self.sees_layers else [z, cf]
-        y = torch.relu(self.generator(torch.cat(inputs, dim=1)))
-        self.raw_layer_frac = self.cell_fractions(y) @ self.layer_onehot  # for the anchor (flatgan.anchor_loss)
-        y = self.with_layer_energies(y, t, self.raw_layer_frac)
-        empty = self.generated_layer_logs < EMPTY_LAYER_LOG  # where the training zeros sit (flatgan.flow_targets)
-        return y * ((~empty).to(y.dtype) @ self.layer_onehot.T)
+        return self.with_flow_energies(torch.relu(self.generator(torch.cat(inputs, dim=1))), t)
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
         return self.critic(torch.cat([y, self.layer_features(y), cf], dim=1)).squeeze(1)
@@ -162,21 +148,10 @@ class DenseWGAN(FlatLogCells, ShowerModel):
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
-        out = {}
-        if self.layer_flow is not None:  # the layer flow, by likelihood on the real showers
-            frac = batch.showers.float() @ self.layer_onehot / batch.energies.float()[:, None]
-            out["flow_nll"] = flow_step(self.layer_flow, frac, self.condition_features(batch.cond), batch,
-                                        optimizers["flow"], self.layer_log_mean, self.layer_log_std, grad_clip)
+        out = self.layer_flow_step(batch, optimizers, grad_clip)  # the layer flow, by likelihood on real showers
         extra = self._generator_extra if cfg.response_distance > 0 or cfg.shape_score > 0 or cfg.layer_flow else None
         return {**adversarial_step(self, batch, optimizers, step, self.generate_y, self.critic_score, extra,
                                    grad_clip), **out}
-
-    def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
-        """Adam for the generator and the critic; with ``layer_flow`` also one for the flow (default betas)."""
-        opts = super().configure_optimizers(lr, weight_decay)
-        if self.layer_flow is not None:
-            opts["flow"] = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
-        return opts
 
     def _generator_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:
         """The response term (batch energy distance, or the energy score at each shower's conditions) and the
@@ -184,9 +159,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         cfg: DenseWGANConfig = self.config  # type: ignore[assignment]
         y_real = self.to_y(batch.showers, batch.energies)
         cf = self.condition_features(batch.cond)
-        loss = y_gen.new_zeros(())
-        if self.layer_flow is not None and cfg.layer_flow_anchor > 0:
-            loss = loss + cfg.layer_flow_anchor * anchor_loss(self.raw_layer_frac, self.generated_layer_logs)
+        loss = self.layer_flow_anchor_loss(y_gen)
         if cfg.response_distance > 0 and not cfg.response_conditional:
             loss = loss + cfg.response_distance * self.response_distance(y_gen, y_real, cf)
         if not (cfg.response_conditional or cfg.shape_score > 0):

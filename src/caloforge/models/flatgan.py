@@ -206,6 +206,43 @@ class FlatLogCells(CellScale):
         self.generated_layer_logs = self.head_logs(t)
         return self.scale_cells(y, log_factor @ self.layer_onehot.T)
 
+    # ---- layer energies from a flow trained by likelihood (config ``layer_flow``) ------------------------------
+    def init_layer_flow(self) -> None:
+        """``layer_flow``: the conditional flow of the layer energies, or None when the config has it off."""
+        on = getattr(self.config, "layer_flow", False)
+        self.layer_flow = ConditionalFlow(len(self.layer_offsets) - 1, self.n_cond_features) if on else None
+
+    def flow_layer_energies(self, z: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """The flow's standardised log layer energies (n, L) for the first L noise numbers of each row; no gradient:
+        the flow learns from the likelihood alone, never from the critic."""
+        with torch.no_grad():
+            return self.layer_flow.sample(z[:, :len(self.layer_offsets) - 1], cf)
+
+    def with_flow_energies(self, y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Generated cells y (n, n_cells) rescaled to the flow's layer energies t; a layer whose flow energy is below
+        1e-6 of E_inc (where the training zeros sit, :func:`flow_targets`) comes out empty. Keeps the raw layer
+        fractions in ``raw_layer_frac`` for :meth:`layer_flow_anchor_loss`."""
+        self.raw_layer_frac = self.cell_fractions(y) @ self.layer_onehot
+        y = self.with_layer_energies(y, t, self.raw_layer_frac)
+        empty = self.generated_layer_logs < EMPTY_LAYER_LOG
+        return y * ((~empty).to(y.dtype) @ self.layer_onehot.T)
+
+    def layer_flow_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer],
+                        grad_clip: float) -> dict[str, float]:
+        """One likelihood step of the layer flow on the batch's real layer energies ({} without a flow)."""
+        if self.layer_flow is None:
+            return {}
+        frac = batch.showers.float() @ self.layer_onehot / batch.energies.float()[:, None]
+        return {"flow_nll": flow_step(self.layer_flow, frac, self.condition_features(batch.cond), batch,
+                                      optimizers["flow"], self.layer_log_mean, self.layer_log_std, grad_clip)}
+
+    def layer_flow_anchor_loss(self, like: torch.Tensor) -> torch.Tensor:
+        """``layer_flow_anchor`` times :func:`anchor_loss` of the last generator pass (zero without a flow)."""
+        weight = getattr(self.config, "layer_flow_anchor", 0.0)
+        if self.layer_flow is None or weight <= 0:
+            return like.new_zeros(())
+        return weight * anchor_loss(self.raw_layer_frac, self.generated_layer_logs)
+
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
         return [((n, self.config.latent_dim), "normal")]
 
@@ -214,10 +251,13 @@ class FlatLogCells(CellScale):
         return self.from_y(y.clamp(max=1.0), cond[:, 0])
 
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
-        """Adam for the generator and for the critic, with the config's betas."""
+        """Adam for the generator and for the critic, with the config's betas; with ``layer_flow`` one more."""
         betas = (self.config.beta1, self.config.beta2)
-        return {"generator": torch.optim.Adam(self.generator_parameters(), lr=lr, betas=betas),
+        opts = {"generator": torch.optim.Adam(self.generator_parameters(), lr=lr, betas=betas),
                 "critic": torch.optim.Adam(self.critic_parameters(), lr=lr, betas=betas)}
+        if getattr(self, "layer_flow", None) is not None:  # the layer flow: its own Adam, default betas
+            opts["flow"] = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
+        return opts
 
     def fit_log_scale(self, data: Any) -> None:
         """``y_scale``: the largest compressed training cell."""
