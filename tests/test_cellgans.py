@@ -171,6 +171,35 @@ def test_train_generate_export_bench_cli(family, det, tmp_path, capsys):
     assert bench and "ms" in json.dumps(bench)
 
 
+def test_train_features_flag_gives_a_family_particle_features(det, tmp_path, capsys):
+    """caloforge train --features: densewgan (energy alone by default) trained with the particle features on e+ and
+    photons keeps them on saving and loading and makes different showers for the two particles at the same noise;
+    an unknown feature name is refused with the list of what a cells-frame model takes."""
+    b = toy_layered_showers(det, 64, seed=7)
+    data = tmp_path / "train.h5"
+    write_showers(data, det, b.conditions, b.showers, attrs={"source": "toy", "particle": "e+,gamma"})
+    cfg = tmp_path / "c.toml"
+    model_opts = "\n".join(f"{k} = {json.dumps(v)}" for k, v in TINY_CONFIGS["densewgan"].items())
+    cfg.write_text(f'family = "densewgan"\n[train]\nbatch_size = 16\nmax_steps = 4\nval_every = 4\n'
+                   f'checkpoint_every = 4\nval_max_showers = 16\n[model]\n{model_opts}\n')
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--model", "densewgan", "--config", str(cfg), "-o", str(run), "-q",
+                 "--features", "log_e,is_photon,charge"]) == 0
+    assert json.loads((run / "run.json").read_text())["features"] == ["log_e", "is_photon", "charge"]
+    model = load_model(run, expected_detector=det)
+    assert model.features == ("log_e", "is_photon", "charge") and model.generator[0].in_features == 8 + 3
+    cond = torch.tensor([[5e4, 0.0, 0.0, 0.0, 22.0], [5e4, 0.0, 0.0, 0.0, -11.0]])
+    z = torch.randn(1, 8).expand(2, -1)
+    with torch.no_grad():
+        showers = model.decode(cond, z)
+    assert not torch.equal(showers[0], showers[1])
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--model", "densewgan", "--config", str(cfg), "-o",
+                 str(tmp_path / "bad"), "-q", "--features", "log_e,angle"]) != 0
+    assert "(log_e, is_photon, charge)" in capsys.readouterr().err
+    assert not (tmp_path / "bad" / "run.json").exists()
+
+
 def test_shower_shapes_script(det, tmp_path):
     """scripts/shower_shapes.py: identical samples agree exactly; a sample with doubled energies is told apart."""
 

@@ -473,6 +473,10 @@ class Trainer:
             enable_determinism()
         cls = get_family(run["family"])
         config = cls.Config.from_dict(run["model"], f"{self.out / RUN_FILE} [model]")
+        features = run.get("features")
+        if features is not None and (not isinstance(features, list) or not all(isinstance(f, str) for f in features)):
+            raise TrainingError(f"{self.out / RUN_FILE}: field 'features' is {features!r:.80}; expected a list of "
+                                f"condition feature names")
         if data is None:
             with ShowerFile(run["data"]) as f:
                 det = f.detector
@@ -480,13 +484,13 @@ class Trainer:
                 raise TrainingError(f"{run['data']}: no detector description in the file attributes; cannot train")
             # Every model trained now works in the shower-axis frame (the normal-incidence window's shape, or wider
             # in y with a family's pad_y).
-            shell = cls(det, None, config)
+            shell = cls(det, None, config, features=features)
             data = load_training_data(run["data"], self.cfg.val_fraction, self.cfg.split_seed, quiet,
                                       to_local=shell.to_local, n_local=shell.n_cells)
         train, val, detector, provenance = data
         self.train_data, self.val_data, self.provenance = train, val, provenance
         torch.manual_seed(self.cfg.seed)
-        self.model = cls(detector, train.showers.shape[1], config)
+        self.model = cls(detector, train.showers.shape[1], config, features=features)
         self.model.meta["conditions"] = training_range(train, val, provenance)
         self.model.fit_preprocessing(train)
         particle = provenance.get("attrs", {}).get("particle")
@@ -522,8 +526,10 @@ class Trainer:
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
     def create(cls, data: str, family: str, out_dir: str | Path, train_cfg: TrainConfig, model_cfg: dict,
-               device: str = "cpu", quiet: bool = True, command: list[str] | None = None) -> Trainer:
-        """A new run in ``out_dir`` (refuses a directory that already holds a run)."""
+               device: str = "cpu", quiet: bool = True, command: list[str] | None = None,
+               features: list[str] | None = None) -> Trainer:
+        """A new run in ``out_dir`` (refuses a directory that already holds a run); ``features``: the model's
+        condition features (None: the family's default)."""
         from caloforge import __version__, distributed
         from caloforge.validate import check_output_dir
 
@@ -534,7 +540,8 @@ class Trainer:
         if main:
             out.mkdir(parents=True, exist_ok=True)
         run = {"family": family, "data": str(Path(data).resolve()), "train": dataclasses.asdict(train_cfg),
-               "model": model_cfg, "caloforge_version": __version__, "command": command or [],
+               "model": model_cfg, **({"features": list(features)} if features else {}),
+               "caloforge_version": __version__, "command": command or [],
                "data_fingerprint": data_fingerprint(data) if Path(data).is_file() else None}
         trainer = cls(out, run, device, quiet)
         if main:
@@ -757,7 +764,11 @@ class Trainer:
 # ---- CLI ----------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="training shower file (HDF5); a validation split is held out of it")
-    p.add_argument("--model", dest="family", help="model family: layerflow, wgan (docs/models.md); eventwgan")
+    p.add_argument("--model", dest="family", help="model family: layerflow, wgan, densewgan, calogan, gan3d, bibae, "
+                   "cfm (docs/models.md); eventwgan for event files (docs/events.md)")
+    p.add_argument("--features", help="condition features the model sees, comma-separated, 'log_e' first (default: "
+                   "the family's own; e.g. log_e,is_photon,charge to tell particles apart in a family that takes "
+                   "the energy alone; docs/models.md)")
     p.add_argument("--config", help="TOML file with [train] and [model] tables (configs/*.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=1e-4 --set model.flow_hidden=128")
@@ -822,8 +833,9 @@ def _run(args: argparse.Namespace, device: str, main: bool) -> int:
         if args.max_steps is not None:
             overrides.append("train.epochs=0")
         train_cfg, model_cfg = resolve_config(args.family, args.config, overrides)
+        features = [f.strip() for f in args.features.split(",")] if args.features else None
         trainer = Trainer.create(args.data, args.family, args.output, train_cfg, model_cfg, device, args.quiet,
-                                 command=sys.argv)
+                                 command=sys.argv, features=features)
     t0 = time.time()
     state = trainer.fit()
     if not args.quiet and main:
