@@ -198,6 +198,10 @@ def test_train_features_flag_gives_a_family_particle_features(det, tmp_path, cap
                  str(tmp_path / "bad"), "-q", "--features", "log_e,angle"]) != 0
     assert "(log_e, is_photon, charge)" in capsys.readouterr().err
     assert not (tmp_path / "bad" / "run.json").exists()
+    for family in ("densewgan", "calogan"):  # the HGCAL seed's labels: energy and impact point
+        cls = get_family(family)
+        assert cls(det, None, cls.Config.from_dict(TINY_CONFIGS[family]),
+                   features=("log_e", "pos_x", "pos_y")).condition_names == ("energy", "position")
 
 
 def test_shower_shapes_script(det, tmp_path):

@@ -243,6 +243,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
     family = "calogan"
     Config = CaloGANConfig
     readouts = "any"
+    cells_positions = True  # the impact point (pos_x, pos_y) may be a condition: train --features
     default_features = ("log_e", "is_photon", "charge")
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: CaloGANConfig | None = None,

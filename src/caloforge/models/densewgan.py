@@ -96,6 +96,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
     family = "densewgan"
     Config = DenseWGANConfig
     readouts = "any"
+    cells_positions = True  # the impact point (pos_x, pos_y) may be a condition: train --features
     default_features = ("log_e",)
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: DenseWGANConfig | None = None,
