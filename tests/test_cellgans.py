@@ -528,6 +528,30 @@ def test_layer_flow_sets_each_layer_and_feeds_the_generator(family, sees):
     assert not bool(hit[want < EMPTY_LAYER_LOG].any())
 
 
+@pytest.mark.parametrize("family", ["densewgan", "calogan"])
+def test_critic_hits_count_the_cells_above_the_threshold(family):
+    """critic_hits_mev: the critic's soft hit count is one half for a cell at the threshold, near 0 at half of it
+    and near 1 at twice it, at every incident energy; an empty cell counts 0; the default (0) keeps tanh(50 y)."""
+    det = toy_layered_detector()
+    data = toy_layered_showers(det, 40, seed=12)
+    cls = get_family(family)
+    model = cls(det, None, cls.Config.from_dict(dict(TINY_CONFIGS[family], critic_hits_mev=0.075)))
+    model.fit_preprocessing(data)
+    n_l, first = det.n_layers, int(det.layer_offsets()[1])  # cells of layer 0
+    for e_inc in (1e4, 9e4):
+        showers = torch.zeros(4, det.n_cells())
+        showers[:, 0] = torch.tensor([0.0375, 0.075, 0.15, 0.0])  # MeV, in a cell of layer 0
+        showers[:, 1] = 50.0  # a hot cell
+        energies = torch.full((4,), e_inc)
+        cf = model.condition_features(torch.tensor([[e_inc, 0.0, 0.0, 0.0, 22.0]]).expand(4, -1))
+        y = model.to_y(showers, energies)
+        hits = model.layer_features(y, cf)[:, n_l] * first - 1.0  # the soft count of cell 0 (cell 1 counts 1)
+        assert hits.tolist() == pytest.approx([1 / 17, 0.5, 16 / 17, 0.0], abs=2e-3)
+    default = cls(det, None, cls.Config.from_dict(TINY_CONFIGS[family]))
+    default.fit_preprocessing(data)
+    assert torch.equal(default.layer_features(y, cf)[:, n_l], torch.tanh(50 * y[:, :first]).sum(1) / first)
+
+
 def test_anchor_loss_pulls_raw_layers_to_the_flow_and_skips_empty_ones():
     """flatgan.anchor_loss: zero when the raw layer energies are the flow's, the squared log gap otherwise, nothing
     from layers the flow leaves empty, and a gradient that raises a raw layer below its target."""

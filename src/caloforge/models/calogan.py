@@ -91,13 +91,18 @@ class CaloGANConfig(ModelConfig):
     # With layer_flow: weight of the anchor of the generators' raw layer energies to the flow's (flatgan.anchor_loss).
     layer_flow_anchor: float = 0.1
 
+    # The critic's hit counts at this threshold (MeV; the evaluation's is 0.075): a soft count of the cells above it
+    # (flatgan.FlatLogCells.layer_features). 0: tanh(50 y), which barely sees cells near the threshold.
+    critic_hits_mev: float = 0.0
+
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "lc_channels": (1, 64), "disc_channels": (1, 256),
         "disc_features": (1, 1024), "disc_hidden": (1, 4096), "mbd_kernels": (0, 256), "mbd_dims": (1, 64),
         "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5), "n_critic": (1, 100),
         "energy_weight": (0.0, 1e6), "response_weight": (0.0, 1e6), "out_bias_init": (-1e3, 1e3),
         "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
-        "response_distance": (0.0, 1e6), "shape_score": (0.0, 1e6), "layer_flow_anchor": (0.0, 1e6),
+        "response_distance": (0.0, 1e6), "shape_score": (0.0, 1e6), "critic_hits_mev": (0.0, 1e6),
+        "layer_flow_anchor": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for about 500 cells in 3 layers
@@ -305,7 +310,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
         return self.with_layer_energies(y, self.layer_head(torch.cat([z, cf], dim=1)))
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        return self.discriminator(y, cf, self.layer_features(y))
+        return self.discriminator(y, cf, self.layer_features(y, cf))
 
     # ---- training (sampling and the optimisers: FlatLogCells) -------------------------------------------
     def _generator_extra(self, y_gen: torch.Tensor, batch: TrainBatch) -> torch.Tensor:

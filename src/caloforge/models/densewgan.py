@@ -68,13 +68,17 @@ class DenseWGANConfig(ModelConfig):
     # drawn from). On densewgan it made every measure worse (BENCHMARKS.md, "Stop 24"), hence off.
     generator_sees_layers: bool = False
 
+    # The critic's hit counts at this threshold (MeV; the evaluation's is 0.075): a soft count of the cells above it
+    # (flatgan.FlatLogCells.layer_features). 0: tanh(50 y), which barely sees cells near the threshold.
+    critic_hits_mev: float = 0.0
+
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_hidden": (1, 8192), "gen_depth": (1, 16), "critic_hidden": (1, 8192),
         "critic_depth": (1, 16), "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5),
         "n_critic": (1, 100), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
         "layer_flow_anchor": (0.0, 1e6),
-        "shape_score": (0.0, 1e6),
+        "shape_score": (0.0, 1e6), "critic_hits_mev": (0.0, 1e6),
     }
 
     def weight_estimate(self) -> int:  # for up to about 1000 cells
@@ -144,7 +148,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         return self.with_flow_energies(torch.relu(self.generator(torch.cat(inputs, dim=1))), t)
 
     def critic_score(self, y: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
-        return self.critic(torch.cat([y, self.layer_features(y), cf], dim=1)).squeeze(1)
+        return self.critic(torch.cat([y, self.layer_features(y, cf), cf], dim=1)).squeeze(1)
 
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:

@@ -53,11 +53,23 @@ class FlatLogCells(CellScale):
         """Cell energies as fractions of the incident energy."""
         return self.expand(y) * self.config.norm_fraction
 
-    def layer_features(self, y: torch.Tensor) -> torch.Tensor:
+    def layer_features(self, y: torch.Tensor, cf: torch.Tensor | None = None) -> torch.Tensor:
         """Per-layer log energy fractions of the incident energy and hit fractions (n, 2 L), roughly unit scale:
-        the response and longitudinal profile that log-compressed cells hide from a critic."""
-        frac = self.cell_fractions(y) @ self.layer_onehot
-        hits = torch.tanh(50.0 * y) @ self.layer_onehot / self.layer_onehot.sum(0)  # soft count, y >= 0
+        the response and longitudinal profile that log-compressed cells hide from a critic.
+
+        The hit fraction is a soft count: tanh(50 y) by default; with ``config.critic_hits_mev`` = T > 0 (and the
+        condition features ``cf``, whose first is log E_inc) it is sigmoid(4 log(E_cell / T)), one half at T, so the
+        critic counts the cells above the evaluation's threshold (a cell at a tenth of the largest is far above it
+        at every energy, and tanh(50 y) of a cell at the threshold is about 0.1 with power-law cells)."""
+        cell_frac = self.cell_fractions(y)
+        frac = cell_frac @ self.layer_onehot
+        threshold = getattr(self.config, "critic_hits_mev", 0.0)
+        if threshold > 0 and cf is not None:
+            log_e = cf[:, :1] * self.cond_std[0] + self.cond_mean[0]  # log E_inc (MeV)
+            soft = torch.sigmoid(4.0 * (torch.log(cell_frac + 1e-30) + log_e - math.log(threshold)))
+        else:
+            soft = torch.tanh(50.0 * y)  # y >= 0
+        hits = soft @ self.layer_onehot / self.layer_onehot.sum(0)
         return torch.cat([(torch.log(frac + 1e-6) + 7.0) / 3.0, hits], dim=1)
 
     def init_layer_energies(self) -> None:
