@@ -552,6 +552,39 @@ def test_critic_hits_count_the_cells_above_the_threshold(family):
     assert torch.equal(default.layer_features(y, cf)[:, n_l], torch.tanh(50 * y[:, :first]).sum(1) / first)
 
 
+def test_validator_reports_a_layer_the_model_stopped_filling(det, capsys, tmp_path):
+    """train.Validator: a model whose showers lose a layer that the validation showers fill gets emptied_layers = 1
+    (the score unchanged in form), a faithful one 0; the trainer warns with the layer and both fractions."""
+    from caloforge.train import Trainer, Validator
+
+    val = toy_layered_showers(det, 60, seed=5)
+
+    class Replay:  # gives back the validation showers themselves, optionally with layer 1 emptied
+        cond_mean = torch.zeros(1)
+
+        def __init__(self, drop: bool):
+            self.drop = drop
+
+        def sample(self, conditions, generator=None, angled=False):
+            x = torch.as_tensor(val.showers[:len(conditions)]).clone()
+            if self.drop:
+                lo, hi = det.layer_offsets()[1:3]
+                x[:, int(lo):int(hi)] = 0.0
+            return x
+
+    validator = Validator(val, det, det.shape(False), 60)
+    good, bad = validator(Replay(False)), validator(Replay(True))
+    assert good["emptied_layers"] == 0 and good["score"] == pytest.approx(0.0, abs=1e-9)
+    assert bad["emptied_layers"] == 1 and validator.emptied == [(1, 1.0, 0.0)] and bad["score"] > 0
+    trainer = Trainer.__new__(Trainer)  # the reporting step alone
+    trainer.validator, trainer.model, trainer.is_main = validator, Replay(True), True
+    trainer.state = {"step": 7, "best_score": 0.0}
+    trainer.cfg, trainer._log = type("C", (), {"select": "best"})(), lambda record: None
+    trainer.validate()
+    err = capsys.readouterr().err
+    assert "step 7" in err and "layer 1 in 100 % (real 0 %)" in err
+
+
 def test_anchor_loss_pulls_raw_layers_to_the_flow_and_skips_empty_ones():
     """flatgan.anchor_loss: zero when the raw layer energies are the flow's, the squared log gap otherwise, nothing
     from layers the flow leaves empty, and a gradient that raises a raw layer below its target."""

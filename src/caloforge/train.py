@@ -395,6 +395,9 @@ class Validator:
     """W1 distances of visible energy fraction, number of hits and longitudinal CoG on the validation split.
 
     Each W1 is divided by the spread of the reference observable, and the score is their mean (lower is better).
+    Beside the score, ``emptied_layers`` counts the layers empty in at least half more of the generated showers than
+    of the real ones: a layer a generator has stopped filling (ReLU cells with no gradient left), which the score
+    sees only through the visible energy and the trainer reports at once.
     """
 
     def __init__(self, val, detector, shape, max_showers: int, seed: int = 12345):
@@ -407,7 +410,16 @@ class Validator:
         self.detector, self.shape, self.seed = detector, detector.shape_for_cells(val.showers.shape[1]), seed
         self.reference = self._observables(val.showers[:n])
         self.scale = {k: max(float(np.nanstd(v)), 1e-9) for k, v in self.reference.items()}
+        self.real_empty = self._empty_layers(val.showers[:n])
         self._obs = obs
+
+    def _empty_layers(self, showers: np.ndarray) -> np.ndarray:
+        """Fraction of the showers in which each layer holds no energy (L,)."""
+        from caloforge import observables as obs
+
+        if not len(showers):
+            return np.zeros(0)
+        return (obs.layer_energies(showers, obs.as_geometry(self.detector, self.shape)) <= 0).mean(axis=0)
 
     def _observables(self, showers: np.ndarray) -> dict[str, np.ndarray]:
         from caloforge import observables as obs
@@ -427,10 +439,16 @@ class Validator:
         out = []
         for i in range(0, len(self.energies), 500):
             out.append(model.sample(self.conditions[i:i + 500], generator=g, angled=self.angled).cpu().numpy())
-        gen = self._observables(np.concatenate(out) if out else np.zeros((0, int(np.prod(self.shape))), np.float32))
+        showers = np.concatenate(out) if out else np.zeros((0, int(np.prod(self.shape))), np.float32)
+        gen = self._observables(showers)
         res = {f"w1_{k}": wasserstein1(self.reference[k], gen[k]) / self.scale[k] for k in self.reference}
         vals = [v for v in res.values() if math.isfinite(v)]
         res["score"] = float(np.mean(vals)) if len(vals) == len(res) else float("inf")
+        if len(showers) and len(self.real_empty):
+            gen_empty = self._empty_layers(showers)
+            emptied = np.flatnonzero(gen_empty - self.real_empty >= 0.5)
+            res["emptied_layers"] = len(emptied)
+            self.emptied = [(int(i), float(gen_empty[i]), float(self.real_empty[i])) for i in emptied]
         return res
 
 
@@ -670,6 +688,12 @@ class Trainer:
         self.latest_validation = res
         record = {"step": self.state["step"], "kind": "val", **res}
         self._log(record)
+        if res.get("emptied_layers") and self.is_main:
+            which = ", ".join(f"layer {i} in {100 * g:.0f} % (real {100 * r:.0f} %)"
+                              for i, g, r in self.validator.emptied)
+            print(f"caloforge train: warning: step {self.state['step']}: the model leaves layers empty that the "
+                  f"validation showers fill ({which}): a generator that stopped filling a layer (dead ReLU cells) "
+                  f"does not recover by itself; see docs/models.md (layer_flow_anchor)", file=sys.stderr)
         best = self.state["best_score"]
         if math.isfinite(res["score"]) and (best is None or res["score"] < best):
             self.state["best_score"], self.state["best_step"] = res["score"], self.state["step"]
