@@ -90,6 +90,9 @@ class CaloGANConfig(ModelConfig):
     layer_flow: bool = False
     # With layer_flow: weight of the anchor of the generators' raw layer energies to the flow's (flatgan.anchor_loss).
     layer_flow_anchor: float = 0.1
+    # With layer_flow: steps of maximum likelihood on all the training showers before the GAN starts
+    # (flatgan.FlatLogCells.fit_layer_flow). 0: the flow learns only from the training steps' batches.
+    layer_flow_fit_steps: int = 0
 
     # The critic's hit counts at this threshold (MeV; the evaluation's is 0.075): a soft count of the cells above it
     # (flatgan.FlatLogCells.layer_features). 0: tanh(50 y), which barely sees cells near the threshold.
@@ -102,7 +105,7 @@ class CaloGANConfig(ModelConfig):
         "energy_weight": (0.0, 1e6), "response_weight": (0.0, 1e6), "out_bias_init": (-1e3, 1e3),
         "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
         "response_distance": (0.0, 1e6), "shape_score": (0.0, 1e6), "critic_hits_mev": (0.0, 1e6),
-        "layer_flow_anchor": (0.0, 1e6),
+        "layer_flow_anchor": (0.0, 1e6), "layer_flow_fit_steps": (0, 10 ** 7),
     }
 
     def weight_estimate(self) -> int:  # for about 500 cells in 3 layers
@@ -292,6 +295,7 @@ class CaloGAN(FlatLogCells, ShowerModel):
         self.max_visible_fraction.fill_(float((vis / e[:len(vis)]).max()) if len(e) else 1.0)
         if self.config.layer_energies or self.config.response_distance > 0:
             self.fit_layer_energies(data)
+        self.fit_layer_flow(data, self.config.layer_flow_fit_steps)
         if self.config.shape_score > 0:
             self.fit_shape_features(data)
 

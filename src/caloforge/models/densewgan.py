@@ -64,6 +64,9 @@ class DenseWGANConfig(ModelConfig):
     # With layer_flow: weight of the anchor of the generator's raw layer energies to the flow's (flatgan.anchor_loss),
     # without which layers drift to zero and die.
     layer_flow_anchor: float = 0.1
+    # With layer_flow: steps of maximum likelihood on all the training showers before the GAN starts
+    # (flatgan.FlatLogCells.fit_layer_flow). 0: the flow learns only from the training steps' batches.
+    layer_flow_fit_steps: int = 0
     # With layer_flow: the generator also takes the flow's layer energies as inputs (else only the noise they were
     # drawn from). On densewgan it made every measure worse (BENCHMARKS.md, "Stop 24"), hence off.
     generator_sees_layers: bool = False
@@ -77,7 +80,7 @@ class DenseWGANConfig(ModelConfig):
         "critic_depth": (1, 16), "loss": ("wgan-gp", "gan"), "gp_lambda": (0.0, 1e6), "label_smoothing": (0.0, 0.5),
         "n_critic": (1, 100), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0), "beta1": (0.0, 0.999999),
         "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0), "response_distance": (0.0, 1e6),
-        "layer_flow_anchor": (0.0, 1e6),
+        "layer_flow_anchor": (0.0, 1e6), "layer_flow_fit_steps": (0, 10 ** 7),
         "shape_score": (0.0, 1e6), "critic_hits_mev": (0.0, 1e6),
     }
 
@@ -135,6 +138,7 @@ class DenseWGAN(FlatLogCells, ShowerModel):
         self.fit_log_scale(data)
         if self.config.layer_energies or self.config.response_distance > 0:
             self.fit_layer_energies(data)
+        self.fit_layer_flow(data, self.config.layer_flow_fit_steps)
         if self.config.shape_score > 0:
             self.fit_shape_features(data)
 

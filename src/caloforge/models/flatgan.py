@@ -239,6 +239,29 @@ class FlatLogCells(CellScale):
         empty = self.generated_layer_logs < EMPTY_LAYER_LOG
         return y * ((~empty).to(y.dtype) @ self.layer_onehot.T)
 
+    def fit_layer_flow(self, data: Any, steps: int, batch_size: int = 256, lr: float = 1e-3) -> None:
+        """Fit the layer flow by maximum likelihood on all the training showers' layer energies for ``steps`` steps
+        before the adversarial training starts (config ``layer_flow_fit_steps``), as the other preprocessing constants
+        are fitted: the flow is small and cheap, and the GAN's own flow steps (one batch per training step, at the
+        GAN's learning rate) leave it short of its optimum in a short run (measured on ``calogan``, BENCHMARKS.md).
+        Seeded by torch's global generator (the trainer seeds it); call after :meth:`fit_layer_energies`."""
+        if self.layer_flow is None or steps <= 0 or not len(data.conditions.energy):
+            return
+        energies = np.asarray(data.conditions.energy, dtype=np.float64)
+        frac = np.concatenate([np.asarray(data.showers[i:i + 1000], np.float64) @ self.layer_onehot.double().numpy()
+                               / energies[i:i + 1000, None] for i in range(0, len(energies), 1000)])
+        frac = torch.as_tensor(frac, dtype=torch.float32)
+        cf = self.condition_features(torch.as_tensor(data.conditions.as_array(), dtype=torch.float32))
+        opt = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
+        n = len(frac)
+        for _ in range(steps):
+            idx = torch.randint(0, n, (min(batch_size, n),))
+            rows = flow_targets(frac[idx], torch.rand(len(idx), frac.shape[1]), self.layer_log_mean, self.layer_log_std)
+            nll = -self.layer_flow.log_prob(rows, cf[idx]).mean()
+            opt.zero_grad(set_to_none=True)
+            nll.backward()
+            opt.step()
+
     def layer_flow_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer],
                         grad_clip: float) -> dict[str, float]:
         """One likelihood step of the layer flow on the batch's real layer energies ({} without a flow)."""
