@@ -608,6 +608,9 @@ def test_layer_flow_fit_steps_fit_the_flow_before_training(family):
 
     (m0, nll0), (m1, nll1), (m2, _) = fitted(0), fitted(200), fitted(200)
     assert nll1 < nll0 - 0.5
+    torch.manual_seed(0)
+    built = cls(det, None, cls.Config.from_dict(TINY_CONFIGS[f"{family}:layer_flow"]))
+    assert all(torch.equal(a, b) for a, b in zip(m0.layer_flow.parameters(), built.layer_flow.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(m1.layer_flow.parameters(), m2.layer_flow.parameters()))
 
 
