@@ -156,10 +156,13 @@ def test_readouts_it_refuses_and_grid_behaviour_kept():
     assert grid.frame == "axis" and "sin_x" in grid.features and "pos_x" not in grid.features
     with pytest.raises(ModelError, match="frame 'cells'"):
         WGAN(toy_detector(), None, WGAN.Config.from_dict(TINY), frame="cells")
-    for family in ("calogan", "densewgan"):  # families that do not declare cells_positions keep refusing positions
+    for family in ("calogan", "densewgan"):  # they take the impact point too (cells_positions), never an angle
         cls = get_family(family)
+        cfg = cls.Config.from_dict(TINY_CONFIGS[family])
+        assert cls(hex_detector(), None, cfg, features=("log_e", "pos_x", "pos_y")).condition_names == (
+            "energy", "position")
         with pytest.raises(ModelError, match="energy or particle features only"):
-            cls(hex_detector(), None, cls.Config.from_dict(TINY_CONFIGS[family]), features=("log_e", "pos_x"))
+            cls(hex_detector(), None, cfg, features=("log_e", "angle"))
 
 
 def test_onnx_graph_matches_torch(det, data, tmp_path):

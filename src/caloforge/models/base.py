@@ -297,7 +297,8 @@ class ShowerModel(nn.Module):
         bad = [f for f in bad if not (self.cells_positions and f in ("pos_x", "pos_y"))]
         if bad or not self.features or self.features[0] != "log_e":
             raise ModelError(f"condition features {list(self.features)}: a model in frame 'cells' expects 'log_e' "
-                             f"first and energy or particle features only (log_e, is_photon, charge)")
+                             f"first and energy or particle features only (log_e, is_photon, charge)"
+                             + (", or the impact point (pos_x, pos_y)" if self.cells_positions else ""))
         self.frame = "cells"
         self.register_buffer("cond_mean", torch.zeros(len(self.features)))
         self.register_buffer("cond_std", torch.ones(len(self.features)))
