@@ -86,15 +86,20 @@ class FlatLogCells(CellScale):
         self.register_buffer("response_mean", torch.zeros(n_l + 1))
         self.register_buffer("response_std", torch.ones(n_l + 1))
 
+    def _training_layer_fractions(self, data: Any) -> np.ndarray | None:
+        """E_layer / E_inc of the training showers (n, L), read 1000 showers at a time (None without showers)."""
+        energies = np.asarray(data.conditions.energy, dtype=np.float64)
+        onehot = self.layer_onehot.double().numpy()
+        parts = [np.asarray(data.showers[i:i + 1000], dtype=np.float64) @ onehot / energies[i:i + 1000, None]
+                 for i in range(0, len(energies), 1000)]
+        return np.concatenate(parts) if parts else None
+
     def _training_response_logs(self, data: Any) -> np.ndarray | None:
         """log(E_layer / E_inc + 1e-6) per layer and log(E_vis / E_inc + 1e-6) of the training showers (n, L + 1)."""
-        energies = np.asarray(data.conditions.energy, dtype=np.float64)
-        logs = []
-        for i in range(0, len(energies), 1000):
-            x = np.asarray(data.showers[i:i + 1000], dtype=np.float64)
-            frac = x @ self.layer_onehot.double().numpy() / energies[i:i + 1000, None]
-            logs.append(np.log(np.concatenate([frac, frac.sum(1, keepdims=True)], axis=1) + 1e-6))
-        return np.concatenate(logs) if logs else None
+        frac = self._training_layer_fractions(data)
+        if frac is None:
+            return None
+        return np.log(np.concatenate([frac, frac.sum(1, keepdims=True)], axis=1) + 1e-6)
 
     def fit_layer_energies(self, data: Any) -> None:
         """Set the statistics of the layer energies (``layer_log_mean``, ``layer_log_std``) and, where the model has
@@ -247,10 +252,7 @@ class FlatLogCells(CellScale):
         Seeded by torch's global generator (the trainer seeds it); call after :meth:`fit_layer_energies`."""
         if self.layer_flow is None or steps <= 0 or not len(data.conditions.energy):
             return
-        energies = np.asarray(data.conditions.energy, dtype=np.float64)
-        frac = np.concatenate([np.asarray(data.showers[i:i + 1000], np.float64) @ self.layer_onehot.double().numpy()
-                               / energies[i:i + 1000, None] for i in range(0, len(energies), 1000)])
-        frac = torch.as_tensor(frac, dtype=torch.float32)
+        frac = torch.as_tensor(self._training_layer_fractions(data), dtype=torch.float32)
         cf = self.condition_features(torch.as_tensor(data.conditions.as_array(), dtype=torch.float32))
         opt = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
         n = len(frac)
