@@ -190,3 +190,25 @@ def test_mirror_x_is_the_detector_mirror_image(toy_file, tmp_path):
     assert np.allclose(m_cond[mask, 2].numpy(), -raw[mask, 2].numpy())
     # a training step runs with mirroring on
     trainer.fit()
+
+
+@pytest.mark.parametrize("family", ["layerflow", "cfm"])
+def test_init_from_starts_from_the_trained_weights(family, toy_file, tmp_path):
+    """``--init-from`` (fine-tuning): the new run's model starts as the source's weights and preprocessing, records
+    the source, resumes from its own checkpoint; a source with other options is refused, naming what differs."""
+    src = tmp_path / "src"
+    Trainer.create(str(toy_file), family, src, _cfg(select="last"), TINY_CONFIGS[family]).fit()
+    trainer = Trainer.create(str(toy_file), family, tmp_path / "ft", _cfg(max_steps=2), TINY_CONFIGS[family],
+                             init_from=str(src))
+    ours, theirs = trainer.model.state_dict(), load_model(src).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    trainer.fit()
+    assert json.loads((tmp_path / "ft" / "model.json").read_text())["training"]["init_from"] == str(src)
+    assert json.loads((tmp_path / "ft" / "run.json").read_text())["init_from"] == str(src)
+    other = dict(TINY_CONFIGS[family])
+    other[{"layerflow": "flow_hidden", "cfm": "sample_steps"}[family]] += 1
+    with pytest.raises(TrainingError, match="init_from .*model options"):
+        Trainer.create(str(toy_file), family, tmp_path / "bad", _cfg(), other, init_from=str(src))
+    with pytest.raises(TrainingError, match="init_from 'no-such-model'"):
+        Trainer.create(str(toy_file), family, tmp_path / "bad2", _cfg(), TINY_CONFIGS[family],
+                       init_from="no-such-model")

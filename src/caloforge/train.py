@@ -511,8 +511,12 @@ class Trainer:
         self.model = cls(detector, train.showers.shape[1], config, features=features)
         self.model.meta["conditions"] = training_range(train, val, provenance)
         self.model.fit_preprocessing(train)
+        if run.get("init_from") and not (self.out / CHECKPOINT).exists():  # fine-tuning (a resume has its weights)
+            init_from_model(self.model, run["init_from"], f"{self.out / RUN_FILE}")
         particle = provenance.get("attrs", {}).get("particle")
         self.model.meta["training"] = {"data": provenance, "seed": self.cfg.seed, "train": dataclasses.asdict(self.cfg)}
+        if run.get("init_from"):
+            self.model.meta["training"]["init_from"] = run["init_from"]
         if particle is not None:
             self.model.meta["particle"] = str(particle)
         if self.dist is not None:
@@ -545,9 +549,10 @@ class Trainer:
     @classmethod
     def create(cls, data: str, family: str, out_dir: str | Path, train_cfg: TrainConfig, model_cfg: dict,
                device: str = "cpu", quiet: bool = True, command: list[str] | None = None,
-               features: list[str] | None = None) -> Trainer:
+               features: list[str] | None = None, init_from: str | None = None) -> Trainer:
         """A new run in ``out_dir`` (refuses a directory that already holds a run); ``features``: the model's
-        condition features (None: the family's default)."""
+        condition features (None: the family's default); ``init_from``: a trained model (directory or zoo name)
+        whose weights and preprocessing the run starts from (same family, detector, shape and options)."""
         from caloforge import __version__, distributed
         from caloforge.validate import check_output_dir
 
@@ -559,6 +564,7 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
         run = {"family": family, "data": str(Path(data).resolve()), "train": dataclasses.asdict(train_cfg),
                "model": model_cfg, **({"features": list(features)} if features else {}),
+               **({"init_from": str(init_from)} if init_from else {}),
                "caloforge_version": __version__, "command": command or [],
                "data_fingerprint": data_fingerprint(data) if Path(data).is_file() else None}
         trainer = cls(out, run, device, quiet)
@@ -798,6 +804,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config value, e.g. --set train.lr=1e-4 --set model.flow_hidden=128")
     p.add_argument("-o", "--output", required=True, help="run directory, e.g. runs/NAME")
     p.add_argument("--resume", action="store_true", help="continue the run in -o from its last checkpoint")
+    p.add_argument("--init-from", metavar="MODEL", help="start a new run from a trained model's weights (a run "
+                   "directory or zoo name of the same family, detector and options): fine-tuning, or training on")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--epochs", type=float, help="number of epochs (overrides the config)")
     g.add_argument("--max-steps", type=int, help="number of optimisation steps (overrides the config)")
@@ -806,6 +814,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, help="fraction of the training file held out for validation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def init_from_model(model, source: str, where: str) -> None:
+    """Copy a trained model's weights and buffers (preprocessing included) into ``model``, a new model of the same
+    family, detector, cell shape, condition features and options; otherwise a TrainingError naming what differs."""
+    from caloforge.models.base import load_model
+
+    try:
+        src = load_model(source)
+    except Exception as err:
+        raise TrainingError(f"{where}: init_from {source!r}: {err}") from None
+    checks = (("family", src.family, model.family), ("detector", src.detector.name, model.detector.name),
+              ("shape", tuple(src.shape), tuple(model.shape)),
+              ("condition features", list(src.features), list(model.features)),
+              ("model options", src.config.to_dict(), model.config.to_dict()))
+    for what, theirs, ours in checks:
+        if theirs != ours:
+            raise TrainingError(f"{where}: init_from {source!r}: its {what} {theirs!r:.200} differ from this run's "
+                                f"{ours!r:.200}; expected the same (give the source's config and features)")
+    model.load_state_dict(src.state_dict())
 
 
 def pick_device(name: str) -> str:
@@ -859,7 +887,7 @@ def _run(args: argparse.Namespace, device: str, main: bool) -> int:
         train_cfg, model_cfg = resolve_config(args.family, args.config, overrides)
         features = [f.strip() for f in args.features.split(",")] if args.features else None
         trainer = Trainer.create(args.data, args.family, args.output, train_cfg, model_cfg, device, args.quiet,
-                                 command=sys.argv, features=features)
+                                 command=sys.argv, features=features, init_from=args.init_from)
     t0 = time.time()
     state = trainer.fit()
     if not args.quiet and main:
