@@ -168,3 +168,32 @@ def test_config_bounds():
     det = toy_detector()
     model = tiny_model("bibae", det, toy_showers(det, 8, seed=1))
     assert model.k_sorted == 32
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_centre_crop_makes_the_decoder_mirror_symmetric(centre):
+    """With ``centre_crop`` the decoder keeps the central cells of its upsampled grid (32 -> 30 cells: 1-30), so
+    mirror-symmetric kernels and a mirror-symmetric coarse volume give a mirror-symmetric shower on every axis; the
+    old crop (cells 0-29, the default so that saved models decode unchanged) does not."""
+    from caloforge.models.bibae import BIBAEConfig, _Decoder
+
+    flips = ((), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4))
+    torch.manual_seed(0)
+    dec = _Decoder((30, 30, 30), BIBAEConfig(dec_channels=2, latent_dim=4, centre_crop=centre), n_cond=2)
+    assert dec.crop == ((slice(1, 31),) * 3 if centre else (slice(0, 30),) * 3)
+    coarse = torch.randn(1, 4, *dec.base)
+    coarse = sum(coarse.flip(d) for d in flips) / 8
+
+    class _Coarse(torch.nn.Module):  # stands in for the dense layer: a mirror-symmetric coarse volume
+        def forward(self, x):
+            return coarse.reshape(1, -1)
+
+    with torch.no_grad():
+        for m in (dec.up1, dec.conv1, dec.up2, dec.out):
+            m.weight.copy_(sum(m.weight.flip(d) for d in flips) / 8)
+            m.bias.uniform_(0.0, 0.1)
+        dec.fc = _Coarse()
+        y = dec(torch.zeros(1, 4), torch.zeros(1, 2))
+    assert y.shape == (1, 30, 30, 30) and y.sum() > 0
+    for axis in (1, 2, 3):
+        assert torch.allclose(y, y.flip(axis), atol=1e-6) == centre

@@ -89,6 +89,10 @@ class BIBAEConfig(ModelConfig):
     norm_fraction: float = 1e-5
     beta1: float = 0.5
     beta2: float = 0.999
+    # Which cells of the decoder's upsampled grid (4 x the base grid, up to 3 cells larger than the readout) are kept:
+    # False, the first ones (the stop-17/26 models: the grid is not mirror-symmetric about the readout's centre, and
+    # those models' centroids sit on the + side); True, the central ones (stop 26's lead; BENCHMARKS.md).
+    centre_crop: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 512), "enc_channels": (1, 128), "dec_channels": (1, 128), "critic_channels": (1, 128),
@@ -151,6 +155,9 @@ class _Decoder(nn.Module):
         g = cfg.dec_channels
         self.shape, self.g = shape, g
         self.base = tuple(max(2, math.ceil(s / 4)) for s in shape)
+        extra = [4 * b - s for b, s in zip(self.base, shape)]  # upsampled cells beyond the readout, per axis
+        self.crop = tuple(slice(e // 2 if cfg.centre_crop else 0, (e // 2 if cfg.centre_crop else 0) + s)
+                          for e, s in zip(extra, shape))
         self.fc = nn.Sequential(nn.Linear(cfg.latent_dim + n_cond, 2 * g * math.prod(self.base)), _lrelu())
         self.up1 = nn.ConvTranspose3d(2 * g, 2 * g, 2, stride=2)
         self.conv1 = nn.Conv3d(2 * g, 2 * g, 3, padding=1)
@@ -165,7 +172,7 @@ class _Decoder(nn.Module):
         h = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], 2 * g, *self.base)
         h = self.conv1(F.leaky_relu(self.up1(h), 0.2))
         h = F.leaky_relu(h * (1 + s1[:, :, None, None, None]) + b1[:, :, None, None, None], 0.2)
-        h = self.up2(h)[:, :, :self.shape[0], :self.shape[1], :self.shape[2]]
+        h = self.up2(h)[(slice(None), slice(None), *self.crop)]
         h = F.leaky_relu(h * (1 + s2[:, :, None, None, None]) + b2[:, :, None, None, None], 0.2)
         return F.relu(self.out(h)).squeeze(1)
 
