@@ -57,3 +57,6 @@ with h5py.File(src) as f, h5py.File(dst, "w") as g:
     g.create_dataset("hit_energies", data=vals, chunks=(1 << 15,), maxshape=(None,), **kw)
     g.attrs["layout"] = "sparse"
     g.attrs["n_cells"] = n_cells
+    g.attrs["n_showers"] = b - a
+    g.attrs["compression"] = "gzip"
+print(dst, b - a, "rows")

@@ -155,9 +155,8 @@ class _Decoder(nn.Module):
         g = cfg.dec_channels
         self.shape, self.g = shape, g
         self.base = tuple(max(2, math.ceil(s / 4)) for s in shape)
-        extra = [4 * b - s for b, s in zip(self.base, shape)]  # upsampled cells beyond the readout, per axis
-        self.crop = tuple(slice(e // 2 if cfg.centre_crop else 0, (e // 2 if cfg.centre_crop else 0) + s)
-                          for e, s in zip(extra, shape))
+        starts = [(4 * b - s) // 2 if cfg.centre_crop else 0 for b, s in zip(self.base, shape)]  # first cell kept
+        self.crop = tuple(slice(a, a + s) for a, s in zip(starts, shape))
         self.fc = nn.Sequential(nn.Linear(cfg.latent_dim + n_cond, 2 * g * math.prod(self.base)), _lrelu())
         self.up1 = nn.ConvTranspose3d(2 * g, 2 * g, 2, stride=2)
         self.conv1 = nn.Conv3d(2 * g, 2 * g, 3, padding=1)
