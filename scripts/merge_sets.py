@@ -5,7 +5,9 @@ when any input has it: the angled window is the normal one extended towards +y, 
 Geant4 would have recorded them. Conditions (energy, angle, impact point, particle) travel with their rows. The
 trainer draws its validation rows and batches at random, so the rows need no shuffling.
 
-    python scripts/merge_sets.py -o data/ild-train-mixed.h5 data/ild-multi-train-19050.h5 data/ild-gamma-train-3000.h5
+    python scripts/merge_sets.py -o data/ild-mixed-train.h5 data/ild-multi-train.h5 data/ild-gamma-train.h5:3000
+
+An input written PATH:N contributes its first N showers.
 """
 
 from __future__ import annotations
@@ -46,12 +48,19 @@ def union_specs(files: list[ShowerFile]) -> dict[str, str]:
     return out
 
 
+def split_head(arg: str) -> tuple[str, int | None]:
+    """'PATH:N' -> (PATH, N); a plain path -> (path, None)."""
+    path, sep, n = arg.rpartition(":")
+    return (path, int(n)) if sep and n.isdigit() else (arg, None)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("inputs", nargs="+")
     p.add_argument("-o", "--output", required=True)
     args = p.parse_args(argv)
-    files = [ShowerFile(path) for path in args.inputs]
+    heads = [split_head(a) for a in args.inputs]
+    files = [ShowerFile(path) for path, _ in heads]
     det = files[0].detector
     if det is None or any(f.detector is None or f.detector.to_dict() != det.to_dict() for f in files):
         raise SystemExit("merge_sets: every input must be a caloforge file of the same detector")
@@ -60,11 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     particles = sorted({p for f in files for p in f.conditions.particles})
     attrs = {"source": "geant4", "particle": ",".join(particles), "merged_from": ",".join(args.inputs)}
     attrs.update(union_specs(files))
+    counts = [len(f) if n is None else min(n, len(f)) for f, (_, n) in zip(files, heads)]
     with ShowerWriter(args.output, det, int(np.prod(target)), attrs) as w:
-        for f, shape in zip(files, shapes):
+        for f, shape, count in zip(files, shapes, counts):
+            done = 0
             for b in f.iter_batches(1000):
-                w.append(b.conditions, widen(b.showers, shape, target))
-    counts = [len(f) for f in files]
+                take = min(len(b), count - done)
+                if take <= 0:
+                    break
+                w.append(b.conditions[:take], widen(b.showers[:take], shape, target))
+                done += take
     for f in files:
         f.close()
     print(f"wrote {sum(counts)} showers ({', '.join(map(str, counts))}) to {args.output}", file=sys.stderr)

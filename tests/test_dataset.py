@@ -163,6 +163,12 @@ def test_merge_sets_widens_normal_windows_and_keeps_conditions(tmp_path):
     assert np.array_equal(b.conditions.pdg, np.r_[np.full(5, 22), np.full(4, 11)])
     assert np.array_equal(b.conditions.angle, np.r_[np.zeros(5), np.full(4, 30.0)])
     assert np.array_equal(b.conditions.x, np.r_[np.zeros(5), np.ones(4)])
+    # PATH:N takes the first N showers of PATH
+    assert merge.main(["-o", str(tmp_path / "h.h5"), str(tmp_path / "a.h5") + ":3", str(tmp_path / "n.h5:2")]) == 0
+    with ShowerFile(tmp_path / "h.h5", expected_detector=det) as f:
+        h = f.read()
+    assert np.array_equal(h.showers[:3], angled[:3]) and len(h) == 5
+    assert np.array_equal(h.showers[3:].reshape(2, 3, 4, 8)[..., :4].reshape(2, -1), normal[:2])
 
 
 def test_centroid_bias_script_measures_a_known_shift(tmp_path, capsys):

@@ -825,10 +825,12 @@ def init_from_model(model, source: str, where: str) -> None:
         src = load_model(source)
     except Exception as err:
         raise TrainingError(f"{where}: init_from {source!r}: {err}") from None
+    free = getattr(model, "fine_tune_options", ())  # options a fine-tune may change (the weights keep their meaning)
     checks = (("family", src.family, model.family), ("detector", src.detector.name, model.detector.name),
               ("shape", tuple(src.shape), tuple(model.shape)),
               ("condition features", list(src.features), list(model.features)),
-              ("model options", src.config.to_dict(), model.config.to_dict()))
+              ("model options", {k: v for k, v in src.config.to_dict().items() if k not in free},
+               {k: v for k, v in model.config.to_dict().items() if k not in free}))
     for what, theirs, ours in checks:
         if theirs != ours:
             raise TrainingError(f"{where}: init_from {source!r}: its {what} {theirs!r:.200} differ from this run's "

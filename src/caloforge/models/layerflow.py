@@ -50,6 +50,13 @@ N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, ce
 HALO_BASIS = 9  # basis functions of the halo term (see LayerFlow._halo_basis)
 #: knots (cells from the axis) of the piecewise-linear radial profile of ``halo_knots`` halo terms
 HALO_KNOTS = (0.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.5, 9.0, 11.0, 13.5, 16.5, 20.0, 25.0)
+#: each condition feature's raw value under the two mirrors of ``mirror_tie``, (scale, shift) for x -> -x and for
+#: y -> -y with the angle reversed (the calorimeter is symmetric under both; an angle towards -y is the mirror image)
+MIRROR_FEATURES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
+    "log_e": ((1, 0), (1, 0)), "angle": ((1, 0), (-1, 0)), "sec_angle": ((1, 0), (1, 0)),
+    "sin_x": ((-1, 0), (1, 0)), "cos_x": ((1, 0), (1, 0)), "sin_y": ((1, 0), (-1, 0)), "cos_y": ((1, 0), (1, 0)),
+    "pos_x": ((-1, 0), (1, 0)), "pos_y": ((1, 0), (-1, 0)), "is_photon": ((1, 0), (1, 0)), "charge": ((1, 0), (1, 0)),
+}
 ANGLE_BASIS_MAX_DEG = 60.0  # the angle_basis bumps span 0 to this (the widest angle the house detector's window holds)
 
 
@@ -97,6 +104,9 @@ class LayerFlowConfig(ModelConfig):
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     flow_weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the flows' weights; the cell laws get none.
     # 1.0 lowers the flows' validation NLL on 20000 showers, but cost layer correlations in v33 (docs/models.md)
+    mirror_tie: bool = False  # the cell laws tied under the two mirrors through the corner of the cell the axis
+    # crosses (x -> -x; y -> -y with the angle reversed): mirrored cells share one law, so at normal incidence on a
+    # cell corner the cells share the shower symmetrically by construction (needs an even core_block: item 9)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -183,6 +193,9 @@ class LayerFlow(ShowerModel):
     takes_uniform_blocks = True  # decode makes its uniforms where it needs them (see kernels.UniformBlock)
     parallel_chunks = True  # on the CPU, one chunk per thread
     sample_chunk = 256  # showers per decoding pass on the CPU (measured best of 64-512 with the compiled kernels)
+    #: options ``train --init-from`` may change: the weights have the same shapes and meaning (the tie projects the
+    #: source's laws at the first step; a core block one cell larger adds the core term to a ring where it is small)
+    fine_tune_options: ClassVar[tuple[str, ...]] = ("mirror_tie", "core_block")
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
@@ -293,6 +306,100 @@ class LayerFlow(ShowerModel):
             self.register_buffer("halo_mask", torch.as_tensor(halo), persistent=False)
             self.n_halo = HALO_BASIS - 4 + len(HALO_KNOTS) if cfg.halo_knots else HALO_BASIS
             self.halo_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * self.n_halo))
+        if cfg.mirror_tie:
+            self._check_mirror_tie(n_x, n_y)
+
+    # ---- mirror tie ---------------------------------------------------------------------------------
+    def _check_mirror_tie(self, n_x: int, n_y: int) -> None:
+        """Refuse what ``mirror_tie`` cannot tie; keep the cell permutations of the two mirrors."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        why = []
+        if self.frame != "axis" or not self.cell_offsets:
+            why.append("a model in the shower-axis frame that takes impact positions")
+        if cfg.halo_term or cfg.core_exclusive or cfg.core_centroid or cfg.angle_basis:
+            why.append("no halo_term, core_exclusive, core_centroid or angle_basis")
+        unknown = [f for f in self.features if f not in MIRROR_FEATURES]
+        if unknown:
+            why.append(f"condition features with a known mirror image (not {unknown})")
+        cx, cy = self.cell_x.view(n_x, n_y), self.cell_y.view(n_x, n_y)
+        if not (torch.equal(cx.flip(0), -cx) and torch.equal(cy.flip(1), -cy)):
+            why.append("a local grid symmetric about the axis cell's corner")
+        idx = torch.arange(n_x * n_y).view(n_x, n_y)
+        self.register_buffer("mirror_perms", torch.stack([idx.flip(0).reshape(-1), idx.flip(1).reshape(-1)]),
+                             persistent=False)
+        if self.core_w is not None:
+            core = set(self.core_idx.tolist())
+            if any({int(self.mirror_perms[k, c]) for c in core} != core for k in range(2)):
+                why.append(f"a core block symmetric about the axis cell's corner (an even core_block, not "
+                           f"{cfg.core_block})")
+        if why:
+            raise ValueError("layerflow: mirror_tie needs " + "; ".join(why))
+
+    def _mirror_maps(self) -> torch.Tensor:
+        """The two mirrors' actions on the cell covariates, (2, L, n_cov, n_cov): x' = M x for the covariate vector
+        x = [1, layer features, condition features, axis offsets (, their squares)] of a layer. Each raw quantity
+        maps affinely (odd ones change sign; the offset f - 1/2 of the axis from the cell corner becomes -f - 1/2),
+        so with the standardisation M is affine in x: an involution whose shifts sit in the constant column."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        n_l, n_feat, n_cf = self.n_layers, self.n_feat, self.n_cond_features
+        eye = torch.eye(self.n_cov, dtype=torch.float64)
+        maps = eye.repeat(2, n_l, 1, 1)
+        mean = self._per_layer(self.feat_mean.double()).view(n_feat, n_l).T  # (L, n_feat)
+        std = self._per_layer(self.feat_std.double()).view(n_feat, n_l).T
+        for k in range(2):
+            m = maps[k]
+            i = 1 + 1 + k  # the layer's centroid in x (k = 0) or y (k = 1), measured from the axis: odd
+            m[:, i, i], m[:, i, 0] = -1.0, -2.0 * mean[:, 1 + k] / std[:, 1 + k]
+            for f, name in enumerate(self.features):
+                a, b = MIRROR_FEATURES[name][k]
+                mu, sd = float(self.cond_mean[f]), float(self.cond_std[f])
+                i = 1 + n_feat + f
+                m[:, i, i], m[:, i, 0] = a, (a * mu + b - mu) / sd
+            o = 1 + n_feat + n_cf + k  # the axis offset f - 1/2 -> -f - 1/2
+            m[:, o, o], m[:, o, 0] = -1.0, -1.0
+            if cfg.offset_squares:  # (f - 1/2)^2 - 1/12 -> itself + 2 (f - 1/2) + 1
+                q = o + 2
+                m[:, q, o], m[:, q, 0] = 2.0, 1.0
+        return maps
+
+    @torch.no_grad()
+    def tie_mirrors(self) -> None:
+        """Project the cell laws onto their mirror-symmetric part (in place): every law becomes the average of its
+        four images under the group {1, X, Y, XY}. A mirror-tied model's law of cell c at covariates x is then
+        that of the mirrored cell at the mirrored covariates, exactly; training calls this after every step."""
+        if not self.config.mirror_tie:  # type: ignore[attr-defined]
+            return
+        n_l, n_lat, n_cov = self.n_layers, self.n_lat, self.n_cov
+        maps = self._mirror_maps()
+        px, py = self.mirror_perms[0], self.mirror_perms[1]
+        group = [(None, None), (maps[0], px), (maps[1], py), (maps[0] @ maps[1], px[py])]
+
+        def by_cell(w: torch.Tensor) -> torch.Tensor:  # w (L, n_lat, n_cov) -> its group average
+            w = w.double()
+            acc = w.clone()
+            for m, perm in group[1:]:
+                acc += torch.einsum("lci,lik->lck", w[:, perm], m)  # row vector w^T M: (M^T w)^T
+            return acc / 4
+
+        self.cell_hit.copy_(by_cell(self.cell_hit.transpose(1, 2)).transpose(1, 2).to(self.cell_hit.dtype))
+        for par in (self.cell_mu, self.cell_log_sigma, self.cell_mix):
+            if par is not None:
+                par.copy_(by_cell(par.view(n_l, n_lat, n_cov)).reshape(par.shape).to(par.dtype))
+        for par in (self.cell_skew, self.cell_log_tail):
+            v = par.view(n_l, n_lat)
+            par.copy_(((v + v[:, px] + v[:, py] + v[:, px[py]]) / 4).reshape(-1))
+        cap = self.cell_log_e_max.view(n_l, n_lat)  # the energy cap: the largest of the four cells'
+        self.cell_log_e_max.copy_(torch.stack([cap, cap[:, px], cap[:, py], cap[:, px[py]]]).amax(0).reshape(-1))
+        if self.core_w is not None:  # basis functions even in dx; g_k even and g_k dy odd in dy
+            w = self.core_w.double().view(n_l, n_cov, self.core_laws, self.core_basis)
+            odd_y = torch.tensor([(k % 2) == 1 for k in range(self.core_basis)])
+            acc = w.clone()
+            for g, (m, _) in enumerate(group[1:], start=1):
+                img = torch.einsum("lik,lijb->lkjb", m, w)  # M^T w per (law, basis) column
+                if g >= 2:  # the images involving Y flip the odd-in-dy columns
+                    img = torch.where(odd_y, -img, img)
+                acc += img
+            self.core_w.copy_((acc / 4).reshape(self.core_w.shape).to(self.core_w.dtype))
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
@@ -570,6 +677,7 @@ class LayerFlow(ShowerModel):
                 for law, v in enumerate(starts):
                     a = torch.linalg.solve(phi.T @ phi + eye, phi.T @ v.double().T)  # (K, L)
                     self.core_w[:, 0, law * self.core_basis:(law + 1) * self.core_basis] = a.T.float()
+        self.tie_mirrors()
 
     # ---- flow ---------------------------------------------------------------------------------------
     def _stages(self) -> list[tuple[nn.ModuleList, torch.Tensor, torch.Tensor, slice]]:
@@ -832,6 +940,7 @@ class LayerFlow(ShowerModel):
     def training_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer], step: int,
                       grad_clip: float = 0.0, autocast: Any = None) -> dict[str, float]:
         out = super().training_step(batch, optimizers, step, grad_clip, autocast)
+        self.tie_mirrors()  # projected optimisation: the step moves the laws, the projection ties them again
         if hasattr(self, "_last"):
             out["flow"], out["cells"] = self._last
         return out
