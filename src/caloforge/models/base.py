@@ -75,6 +75,9 @@ CONDITION_FEATURES: dict[str, tuple[str, Any]] = {
     "log_e": ("energy", lambda c, m: torch.log(c[:, 0])),
     "angle": ("angle", lambda c, m: c[:, 1]),
     "sec_angle": ("angle", lambda c, m: 1.0 / torch.cos(c[:, 1] * (math.pi / 180))),
+    # odd in the angle and convex: with "angle" it lets a law's lean towards +y grow faster than linearly (a model
+    # whose laws are mirror-tied has no lean at 0 degrees, so its lean must come from odd features)
+    "tan_angle": ("angle", lambda c, m: torch.tan(c[:, 1] * (math.pi / 180))),
     "frac_x": ("position", lambda c, m: _frac(c[:, 2] / m.detector.cell_size_mm)),
     "frac_y": ("position", lambda c, m: _frac(c[:, 3] / m.detector.cell_size_mm)),
     # The offset within the cell as a phase: a shift by a whole cell is the same shower one cell over, so the

@@ -54,6 +54,7 @@ HALO_KNOTS = (0.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.5, 9.0, 11.0, 13.5, 16.5, 20.0, 25
 #: y -> -y with the angle reversed (the calorimeter is symmetric under both; an angle towards -y is the mirror image)
 MIRROR_FEATURES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "log_e": ((1, 0), (1, 0)), "angle": ((1, 0), (-1, 0)), "sec_angle": ((1, 0), (1, 0)),
+    "tan_angle": ((1, 0), (-1, 0)),
     "sin_x": ((-1, 0), (1, 0)), "cos_x": ((1, 0), (1, 0)), "sin_y": ((1, 0), (-1, 0)), "cos_y": ((1, 0), (1, 0)),
     "pos_x": ((-1, 0), (1, 0)), "pos_y": ((1, 0), (-1, 0)), "is_photon": ((1, 0), (1, 0)), "charge": ((1, 0), (1, 0)),
 }
