@@ -212,3 +212,19 @@ def test_init_from_starts_from_the_trained_weights(family, toy_file, tmp_path):
     with pytest.raises(TrainingError, match="init_from 'no-such-model'"):
         Trainer.create(str(toy_file), family, tmp_path / "bad2", _cfg(), TINY_CONFIGS[family],
                        init_from="no-such-model")
+
+
+def test_freeze_keeps_the_named_parameters(toy_file, tmp_path):
+    """``train.freeze``: the flows of a layerflow fine-tune stay as they were while the cell laws train; a name that
+    matches no parameter is refused, naming the model's parameters."""
+    src = tmp_path / "src"
+    Trainer.create(str(toy_file), "layerflow", src, _cfg(select="last"), TINY_CONFIGS["layerflow"]).fit()
+    trainer = Trainer.create(str(toy_file), "layerflow", tmp_path / "ft", _cfg(max_steps=3, freeze="blocks",
+                                                                               select="last"),
+                             TINY_CONFIGS["layerflow"], init_from=str(src))
+    trainer.fit()
+    before, after = load_model(src).state_dict(), load_model(tmp_path / "ft").state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("blocks."))
+    assert not torch.equal(before["cell_hit"], after["cell_hit"])
+    with pytest.raises(TrainingError, match="train.freeze 'flows' matches no parameter"):
+        Trainer.create(str(toy_file), "layerflow", tmp_path / "bad", _cfg(freeze="flows"), TINY_CONFIGS["layerflow"])

@@ -60,6 +60,8 @@ class TrainConfig:
     amp: bool = False  # bf16 autocast on CUDA (ignored on CPU); measured no faster for layerflow on an H200
     deterministic: bool = True  # deterministic kernels: same seed, same weights, and resumes bit-identical
     mirror_x: bool = False  # mirror a random half of each batch in x (the detector's symmetry; shower-axis frame)
+    freeze: str = ""  # parameters kept as they are, comma-separated names or prefixes ("blocks,count_blocks": a
+    # layerflow fine-tune that trains the cell laws alone); every name must match a parameter
     threads: int = 1  # torch CPU threads: 1 is fastest on a machine shared with Geant4 jobs
     seed: int = 0
 
@@ -525,6 +527,7 @@ class Trainer:
         distributed.broadcast_state(self.model)  # rank 0's initial weights and preprocessing on every rank
         self._sync_buffers = self.dist is not None and any(
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self._freeze(self.cfg.freeze)
         self.optimizers = self.model.configure_optimizers(self.cfg.lr, self.cfg.weight_decay)
         self._base_lrs = {k: [g["lr"] for g in o.param_groups] for k, o in self.optimizers.items()}
         self.validator = (Validator(val, detector, self.model.shape, self.cfg.val_max_showers)
@@ -638,6 +641,19 @@ class Trainer:
         if self.cfg.mirror_x:
             cond, showers = self._mirror_x(cond, showers, flip.to(self.device))
         return TrainBatch(cond, showers)
+
+    def _freeze(self, spec: str) -> None:
+        """Keep the parameters named (or under the prefixes) in ``spec`` fixed: no gradients, so Adam leaves them."""
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        params = dict(self.model.named_parameters())
+        for name in names:
+            hit = [k for k in params if k == name or k.startswith(name + ".")]
+            if not hit:
+                tops = sorted({k.split(".")[0] for k in params})
+                raise TrainingError(f"{self.out / RUN_FILE}: train.freeze {name!r} matches no parameter of the "
+                                    f"{self.model.family} model; expected names or prefixes among {tops}")
+            for k in hit:
+                params[k].requires_grad_(False)
 
     def _mirror_x(self, cond, showers, mask):
         """Showers of the rows in ``mask`` mirrored in x (x -> -x): the calorimeter is symmetric under it at any
