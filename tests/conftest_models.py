@@ -115,7 +115,7 @@ TINY_CONFIGS: dict[str, dict] = {
                              "halo_no_width": True},
     "layerflow:mirror_tie": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                              "count_hidden": 16, "counts_first": True, "axis_features": True, "offset_squares": True,
-                             "core_block": 2, "select_noise": True, "mirror_tie": True},
+                             "core_block": 2, "select_noise": True, "mirror_tie": "corner"},
     "layerflow:core_exclusive": {"flow_blocks": 2, "flow_hidden": 16, "hit_count": True, "count_blocks": 2,
                                  "count_hidden": 16, "counts_first": True, "axis_features": True,
                                  "offset_squares": True, "core_block": 3, "core_exclusive": True,

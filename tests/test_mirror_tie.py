@@ -13,7 +13,7 @@ from caloforge.models.base import TrainBatch
 from conftest_models import TINY_CONFIGS, toy_detector, toy_showers
 
 
-def _tied_model(tie: bool = True, core_block: int = 2):
+def _tied_model(tie: str = "corner", core_block: int = 2):
     det = toy_detector(n_layers=3, n_xy=6, n_y_angled=12)
     data = toy_showers(det, 30, seed=3)
     cond = data.conditions.as_array().copy()
@@ -57,7 +57,8 @@ def _covariates(model, cond_array):
 
 
 def test_mirrored_cells_follow_the_mirrored_covariates():
-    model, conditions = _tied_model()
+    """``full``: the law of a cell at x is its mirror image's at the mirrored covariates, for any x."""
+    model, conditions = _tied_model("full")
     cov, cond = _covariates(model, conditions.as_array()[:8])
     base = _laws(model, cov, cond)
     maps = model._mirror_maps().float()
@@ -80,14 +81,30 @@ def _corner_laws(model, angle: float = 0.0):
     return _laws(model, cov, cond).reshape(n_l, 2, n_x, n_y, 2)
 
 
-def test_a_corner_shower_at_normal_incidence_is_shared_symmetrically():
-    laws = _corner_laws(_tied_model()[0])
+@pytest.mark.parametrize("mode", ["corner", "full"])
+def test_a_corner_shower_at_normal_incidence_is_shared_symmetrically(mode):
+    laws = _corner_laws(_tied_model(mode)[0])
     torch.testing.assert_close(laws.flip(2), laws, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(laws.flip(3), laws, rtol=1e-4, atol=1e-4)
-    untied = _corner_laws(_tied_model(tie=False)[0])  # the same laws without the tie are not symmetric
+    untied = _corner_laws(_tied_model(tie="none")[0])  # the same laws without the tie are not symmetric
     assert (untied.flip(3) - untied).abs().max() > 0.1
-    angled = _corner_laws(_tied_model()[0], angle=30.0)  # an inclined shower may lean towards +y, and does
+    angled = _corner_laws(_tied_model(mode)[0], angle=30.0)  # an inclined shower may lean towards +y, and does
     assert (angled.flip(3) - angled).abs().max() > 1e-3
+
+
+def test_the_corner_tie_leaves_other_configurations_free():
+    """``corner`` constrains the laws only where the configuration is its own mirror image: the projection is
+    idempotent, and away from the corner mirrored cells keep laws of their own (``full`` would tie them)."""
+    model, conditions = _tied_model("corner")
+    cov, cond = _covariates(model, conditions.as_array()[:8])
+    base = _laws(model, cov, cond)
+    mirrored = torch.einsum("lij,lnj->lni", model._mirror_maps().float()[1], cov)
+    img = _laws(model, mirrored, cond)
+    assert (img[:, :, model.mirror_perms[1]] - base).abs().max() > 0.1
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.tie_mirrors()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, before[name], rtol=1e-5, atol=1e-5)
 
 
 def test_a_training_step_keeps_the_tie():
@@ -119,9 +136,9 @@ def test_a_fine_tune_may_switch_the_tie_on(tmp_path):
     from caloforge.models import save_model
     from caloforge.train import TrainingError, init_from_model
 
-    src, _ = _tied_model(tie=False, core_block=2)
+    src, _ = _tied_model(tie="none", core_block=2)
     save_model(src, tmp_path / "src")
-    target, _ = _tied_model(tie=True, core_block=4)
+    target, _ = _tied_model(tie="corner", core_block=4)
     init_from_model(target, str(tmp_path / "src"), "test")
     assert torch.equal(target.cell_hit, src.cell_hit)
     target.tie_mirrors()
@@ -139,11 +156,11 @@ def test_tie_model_script_ties_a_trained_model(tmp_path):
     from caloforge.models import load_model, save_model
     from conftest_models import load_script
 
-    src, _ = _tied_model(tie=False, core_block=2)
+    src, _ = _tied_model(tie="none", core_block=2)
     save_model(src, tmp_path / "src")
     load_script("tie_model").main([str(tmp_path / "src"), str(tmp_path / "tied"), "--core-block", "4"])
     tied = load_model(tmp_path / "tied")
-    assert tied.config.mirror_tie and tied.config.core_block == 4
+    assert tied.config.mirror_tie == "corner" and tied.config.core_block == 4
     laws = _corner_laws(tied)
     torch.testing.assert_close(laws.flip(2), laws, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tied.blocks[0].net[0].weight, src.blocks[0].net[0].weight)

@@ -105,9 +105,10 @@ class LayerFlowConfig(ModelConfig):
     # laws get their own smooth angle dependence (the front layers' halo is not linear in angle and sec angle)
     flow_weight_decay: float = 0.0  # decoupled (AdamW) weight decay of the flows' weights; the cell laws get none.
     # 1.0 lowers the flows' validation NLL on 20000 showers, but cost layer correlations in v33 (docs/models.md)
-    mirror_tie: bool = False  # the cell laws tied under the two mirrors through the corner of the cell the axis
-    # crosses (x -> -x; y -> -y with the angle reversed): mirrored cells share one law, so at normal incidence on a
-    # cell corner the cells share the shower symmetrically by construction (needs an even core_block: item 9)
+    mirror_tie: str = "none"  # cell laws tied under the two mirrors through the corner of the cell the axis crosses
+    # (x -> -x; y -> -y with the angle reversed). "full": a cell's laws are its mirror images' at the mirrored
+    # covariates; "corner": mirrored cells' laws agree wherever the configuration is its own mirror image (normal
+    # incidence on a cell corner, centroids on the axis), and are free elsewhere (item 9)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -121,6 +122,7 @@ class LayerFlowConfig(ModelConfig):
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64),
+        "mirror_tie": ("none", "full", "corner"),
     }
 
     def weight_estimate(self) -> int:
@@ -307,7 +309,7 @@ class LayerFlow(ShowerModel):
             self.register_buffer("halo_mask", torch.as_tensor(halo), persistent=False)
             self.n_halo = HALO_BASIS - 4 + len(HALO_KNOTS) if cfg.halo_knots else HALO_BASIS
             self.halo_w = nn.Parameter(torch.zeros(n_l, self.n_cov, 4 * self.n_halo))
-        if cfg.mirror_tie:
+        if cfg.mirror_tie != "none":
             self._check_mirror_tie(n_x, n_y)
 
     # ---- mirror tie ---------------------------------------------------------------------------------
@@ -365,42 +367,58 @@ class LayerFlow(ShowerModel):
 
     @torch.no_grad()
     def tie_mirrors(self) -> None:
-        """Project the cell laws onto their mirror-symmetric part (in place): every law becomes the average of its
-        four images under the group {1, X, Y, XY}. A mirror-tied model's law of cell c at covariates x is then
-        that of the mirrored cell at the mirrored covariates, exactly; training calls this after every step."""
-        if not self.config.mirror_tie:  # type: ignore[attr-defined]
+        """Project the cell laws onto the tied ones (in place); training calls this after every optimiser step.
+
+        ``full``: every law becomes the average of its four images M_g^T w_{g(c)} under {1, X, Y, XY}, so the law of
+        cell c at covariates x is exactly that of the mirrored cell at the mirrored covariates. ``corner``: with
+        P_g = (1 + M_g) / 2 the projector onto the configurations that are their own mirror image, the parts w P_X
+        P_Y are shared by the four cells of an orbit, w P_X (1 - P_Y) by the two cells of the x-mirror, w (1 - P_X)
+        P_Y by those of the y-mirror, and w (1 - P_X)(1 - P_Y) stays the cell's own: mirrored cells then agree at
+        every self-mirrored configuration (the corner at normal incidence) and nowhere else are they constrained."""
+        mode = self.config.mirror_tie  # type: ignore[attr-defined]
+        if mode == "none":
             return
         n_l, n_lat, n_cov = self.n_layers, self.n_lat, self.n_cov
         maps = self._mirror_maps()
         px, py = self.mirror_perms[0], self.mirror_perms[1]
-        group = [(None, None), (maps[0], px), (maps[1], py), (maps[0] @ maps[1], px[py])]
+        pxy = px[py]
+        eye = torch.eye(n_cov, dtype=torch.float64)
+        p_x, p_y = (eye + maps[0]) / 2, (eye + maps[1]) / 2  # (L, n_cov, n_cov)
 
-        def by_cell(w: torch.Tensor) -> torch.Tensor:  # w (L, n_lat, n_cov) -> its group average
+        def by_cell(w: torch.Tensor) -> torch.Tensor:  # w (L, n_lat, n_cov), rows are laws w . x
             w = w.double()
-            acc = w.clone()
-            for m, perm in group[1:]:
-                acc += torch.einsum("lci,lik->lck", w[:, perm], m)  # row vector w^T M: (M^T w)^T
-            return acc / 4
+            if mode == "full":
+                acc = w.clone()
+                for m, perm in ((maps[0], px), (maps[1], py), (maps[0] @ maps[1], pxy)):
+                    acc += torch.einsum("lci,lik->lck", w[:, perm], m)  # row vector w^T M: (M^T w)^T
+                return acc / 4
+            a = w @ p_x @ p_y
+            b = w @ p_x @ (eye - p_y)
+            c = w @ (eye - p_x) @ p_y
+            return ((a + a[:, px] + a[:, py] + a[:, pxy]) / 4 + (b + b[:, px]) / 2 + (c + c[:, py]) / 2
+                    + w @ (eye - p_x) @ (eye - p_y))
 
         self.cell_hit.copy_(by_cell(self.cell_hit.transpose(1, 2)).transpose(1, 2).to(self.cell_hit.dtype))
         for par in (self.cell_mu, self.cell_log_sigma, self.cell_mix):
             if par is not None:
                 par.copy_(by_cell(par.view(n_l, n_lat, n_cov)).reshape(par.shape).to(par.dtype))
-        for par in (self.cell_skew, self.cell_log_tail):
+        for par in (self.cell_skew, self.cell_log_tail):  # no covariates: one value per orbit
             v = par.view(n_l, n_lat)
-            par.copy_(((v + v[:, px] + v[:, py] + v[:, px[py]]) / 4).reshape(-1))
+            par.copy_(((v + v[:, px] + v[:, py] + v[:, pxy]) / 4).reshape(-1))
         cap = self.cell_log_e_max.view(n_l, n_lat)  # the energy cap: the largest of the four cells'
-        self.cell_log_e_max.copy_(torch.stack([cap, cap[:, px], cap[:, py], cap[:, px[py]]]).amax(0).reshape(-1))
+        self.cell_log_e_max.copy_(torch.stack([cap, cap[:, px], cap[:, py], cap[:, pxy]]).amax(0).reshape(-1))
         if self.core_w is not None:  # basis functions even in dx; g_k even and g_k dy odd in dy
             w = self.core_w.double().view(n_l, n_cov, self.core_laws, self.core_basis)
             odd_y = torch.tensor([(k % 2) == 1 for k in range(self.core_basis)])
-            acc = w.clone()
-            for g, (m, _) in enumerate(group[1:], start=1):
-                img = torch.einsum("lik,lijb->lkjb", m, w)  # M^T w per (law, basis) column
-                if g >= 2:  # the images involving Y flip the odd-in-dy columns
-                    img = torch.where(odd_y, -img, img)
-                acc += img
-            self.core_w.copy_((acc / 4).reshape(self.core_w.shape).to(self.core_w.dtype))
+            if mode == "full":
+                acc = w.clone()
+                for g, m in enumerate((maps[0], maps[1], maps[0] @ maps[1]), start=1):
+                    img = torch.einsum("lik,lijb->lkjb", m, w)  # M^T w per (law, basis) column
+                    acc += torch.where(odd_y, -img, img) if g >= 2 else img  # images with Y flip odd-in-dy ones
+                w = acc / 4
+            else:  # an odd-in-dy term must vanish wherever the configuration is its own y-mirror image
+                w = torch.where(odd_y, torch.einsum("lki,lijb->lkjb", (eye - p_y).transpose(1, 2), w), w)
+            self.core_w.copy_(w.reshape(self.core_w.shape).to(self.core_w.dtype))
 
     # ---- features -----------------------------------------------------------------------------------
     def _flow_cond(self, cf: torch.Tensor) -> torch.Tensor:
