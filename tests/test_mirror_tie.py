@@ -92,6 +92,19 @@ def test_a_corner_shower_at_normal_incidence_is_shared_symmetrically(mode):
     assert (angled.flip(3) - angled).abs().max() > 1e-3
 
 
+def test_the_halo_tie_leaves_the_core_cells_alone():
+    """``halo``: the cells outside the core block are tied as by ``corner``; the core cells keep their own laws."""
+    model = _tied_model("halo", core_block=2)[0]
+    laws = _corner_laws(model)  # (L, 2, n_x, n_y, 2)
+    n_x, n_y = model.shape[1:]
+    halo = torch.ones(n_x * n_y, dtype=torch.bool)
+    halo[model.core_idx] = False
+    halo = halo.view(n_x, n_y)
+    for dim in (2, 3):
+        diff = (laws.flip(dim) - laws).abs().amax(dim=(0, 1, 4))
+        assert diff[halo].max() < 1e-4 and diff[~halo].max() > 1e-3
+
+
 def test_the_corner_tie_leaves_other_configurations_free():
     """``corner`` constrains the laws only where the configuration is its own mirror image: the projection is
     idempotent, and away from the corner mirrored cells keep laws of their own (``full`` would tie them)."""

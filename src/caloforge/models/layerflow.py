@@ -108,7 +108,8 @@ class LayerFlowConfig(ModelConfig):
     mirror_tie: str = "none"  # cell laws tied under the two mirrors through the corner of the cell the axis crosses
     # (x -> -x; y -> -y with the angle reversed). "full": a cell's laws are its mirror images' at the mirrored
     # covariates; "corner": mirrored cells' laws agree wherever the configuration is its own mirror image (normal
-    # incidence on a cell corner, centroids on the axis), and are free elsewhere (item 9)
+    # incidence on a cell corner, centroids on the axis), and are free elsewhere; "halo": "corner" for the cells
+    # outside the core block alone (the core cells and the core term keep their own laws) (item 9)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -122,7 +123,7 @@ class LayerFlowConfig(ModelConfig):
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64),
-        "mirror_tie": ("none", "full", "corner"),
+        "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
     def weight_estimate(self) -> int:
@@ -385,13 +386,22 @@ class LayerFlow(ShowerModel):
         eye = torch.eye(n_cov, dtype=torch.float64)
         p_x, p_y = (eye + maps[0]) / 2, (eye + maps[1]) / 2  # (L, n_cov, n_cov)
 
+        own = torch.zeros(n_lat, dtype=torch.bool)  # cells that keep their own laws ("halo": the core block)
+        if mode == "halo" and self.core_w is not None:
+            own[self.core_idx] = True
+
         def by_cell(w: torch.Tensor) -> torch.Tensor:  # w (L, n_lat, n_cov), rows are laws w . x
             w = w.double()
+            if mode == "halo":
+                return torch.where(own[:, None], w, _corner(w))
             if mode == "full":
                 acc = w.clone()
                 for m, perm in ((maps[0], px), (maps[1], py), (maps[0] @ maps[1], pxy)):
                     acc += torch.einsum("lci,lik->lck", w[:, perm], m)  # row vector w^T M: (M^T w)^T
                 return acc / 4
+            return _corner(w)
+
+        def _corner(w: torch.Tensor) -> torch.Tensor:
             a = w @ p_x @ p_y
             b = w @ p_x @ (eye - p_y)
             c = w @ (eye - p_x) @ p_y
@@ -404,10 +414,11 @@ class LayerFlow(ShowerModel):
                 par.copy_(by_cell(par.view(n_l, n_lat, n_cov)).reshape(par.shape).to(par.dtype))
         for par in (self.cell_skew, self.cell_log_tail):  # no covariates: one value per orbit
             v = par.view(n_l, n_lat)
-            par.copy_(((v + v[:, px] + v[:, py] + v[:, pxy]) / 4).reshape(-1))
+            par.copy_(torch.where(own, v, (v + v[:, px] + v[:, py] + v[:, pxy]) / 4).reshape(-1))
         cap = self.cell_log_e_max.view(n_l, n_lat)  # the energy cap: the largest of the four cells'
-        self.cell_log_e_max.copy_(torch.stack([cap, cap[:, px], cap[:, py], cap[:, pxy]]).amax(0).reshape(-1))
-        if self.core_w is not None:  # basis functions even in dx; g_k even and g_k dy odd in dy
+        tied = torch.stack([cap, cap[:, px], cap[:, py], cap[:, pxy]]).amax(0)
+        self.cell_log_e_max.copy_(torch.where(own, cap, tied).reshape(-1))
+        if self.core_w is not None and mode != "halo":  # basis functions even in dx; g_k even, g_k dy odd in dy
             w = self.core_w.double().view(n_l, n_cov, self.core_laws, self.core_basis)
             odd_y = torch.tensor([(k % 2) == 1 for k in range(self.core_basis)])
             if mode == "full":
