@@ -81,7 +81,7 @@ def _corner_laws(model, angle: float = 0.0):
     return _laws(model, cov, cond).reshape(n_l, 2, n_x, n_y, 2)
 
 
-@pytest.mark.parametrize("mode", ["corner", "full"])
+@pytest.mark.parametrize("mode", ["corner", "full", "point"])
 def test_a_corner_shower_at_normal_incidence_is_shared_symmetrically(mode):
     laws = _corner_laws(_tied_model(mode)[0])
     torch.testing.assert_close(laws.flip(2), laws, rtol=1e-4, atol=1e-4)
