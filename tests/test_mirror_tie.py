@@ -177,3 +177,19 @@ def test_tie_model_script_ties_a_trained_model(tmp_path):
     laws = _corner_laws(tied)
     torch.testing.assert_close(laws.flip(2), laws, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tied.blocks[0].net[0].weight, src.blocks[0].net[0].weight)
+
+
+def test_every_mirror_feature_is_a_condition_feature_and_tan_angle_is_odd():
+    """The mirror table names only known features, each with a corner value or free; ``tan_angle`` is tan a, odd."""
+    from caloforge.models.base import CONDITION_FEATURES
+    from caloforge.models.layerflow import CORNER_VALUES, MIRROR_FEATURES
+
+    assert set(MIRROR_FEATURES) <= set(CONDITION_FEATURES) and set(CORNER_VALUES) <= set(MIRROR_FEATURES)
+    cond = torch.tensor([[5e4, 30.0, 0.0, 0.0, 22.0], [5e4, -30.0, 0.0, 0.0, 22.0]])
+    tan = CONDITION_FEATURES["tan_angle"][1](cond, None)
+    torch.testing.assert_close(tan, torch.tensor([1 / 3 ** 0.5, -1 / 3 ** 0.5]))
+    det = toy_detector(n_layers=3, n_xy=6, n_y_angled=12)
+    cls = get_family("layerflow")
+    model = cls(det, None, cls.Config.from_dict(TINY_CONFIGS["layerflow:mirror_tie"]),
+                features=("log_e", "angle", "tan_angle", "sin_x", "cos_x", "sin_y", "cos_y", "is_photon"))
+    assert model.n_cond_features == 8
