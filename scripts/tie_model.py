@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("model", help="a trained layerflow model (directory or zoo name)")
     p.add_argument("output", help="where the tied model is written")
     p.add_argument("--core-block", type=int, default=None, help="core block of the tied model (must be even)")
-    p.add_argument("--mode", choices=("corner", "halo", "point", "full"), default="corner",
+    p.add_argument("--mode", choices=("corner", "halo", "full"), default="corner",
                    help="mirror_tie of the tied model (docs/models.md, layerflow item 9)")
     a = p.parse_args(argv)
     src = load_model(a.model)

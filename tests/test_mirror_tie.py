@@ -81,7 +81,7 @@ def _corner_laws(model, angle: float = 0.0):
     return _laws(model, cov, cond).reshape(n_l, 2, n_x, n_y, 2)
 
 
-@pytest.mark.parametrize("mode", ["corner", "full", "point"])
+@pytest.mark.parametrize("mode", ["corner", "full"])
 def test_a_corner_shower_at_normal_incidence_is_shared_symmetrically(mode):
     laws = _corner_laws(_tied_model(mode)[0])
     torch.testing.assert_close(laws.flip(2), laws, rtol=1e-4, atol=1e-4)
@@ -180,11 +180,11 @@ def test_tie_model_script_ties_a_trained_model(tmp_path):
 
 
 def test_every_mirror_feature_is_a_condition_feature_and_tan_angle_is_odd():
-    """The mirror table names only known features, each with a corner value or free; ``tan_angle`` is tan a, odd."""
+    """The mirror table names only known features; ``tan_angle`` is tan a, odd in the angle."""
     from caloforge.models.base import CONDITION_FEATURES
-    from caloforge.models.layerflow import CORNER_VALUES, MIRROR_FEATURES
+    from caloforge.models.layerflow import MIRROR_FEATURES
 
-    assert set(MIRROR_FEATURES) <= set(CONDITION_FEATURES) and set(CORNER_VALUES) <= set(MIRROR_FEATURES)
+    assert set(MIRROR_FEATURES) <= set(CONDITION_FEATURES)
     cond = torch.tensor([[5e4, 30.0, 0.0, 0.0, 22.0], [5e4, -30.0, 0.0, 0.0, 22.0]])
     tan = CONDITION_FEATURES["tan_angle"][1](cond, None)
     torch.testing.assert_close(tan, torch.tensor([1 / 3 ** 0.5, -1 / 3 ** 0.5]))

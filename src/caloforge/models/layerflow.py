@@ -58,10 +58,6 @@ MIRROR_FEATURES: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {
     "sin_x": ((-1, 0), (1, 0)), "cos_x": ((1, 0), (1, 0)), "sin_y": ((1, 0), (-1, 0)), "cos_y": ((1, 0), (1, 0)),
     "pos_x": ((-1, 0), (1, 0)), "pos_y": ((1, 0), (-1, 0)), "is_photon": ((1, 0), (1, 0)), "charge": ((1, 0), (1, 0)),
 }
-#: each geometric condition feature's raw value at normal incidence on the corner of a cell (``mirror_tie = "point"``);
-#: the features not named here (energy, particle) are free there
-CORNER_VALUES: dict[str, float] = {"angle": 0.0, "sec_angle": 1.0, "tan_angle": 0.0, "sin_x": 0.0, "cos_x": 1.0,
-                                   "sin_y": 0.0, "cos_y": 1.0, "pos_x": 0.0, "pos_y": 0.0}
 ANGLE_BASIS_MAX_DEG = 60.0  # the angle_basis bumps span 0 to this (the widest angle the house detector's window holds)
 
 
@@ -113,8 +109,7 @@ class LayerFlowConfig(ModelConfig):
     # (x -> -x; y -> -y with the angle reversed). "full": a cell's laws are its mirror images' at the mirrored
     # covariates; "corner": mirrored cells' laws agree wherever the configuration is its own mirror image (normal
     # incidence on a cell corner, centroids on the axis), and are free elsewhere; "halo": "corner" for the cells
-    # outside the core block alone (the core cells and the core term keep their own laws); "point": mirrored cells
-    # agree at normal incidence on the corner alone (at any energy, particle and layer width), free elsewhere (item 9)
+    # outside the core block alone (the core cells and the core term keep their own laws) (item 9)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -128,7 +123,7 @@ class LayerFlowConfig(ModelConfig):
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64),
-        "mirror_tie": ("none", "full", "corner", "halo", "point"),
+        "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
     def weight_estimate(self) -> int:
@@ -391,9 +386,6 @@ class LayerFlow(ShowerModel):
         eye = torch.eye(n_cov, dtype=torch.float64)
         p_x, p_y = (eye + maps[0]) / 2, (eye + maps[1]) / 2  # (L, n_cov, n_cov)
 
-        if mode == "point":
-            self._tie_at_corner()
-            return
         own = torch.zeros(n_lat, dtype=torch.bool)  # cells that keep their own laws ("halo": the core block)
         if mode == "halo" and self.core_w is not None:
             own[self.core_idx] = True
@@ -437,69 +429,6 @@ class LayerFlow(ShowerModel):
                 w = acc / 4
             else:  # an odd-in-dy term must vanish wherever the configuration is its own y-mirror image
                 w = torch.where(odd_y, torch.einsum("lki,lijb->lkjb", (eye - p_y).transpose(1, 2), w), w)
-            self.core_w.copy_(w.reshape(self.core_w.shape).to(self.core_w.dtype))
-
-    def _corner_point(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The covariates at normal incidence on a cell corner with the layer centroids on the axis: (L, n_cov)
-        values of the fixed ones (0 where free) and a mask (n_cov,) of the free ones (constant excluded)."""
-        n_l, n_feat, n_cf = self.n_layers, self.n_feat, self.n_cond_features
-        x0 = torch.zeros(n_l, self.n_cov, dtype=torch.float64)
-        free = torch.zeros(self.n_cov, dtype=torch.bool)
-        free[1:1 + n_feat] = True  # the layer features: energy fraction, width, hit count are free ...
-        mean = self._per_layer(self.feat_mean.double()).view(n_feat, n_l).T
-        std = self._per_layer(self.feat_std.double()).view(n_feat, n_l).T
-        for k in (1, 2):  # ... the centroids are on the axis
-            free[1 + k] = False
-            x0[:, 1 + k] = -mean[:, k] / std[:, k]
-        for f, name in enumerate(self.features):
-            i = 1 + n_feat + f
-            if name in CORNER_VALUES:
-                x0[:, i] = (CORNER_VALUES[name] - float(self.cond_mean[f])) / float(self.cond_std[f])
-            else:
-                free[i] = True
-        o = 1 + n_feat + n_cf  # the axis on the corner: f = 0
-        x0[:, o:o + 2] = -0.5
-        if self.config.offset_squares:  # type: ignore[attr-defined]
-            x0[:, o + 2:o + 4] = 0.25 - 1.0 / 12
-        return x0, free
-
-    @torch.no_grad()
-    def _tie_at_corner(self) -> None:
-        """``mirror_tie = "point"``: the four cells of an orbit get the same coefficients of the free covariates
-        and the same value at the corner point (their intercepts shifted to the orbit's mean value there); every
-        other coefficient stays the cell's own. An odd-in-dy core coefficient is made zero at the corner point."""
-        n_l, n_lat, n_cov = self.n_layers, self.n_lat, self.n_cov
-        x0, free = self._corner_point()
-        fixed = (~free).clone()
-        fixed[0] = False
-        px, py = self.mirror_perms[0], self.mirror_perms[1]
-        pxy = px[py]
-
-        def orbit_mean(v: torch.Tensor) -> torch.Tensor:  # over the cell axis (dim 1)
-            return (v + v[:, px] + v[:, py] + v[:, pxy]) / 4
-
-        def tie(w: torch.Tensor) -> torch.Tensor:  # w (L, n_lat, n_cov)
-            w = w.double().clone()
-            w[:, :, free] = orbit_mean(w[:, :, free])
-            at = w[:, :, 0] + (w[:, :, fixed] * x0[:, None, fixed]).sum(-1)  # the value at the corner (free part 0)
-            w[:, :, 0] += orbit_mean(at) - at
-            return w
-
-        self.cell_hit.copy_(tie(self.cell_hit.transpose(1, 2)).transpose(1, 2).to(self.cell_hit.dtype))
-        for par in (self.cell_mu, self.cell_log_sigma, self.cell_mix):
-            if par is not None:
-                par.copy_(tie(par.view(n_l, n_lat, n_cov)).reshape(par.shape).to(par.dtype))
-        for par in (self.cell_skew, self.cell_log_tail):
-            par.copy_(orbit_mean(par.view(n_l, n_lat)).reshape(-1))
-        cap = self.cell_log_e_max.view(n_l, n_lat)
-        self.cell_log_e_max.copy_(torch.stack([cap, cap[:, px], cap[:, py], cap[:, pxy]]).amax(0).reshape(-1))
-        if self.core_w is not None:
-            w = self.core_w.double().view(n_l, n_cov, self.core_laws, self.core_basis).clone()
-            odd = w[..., 1::2]  # (L, n_cov, laws, odd basis): zero on the free covariates and at the corner
-            odd[:, free] = 0.0
-            at = odd[:, 0] + (odd[:, fixed] * x0[:, fixed][:, :, None, None]).sum(1)
-            odd[:, 0] -= at
-            w[..., 1::2] = odd
             self.core_w.copy_(w.reshape(self.core_w.shape).to(self.core_w.dtype))
 
     # ---- features -----------------------------------------------------------------------------------
