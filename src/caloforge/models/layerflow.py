@@ -346,7 +346,7 @@ class LayerFlow(ShowerModel):
         so with the standardisation M is affine in x: an involution whose shifts sit in the constant column."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         n_l, n_feat, n_cf = self.n_layers, self.n_feat, self.n_cond_features
-        eye = torch.eye(self.n_cov, dtype=torch.float64)
+        eye = torch.eye(self.n_cov, dtype=torch.float64, device=self.feat_mean.device)
         maps = eye.repeat(2, n_l, 1, 1)
         mean = self._per_layer(self.feat_mean.double()).view(n_feat, n_l).T  # (L, n_feat)
         std = self._per_layer(self.feat_std.double()).view(n_feat, n_l).T
@@ -383,10 +383,11 @@ class LayerFlow(ShowerModel):
         maps = self._mirror_maps()
         px, py = self.mirror_perms[0], self.mirror_perms[1]
         pxy = px[py]
-        eye = torch.eye(n_cov, dtype=torch.float64)
+        dev = self.cell_hit.device
+        eye = torch.eye(n_cov, dtype=torch.float64, device=dev)
         p_x, p_y = (eye + maps[0]) / 2, (eye + maps[1]) / 2  # (L, n_cov, n_cov)
 
-        own = torch.zeros(n_lat, dtype=torch.bool)  # cells that keep their own laws ("halo": the core block)
+        own = torch.zeros(n_lat, dtype=torch.bool, device=dev)  # cells keeping their own laws ("halo": the core)
         if mode == "halo" and self.core_w is not None:
             own[self.core_idx] = True
 
@@ -420,7 +421,7 @@ class LayerFlow(ShowerModel):
         self.cell_log_e_max.copy_(torch.where(own, cap, tied).reshape(-1))
         if self.core_w is not None and mode != "halo":  # basis functions even in dx; g_k even, g_k dy odd in dy
             w = self.core_w.double().view(n_l, n_cov, self.core_laws, self.core_basis)
-            odd_y = torch.tensor([(k % 2) == 1 for k in range(self.core_basis)])
+            odd_y = torch.tensor([(k % 2) == 1 for k in range(self.core_basis)], device=dev)
             if mode == "full":
                 acc = w.clone()
                 for g, m in enumerate((maps[0], maps[1], maps[0] @ maps[1]), start=1):
