@@ -12,6 +12,7 @@ import torch
 
 from caloforge.models import get_family, save_model
 from caloforge.models.base import load_model
+from caloforge.train import init_from_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg.update(mirror_tie=a.mode, **({"core_block": a.core_block} if a.core_block is not None else {}))
     cls = get_family("layerflow")
     tied = cls(src.detector, src.n_cells, cls.Config.from_dict(cfg), features=src.features, frame=src.frame)
-    tied.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in src.state_dict().items()})
+    init_from_model(tied, a.model, a.output)  # the weights and preprocessing, as a fine-tune would start
     tied.meta = dict(src.meta)
     tied.meta["tied_from"] = str(a.model)
     with torch.no_grad():

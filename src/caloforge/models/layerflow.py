@@ -393,21 +393,17 @@ class LayerFlow(ShowerModel):
 
         def by_cell(w: torch.Tensor) -> torch.Tensor:  # w (L, n_lat, n_cov), rows are laws w . x
             w = w.double()
-            if mode == "halo":
-                return torch.where(own[:, None], w, _corner(w))
             if mode == "full":
                 acc = w.clone()
                 for m, perm in ((maps[0], px), (maps[1], py), (maps[0] @ maps[1], pxy)):
                     acc += torch.einsum("lci,lik->lck", w[:, perm], m)  # row vector w^T M: (M^T w)^T
                 return acc / 4
-            return _corner(w)
-
-        def _corner(w: torch.Tensor) -> torch.Tensor:
             a = w @ p_x @ p_y
             b = w @ p_x @ (eye - p_y)
             c = w @ (eye - p_x) @ p_y
-            return ((a + a[:, px] + a[:, py] + a[:, pxy]) / 4 + (b + b[:, px]) / 2 + (c + c[:, py]) / 2
+            tied = ((a + a[:, px] + a[:, py] + a[:, pxy]) / 4 + (b + b[:, px]) / 2 + (c + c[:, py]) / 2
                     + w @ (eye - p_x) @ (eye - p_y))
+            return torch.where(own[:, None], w, tied)
 
         self.cell_hit.copy_(by_cell(self.cell_hit.transpose(1, 2)).transpose(1, 2).to(self.cell_hit.dtype))
         for par in (self.cell_mu, self.cell_log_sigma, self.cell_mix):
