@@ -74,6 +74,9 @@ class LayerFlowConfig(ModelConfig):
     empty_layer_noise: float = 0.3  # dequantisation noise of the lateral features of empty layers (std units)
     min_hit_prob: float = 1e-5  # floor of initial per-cell hit probabilities
     cell_cap_margin: float = 1.5  # hit energies are capped at this times the cell's largest training energy
+    cap_rescaled: bool = False  # the cap holds after the rescaling to the layer energy too: a hit above it keeps
+    # the cap and its excess goes to the layer's other hits (a layer of few hits would otherwise scale a halo
+    # cell up to many times the energy any training shower gave it; 4 % of showers in v39 at the corner)
     shape_weight: float = 1.0  # weight of the cell-stage likelihood in the loss
     mip_bins: int = 48  # bins of the per-layer soft-hit spectrum mixed into every cell's energy law (0: none)
     mip_log_min: float = -7.0  # ln(E / MeV) range of that spectrum's bins: 0.9 keV to 2 MeV, soft hits only
@@ -110,6 +113,9 @@ class LayerFlowConfig(ModelConfig):
     # covariates; "corner": mirrored cells' laws agree wherever the configuration is its own mirror image (normal
     # incidence on a cell corner, centroids on the axis), and are free elsewhere; "halo": "corner" for the cells
     # outside the core block alone (the core cells and the core term keep their own laws) (item 9)
+    centroid_over_width: bool = False  # cells also see each layer's centroid over its mean squared radius (cx / r^2,
+    # cy / r^2, from the axis): a shift d of a shower of width s changes log E at a cell x by about x d / s^2, a
+    # response that no fixed coefficient of the centroid alone gives at every energy, angle and depth (item 11)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -199,7 +205,7 @@ class LayerFlow(ShowerModel):
     sample_chunk = 256  # showers per decoding pass on the CPU (measured best of 64-512 with the compiled kernels)
     #: options ``train --init-from`` may change: the weights have the same shapes and meaning (the tie projects the
     #: source's laws at the first step; a core block one cell larger adds the core term to a ring where it is small)
-    fine_tune_options: ClassVar[tuple[str, ...]] = ("mirror_tie", "core_block")
+    fine_tune_options: ClassVar[tuple[str, ...]] = ("mirror_tie", "core_block", "cap_rescaled")
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
@@ -211,7 +217,10 @@ class LayerFlow(ShowerModel):
         n_cf = self.n_cond_features
         self.cell_offsets = "position" in self.condition_names  # the axis's per-layer offset in its cell as covariates
         # covariates per cell: 1, the standardised layer features, the condition features (, the axis offsets)
-        self.n_cov = self.n_feat + 1 + n_cf + (2 + 2 * cfg.offset_squares) * self.cell_offsets + cfg.angle_basis
+        self.n_cov = (self.n_feat + 1 + n_cf + (2 + 2 * cfg.offset_squares) * self.cell_offsets + cfg.angle_basis
+                      + 2 * cfg.centroid_over_width)
+        if cfg.centroid_over_width:  # the scale of cx / r^2 and cy / r^2 per layer (fit_preprocessing; not centred,
+            self.register_buffer("cow_scale", torch.ones(n_l, 2))  # so that a mirror only flips their sign)
         if cfg.angle_basis > 0:
             if "angle" not in self.condition_names:
                 raise ValueError("layerflow: angle_basis needs a model that takes incidence angles")
@@ -364,6 +373,9 @@ class LayerFlow(ShowerModel):
             if cfg.offset_squares:  # (f - 1/2)^2 - 1/12 -> itself + 2 (f - 1/2) + 1
                 q = o + 2
                 m[:, q, o], m[:, q, 0] = 2.0, 1.0
+            if cfg.centroid_over_width:  # c / r^2 (last two covariates): odd, not centred
+                i = self.n_cov - 2 + k
+                m[:, i, i] = -1.0
         return maps
 
     @torch.no_grad()
@@ -612,7 +624,17 @@ class LayerFlow(ShowerModel):
             if cond is None:
                 raise ValueError("layerflow: the angle_basis covariates need the raw conditions")
             parts.append(self._angle_bumps(cond)[None].expand(n_l, -1, -1).to(per_layer.dtype))
+        if self.config.centroid_over_width:
+            parts.append(self._centroid_over_width(per_layer) / self.cow_scale[:, None, :])
         return torch.cat(parts, dim=2)
+
+    def _centroid_over_width(self, per_layer: torch.Tensor) -> torch.Tensor:
+        """(cx, cy) / mean r^2 of each layer in raw units, (L, n, 2), from the standardised features (L, n, n_feat)
+        (the flow's log feature is log(r^2 + 1/4), so the ratio stays finite for a layer with one hit)."""
+        n_l = self.n_layers
+        std, mean = self.feat_std[n_l:4 * n_l].reshape(3, n_l).T, self.feat_mean[n_l:4 * n_l].reshape(3, n_l).T
+        raw = per_layer[:, :, 1:4] * std[:, None] + mean[:, None]  # cx, cy, log(r^2 + 1/4)
+        return raw[:, :, :2] * torch.exp(-raw[:, :, 2:3])
 
     # ---- preprocessing ------------------------------------------------------------------------------
     def _fit_preprocessing(self, data: Any) -> None:
@@ -667,6 +689,10 @@ class LayerFlow(ShowerModel):
             self.y_lo.copy_((lo - cfg.clamp_margin * (hi - lo)).float())
             self.y_hi.copy_((hi + cfg.clamp_margin * (hi - lo)).float())
         self.cell_log_e_max.copy_(torch.log(cell_max.clamp(min=0.1) * cfg.cell_cap_margin).float())
+        if cfg.centroid_over_width:
+            per_layer = self._per_layer(fs.float()).reshape(n, self.n_feat, n_l).permute(2, 0, 1)
+            rms = self._centroid_over_width(per_layer).double().pow(2).mean(1).sqrt()  # (L, 2)
+            self.cow_scale.copy_(torch.where(rms > 1e-6, rms, torch.ones_like(rms)).float())
         # Cells: hit frequency and log-energy moments as intercepts, pooled per layer where statistics are poor.
         p = (hits / max(n, 1)).clamp(cfg.min_hit_prob, 1 - 1e-4)
         mu = s1 / hits.clamp(min=1)
@@ -1205,4 +1231,21 @@ class LayerFlow(ShowerModel):
         target = e_layer.reshape(-1)
         total = torch.zeros_like(target).scatter_add(0, seg, e_hit)  # (index_add exports without the add)
         scale = torch.where(total > 0, target / total.clamp(min=1e-30), torch.zeros_like(total))
-        return row, lay, col, flat, e_hit * scale[seg]
+        e_hit = e_hit * scale[seg]
+        if cfg.cap_rescaled:
+            e_hit = self._cap_hits(e_hit, torch.exp(self.cell_log_e_max[flat]), seg, target)
+        return row, lay, col, flat, e_hit
+
+    @staticmethod
+    def _cap_hits(e: torch.Tensor, cap: torch.Tensor, seg: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Hit energies ``e`` held at their cells' caps, each layer's excess shared by its hits below the cap in
+        proportion to their energies (two rounds; what no hit can take is lost). Layers without a hit over the
+        cap are unchanged bit for bit."""
+        for _ in range(2):
+            over = e > cap
+            full = e >= cap  # hits at their cap take no more
+            excess = torch.zeros_like(target).scatter_add(0, seg, torch.where(over, e - cap, torch.zeros_like(e)))
+            free = torch.zeros_like(target).scatter_add(0, seg, torch.where(full, torch.zeros_like(e), e))
+            gain = torch.where(free > 0, excess / free.clamp(min=1e-30), torch.zeros_like(free))
+            e = torch.where(full, torch.minimum(e, cap), e * (1 + gain[seg]))
+        return torch.minimum(e, cap)
