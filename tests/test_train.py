@@ -99,6 +99,25 @@ def test_divergence_rolls_back_with_lower_lr(toy_file, tmp_path, capsys):
         trainer.fit()
 
 
+def test_a_rollback_retries_with_fresh_noise(toy_file, tmp_path):
+    """A NaN caused by one draw of the training noise must not recur when the step is retried: the checkpoint
+    restores the random streams, so the retry reseeds them."""
+    trainer = Trainer.create(str(toy_file), "layerflow", tmp_path / "r", _cfg(max_rollbacks=1),
+                             TINY_CONFIGS["layerflow"])
+    real_step = trainer.model.training_step
+    seen: dict[int, float] = {}
+
+    def noise_sensitive(batch, opts, step, *a, **kw):
+        u = float(torch.rand(()))  # the step's first noise draw
+        if step == 3 and seen.setdefault(step, u) == u:  # fails for this draw only
+            return {"loss": float("nan")}
+        return real_step(batch, opts, step, *a, **kw)
+
+    trainer.model.training_step = noise_sensitive
+    state = trainer.fit()
+    assert state["step"] == 6 and state["rollbacks"] == 1
+
+
 def test_config_file_and_overrides(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('family = "layerflow"\n[train]\nlr = 2e-4\nbatch_size = 64\n[model]\nflow_blocks = 4\n')

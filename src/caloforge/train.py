@@ -745,6 +745,12 @@ class Trainer:
         bad_step = st["step"]
         st.update(load_checkpoint(self.out / CHECKPOINT, self.model, self.optimizers, self.device))
         st["rollbacks"], st["lr_scale"] = rollbacks, lr_scale
+        # The checkpoint brought back the random streams too: a retry would draw the same training noise, and a
+        # NaN that one noise draw caused (stop 28: one shower's dequantisation) would recur at every learning rate.
+        # Retry with fresh noise, the same on every process; later checkpoints keep resumes exact.
+        import torch
+
+        torch.manual_seed(int(np.random.SeedSequence([self.cfg.seed, int(st["step"]), rollbacks]).generate_state(1)[0]))
         msg = (f"step {bad_step}: {reason}; rolled back to the checkpoint at step {st['step']} with learning rate "
                f"x{lr_scale:g} (rollback {rollbacks}/{self.cfg.max_rollbacks})")
         if self.is_main:
