@@ -534,8 +534,7 @@ class LayerFlow(ShowerModel):
         n_l = self.n_layers
         axis = offsets[..., :2] + 0.5
         a = cond[:, 1].float()[None] * (math.pi / 180)
-        std, mean = self.feat_std[n_l:3 * n_l].reshape(2, n_l).T, self.feat_mean[n_l:3 * n_l].reshape(2, n_l).T
-        c_raw = cov[:, :, 2:4] * std[:, None] + mean[:, None]
+        c_raw = self._lateral_raw(cov[:, :, 2:5])[..., :2]
         if self.config.halo_no_width:  # covariates 4 and 5: the layer's log mean r^2 and (with hit_count) hit count
             keep = torch.ones(cov.shape[2], dtype=cov.dtype, device=cov.device)
             keep[4:4 + self.n_feat - 3] = 0.0
@@ -628,12 +627,16 @@ class LayerFlow(ShowerModel):
             parts.append(self._centroid_over_width(per_layer) / self.cow_scale[:, None, :])
         return torch.cat(parts, dim=2)
 
+    def _lateral_raw(self, lateral: torch.Tensor) -> torch.Tensor:
+        """Standardised (cx, cy, log(r^2 + 1/4)) per layer (L, n, 3) back in raw units (cells from the axis)."""
+        n_l = self.n_layers
+        std, mean = self.feat_std[n_l:4 * n_l].reshape(3, n_l).T, self.feat_mean[n_l:4 * n_l].reshape(3, n_l).T
+        return lateral * std[:, None] + mean[:, None]
+
     def _centroid_over_width(self, per_layer: torch.Tensor) -> torch.Tensor:
         """(cx, cy) / mean r^2 of each layer in raw units, (L, n, 2), from the standardised features (L, n, n_feat)
         (the flow's log feature is log(r^2 + 1/4), so the ratio stays finite for a layer with one hit)."""
-        n_l = self.n_layers
-        std, mean = self.feat_std[n_l:4 * n_l].reshape(3, n_l).T, self.feat_mean[n_l:4 * n_l].reshape(3, n_l).T
-        raw = per_layer[:, :, 1:4] * std[:, None] + mean[:, None]  # cx, cy, log(r^2 + 1/4)
+        raw = self._lateral_raw(per_layer[:, :, 1:4])
         return raw[:, :, :2] * torch.exp(-raw[:, :, 2:3])
 
     # ---- preprocessing ------------------------------------------------------------------------------
@@ -1240,7 +1243,8 @@ class LayerFlow(ShowerModel):
     def _cap_hits(e: torch.Tensor, cap: torch.Tensor, seg: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Hit energies ``e`` held at their cells' caps, each layer's excess shared by its hits below the cap in
         proportion to their energies (two rounds; what no hit can take is lost). Layers without a hit over the
-        cap are unchanged bit for bit."""
+        cap are unchanged bit for bit. ``seg`` is each hit's (shower, layer) segment; ``target``, the segments'
+        energies, only sizes the sums."""
         for _ in range(2):
             over = e > cap
             full = e >= cap  # hits at their cap take no more
