@@ -33,6 +33,21 @@ def test_cap_rounds_share_what_the_first_round_pushed_over():
     torch.testing.assert_close(out.sum(), e.sum())  # the third hit takes what the second could not
 
 
+def test_only_the_layers_over_their_cap_are_recomputed(monkeypatch):
+    """The eager path rescales only the segments with a hit over its cap: the same numbers as the rounds over all
+    hits (what ONNX export runs)."""
+    g = torch.Generator().manual_seed(0)
+    seg = torch.randint(0, 50, (2000,), generator=g).sort().values
+    e = torch.rand(2000, generator=g) * 10
+    cap = torch.full((2000,), 9.5)
+    target = torch.zeros(50)
+    fast = LayerFlow._cap_hits(e, cap, seg, target)
+    monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)  # the export path: every segment, two rounds
+    full = LayerFlow._cap_hits(e, cap, seg, target)
+    assert torch.equal(fast, full)
+    assert torch.all(fast <= cap) and not torch.equal(fast, e)
+
+
 def _model(cap_rescaled: bool):
     det = toy_detector(n_layers=3, n_xy=6, n_y_angled=12)
     data = toy_showers(det, 40, seed=3)

@@ -49,3 +49,18 @@ def test_a_narrow_layer_answers_a_shift_more_than_a_wide_one():
     per_layer = model._per_layer((raw - model.feat_mean) / model.feat_std).reshape(n, model.n_feat, n_l)
     g = model._centroid_over_width(per_layer.permute(2, 0, 1))[0, :, 0]
     torch.testing.assert_close(g, torch.tensor([0.5 / 4.25, 0.5 / 1.25]), rtol=1e-4, atol=1e-6)
+
+
+def test_cow_soft_bounds_the_lever_arm_of_a_narrow_layer():
+    """With ``cow_soft`` = k the covariate is c / (r^2 + 1/4 + k): a one-cell-wide layer no longer answers four
+    times a two-cell-wide one."""
+    model, cond, _ = _model()
+    model.config.cow_soft = 2.0
+    n_l, n = model.n_layers, 2
+    raw = model.feat_mean.repeat(n, 1).clone()
+    raw[:, n_l] = 0.5
+    raw[0, 3 * n_l] = np.log(4.0 + 0.25)
+    raw[1, 3 * n_l] = np.log(1.0 + 0.25)
+    per_layer = model._per_layer((raw - model.feat_mean) / model.feat_std).reshape(n, model.n_feat, n_l)
+    g = model._centroid_over_width(per_layer.permute(2, 0, 1))[0, :, 0]
+    torch.testing.assert_close(g, torch.tensor([0.5 / 6.25, 0.5 / 3.25]), rtol=1e-4, atol=1e-6)

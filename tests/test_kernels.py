@@ -109,6 +109,19 @@ def test_select_hits_on_a_block_makes_the_same_hits_as_on_its_numbers():
     assert a is not None and b is not None and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_the_scan_order_changes_no_hit():
+    """A model reuses one scan order (:func:`kernels.likely_first`) for every call: any order gives the same hits."""
+    logit, u_cells, count = _selection_case(5)
+    with torch.no_grad():
+        own = kernels.select_hits(logit, u_cells, count)
+        reversed_order = kernels.likely_first(logit)[:, ::-1].copy()
+        other = kernels.select_hits(logit, u_cells, count, reversed_order)
+        shuffled = np.stack([np.random.default_rng(i).permutation(logit.shape[2]) for i in range(logit.shape[0])])
+        third = kernels.select_hits(logit, u_cells, count, shuffled)
+    assert own is not None and other is not None and third is not None
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(own, other, third))
+
+
 def test_scratch_buffers_are_reused_and_stand_aside_under_autograd():
     pool = kernels.ScratchPool(keep=2)
     like = torch.zeros(1)

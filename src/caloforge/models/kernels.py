@@ -187,15 +187,25 @@ def uniform(shape: tuple[int, ...], generator: torch.Generator | None = None) ->
 
 
 
-def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count: torch.Tensor
-                ) -> tuple[torch.Tensor, ...] | None:
+def likely_first(logit: torch.Tensor) -> np.ndarray | None:
+    """Cells in order of decreasing mean logit over the first showers of ``logit`` (L, n, M), per layer (L, M): the
+    scan order of :func:`select_hits`, where the likely hits fill the heap first. The order changes the speed only,
+    never the hits, so a model may compute it once and reuse it. None where the kernel does not apply."""
+    if not _applies([logit]):
+        return None
+    sums = logit[:, :32].sum(dim=1).numpy()
+    return np.ascontiguousarray(np.argsort(-sums, axis=1, kind="stable"))
+
+
+def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count: torch.Tensor,
+                order: np.ndarray | None = None) -> tuple[torch.Tensor, ...] | None:
     """The hits of :meth:`LayerFlow._hits_exactly` as lists, or None where the kernel does not apply.
 
     ``logit`` (L, n, M) hit logits, ``u_cells`` (n, L * M) the selection uniforms (a tensor, or a block of a draw
     not made yet: then each row's uniforms are made in cache), ``count`` (n, L) hits per layer. Returns ``lay, row,
     col`` (H,) int64 in (shower, layer, cell) order and, per hit, its logit, its uniform (clamped as in the reference)
     and the threshold (the row's next key; +inf when the row is all hits). Applies on CPU float32 tensors outside
-    autograd and export."""
+    autograd and export. ``order``: the scan order (:func:`likely_first`; made from ``logit`` when None)."""
     if not _applies([logit]):
         return None
     n_l, n, m_cells = logit.shape
@@ -203,9 +213,9 @@ def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count
     k = count.to(torch.int64).clamp(0, m_cells).numpy()  # (n, L)
     offsets = np.zeros(n_l * n + 1, dtype=np.int64)
     np.cumsum(k.reshape(-1), out=offsets[1:])  # shower-major: the hits come out in (shower, layer, cell) order
-    # Cells in order of decreasing mean logit over the first showers: the likely hits fill the heap first (the order
-    # changes the speed only, never the hits).
-    order = np.ascontiguousarray(np.argsort(-logit_np[:, :32].sum(axis=1), axis=1, kind="stable"))
+    if order is None or order.shape != (n_l, m_cells):
+        order = likely_first(logit)
+        assert order is not None
     h = int(offsets[-1])
     lay, row, col = (np.empty(h, dtype=np.int64) for _ in range(3))
     logit_hit, u_hit, thr_hit = (np.empty(h, dtype=np.float32) for _ in range(3))
@@ -264,13 +274,17 @@ def first_bins(cdf: torch.Tensor, q: torch.Tensor, lay: torch.Tensor) -> torch.T
     if not _applies([cdf, q]):
         return None
     cdf_np = cdf.detach().contiguous().numpy()
-    grid = np.arange(BUCKETS, dtype=np.float32) / np.float32(BUCKETS)
-    start = np.stack([np.searchsorted(row, grid, side="left") for row in cdf_np]).astype(np.int64)
+    start = _bucket_starts(cdf_np)
     h = q.shape[0]
     out = np.empty(h, dtype=np.int64)
     if h:
         _run_split(_kernels().first_bins, h, cdf_np, start, q.contiguous().numpy(), lay.contiguous().numpy(), out)
     return torch.from_numpy(out)
+
+
+def _bucket_starts(cdf_np: np.ndarray) -> np.ndarray:
+    grid = np.arange(BUCKETS, dtype=np.float32) / np.float32(BUCKETS)
+    return np.stack([np.searchsorted(row, grid, side="left") for row in cdf_np]).astype(np.int64)
 
 
 def basis_dot(basis: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor | None:

@@ -42,6 +42,7 @@ from caloforge.models.kernels import (
     basis_dot,
     first_bins,
     gathered_dots,
+    likely_first,
     select_hits,
 )
 
@@ -116,6 +117,8 @@ class LayerFlowConfig(ModelConfig):
     centroid_over_width: bool = False  # cells also see each layer's centroid over its mean squared radius (cx / r^2,
     # cy / r^2, from the axis): a shift d of a shower of width s changes log E at a cell x by about x d / s^2, a
     # response that no fixed coefficient of the centroid alone gives at every energy, angle and depth (item 11)
+    cow_soft: float = 0.0  # with centroid_over_width: c / (r^2 + 1/4 + this) (cells^2): bounds the lever arm of
+    # narrow or sparse layers, where a one-hit centroid over a tiny width swings the cells' laws (item 11)
     pad_y: int = 0  # cells added on both sides of the local grid along y (the tilt direction): at 40-60 degrees
     # 0.1-2 % of a front layer's energy lies beyond the normal-incidence window's 15 cells from the axis, and with
     # that lever arm it carries a large part of the layer's width
@@ -128,7 +131,7 @@ class LayerFlowConfig(ModelConfig):
         "empty_layer_noise": (0.0, 1e3), "min_hit_prob": (0.0, 0.5), "cell_cap_margin": (1e-3, 1e6),
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
-        "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64),
+        "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64), "cow_soft": (0.0, 1e3),
         "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
@@ -247,6 +250,7 @@ class LayerFlow(ShowerModel):
         # Per-cell cap of log(hit energy): log(cell_cap_margin * the largest energy the cell saw in training).
         # The per-cell energy tails are heavy; without a cap a rare halo cell takes a large share of its layer.
         self.register_buffer("cell_log_e_max", torch.full((n_l * self.n_lat,), 10.0))
+        self._scan_order: np.ndarray | None = None  # the hit-selection kernel's scan order (speed only; see _hits)
         # Flow.
         rng = np.random.default_rng(cfg.permutation_seed)
         perms = np.stack([rng.permutation(self.flow_dim) for _ in range(cfg.flow_blocks)])
@@ -635,8 +639,11 @@ class LayerFlow(ShowerModel):
 
     def _centroid_over_width(self, per_layer: torch.Tensor) -> torch.Tensor:
         """(cx, cy) / mean r^2 of each layer in raw units, (L, n, 2), from the standardised features (L, n, n_feat)
-        (the flow's log feature is log(r^2 + 1/4), so the ratio stays finite for a layer with one hit)."""
+        (the flow's log feature is log(r^2 + 1/4), so the ratio stays finite for a layer with one hit; ``cow_soft``
+        adds to that denominator)."""
         raw = self._lateral_raw(per_layer[:, :, 1:4])
+        if self.config.cow_soft > 0:
+            return raw[:, :, :2] / (torch.exp(raw[:, :, 2:3]) + self.config.cow_soft)
         return raw[:, :, :2] * torch.exp(-raw[:, :, 2:3])
 
     # ---- preprocessing ------------------------------------------------------------------------------
@@ -1185,7 +1192,10 @@ class LayerFlow(ShowerModel):
             log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
             count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
             count = torch.where(e_layer > 0, count, torch.zeros_like(count))
-            fast = select_hits(logit, u_cells, count)  # the compiled kernel on the CPU (same hits), else None
+            if self._scan_order is None:  # made once: the scan order sets the kernel's speed, never the hits
+                self._scan_order = likely_first(logit)
+            fast = select_hits(logit, u_cells, count, self._scan_order)  # the compiled kernel on the CPU (same
+            # hits), else None
             if fast is not None:
                 lay, row, col, logit_hit, u_hit, thr_hit = fast
             else:
@@ -1210,6 +1220,25 @@ class LayerFlow(ShowerModel):
             v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         del logit
         SCRATCH.give(buf)
+        e_hit = self._hit_energies(cov, lay, row, col, flat, v, core, offsets, cond)
+        seg = row * n_l + lay
+        if cfg.match_centroids:
+            e_hit = self._tilt_to_centroids(e_hit, seg, col, fs, e_layer, cond)
+        # Rescale each layer to the flow's layer energy.
+        target = e_layer.reshape(-1)
+        total = torch.zeros_like(target).scatter_add(0, seg, e_hit)  # (index_add exports without the add)
+        scale = torch.where(total > 0, target / total.clamp(min=1e-30), torch.zeros_like(total))
+        e_hit = e_hit * scale[seg]
+        if cfg.cap_rescaled:
+            e_hit = self._cap_hits(e_hit, torch.exp(self.cell_log_e_max[flat]), seg, target)
+        return row, lay, col, flat, e_hit
+
+    def _hit_energies(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
+                      flat: torch.Tensor, v: torch.Tensor, core: torch.Tensor | None, offsets: torch.Tensor | None,
+                      cond: torch.Tensor) -> torch.Tensor:
+        """The hits' energies (MeV) before the layer rescaling, from their uniforms ``v`` (a compiled per-hit loop
+        was tried for the CPU: no faster than torch's vectorised transcendental functions over all hits)."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         core_at = self._core_at(core, lay, row, col)
         halo_at = None if self.halo_w is None else self._halo_at(cov, offsets, cond, lay, row, col)
         # the per-cell linear laws at the hits: one compiled pass on the CPU (None elsewhere: torch inside)
@@ -1226,18 +1255,7 @@ class LayerFlow(ShowerModel):
         y_hit = mu + torch.exp(log_sigma) * r
         if cfg.mip_bins > 0:
             y_hit = torch.where(soft, y_soft, y_hit)
-        e_hit = torch.exp(torch.minimum(y_hit, self.cell_log_e_max[flat]))
-        seg = row * n_l + lay
-        if cfg.match_centroids:
-            e_hit = self._tilt_to_centroids(e_hit, seg, col, fs, e_layer, cond)
-        # Rescale each layer to the flow's layer energy.
-        target = e_layer.reshape(-1)
-        total = torch.zeros_like(target).scatter_add(0, seg, e_hit)  # (index_add exports without the add)
-        scale = torch.where(total > 0, target / total.clamp(min=1e-30), torch.zeros_like(total))
-        e_hit = e_hit * scale[seg]
-        if cfg.cap_rescaled:
-            e_hit = self._cap_hits(e_hit, torch.exp(self.cell_log_e_max[flat]), seg, target)
-        return row, lay, col, flat, e_hit
+        return torch.exp(torch.minimum(y_hit, self.cell_log_e_max[flat]))
 
     @staticmethod
     def _cap_hits(e: torch.Tensor, cap: torch.Tensor, seg: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -1245,6 +1263,15 @@ class LayerFlow(ShowerModel):
         proportion to their energies (two rounds; what no hit can take is lost). Layers without a hit over the
         cap are unchanged bit for bit. ``seg`` is each hit's (shower, layer) segment; ``target``, the segments'
         energies, only sizes the sums."""
+        if not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():  # eager: only the layers that need it
+            over = e > cap
+            if not bool(over.any()):
+                return e
+            sel = (torch.zeros_like(target).scatter_add(0, seg, over.to(target.dtype)) > 0)[seg]
+            if not bool(sel.all()):
+                out = e.clone()
+                out[sel] = LayerFlow._cap_hits(e[sel], cap[sel], seg[sel], target)
+                return out
         for _ in range(2):
             over = e > cap
             full = e >= cap  # hits at their cap take no more
