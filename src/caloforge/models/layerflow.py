@@ -92,6 +92,9 @@ class LayerFlowConfig(ModelConfig):
     offset_squares: bool = False  # the squared axis offsets as cell covariates too (how a cell shares with its
     # neighbours depends on how far the axis passes from the cell centre: E_ratio, the hottest cell)
     match_centroids: bool = False  # tilt each layer's cell energies so its centroid is the flow's (sampling only)
+    centroid_gain: float = 1.0  # (sampling only) the cells see the flow's layer centroids at this fraction of their
+    # deviation from the conditional mean: cells drawn independently around a centroid add their own scatter to the
+    # flow's, so a gain below 1 keeps each layer's centroid spread at Geant4's (item 12)
     core_block: int = 0  # a shift-invariant core term on the central core_block x core_block cells (0: none)
     core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
     core_exclusive: bool = False  # core cells follow the core term alone (richer basis, no per-cell coefficients)
@@ -132,6 +135,7 @@ class LayerFlowConfig(ModelConfig):
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64), "cow_soft": (0.0, 1e3),
+        "centroid_gain": (0.0, 2.0),
         "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
@@ -1172,7 +1176,8 @@ class LayerFlow(ShowerModel):
         y = self._flow_inverse(z_flow, self._flow_cond(cf))
         if cfg.clamp_features:
             y = torch.minimum(torch.maximum(y, self.y_lo), self.y_hi)
-        fs = y * self.flow_std + self._cond_basis(cf) @ self.flow_coef  # standardised features
+        mean_fs = self._cond_basis(cf) @ self.flow_coef
+        fs = y * self.flow_std + mean_fs  # standardised features
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
         e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
@@ -1182,7 +1187,12 @@ class LayerFlow(ShowerModel):
             e_vis = torch.exp(log_total.clamp(max=0.0)) * energies.float()
             e_layer = e_layer * (e_vis / e_layer.sum(dim=1).clamp(min=1e-30))[:, None]
         offsets = self._offsets(cond)
-        cov = self._covariates(fs, cf, offsets, cond)
+        fs_cells = fs
+        if cfg.centroid_gain != 1.0:  # the centroids' deviations from their conditional mean, scaled for the cells
+            gain = torch.ones_like(self.flow_std)
+            gain[n_l:3 * n_l] = cfg.centroid_gain
+            fs_cells = y * (self.flow_std * gain) + mean_fs
+        cov = self._covariates(fs_cells, cf, offsets, cond)
         core = self._core_terms(cov, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
