@@ -95,6 +95,8 @@ class LayerFlowConfig(ModelConfig):
     centroid_gain: float = 1.0  # (sampling only) the cells see the flow's layer centroids at this fraction of their
     # deviation from the conditional mean: cells drawn independently around a centroid add their own scatter to the
     # flow's, so a gain below 1 keeps each layer's centroid spread at Geant4's (item 12)
+    halo_centroid_gain: float = 1.0  # (sampling only; with core_block) the cells outside the core block see the
+    # centroids at this further fraction: far cells move a layer's centroid with a long lever arm (item 12)
     core_block: int = 0  # a shift-invariant core term on the central core_block x core_block cells (0: none)
     core_width: float = 0.3  # Gaussian widths core_width x (1, 2, 4) cells of the core term's basis
     core_exclusive: bool = False  # core cells follow the core term alone (richer basis, no per-cell coefficients)
@@ -135,7 +137,7 @@ class LayerFlowConfig(ModelConfig):
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64), "cow_soft": (0.0, 1e3),
-        "centroid_gain": (0.0, 2.0),
+        "centroid_gain": (0.0, 2.0), "halo_centroid_gain": (0.0, 2.0),
         "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
@@ -1187,16 +1189,15 @@ class LayerFlow(ShowerModel):
             e_vis = torch.exp(log_total.clamp(max=0.0)) * energies.float()
             e_layer = e_layer * (e_vis / e_layer.sum(dim=1).clamp(min=1e-30))[:, None]
         offsets = self._offsets(cond)
-        fs_cells = fs
-        if cfg.centroid_gain != 1.0:  # the centroids' deviations from their conditional mean, scaled for the cells
-            gain = torch.ones_like(self.flow_std)
-            gain[n_l:3 * n_l] = cfg.centroid_gain
-            fs_cells = y * (self.flow_std * gain) + mean_fs
-        cov = self._covariates(fs_cells, cf, offsets, cond)
+        cov = self._covariates(self._centroids_scaled(y, mean_fs, cfg.centroid_gain), cf, offsets, cond)
         core = self._core_terms(cov, offsets, cond)
+        cov_halo = None
+        if cfg.halo_centroid_gain != 1.0 and core is not None and self.halo_w is None and not cfg.core_exclusive:
+            cov_halo = self._covariates(self._centroids_scaled(y, mean_fs, cfg.centroid_gain * cfg.halo_centroid_gain),
+                                        cf, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
         buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
-        logit = self._hit_logits(cov, core, offsets, cond, out=buf)
+        logit = self._sampling_logits(cov, cov_halo, core, offsets, cond, out=buf)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
             k = N_FEAT * n_l + self.total
             log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
@@ -1231,6 +1232,10 @@ class LayerFlow(ShowerModel):
         del logit
         SCRATCH.give(buf)
         e_hit = self._hit_energies(cov, lay, row, col, flat, v, core, offsets, cond)
+        if cov_halo is not None:
+            in_core = self.core_pos[col] < self.core_idx.numel()
+            e_halo = self._hit_energies(cov_halo, lay, row, col, flat, v, core, offsets, cond)
+            e_hit = torch.where(in_core, e_hit, e_halo)
         seg = row * n_l + lay
         if cfg.match_centroids:
             e_hit = self._tilt_to_centroids(e_hit, seg, col, fs, e_layer, cond)
@@ -1242,6 +1247,29 @@ class LayerFlow(ShowerModel):
         if cfg.cap_rescaled:
             e_hit = self._cap_hits(e_hit, torch.exp(self.cell_log_e_max[flat]), seg, target)
         return row, lay, col, flat, e_hit
+
+    def _sampling_logits(self, cov: torch.Tensor, cov_halo: torch.Tensor | None, core: torch.Tensor | None,
+                         offsets: torch.Tensor | None, cond: torch.Tensor, out: torch.Tensor | None = None
+                         ) -> torch.Tensor:
+        """Hit logits for sampling: :meth:`_hit_logits` of ``cov``, except that with ``cov_halo`` (the covariates
+        at ``halo_centroid_gain``) the cells outside the core block take theirs from ``cov_halo``."""
+        if cov_halo is None:
+            return self._hit_logits(cov, core, offsets, cond, out=out)
+        if core is None:
+            raise ValueError("layerflow: halo_centroid_gain needs a core block")
+        logit = self._hit_logits(cov_halo, None, offsets, cond, out=out)
+        logit[:, :, self.core_idx] = torch.bmm(cov, self.cell_hit[:, :, self.core_idx])
+        logit.index_add_(2, self.core_idx, core[:, :, :-1, 0])
+        return logit
+
+    def _centroids_scaled(self, y: torch.Tensor, mean_fs: torch.Tensor, gain: float) -> torch.Tensor:
+        """Standardised features from the flow's residuals ``y`` and conditional mean, the layer centroids'
+        deviations from that mean scaled by ``gain`` (``centroid_gain``; 1: the features themselves)."""
+        if gain == 1.0:
+            return y * self.flow_std + mean_fs
+        g = torch.ones_like(self.flow_std)
+        g[self.n_layers:3 * self.n_layers] = gain
+        return y * (self.flow_std * g) + mean_fs
 
     def _hit_energies(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                       flat: torch.Tensor, v: torch.Tensor, core: torch.Tensor | None, offsets: torch.Tensor | None,
