@@ -104,6 +104,10 @@ class LayerFlowConfig(ModelConfig):
     core_far: bool = False  # the exclusive core's basis also has log(r + 1/2) and exp(-r / 3) (for blocks >= 11)
     select_noise: bool = False  # with hit_count: hit energies from the selection noise (no second per-cell uniform)
     total_energy: bool = False  # the flow also models log(E_visible / E_inc); layers are rescaled to that total
+    total_stage: bool = False  # with total_energy (and counts_first): the total has its own small conditional flow
+    # after the hit counts and before the layer flow, which is conditioned on it: one dimension of a 120-dimensional
+    # flow gets its narrow, energy-dependent width wrong, and the visible-energy resolution with it (item 13)
+    total_blocks: int = 2  # coupling blocks of the total's flow (one dimension: a conditional affine map each)
     halo_term: bool = False  # cells outside the core block follow a shift-invariant halo law plus sin(angle) times
     # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
     halo_knots: bool = False  # with halo_term: the radial part of the halo law piecewise linear in r (HALO_KNOTS)
@@ -131,6 +135,7 @@ class LayerFlowConfig(ModelConfig):
 
     bounds: ClassVar[dict[str, tuple]] = {
         "flow_blocks": (1, 64), "flow_hidden": (1, 4096), "flow_layers": (0, 16), "count_blocks": (1, 64),
+        "total_blocks": (1, 64),
         "count_hidden": (1, 4096), "mip_bins": (0, 1024), "permutation_seed": (0, 2**32 - 1),
         "scale_clamp": (1e-3, 1e3), "dequant_mev": (0.0, 1e6), "centroid_reg_mev": (1e-9, 1e6),
         "empty_layer_noise": (0.0, 1e3), "min_hit_prob": (0.0, 0.5), "cell_cap_margin": (1e-3, 1e6),
@@ -214,7 +219,8 @@ class LayerFlow(ShowerModel):
     sample_chunk = 256  # showers per decoding pass on the CPU (measured best of 64-512 with the compiled kernels)
     #: options ``train --init-from`` may change: the weights have the same shapes and meaning (the tie projects the
     #: source's laws at the first step; a core block one cell larger adds the core term to a ring where it is small)
-    fine_tune_options: ClassVar[tuple[str, ...]] = ("mirror_tie", "core_block", "cap_rescaled")
+    fine_tune_options: ClassVar[tuple[str, ...]] = ("mirror_tie", "core_block", "cap_rescaled", "centroid_gain",
+                                                   "halo_centroid_gain")
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
@@ -239,7 +245,10 @@ class LayerFlow(ShowerModel):
         # The layer flow: 4 features per layer (and the total); with hit_count a second flow models the L log hit
         # counts. Layout [logfrac | cx | cy | log r2 (| log total) (| log(1 + hits))], see layer_features.
         self.total = bool(cfg.total_energy)
-        self.flow_dim = N_FEAT * n_l + self.total
+        own_total = self.total and cfg.total_stage
+        if cfg.total_stage and not (cfg.total_energy and cfg.hit_count and cfg.counts_first):
+            raise ValueError("layerflow: total_stage needs total_energy, hit_count and counts_first")
+        self.flow_dim = N_FEAT * n_l + (self.total and not own_total)  # the main flow's features
         self.dim = self.n_feat * n_l + self.total
         x_mm, y_mm = self.local_cell_centers_mm()
         gx, gy = np.meshgrid(x_mm / detector.cell_size_mm, y_mm / detector.cell_size_mm, indexing="ij")
@@ -265,8 +274,17 @@ class LayerFlow(ShowerModel):
                              persistent=False)
         first = cfg.hit_count and cfg.counts_first
         self.blocks = nn.ModuleList(
-            _Coupling(self.flow_dim, n_cf + 1 + n_l * first, cfg.flow_hidden, cfg.flow_layers, cfg.scale_clamp)
+            _Coupling(self.flow_dim, n_cf + 1 + n_l * first + own_total, cfg.flow_hidden, cfg.flow_layers,
+                      cfg.scale_clamp)
             for _ in range(cfg.flow_blocks))
+        self.total_blocks = None
+        if own_total:  # log total given the conditions and the hit counts
+            none = torch.zeros(cfg.total_blocks, 1, dtype=torch.long)
+            self.register_buffer("total_perms", none, persistent=False)
+            self.register_buffer("total_inv_perms", none.clone(), persistent=False)
+            self.total_blocks = nn.ModuleList(
+                _Coupling(1, n_cf + 1 + n_l, cfg.count_hidden, cfg.flow_layers, cfg.scale_clamp)
+                for _ in range(cfg.total_blocks))
         self.count_blocks = None
         if cfg.hit_count:  # log hit counts given the conditions (and the layer flow's features, unless counts_first)
             perms = np.stack([rng.permutation(n_l) for _ in range(cfg.count_blocks)])
@@ -755,7 +773,11 @@ class LayerFlow(ShowerModel):
         main = (self.blocks, self.perms, self.inv_perms, slice(0, self.flow_dim))
         if self.count_blocks is None:
             return [main]
-        count = (self.count_blocks, self.count_perms, self.count_inv_perms, slice(self.flow_dim, self.dim))
+        k = N_FEAT * self.n_layers + self.total
+        count = (self.count_blocks, self.count_perms, self.count_inv_perms, slice(k, self.dim))
+        if self.total_blocks is not None:
+            total = (self.total_blocks, self.total_perms, self.total_inv_perms, slice(k - 1, k))
+            return [count, total, main]
         return [count, main] if self.config.counts_first else [main, count]
 
     def _flow_forward(self, y: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
