@@ -77,3 +77,23 @@ def test_gains_of_one_sample_what_the_model_samples_without_them():
     assert b.shape == a.shape and not torch.equal(a, b)
     # the layers keep the flow's energies (up to hits the window drops, which differ)
     torch.testing.assert_close(b.sum(1), a.sum(1), rtol=0.05, atol=1e-3)
+
+
+def test_the_halo_split_gives_the_energies_of_both_laws_everywhere(monkeypatch):
+    """Sampling evaluates each hit's laws once (core hits from the full covariates, the others from the halo's);
+    the export path evaluates both for every hit and picks: the same hits and energies."""
+    model, cond = _model(halo_centroid_gain=0.5)
+    noise = model.draw_noise(len(cond), torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        eager = model._hits(cond, *noise)
+        monkeypatch.setattr(torch.jit, "is_tracing", lambda: True)
+        traced = model._hits(cond, *noise)
+    def by_cell(out):  # the torch path lists hits layer-major, the compiled one shower-major
+        row, flat, e = out[0], out[3], out[4]
+        key = row * model.n_cells + flat
+        order = torch.argsort(key)
+        return key[order], e[order]
+
+    (ka, ea), (kb, eb) = by_cell(eager), by_cell(traced)
+    assert torch.equal(ka, kb)
+    torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-6)

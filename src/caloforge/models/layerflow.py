@@ -1253,11 +1253,18 @@ class LayerFlow(ShowerModel):
             v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         del logit
         SCRATCH.give(buf)
-        e_hit = self._hit_energies(cov, lay, row, col, flat, v, core, offsets, cond)
-        if cov_halo is not None:
+        if cov_halo is None:
+            e_hit = self._hit_energies(cov, lay, row, col, flat, v, core, offsets, cond)
+        else:  # the core block's hits from cov, the others from cov_halo
             in_core = self.core_pos[col] < self.core_idx.numel()
-            e_halo = self._hit_energies(cov_halo, lay, row, col, flat, v, core, offsets, cond)
-            e_hit = torch.where(in_core, e_hit, e_halo)
+            if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():  # one graph: both laws for every hit
+                e_hit = torch.where(in_core, self._hit_energies(cov, lay, row, col, flat, v, core, offsets, cond),
+                                    self._hit_energies(cov_halo, lay, row, col, flat, v, core, offsets, cond))
+            else:  # each hit's laws once
+                e_hit = torch.empty_like(v)
+                for part, c in ((in_core, cov), (~in_core, cov_halo)):
+                    i = part.nonzero().squeeze(1)
+                    e_hit[i] = self._hit_energies(c, lay[i], row[i], col[i], flat[i], v[i], core, offsets, cond)
         seg = row * n_l + lay
         if cfg.match_centroids:
             e_hit = self._tilt_to_centroids(e_hit, seg, col, fs, e_layer, cond)
@@ -1280,7 +1287,7 @@ class LayerFlow(ShowerModel):
         if core is None:
             raise ValueError("layerflow: halo_centroid_gain needs a core block")
         logit = self._hit_logits(cov_halo, None, offsets, cond, out=out)
-        logit[:, :, self.core_idx] = torch.bmm(cov, self.cell_hit[:, :, self.core_idx])
+        logit.index_copy_(2, self.core_idx, torch.bmm(cov, self.cell_hit[:, :, self.core_idx]))
         logit.index_add_(2, self.core_idx, core[:, :, :-1, 0])
         return logit
 
