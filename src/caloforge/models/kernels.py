@@ -274,17 +274,13 @@ def first_bins(cdf: torch.Tensor, q: torch.Tensor, lay: torch.Tensor) -> torch.T
     if not _applies([cdf, q]):
         return None
     cdf_np = cdf.detach().contiguous().numpy()
-    start = _bucket_starts(cdf_np)
+    grid = np.arange(BUCKETS, dtype=np.float32) / np.float32(BUCKETS)
+    start = np.stack([np.searchsorted(row, grid, side="left") for row in cdf_np]).astype(np.int64)
     h = q.shape[0]
     out = np.empty(h, dtype=np.int64)
     if h:
         _run_split(_kernels().first_bins, h, cdf_np, start, q.contiguous().numpy(), lay.contiguous().numpy(), out)
     return torch.from_numpy(out)
-
-
-def _bucket_starts(cdf_np: np.ndarray) -> np.ndarray:
-    grid = np.arange(BUCKETS, dtype=np.float32) / np.float32(BUCKETS)
-    return np.stack([np.searchsorted(row, grid, side="left") for row in cdf_np]).astype(np.int64)
 
 
 def basis_dot(basis: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor | None:

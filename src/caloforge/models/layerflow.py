@@ -1303,8 +1303,8 @@ class LayerFlow(ShowerModel):
     def _hit_energies(self, cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
                       flat: torch.Tensor, v: torch.Tensor, core: torch.Tensor | None, offsets: torch.Tensor | None,
                       cond: torch.Tensor) -> torch.Tensor:
-        """The hits' energies (MeV) before the layer rescaling, from their uniforms ``v`` (a compiled per-hit loop
-        was tried for the CPU: no faster than torch's vectorised transcendental functions over all hits)."""
+        """The hits' energies (MeV) before the layer rescaling, from their uniforms ``v`` and their cells' laws at
+        the covariates ``cov``."""
         cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
         core_at = self._core_at(core, lay, row, col)
         halo_at = None if self.halo_w is None else self._halo_at(cov, offsets, cond, lay, row, col)
