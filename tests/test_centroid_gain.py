@@ -97,3 +97,18 @@ def test_the_halo_split_gives_the_energies_of_both_laws_everywhere(monkeypatch):
     (ka, ea), (kb, eb) = by_cell(eager), by_cell(traced)
     assert torch.equal(ka, kb)
     torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-6)
+
+
+def test_the_halo_split_samples_under_bf16_autocast():
+    """The GPU path (:meth:`ShowerModel.sample`) inside ``torch.autocast`` (bench_gpu's bf16 figures, or a user's
+    own autocast): the core block's bf16 logits go into the float32 buffer; the showers stay those of float32 to
+    within bf16 rounding (8 bits of mantissa, a few 1e-3 relative per logit)."""
+    from caloforge.models.base import ShowerModel
+
+    model, cond = _model(halo_centroid_gain=0.5)
+    c = Conditions.from_array(cond.numpy())
+    full = ShowerModel.sample(model, c, seed=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = ShowerModel.sample(model, c, seed=4)
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    torch.testing.assert_close(half.sum(1), full.sum(1), rtol=0.01, atol=1e-3)

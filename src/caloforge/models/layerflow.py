@@ -1287,8 +1287,9 @@ class LayerFlow(ShowerModel):
         if core is None:
             raise ValueError("layerflow: halo_centroid_gain needs a core block")
         logit = self._hit_logits(cov_halo, None, offsets, cond, out=out)
-        logit.index_copy_(2, self.core_idx, torch.bmm(cov, self.cell_hit[:, :, self.core_idx]))
-        logit.index_add_(2, self.core_idx, core[:, :, :-1, 0])
+        core_logit = torch.bmm(cov, self.cell_hit[:, :, self.core_idx])  # bf16 under autocast: cast to the buffer's
+        logit.index_copy_(2, self.core_idx, core_logit.to(logit.dtype))
+        logit.index_add_(2, self.core_idx, core[:, :, :-1, 0].to(logit.dtype))
         return logit
 
     def _centroids_scaled(self, y: torch.Tensor, mean_fs: torch.Tensor, gain: float) -> torch.Tensor:
