@@ -48,6 +48,8 @@ from caloforge.models.kernels import (
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
+EMPTY_LOGFRAC_AT = -3.0  # (empty_logfrac) where empty layers' standardised log energies sit: 1.3 standard units below the
+# dequantisation edge (0.01 MeV), which one-hit layers reach only in their far tail
 HALO_BASIS = 9  # basis functions of the halo term (see LayerFlow._halo_basis)
 #: knots (cells from the axis) of the piecewise-linear radial profile of ``halo_knots`` halo terms
 HALO_KNOTS = (0.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.5, 9.0, 11.0, 13.5, 16.5, 20.0, 25.0)
@@ -107,6 +109,12 @@ class LayerFlowConfig(ModelConfig):
     total_stage: bool = False  # with total_energy (and counts_first): the total has its own small conditional flow
     # after the hit counts and before the layer flow, which is conditioned on it: one dimension of a 120-dimensional
     # flow gets its narrow, energy-dependent width wrong, and the visible-energy resolution with it (item 13)
+    empty_logfrac: float = 0.0  # (training; with hit_count and counts_first) > 0: an empty layer's standardised log
+    # energy is drawn from N(EMPTY_LOGFRAC_AT, empty_logfrac^2) instead of the log of its dequantisation noise, an
+    # exponential tail whose sharp edge sits next to one-hit layers' energies (item 14); sampling empties layers by
+    # their hit count
+    count_centres: bool = False  # (sampling only; with hit_count and counts_first) the later stages see each drawn
+    # hit count at the centre of its dequantisation bin, not where the count flow put it inside the bin (item 14)
     total_blocks: int = 2  # coupling blocks of the total's flow (one dimension: a conditional affine map each)
     halo_term: bool = False  # cells outside the core block follow a shift-invariant halo law plus sin(angle) times
     # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
@@ -142,7 +150,7 @@ class LayerFlowConfig(ModelConfig):
         "shape_weight": (0.0, 1e6), "mip_log_min": (-50.0, 50.0), "mip_log_max": (-50.0, 50.0),
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64), "cow_soft": (0.0, 1e3),
-        "centroid_gain": (0.0, 2.0), "halo_centroid_gain": (0.0, 2.0),
+        "centroid_gain": (0.0, 2.0), "halo_centroid_gain": (0.0, 2.0), "empty_logfrac": (0.0, 10.0),
         "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
@@ -220,7 +228,7 @@ class LayerFlow(ShowerModel):
     #: options ``train --init-from`` may change: the weights have the same shapes and meaning (the tie projects the
     #: source's laws at the first step; a core block one cell larger adds the core term to a ring where it is small)
     fine_tune_options: ClassVar[tuple[str, ...]] = ("mirror_tie", "core_block", "cap_rescaled", "centroid_gain",
-                                                   "halo_centroid_gain")
+                                                   "halo_centroid_gain", "count_centres")
 
     def __init__(self, detector: Detector, n_cells: int | None = None, config: LayerFlowConfig | None = None,
                  features: tuple[str, ...] | list[str] | None = None, frame: str | None = None):
@@ -248,6 +256,10 @@ class LayerFlow(ShowerModel):
         own_total = self.total and cfg.total_stage
         if cfg.total_stage and not (cfg.total_energy and cfg.hit_count and cfg.counts_first):
             raise ValueError("layerflow: total_stage needs total_energy, hit_count and counts_first")
+        if cfg.empty_logfrac > 0 and not (cfg.hit_count and cfg.counts_first):
+            raise ValueError("layerflow: empty_logfrac needs hit_count and counts_first")
+        if cfg.count_centres and not (cfg.hit_count and cfg.counts_first):
+            raise ValueError("layerflow: count_centres needs hit_count and counts_first")
         self.flow_dim = N_FEAT * n_l + (self.total and not own_total)  # the main flow's features
         self.dim = self.n_feat * n_l + self.total
         x_mm, y_mm = self.local_cell_centers_mm()
@@ -792,15 +804,34 @@ class LayerFlow(ShowerModel):
             cond = torch.cat([cond, y[:, part]], dim=1)
         return torch.cat([zs[k] for k in sorted(zs)], dim=1), logdet
 
-    def _flow_inverse(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def _flow_inverse(self, z: torch.Tensor, c: torch.Tensor, mean_fs: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent -> standardised features (the inverse of :meth:`_flow_forward`). With ``count_centres`` (and
+        ``mean_fs``, the conditional mean of the standardised features) the hit counts are put at the centres of
+        their dequantisation bins before the later stages see them."""
         ys, cond = {}, c
+        k_count = N_FEAT * self.n_layers + self.total
+        centre = self.config.count_centres and mean_fs is not None and self.count_blocks is not None
         for blocks, _, inv_perms, part in self._stages():
             x = z[:, part]
             for i in range(len(blocks) - 1, -1, -1):
                 x = blocks[i].inverse(x, cond)[:, inv_perms[i]]
+            if centre and part.start == k_count:
+                x = self._count_bin_centres(x, mean_fs[:, part], part)
             ys[part.start] = x
             cond = torch.cat([cond, x], dim=1)
         return torch.cat([ys[k] for k in sorted(ys)], dim=1)
+
+    def _count_bin_centres(self, y: torch.Tensor, mean: torch.Tensor, part: slice) -> torch.Tensor:
+        """Residuals ``y`` of the log hit counts log(1 + count + u) moved to u = 1/2, the centre of each count's
+        dequantisation bin (the count itself unchanged). Training dequantises the counts within their bins, so a
+        count drawn near the edge between 0 and 1 hits makes the later stages interpolate between an empty layer
+        and a one-hit layer: one-hit layers with half a MIP (docs/models.md, layerflow item 14)."""
+        std, f_mean, f_std = self.flow_std[part], self.feat_mean[part], self.feat_std[part]
+        if self.config.clamp_features:
+            y = torch.minimum(torch.maximum(y, self.y_lo[part]), self.y_hi[part])
+        log_count = (y * std + mean) * f_std + f_mean
+        count = torch.floor(torch.exp(log_count) - 1).clamp(0, self.n_lat)
+        return ((torch.log(count + 1.5) - f_mean) / f_std - mean) / std
 
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
@@ -1005,6 +1036,9 @@ class LayerFlow(ShowerModel):
         empty[:, N_FEAT * n_l:] = False  # the total, and the hit count (0) of an empty layer are meaningful
         noise = batch.randn(*fs.shape[1:], dtype=fs.dtype) * cfg.empty_layer_noise
         fs_flow = torch.where(empty, fs + noise, fs)
+        if cfg.empty_logfrac > 0:  # empty layers' log energy: a compact blob, far from a one-hit layer's (item 14)
+            blob = EMPTY_LOGFRAC_AT + cfg.empty_logfrac * batch.randn(n_l, dtype=fs.dtype)
+            fs_flow = torch.cat([torch.where(e_l <= 0, blob, fs_flow[:, :n_l]), fs_flow[:, n_l:]], dim=1)
         y = (fs_flow - self._cond_basis(cf) @ self.flow_coef) / self.flow_std
         z, logdet = self._flow_forward(y, self._flow_cond(cf))
         flow_nll = 0.5 * (z ** 2).sum(1) + 0.5 * self.dim * math.log(2 * math.pi) - logdet
@@ -1197,14 +1231,18 @@ class LayerFlow(ShowerModel):
         n_l, n_lat = self.n_layers, self.n_lat
         energies = cond[:, 0]
         cf = self.condition_features(cond)
-        y = self._flow_inverse(z_flow, self._flow_cond(cf))
+        mean_fs = self._cond_basis(cf) @ self.flow_coef
+        y = self._flow_inverse(z_flow, self._flow_cond(cf), mean_fs)
         if cfg.clamp_features:
             y = torch.minimum(torch.maximum(y, self.y_lo), self.y_hi)
-        mean_fs = self._cond_basis(cf) @ self.flow_coef
         fs = y * self.flow_std + mean_fs  # standardised features
         logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
         e_layer = torch.exp(logfrac) * energies.float()[:, None]
         e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
+        if cfg.empty_logfrac > 0:  # the counts say which layers are empty (their log energy was a stand-in)
+            k = N_FEAT * n_l + self.total
+            empty = torch.exp(fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]) < 2  # count = floor(e^f - 1) = 0
+            e_layer = torch.where(empty, torch.zeros_like(e_layer), e_layer)
         if self.total:  # the layers share the flow's visible energy in the proportions of its layer energies
             k = N_FEAT * n_l
             log_total = fs[:, k] * self.feat_std[k] + self.feat_mean[k]
