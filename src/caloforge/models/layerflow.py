@@ -48,8 +48,9 @@ from caloforge.models.kernels import (
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
-EMPTY_LOGFRAC_AT = -3.0  # (empty_logfrac) where empty layers' standardised log energies sit: 1.3 standard units below the
-# dequantisation edge (0.01 MeV), which one-hit layers reach only in their far tail
+#: (empty_logfrac) where empty layers' standardised log energies sit: 1.3 standard units below the dequantisation
+#: edge (0.01 MeV), which one-hit layers reach only in their far tail
+EMPTY_LOGFRAC_AT = -3.0
 HALO_BASIS = 9  # basis functions of the halo term (see LayerFlow._halo_basis)
 #: knots (cells from the axis) of the piecewise-linear radial profile of ``halo_knots`` halo terms
 HALO_KNOTS = (0.0, 1.5, 3.0, 4.0, 5.0, 6.0, 7.5, 9.0, 11.0, 13.5, 16.5, 20.0, 25.0)
