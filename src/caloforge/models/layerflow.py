@@ -48,6 +48,8 @@ from caloforge.models.kernels import (
 
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
+SPARSE_MAP_Q = 63  # (sparse_map) quantiles stored per layer and hit count
+SPARSE_MAP_MIN = 200  # (sparse_map) fewer layers than this with a given count on either side: no map for that pair
 #: (empty_logfrac) where empty layers' standardised log energies sit: 1.3 standard units below the dequantisation
 #: edge (0.01 MeV), which one-hit layers reach only in their far tail
 EMPTY_LOGFRAC_AT = -3.0
@@ -114,6 +116,8 @@ class LayerFlowConfig(ModelConfig):
     # energy is drawn from N(EMPTY_LOGFRAC_AT, empty_logfrac^2) instead of the log of its dequantisation noise, an
     # exponential tail whose sharp edge sits next to one-hit layers' energies (item 14); sampling empties layers by
     # their hit count
+    sparse_map: int = 0  # (sampling; fitted after training, scripts/fit_sparse_map.py) layers with 1..sparse_map hits
+    # take their energy through a per-layer, per-count quantile map from the flow's to the training showers' (item 15)
     count_centres: bool = False  # (sampling only; with hit_count and counts_first) the later stages see each drawn
     # hit count at the centre of its dequantisation bin, not where the count flow put it inside the bin (item 14)
     total_blocks: int = 2  # coupling blocks of the total's flow (one dimension: a conditional affine map each)
@@ -152,6 +156,7 @@ class LayerFlowConfig(ModelConfig):
         "clamp_margin": (0.0, 1e3), "core_block": (0, 31), "core_width": (1e-3, 100.0), "angle_basis": (0, 16),
         "halo_ramp_deg": (0.0, 60.0), "flow_weight_decay": (0.0, 1e3), "pad_y": (0, 64), "cow_soft": (0.0, 1e3),
         "centroid_gain": (0.0, 2.0), "halo_centroid_gain": (0.0, 2.0), "empty_logfrac": (0.0, 10.0),
+        "sparse_map": (0, 16),
         "mirror_tie": ("none", "full", "corner", "halo"),
     }
 
@@ -261,6 +266,11 @@ class LayerFlow(ShowerModel):
             raise ValueError("layerflow: empty_logfrac needs hit_count and counts_first")
         if cfg.count_centres and not (cfg.hit_count and cfg.counts_first):
             raise ValueError("layerflow: count_centres needs hit_count and counts_first")
+        if cfg.sparse_map and not cfg.hit_count:
+            raise ValueError("layerflow: sparse_map needs hit_count")
+        if cfg.sparse_map:  # filled by fit_sparse_map (or by loading a model that has them)
+            self.register_buffer("sparse_q_flow", torch.zeros(n_l, cfg.sparse_map, SPARSE_MAP_Q))
+            self.register_buffer("sparse_q_data", torch.zeros(n_l, cfg.sparse_map, SPARSE_MAP_Q))
         self.flow_dim = N_FEAT * n_l + (self.total and not own_total)  # the main flow's features
         self.dim = self.n_feat * n_l + self.total
         x_mm, y_mm = self.local_cell_centers_mm()
@@ -1225,6 +1235,79 @@ class LayerFlow(ShowerModel):
             row, idx, e = row[order], idx[order], e[order]
         return row, idx, e
 
+    def _flow_layers(self, cond: torch.Tensor, cf: torch.Tensor, z_flow: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The flow stage of sampling: residuals ``y``, their conditional mean, the standardised features and the
+        layer energies (MeV; layers below ``dequant_mev`` empty), before the layers share the visible energy."""
+        cfg: LayerFlowConfig = self.config  # type: ignore[assignment]
+        n_l = self.n_layers
+        mean_fs = self._cond_basis(cf) @ self.flow_coef
+        y = self._flow_inverse(z_flow, self._flow_cond(cf), mean_fs)
+        if cfg.clamp_features:
+            y = torch.minimum(torch.maximum(y, self.y_lo), self.y_hi)
+        fs = y * self.flow_std + mean_fs  # standardised features
+        logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
+        e_layer = torch.exp(logfrac) * cond[:, 0].float()[:, None]
+        e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
+        if cfg.empty_logfrac > 0:  # the counts say which layers are empty (their log energy was a stand-in)
+            e_layer = torch.where(self._flow_counts(fs) == 0, torch.zeros_like(e_layer), e_layer)
+        return y, mean_fs, fs, e_layer
+
+    def _flow_counts(self, fs: torch.Tensor) -> torch.Tensor:
+        """Hit counts per layer (n, L) from the standardised features (``hit_count``)."""
+        k = N_FEAT * self.n_layers + self.total
+        log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
+        return torch.floor(torch.exp(log_count) - 1).clamp(0, self.n_lat)  # (no expm1 in ONNX)
+
+    def _sparse_variable(self, e_layer: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """log(layer energy x cos(angle)): the energy per unit of silicon path, so that one map serves all angles."""
+        cos = torch.cos(cond[:, 1].float() * (math.pi / 180)).clamp(min=0.1)  # (no deg2rad in ONNX)
+        return torch.log(e_layer.clamp(min=1e-30)) + torch.log(cos)[:, None]
+
+    def _map_sparse(self, e_layer: torch.Tensor, count: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``sparse_map``: the energy of each layer with 1..K hits through its fitted quantile map, flow -> Geant4
+        (piecewise linear between the stored quantiles, shifted by the end differences outside them)."""
+        k_max = self.sparse_q_flow.shape[1]
+        v = self._sparse_variable(e_layer, cond)
+        kk = (count.long() - 1).clamp(0, k_max - 1)
+        lay = torch.arange(self.n_layers, device=e_layer.device).expand_as(kk)
+        qf, qd = self.sparse_q_flow[lay, kk], self.sparse_q_data[lay, kk]  # (n, L, Q)
+        vc = torch.minimum(torch.maximum(v, qf[..., 0]), qf[..., -1])
+        j = (vc[..., None] > qf).sum(-1).clamp(1, qf.shape[-1] - 1)[..., None]
+        x0, x1 = qf.gather(-1, j - 1)[..., 0], qf.gather(-1, j)[..., 0]
+        y0, y1 = qd.gather(-1, j - 1)[..., 0], qd.gather(-1, j)[..., 0]
+        t = ((vc - x0) / (x1 - x0).clamp(min=1e-6)).clamp(0, 1)
+        mapped = y0 + t * (y1 - y0) + (v - vc)
+        sparse = (count >= 1) & (count <= k_max) & (e_layer > 0)
+        return torch.where(sparse, torch.exp(mapped - (v - torch.log(e_layer.clamp(min=1e-30)))), e_layer)
+
+    @torch.no_grad()
+    def fit_sparse_map(self, cond: torch.Tensor, e_data: torch.Tensor, count_data: torch.Tensor, k_max: int,
+                       generator: torch.Generator | None = None) -> None:
+        """Fit ``sparse_map = k_max``: per layer and hit count 1..k_max the quantiles of log(energy x cos(angle)) of
+        the flow's layers (sampled at ``cond``) and of the training showers' (``e_data``, ``count_data``, (n, L)
+        in the model's own cells). A pair with fewer than SPARSE_MAP_MIN layers on either side maps to itself."""
+        cf = self.condition_features(cond)
+        z = torch.randn(len(cond), self.dim, generator=generator)
+        _, _, fs, e_flow = self._flow_layers(cond, cf, z)
+        count_flow = torch.where(e_flow > 0, self._flow_counts(fs), torch.zeros_like(e_flow))
+        levels = torch.linspace(0.0, 1.0, SPARSE_MAP_Q + 2)[1:-1]
+        v_flow, v_data = self._sparse_variable(e_flow, cond), self._sparse_variable(e_data, cond)
+        q_flow = torch.zeros(self.n_layers, k_max, SPARSE_MAP_Q)
+        q_data = torch.zeros_like(q_flow)
+        for layer in range(self.n_layers):
+            for k in range(1, k_max + 1):
+                a = v_flow[(count_flow[:, layer] == k) & (e_flow[:, layer] > 0), layer]
+                b = v_data[(count_data[:, layer] == k) & (e_data[:, layer] > 0), layer]
+                if min(len(a), len(b)) < SPARSE_MAP_MIN:
+                    a = b = torch.linspace(-20.0, 20.0, SPARSE_MAP_Q)  # the identity
+                q_flow[layer, k - 1] = torch.quantile(a.double(), levels.double()).float()
+                q_data[layer, k - 1] = torch.quantile(b.double(), levels.double()).float()
+        q_flow = torch.cummax(q_flow, dim=-1).values  # (quantiles are sorted; cummax guards against ties' rounding)
+        self.config.sparse_map = k_max
+        self.register_buffer("sparse_q_flow", q_flow.to(self.feat_mean.device))
+        self.register_buffer("sparse_q_data", q_data.to(self.feat_mean.device))
+
     def _hits(self, cond: torch.Tensor, *noise: torch.Tensor):
         """The hit cells (shower row, layer, cell within the layer, flat cell index) and their energies (MeV)."""
         z_flow, u_cells = noise[:2]
@@ -1232,18 +1315,9 @@ class LayerFlow(ShowerModel):
         n_l, n_lat = self.n_layers, self.n_lat
         energies = cond[:, 0]
         cf = self.condition_features(cond)
-        mean_fs = self._cond_basis(cf) @ self.flow_coef
-        y = self._flow_inverse(z_flow, self._flow_cond(cf), mean_fs)
-        if cfg.clamp_features:
-            y = torch.minimum(torch.maximum(y, self.y_lo), self.y_hi)
-        fs = y * self.flow_std + mean_fs  # standardised features
-        logfrac = (fs[:, :n_l] * self.feat_std[:n_l] + self.feat_mean[:n_l]).clamp(max=0.0)
-        e_layer = torch.exp(logfrac) * energies.float()[:, None]
-        e_layer = torch.where(e_layer > cfg.dequant_mev, e_layer, torch.zeros_like(e_layer))  # (n, L)
-        if cfg.empty_logfrac > 0:  # the counts say which layers are empty (their log energy was a stand-in)
-            k = N_FEAT * n_l + self.total
-            empty = torch.exp(fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]) < 2  # count = floor(e^f - 1) = 0
-            e_layer = torch.where(empty, torch.zeros_like(e_layer), e_layer)
+        y, mean_fs, fs, e_layer = self._flow_layers(cond, cf, z_flow)
+        if cfg.sparse_map:
+            e_layer = self._map_sparse(e_layer, self._flow_counts(fs), cond)
         if self.total:  # the layers share the flow's visible energy in the proportions of its layer energies
             k = N_FEAT * n_l
             log_total = fs[:, k] * self.feat_std[k] + self.feat_mean[k]
@@ -1260,10 +1334,7 @@ class LayerFlow(ShowerModel):
         buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
         logit = self._sampling_logits(cov, cov_halo, core, offsets, cond, out=buf)
         if cfg.hit_count:  # exactly the flow's number of hits per layer
-            k = N_FEAT * n_l + self.total
-            log_count = fs[:, k:] * self.feat_std[k:] + self.feat_mean[k:]
-            count = torch.floor(torch.exp(log_count) - 1).clamp(0, n_lat)  # (no expm1 in ONNX)
-            count = torch.where(e_layer > 0, count, torch.zeros_like(count))
+            count = torch.where(e_layer > 0, self._flow_counts(fs), torch.zeros_like(e_layer))
             if self._scan_order is None:  # made once: the scan order sets the kernel's speed, never the hits
                 self._scan_order = likely_first(logit)
             fast = select_hits(logit, u_cells, count, self._scan_order)  # the compiled kernel on the CPU (same
