@@ -114,12 +114,14 @@ class LayerFlowConfig(ModelConfig):
     # flow gets its narrow, energy-dependent width wrong, and the visible-energy resolution with it (item 13)
     empty_logfrac: float = 0.0  # (training; with hit_count and counts_first) > 0: an empty layer's standardised log
     # energy is drawn from N(EMPTY_LOGFRAC_AT, empty_logfrac^2) instead of the log of its dequantisation noise, an
-    # exponential tail whose sharp edge sits next to one-hit layers' energies (item 14); sampling empties layers by
-    # their hit count
+    # exponential tail whose sharp edge sits next to one-hit layers' energies; sampling empties layers by their hit
+    # count (item 14: tried in stop 30, no effect)
     sparse_map: int = 0  # (sampling; fitted after training, scripts/fit_sparse_map.py) layers with 1..sparse_map hits
-    # take their energy through a per-layer, per-count quantile map from the flow's to the training showers' (item 15)
+    # take their energy through a per-layer, per-count quantile map from the flow's to the training showers' (item 15:
+    # the layer energies come right, the cells do not; not in the shipped models)
     count_centres: bool = False  # (sampling only; with hit_count and counts_first) the later stages see each drawn
-    # hit count at the centre of its dequantisation bin, not where the count flow put it inside the bin (item 14)
+    # hit count at the centre of its dequantisation bin, not where the count flow put it inside the bin (item 14: no
+    # effect)
     total_blocks: int = 2  # coupling blocks of the total's flow (one dimension: a conditional affine map each)
     halo_term: bool = False  # cells outside the core block follow a shift-invariant halo law plus sin(angle) times
     # their own laws: at normal incidence the halo is then a function of the displacement from the axis alone
@@ -835,8 +837,8 @@ class LayerFlow(ShowerModel):
     def _count_bin_centres(self, y: torch.Tensor, mean: torch.Tensor, part: slice) -> torch.Tensor:
         """Residuals ``y`` of the log hit counts log(1 + count + u) moved to u = 1/2, the centre of each count's
         dequantisation bin (the count itself unchanged). Training dequantises the counts within their bins, so a
-        count drawn near the edge between 0 and 1 hits makes the later stages interpolate between an empty layer
-        and a one-hit layer: one-hit layers with half a MIP (docs/models.md, layerflow item 14)."""
+        count drawn near the edge between 0 and 1 hits might make the later stages interpolate between an empty
+        and a one-hit layer (stop 30: not why one-hit layers get half Geant4's energy; docs/models.md, item 14)."""
         std, f_mean, f_std = self.flow_std[part], self.feat_mean[part], self.feat_std[part]
         if self.config.clamp_features:
             y = torch.minimum(torch.maximum(y, self.y_lo[part]), self.y_hi[part])
