@@ -5,8 +5,8 @@ the end).
     python scripts/export_checkpoint.py runs/cfm -o runs/cfm-step800
 
 The model is built from run.json (family, model options) and the detector of the training file; the weights and
-preprocessing buffers come from the checkpoint; the training range and particles are read from the training file's
-conditions (train and validation rows, as the trainer records them).
+preprocessing buffers come from the checkpoint; the training range (widened to the file's energy and angle specs, as
+the trainer does) and particles are read from the training file's conditions (train and validation rows).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from caloforge.conditions import PDG_PARTICLE
     from caloforge.dataset import ShowerFile
     from caloforge.models import get_family, load_model, save_model
-    from caloforge.train import CHECKPOINT, RUN_FILE, _read_run_file
+    from caloforge.train import CHECKPOINT, RUN_FILE, _read_run_file, conditions_range
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run", help="a training run directory (runs/NAME)")
@@ -36,17 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     run = _read_run_file(run_dir / RUN_FILE)
     cls = get_family(run["family"])
     with ShowerFile(run["data"]) as f:
-        detector, cond = f.detector, f.conditions
+        detector, cond, attrs = f.detector, f.conditions, f.attrs
     model = cls(detector, detector.n_cells(False), cls.Config.from_dict(run["model"], f"{run_dir / RUN_FILE}"))
     ckpt = run_dir / CHECKPOINT
     tensors = load_file(str(ckpt))
     with safe_open(str(ckpt), "pt") as f:
         state = json.loads((f.metadata() or {})["trainer"])
     model.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")}, strict=True)
-    model.meta["conditions"] = {"energy_mev": [float(cond.energy.min()), float(cond.energy.max())],
-                                "angle_deg": [float(cond.angle.min()), float(cond.angle.max())],
-                                "x_mm": [float(cond.x.min()), float(cond.x.max())],
-                                "y_mm": [float(cond.y.min()), float(cond.y.max())]}
+    model.meta["conditions"] = conditions_range(cond.energy, cond.angle, np.stack([cond.x, cond.y], axis=1), attrs)
     model.meta["particles"] = sorted({PDG_PARTICLE[int(p)] for p in np.unique(cond.pdg)})
     model.meta["training"] = {"data": {"path": run["data"]}, "train": run["train"], "step": state["step"],
                               "from_checkpoint": str(ckpt)}

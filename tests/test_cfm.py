@@ -149,6 +149,7 @@ def test_export_checkpoint_script_gives_the_trained_model(tmp_path):
     assert script.main([str(tmp_path / "run"), "-o", str(tmp_path / "m")]) == 0
     exported, trained = load_model(tmp_path / "m", expected_detector=det), load_model(tmp_path / "run")
     assert exported.meta["training"]["step"] == 4 and exported.meta["particles"] == ["gamma"]
+    assert exported.meta["conditions"] == trained.meta["conditions"]  # the trainer's range, specs included
     e = [20e3, 60e3]
     assert torch.equal(exported.sample(e, 0.0, seed=1), trained.sample(e, 0.0, seed=1))
 

@@ -202,15 +202,20 @@ def load_training_data(path: str | Path, val_fraction: float, split_seed: int, q
 
 def training_range(train, val, provenance: dict) -> dict[str, list[float]]:
     """The conditions range a model is trained for: the data's range, widened to the file's specs if known."""
+    return conditions_range(np.concatenate([train.energies, val.energies]), np.concatenate([train.angles, val.angles]),
+                            np.concatenate([train.conditions.position, val.conditions.position]),
+                            provenance.get("attrs", {}))
+
+
+def conditions_range(e: np.ndarray, a: np.ndarray, pos: np.ndarray, attrs: dict) -> dict[str, list[float]]:
+    """Energies (MeV), angles (deg) and impact points (n, 2) mm -> their ranges, energy and angle widened to the
+    ``energy_spec`` / ``angle_spec`` of the file's attributes ``attrs`` (a grid at 10 GeV is inside a 10:100 spec
+    even where the lowest drawn energy is 10003 MeV)."""
     from caloforge.conditions import parse_angle_spec, parse_energy_spec
 
-    e = np.concatenate([train.energies, val.energies])
-    a = np.concatenate([train.angles, val.angles])
-    pos = np.concatenate([train.conditions.position, val.conditions.position])
     rng = {"energy_mev": [float(e.min()), float(e.max())], "angle_deg": [float(a.min()), float(a.max())],
            "x_mm": [float(pos[:, 0].min()), float(pos[:, 0].max())],
            "y_mm": [float(pos[:, 1].min()), float(pos[:, 1].max())]}
-    attrs = provenance.get("attrs", {})
     for key, attr, parse in (("energy_mev", "energy_spec", parse_energy_spec), ("angle_deg", "angle_spec",
                                                                                   parse_angle_spec)):
         try:
