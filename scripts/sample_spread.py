@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"model": args.model, "reference": args.reference, "eval_seed": args.eval_seed, "samples": rows,
            "summary": summary}
     (args.output / "spread.json").write_text(json.dumps(out, indent=1) + "\n")
-    print("| sample | " + " | ".join(FIGURES) + " |\n|---" * (len(FIGURES) + 1) + "|")
+    print("| sample | " + " | ".join(FIGURES) + " |\n" + "|---" * (len(FIGURES) + 1) + "|")
     for label, r in rows.items():
         print(f"| {label} | " + " | ".join("-" if r[k] is None else f"{r[k]:.3f}" for k in FIGURES) + " |")
     print("| mean ± std | " + " | ".join(f"{summary[k]['mean']:.3f} ± {summary[k]['std']:.3f}" if k in summary

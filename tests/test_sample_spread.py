@@ -25,7 +25,9 @@ def test_two_samples_give_their_figures_and_spread(g4_pair, tmp_path, capsys):
         assert s["mean"] == pytest.approx((a[k] + b[k]) / 2)
         assert s["std"] == pytest.approx(abs(a[k] - b[k]) / np.sqrt(2))
     assert json.loads((tmp_path / "s" / "spread.json").read_text())["summary"] == out["summary"]
-    assert "mean ± std" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert table[:2] == ["| sample | auc_low | auc_high | fpd | flags |", "|---|---|---|---|---|"]
+    assert table[-1].startswith("| mean ± std | ")
     # a rerun keeps the samples it made (the same seeds give the same files) and scores them alike
     stamp = (tmp_path / "s" / "sample-s1.h5").stat().st_mtime_ns
     again = spread.main(["default", str(reference), "--seeds", "1,2", "-o", str(tmp_path / "s"), "--threads", "1",
