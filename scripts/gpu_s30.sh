@@ -21,8 +21,7 @@ export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 O=${OUT:-/tmp/gpuout}; mkdir -p $O/logs /tmp/runs; L=$O/logs
 nvidia-smi -L 2>/dev/null; nproc; python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())"
 CF="python3 -m caloforge"; DATA=.gpu/gangled.h5
-gpu_log() { while true; do nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null \
-  | sed "s/^/$(el) s: /" >> $L/gpu-util.log; sleep 10; done; }
+source scripts/gpu_lib.sh  # train, rate, stop, gpu_log
 gpu_log & GPU_LOG=$!
 
 fit() { # keep a returned file under 15 MB (16 MiB each may come back): energies to 13 mantissa bits, then fewer rows
@@ -55,25 +54,6 @@ BIB="--set train.batch_size=64 --set train.deterministic=false --set train.check
   --set model.critic_reset_every=1000 --set model.centre_crop=true $EXTRA_BIB"
 G3D="--set train.batch_size=64 --set train.deterministic=false --set train.checkpoint_every=250 --set train.log_every=20
   --set train.val_every=100000000 --set train.max_steps=100000000 --set model.cell_power=0.5 $EXTRA_G3D"
-train() { # name family:config extra...
-  local n=$1 c=$2; shift 2
-  rm -rf /tmp/runs/$n
-  setsid $CF train --data $DATA --model ${c%%:*} --config configs/${c#*:}.toml --device $DEV -o /tmp/runs/$n -q \
-    --seed 1 "$@" > $L/train-$n.log 2>&1 &
-  echo $! > /tmp/pid-$n
-}
-rate() { # steps/s between the second and the last logged training record
-  python3 - "$1" <<'P'
-import json, sys
-try:
-    h = [json.loads(x) for x in open(sys.argv[1]) if '"train"' in x]
-    a, b = (h[1], h[-1]) if len(h) > 2 else ({"step": 0, "time_s": 0.0}, h[-1])
-    print(round((b["step"] - a["step"]) / max(b["time_s"] - a["time_s"], 1e-9), 3))
-except Exception:
-    print(0)
-P
-}
-stop() { kill -TERM -- -$(cat /tmp/pid-$1) 2>/dev/null; }
 t_train0=$(el); T_END=$(( t_train0 + T_TRAIN ))
 train gan3d gan3d:gan3d $G3D
 train bibae bibae:bibae $BIB --set train.max_steps=100000000 --set model.post_start_step=100000000

@@ -17,17 +17,15 @@ from pathlib import Path
 import numpy as np
 
 from caloforge.cli import main as caloforge
+from caloforge.evaluate import headline_figures
 
 FIGURES = ("auc_low", "auc_high", "fpd", "flags")
 
 
 def headline(metrics: dict, label: str) -> dict[str, float | None]:
-    """Classifier AUCs (low, high level), FPD and the number of flagged metrics of one candidate."""
-    c = metrics["candidates"][label]
-    classifier = c.get("classifier") or {}
-    return {"auc_low": classifier.get("low_level", {}).get("auc"),
-            "auc_high": classifier.get("high_level", {}).get("auc"),
-            "fpd": (c.get("fpd") or {}).get("value"), "flags": float(len(c.get("flags", [])))}
+    """The figures of :data:`FIGURES` of one candidate (:func:`caloforge.evaluate.headline_figures`)."""
+    h = headline_figures(metrics, label)
+    return {k: None if h[k] is None else float(h[k]) for k in FIGURES}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,17 +25,10 @@ MAX_BYTES = 8_000_000
 
 
 def figures(metrics_path: Path, label: str) -> dict:
-    """The headline figures of one candidate of a ``caloforge evaluate`` run."""
-    m = json.loads(metrics_path.read_text())
-    c = m["candidates"][label]
-    cl = c.get("classifier") or {}
-    fpd = c.get("fpd") or {}
-    out = {
-        "auc_low": cl.get("low_level", {}).get("auc"),
-        "auc_high": cl.get("high_level", {}).get("auc"),
-        "fpd": fpd.get("value"), "fpd_error": fpd.get("error"), "fpd_floor": fpd.get("floor"),
-        "flags": len(c.get("flags", [])),
-    }
+    """The headline figures of one candidate of a ``caloforge evaluate`` run, rounded for the zoo record."""
+    from caloforge.evaluate import headline_figures
+
+    out = headline_figures(json.loads(metrics_path.read_text()), label)
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 

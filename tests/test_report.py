@@ -152,3 +152,17 @@ def test_geant4_pair(request, tmp_path):
                                   ("shifted", str(tmp_path / "shifted.h5"))], tmp_path / "report",
                        classifier_max=2000, log=lambda msg: None)
     check_flags(results)
+
+
+def test_headline_figures_of_one_candidate():
+    """evaluate.headline_figures: what the zoo records and sample_spread.py compare; a figure not computed is None."""
+    from caloforge.evaluate import headline_figures
+
+    results = {"candidates": {
+        "a": {"classifier": {"low_level": {"auc": 0.61}, "high_level": {"auc": 0.59}},
+              "fpd": {"value": 0.9, "error": 0.4, "floor": 0.6}, "flags": [{"name": "x"}, {"name": "y"}]},
+        "b": {"flags": []}}}
+    assert headline_figures(results, "a") == {"auc_low": 0.61, "auc_high": 0.59, "fpd": 0.9, "fpd_error": 0.4,
+                                              "fpd_floor": 0.6, "flags": 2}
+    assert headline_figures(results, "b") == {"auc_low": None, "auc_high": None, "fpd": None, "fpd_error": None,
+                                              "fpd_floor": None, "flags": 0}

@@ -209,6 +209,18 @@ def evaluate(reference: str, candidates: list[tuple[str, str]], output: str | Pa
     return results
 
 
+def headline_figures(results: dict, label: str) -> dict:
+    """The headline figures of one candidate of an evaluation (metrics.json): classifier AUCs (low, high level), FPD
+    with its error and floor, the number of flagged metrics (a figure not computed is None)."""
+    c = results["candidates"][label]
+    classifier = c.get("classifier") or {}
+    fpd = c.get("fpd") or {}
+    return {"auc_low": classifier.get("low_level", {}).get("auc"),
+            "auc_high": classifier.get("high_level", {}).get("auc"),
+            "fpd": fpd.get("value"), "fpd_error": fpd.get("error"), "fpd_floor": fpd.get("floor"),
+            "flags": len(c.get("flags", []))}
+
+
 def summary_lines(results: dict) -> list[str]:
     """A short plain-text summary per candidate."""
     lines = []
