@@ -254,15 +254,7 @@ class FlatLogCells(CellScale):
             return
         frac = torch.as_tensor(self._training_layer_fractions(data), dtype=torch.float32)
         cf = self.condition_features(torch.as_tensor(data.conditions.as_array(), dtype=torch.float32))
-        opt = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
-        n = len(frac)
-        for _ in range(steps):
-            idx = torch.randint(0, n, (min(batch_size, n),))
-            rows = flow_targets(frac[idx], torch.rand(len(idx), frac.shape[1]), self.layer_log_mean, self.layer_log_std)
-            nll = -self.layer_flow.log_prob(rows, cf[idx]).mean()
-            opt.zero_grad(set_to_none=True)
-            nll.backward()
-            opt.step()
+        fit_flow(self.layer_flow, frac, cf, self.layer_log_mean, self.layer_log_std, steps, batch_size, lr)
 
     def layer_flow_step(self, batch: TrainBatch, optimizers: dict[str, torch.optim.Optimizer],
                         grad_clip: float) -> dict[str, float]:
@@ -317,15 +309,20 @@ class ConditionalFlow(nn.Module):
         self.dim = dim
         self.blocks = nn.ModuleList(_Coupling(dim, cond_dim, hidden, 2, clamp) for _ in range(blocks))
 
-    def log_prob(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Log density of rows x (n, dim) given condition features c (n, cond_dim)."""
+    def latent(self, x: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows x (n, dim) given condition features c (n, cond_dim) -> their latent z and log |det dz/dx|."""
         logdet = x.new_zeros(len(x))
         for i, block in enumerate(self.blocks):
             if i % 2:
                 x = x.flip(1)
             x, ld = block(x, c)
             logdet = logdet + ld
-        return -0.5 * (x * x).sum(1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
+        return x, logdet
+
+    def log_prob(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Log density of rows x (n, dim) given condition features c (n, cond_dim)."""
+        z, logdet = self.latent(x, c)
+        return -0.5 * (z * z).sum(1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
 
     def sample(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Normal noise z (n, dim) -> rows of the fitted law given c."""
@@ -336,16 +333,40 @@ class ConditionalFlow(nn.Module):
         return z
 
 
-#: log(E_layer / E_inc) below which a generated layer is empty (the 1e-6 offset of the response statistics).
-EMPTY_LAYER_LOG = math.log(1e-6)
+#: the offset in the layer energies' logs, log(E_layer / E_inc + offset), of the GAN families' response statistics
+LAYER_LOG_OFFSET = 1e-6
+#: log(E_layer / E_inc) below which a generated layer is empty (the offset of the response statistics).
+EMPTY_LAYER_LOG = math.log(LAYER_LOG_OFFSET)
 
 
 def flow_targets(frac: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """Real layer energies as fractions of E_inc (n, L) -> a layer flow's training rows: standardised
     log(f + 1e-6); an empty layer is spread uniformly in log below 1e-6 of E_inc with the uniform noise ``u`` (n, L)
     (a point mass has no density), where the generated layer counts as empty (:data:`EMPTY_LAYER_LOG`)."""
-    logs = torch.where(frac > 0, torch.log(frac + 1e-6), EMPTY_LAYER_LOG + torch.log(0.02 + 0.98 * u))
+    logs = torch.where(frac > 0, torch.log(frac + LAYER_LOG_OFFSET), EMPTY_LAYER_LOG + torch.log(0.02 + 0.98 * u))
     return (logs - mean) / std
+
+
+def fit_flow(flow: ConditionalFlow, frac: torch.Tensor, cf: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+             steps: int, batch_size: int = 256, lr: float = 1e-3, generator: torch.Generator | None = None,
+             progress: bool = False) -> float:
+    """Fit a layer flow by maximum likelihood on real layer energies ``frac`` (n, L; fractions of E_inc) given the
+    condition features ``cf``: ``steps`` Adam steps on random batches (:func:`flow_targets`), seeded by
+    ``generator`` (torch's global one when None), with a progress bar if asked. Returns the mean negative
+    log-likelihood of the last 100 steps."""
+    from tqdm import tqdm
+
+    opt = torch.optim.Adam(flow.parameters(), lr=lr)
+    n, last = len(frac), []
+    for _ in tqdm(range(steps), desc="layer flow", unit="step", disable=not progress):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
+        rows = flow_targets(frac[idx], torch.rand(len(idx), frac.shape[1], generator=generator), mean, std)
+        nll = -flow.log_prob(rows, cf[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        nll.backward()
+        opt.step()
+        last = (last + [float(nll.detach())])[-100:]
+    return float(np.mean(last)) if last else float("nan")
 
 
 def anchor_loss(raw_frac: torch.Tensor, target_logs: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,12 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
+from caloforge.models.flatgan import EMPTY_LAYER_LOG, LAYER_LOG_OFFSET, ConditionalFlow, fit_flow, flow_step
 from caloforge.models.logcells import LogCells
+
+#: the largest layer energy the layer flow may draw, in training standard deviations of log(E_layer / E_inc) above
+#: the mean (config layer_flow)
+LAYER_FLOW_MAX_SD = 4.5
 
 
 @dataclass
@@ -56,12 +61,24 @@ class GAN3DConfig(ModelConfig):
     beta1: float = 0.5
     beta2: float = 0.999
     cell_power: float = 0.0  # 0: log-compressed cells; p > 0: y = (E_cell / unit)^p / y_scale (models/logcells.py)
+    # Not in the seed: sampling rescales each generated layer to the energy drawn from a small conditional flow fitted
+    # by likelihood on the training showers' layer energies (flatgan.ConditionalFlow), so that the visible energy
+    # and the longitudinal profile are a fitted density rather than what the adversarial game leaves. The flow is
+    # fitted before the GAN trains (layer_flow_fit_steps; then one likelihood step per training step, as in densewgan)
+    # or afterwards on a trained model (scripts/attach_layer_flow.py); the generator and discriminator never see it.
+    layer_flow: bool = False
+    layer_flow_fit_steps: int = 5000
+    # With layer_flow: the flow's draw is coupled to the generator's own layer energies instead of fresh noise (their
+    # latent, whitened at the conditions: GAN3D.fit_flow_coupling), so that a layer the generator made heavy stays
+    # heavy. Fitted on a trained model only (scripts/attach_layer_flow.py --couple N).
+    layer_flow_coupling: bool = False
 
     bounds: ClassVar[dict[str, tuple]] = {
         "latent_dim": (1, 1024), "gen_channels": (1, 256), "disc_channels": (1, 256), "dropout": (0.0, 0.9),
         "adv_weight": (0.0, 1e6), "energy_weight": (0.0, 1e6), "ecal_weight": (0.0, 1e6), "class_weight": (0.0, 1e6),
         "label_smoothing": (0.0, 0.5), "out_bias_init": (-1e3, 1e3), "norm_fraction": (1e-12, 1.0),
         "beta1": (0.0, 0.999999), "beta2": (0.0, 0.999999), "cell_power": (0.0, 1.0),
+        "layer_flow_fit_steps": (0, 10 ** 7),
     }
 
     def weight_estimate(self) -> int:  # for a 30 x 30 x 30 image
@@ -145,6 +162,118 @@ class GAN3D(LogCells, ShowerModel):
         self.generator = _Generator(self.shape, cfg, self.n_cond_features)
         self.discriminator = _Discriminator(self.shape, cfg, len(self.aux_features), 1 if self.class_feature
                                             is not None else 0)
+        self.layer_flow: ConditionalFlow | None = None
+        if cfg.layer_flow:
+            self.enable_layer_flow()
+        if cfg.layer_flow_coupling:
+            self.enable_flow_coupling()
+
+    # ---- layer energies from a flow (config layer_flow) -------------------------------------------------
+    def enable_layer_flow(self) -> None:
+        """Add the (unfitted) layer flow and its statistics; sampling uses it from now on."""
+        n_d = self.shape[0]
+        like = self.y_scale
+        self.layer_flow = ConditionalFlow(n_d, self.n_cond_features).to(like.device)
+        self.register_buffer("layer_log_mean", torch.zeros(n_d, device=like.device))
+        self.register_buffer("layer_log_std", torch.ones(n_d, device=like.device))
+        self.config.layer_flow = True  # type: ignore[attr-defined]
+
+    def layer_fractions(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
+        """Showers (n, n_cells) MeV in the model's frame -> each image layer's energy over E_inc (n, depth)."""
+        x = showers.reshape(len(showers), *self.shape).float()
+        return x.sum(dim=(2, 3)) / energies.float()[:, None]
+
+    def fit_layer_flow(self, frac: torch.Tensor, cond: torch.Tensor, steps: int,
+                       generator: torch.Generator | None = None, progress: bool = False) -> float:
+        """Fit the layer flow by likelihood on layer fractions ``frac`` (n, depth) at raw conditions ``cond``; returns
+        the final mean negative log-likelihood per shower."""
+        if self.layer_flow is None:
+            raise ValueError("gan3d: no layer flow (config layer_flow = false)")
+        logs = torch.log(frac.double() + LAYER_LOG_OFFSET)
+        std = logs.std(0) if len(logs) > 1 else torch.ones(logs.shape[1], dtype=torch.float64)
+        self.layer_log_mean.copy_(logs.mean(0).float())
+        self.layer_log_std.copy_(torch.where(std > 1e-3, std, torch.full_like(std, 1e-3)).float())
+        with torch.enable_grad():
+            return fit_flow(self.layer_flow, frac.float(), self.condition_features(cond.float()).detach(),
+                            self.layer_log_mean, self.layer_log_std, steps, generator=generator, progress=progress)
+
+    def enable_flow_coupling(self) -> None:
+        """Add the (unfitted) coupling of the layer flow to the generator's layer energies (config
+        ``layer_flow_coupling``): z -> (z - cf A - b) W^T on the flow's latent of the generated layers."""
+        if self.layer_flow is None:
+            raise ValueError("gan3d: layer_flow_coupling needs layer_flow = true")
+        n_d, like = self.shape[0], self.y_scale
+        self.register_buffer("coupling_a", torch.zeros(2 * self.n_cond_features, n_d, device=like.device))
+        self.register_buffer("coupling_b", torch.zeros(n_d, device=like.device))
+        self.register_buffer("coupling_w", torch.eye(n_d, device=like.device))
+        self.config.layer_flow_coupling = True  # type: ignore[attr-defined]
+
+    def _flow_rows(self, frac: torch.Tensor) -> torch.Tensor:
+        """Layer fractions (n, depth) -> the flow's standardised rows; an empty layer at the middle of the band
+        where the training's empty layers are spread (flatgan.flow_targets with u = 1/2)."""
+        logs = torch.where(frac > 0, torch.log(frac + LAYER_LOG_OFFSET),
+                           torch.full_like(frac, EMPTY_LAYER_LOG + math.log(0.51)))
+        return (logs - self.layer_log_mean) / self.layer_log_std
+
+    def _generator_latent(self, frac: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        assert self.layer_flow is not None
+        return self.layer_flow.latent(self._flow_rows(frac), cf)[0]
+
+    def fit_flow_coupling(self, cond: torch.Tensor, generator: torch.Generator | None = None,
+                          chunk: int = 256) -> dict[str, float]:
+        """Fit the coupling on the generator's showers at the raw conditions ``cond``: their layer energies' latent
+        z under the flow, regressed on the condition features and their squares (z = [cf, cf^2] A + b + L e, L the
+        Cholesky factor of the residuals' covariance), and W = L^-1, so that (z - [cf, cf^2] A - b) W^T is a standard
+        normal draw as far as its first two moments go. A generator whose layer energies had the data's law would
+        need none (A = 0, b = 0, W = 1). Returns the size of the correction (mean |b|, the residual spread)."""
+        if self.layer_flow is None:
+            raise ValueError("gan3d: no layer flow (config layer_flow = false)")
+        if not self.config.layer_flow_coupling:  # type: ignore[attr-defined]
+            self.enable_flow_coupling()
+        latent_dim = self.config.latent_dim  # type: ignore[attr-defined]
+        zs, cfs = [], []
+        with torch.no_grad():
+            for i in range(0, len(cond), chunk):
+                cf = self.condition_features(cond[i:i + chunk].float())
+                z = torch.randn(len(cf), latent_dim, generator=generator).to(cf.device)
+                y = self.generator(z, cf).clamp(max=1.0)
+                zs.append(self._generator_latent(self.cell_fractions(y).sum(dim=(2, 3)), cf).double())
+                cfs.append(cf.double())
+        z, cf = torch.cat(zs), torch.cat(cfs)
+        x = torch.cat([cf, cf * cf], dim=1)
+        x_mean, z_mean = x.mean(0), z.mean(0)
+        xc, zc = x - x_mean, z - z_mean
+        # ridge (1e-3 per shower on roughly unit features): constant or repeated features (a single particle's
+        # is_photon, cf^2 = cf of a 0/1 feature) get small coefficients instead of large cancelling ones
+        gram = xc.T @ xc + 1e-3 * len(x) * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        a = torch.linalg.solve(gram, xc.T @ zc)
+        res = zc - xc @ a
+        cov = res.T @ res / max(len(z) - x.shape[1] - 1, 1)
+        chol = torch.linalg.cholesky(cov + 1e-6 * torch.eye(len(cov), dtype=cov.dtype, device=cov.device))
+        self.coupling_a.copy_(a.float())
+        self.coupling_b.copy_((z_mean - x_mean @ a).float())
+        self.coupling_w.copy_(torch.linalg.inv(chol).float())
+        return {"mean_abs_b": float(self.coupling_b.abs().mean()), "residual_sd": float(cov.diagonal().sqrt().mean())}
+
+    def _with_flow_energies(self, y: torch.Tensor, z: torch.Tensor | None, cf: torch.Tensor) -> torch.Tensor:
+        """Generated images y rescaled layer by layer to the flow's energies for noise z (n, depth), or, with the
+        coupling (z None), for the generator's own whitened latent; a layer the flow leaves below LAYER_LOG_OFFSET
+        of E_inc (where the training's empty layers sit) comes out empty."""
+        assert self.layer_flow is not None
+        frac = self.cell_fractions(y).sum(dim=(2, 3))
+        if z is None:
+            shift = torch.cat([cf, cf * cf], dim=1) @ self.coupling_a + self.coupling_b
+            z = (self._generator_latent(frac, cf) - shift) @ self.coupling_w.T
+        # a draw beyond LAYER_FLOW_MAX_SD training spreads of a layer's log energy is held there (the flow's tails
+        # gave a few showers of CLIC twice the visible energy)
+        t = self.layer_flow.sample(z, cf).clamp(max=LAYER_FLOW_MAX_SD)
+        log_target = t * self.layer_log_std + self.layer_log_mean
+        target = torch.exp(log_target.clamp(max=0.0)) - LAYER_LOG_OFFSET  # the offset undone: the layers of the
+        # house detector hold 1e-6 to 1e-3 of E_inc
+        full = (target > 0) & (frac > 0)
+        log_factor = torch.where(full, torch.log(target.clamp(min=1e-30)) - torch.log(frac.clamp(min=1e-30)),
+                                 torch.zeros_like(frac)).clamp(-30.0, 30.0)
+        return self.scale_cells(y, log_factor[:, :, None, None]) * full[:, :, None, None].to(y.dtype)
 
     # ---- representation (caloforge.models.logcells) ---------------------------------------------------
     def _log_ecal(self, y: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
@@ -154,6 +283,11 @@ class GAN3D(LogCells, ShowerModel):
     def _fit_preprocessing(self, data: Any) -> None:
         total = self.fit_log_scale(data)
         energies = np.asarray(data.conditions.energy, dtype=np.float64)
+        if self.layer_flow is not None:  # seeded by torch's global generator (the trainer seeds it)
+            frac = torch.cat([self.layer_fractions(torch.as_tensor(np.asarray(data.showers[i:i + 1000])),
+                                                   torch.as_tensor(energies[i:i + 1000]))
+                              for i in range(0, len(energies), 1000)])
+            self.fit_layer_flow(frac, torch.as_tensor(data.conditions.as_array()), self.config.layer_flow_fit_steps)
         ok = total > 0
         if ok.sum() >= 2:
             b, a = np.polyfit(np.log(energies[ok]), np.log(total[ok] / energies[ok]), 1) \
@@ -163,18 +297,25 @@ class GAN3D(LogCells, ShowerModel):
     # ---- sampling -----------------------------------------------------------------------------------
     def noise_shapes(self, n: int) -> list[tuple[tuple[int, ...], str]]:
         cfg: GAN3DConfig = self.config  # type: ignore[assignment]
-        return [((n, cfg.latent_dim), "normal")]
+        flow = [((n, self.shape[0]), "normal")] if self.layer_flow is not None and not cfg.layer_flow_coupling else []
+        return [((n, cfg.latent_dim), "normal")] + flow
 
     def decode(self, cond: torch.Tensor, *noise: torch.Tensor) -> torch.Tensor:
-        y = self.generator(noise[0], self.condition_features(cond))
-        return self.from_image(y.clamp(max=1.0), cond[:, 0])
+        cf = self.condition_features(cond)
+        y = self.generator(noise[0], cf).clamp(max=1.0)
+        if self.layer_flow is not None:
+            y = self._with_flow_energies(y, None if self.config.layer_flow_coupling else noise[1], cf)
+        return self.from_image(y, cond[:, 0])
 
     # ---- training -----------------------------------------------------------------------------------
     def configure_optimizers(self, lr: float, weight_decay: float = 0.0) -> dict[str, torch.optim.Optimizer]:
         cfg: GAN3DConfig = self.config  # type: ignore[assignment]
         betas = (cfg.beta1, cfg.beta2)
-        return {"generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
+        opts = {"generator": torch.optim.Adam(self.generator.parameters(), lr=lr, betas=betas),
                 "discriminator": torch.optim.Adam(self.discriminator.parameters(), lr=lr, betas=betas)}
+        if self.layer_flow is not None:  # the layer flow goes on learning by likelihood: its own Adam
+            opts["flow"] = torch.optim.Adam(self.layer_flow.parameters(), lr=lr)
+        return opts
 
     def _aux_losses(self, y: torch.Tensor, cond: torch.Tensor, cf: torch.Tensor,
                     aux: torch.Tensor, cls: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -237,4 +378,7 @@ class GAN3D(LogCells, ShowerModel):
         optimizers["generator"].step()
         out.update(gen=float(loss_g.detach()), ecal=float(aux_gen["ecal"].detach()),
                    energy=float(aux_gen["energy"].detach()))
+        if self.layer_flow is not None:  # one likelihood step on the batch's real layer energies
+            out["flow_nll"] = flow_step(self.layer_flow, self.layer_fractions(batch.showers, batch.energies), cf,
+                                        batch, optimizers["flow"], self.layer_log_mean, self.layer_log_std, grad_clip)
         return out
