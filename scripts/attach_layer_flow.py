@@ -17,6 +17,19 @@ from caloforge.dataset import open_showers
 from caloforge.models import load_model, save_model
 
 
+def layer_fractions(model, path: str, rows: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer fractions (n, depth) of a shower file's first ``rows`` showers (0: all) in the model's frame, and
+    their raw conditions."""
+    fracs, conds = [], []
+    with open_showers(path, model.detector) as f:
+        for batch in f.iter_batches(2000, stop=rows or None):
+            cond = batch.conditions.as_array()
+            local = torch.as_tensor(model.to_local(batch.showers, cond), dtype=torch.float32)
+            fracs.append(model.layer_fractions(local, torch.as_tensor(cond[:, 0])))
+            conds.append(cond)
+    return torch.cat(fracs), torch.as_tensor(np.concatenate(conds), dtype=torch.float32)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", help="a gan3d model (a run, a saved model or a zoo name)")
@@ -28,6 +41,7 @@ def main() -> None:
     p.add_argument("--couple", type=int, default=0, metavar="N",
                    help="couple the flow to the generator's own layer energies, fitted on N generated showers at the "
                         "training conditions (config layer_flow_coupling; 0: the flow draws its own noise)")
+    p.add_argument("--val", help="held-out showers (same conditions as the training set): their NLL is printed")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     args = p.parse_args()
@@ -35,14 +49,7 @@ def main() -> None:
     model = load_model(args.model, device="cpu")
     if not hasattr(model, "enable_layer_flow"):
         raise SystemExit(f"{args.model}: a gan3d model is needed, not {model.family}")
-    fracs, conds = [], []
-    with open_showers(args.data, model.detector) as f:
-        for batch in f.iter_batches(2000, stop=args.rows or None):
-            cond = batch.conditions.as_array()
-            local = torch.as_tensor(model.to_local(batch.showers, cond), dtype=torch.float32)
-            fracs.append(model.layer_fractions(local, torch.as_tensor(cond[:, 0])))
-            conds.append(cond)
-    frac, cond = torch.cat(fracs), torch.as_tensor(np.concatenate(conds), dtype=torch.float32)
+    frac, cond = layer_fractions(model, args.data, args.rows)
     if model.layer_flow is None:
         torch.manual_seed(args.seed)  # the flow's initial weights
         model.enable_layer_flow()
@@ -51,6 +58,9 @@ def main() -> None:
                                progress=not args.quiet)
     model.eval()
     extra = {}
+    if args.val:
+        extra["val_nll"] = model.layer_flow_nll(*layer_fractions(model, args.val))
+        print(f"held-out NLL on {args.val}: {extra['val_nll']:.3f} per shower")
     if args.couple > 0:
         idx = torch.randperm(len(cond), generator=torch.Generator().manual_seed(args.seed + 1))[:args.couple]
         extra = model.fit_flow_coupling(cond[idx], torch.Generator().manual_seed(args.seed + 2))

@@ -349,16 +349,19 @@ def flow_targets(frac: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, std: t
 
 def fit_flow(flow: ConditionalFlow, frac: torch.Tensor, cf: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
              steps: int, batch_size: int = 256, lr: float = 1e-3, generator: torch.Generator | None = None,
-             progress: bool = False) -> float:
+             progress: bool = False, lr_final: float | None = None) -> float:
     """Fit a layer flow by maximum likelihood on real layer energies ``frac`` (n, L; fractions of E_inc) given the
     condition features ``cf``: ``steps`` Adam steps on random batches (:func:`flow_targets`), seeded by
-    ``generator`` (torch's global one when None), with a progress bar if asked. Returns the mean negative
-    log-likelihood of the last 100 steps."""
+    ``generator`` (torch's global one when None), with a progress bar if asked; with ``lr_final`` the learning
+    rate falls from ``lr`` to it on a cosine over the steps. Returns the mean negative log-likelihood of the last
+    100 steps."""
     from tqdm import tqdm
 
     opt = torch.optim.Adam(flow.parameters(), lr=lr)
     n, last = len(frac), []
-    for _ in tqdm(range(steps), desc="layer flow", unit="step", disable=not progress):
+    for step in tqdm(range(steps), desc="layer flow", unit="step", disable=not progress):
+        if lr_final is not None:
+            opt.param_groups[0]["lr"] = lr_final + 0.5 * (lr - lr_final) * (1 + math.cos(math.pi * step / steps))
         idx = torch.randint(0, n, (min(batch_size, n),), generator=generator)
         rows = flow_targets(frac[idx], torch.rand(len(idx), frac.shape[1], generator=generator), mean, std)
         nll = -flow.log_prob(rows, cf[idx]).mean()

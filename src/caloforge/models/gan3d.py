@@ -35,12 +35,15 @@ from torch import nn
 
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
-from caloforge.models.flatgan import EMPTY_LAYER_LOG, LAYER_LOG_OFFSET, ConditionalFlow, fit_flow, flow_step
+from caloforge.models.flatgan import (
+    EMPTY_LAYER_LOG,
+    LAYER_LOG_OFFSET,
+    ConditionalFlow,
+    fit_flow,
+    flow_step,
+    flow_targets,
+)
 from caloforge.models.logcells import LogCells
-
-#: the largest layer energy the layer flow may draw, in training standard deviations of log(E_layer / E_inc) above
-#: the mean (config layer_flow)
-LAYER_FLOW_MAX_SD = 4.5
 
 
 @dataclass
@@ -176,6 +179,7 @@ class GAN3D(LogCells, ShowerModel):
         self.layer_flow = ConditionalFlow(n_d, self.n_cond_features).to(like.device)
         self.register_buffer("layer_log_mean", torch.zeros(n_d, device=like.device))
         self.register_buffer("layer_log_std", torch.ones(n_d, device=like.device))
+        self.register_buffer("layer_log_max", torch.zeros(n_d, device=like.device))  # the training maximum
         self.config.layer_flow = True  # type: ignore[attr-defined]
 
     def layer_fractions(self, showers: torch.Tensor, energies: torch.Tensor) -> torch.Tensor:
@@ -185,17 +189,28 @@ class GAN3D(LogCells, ShowerModel):
 
     def fit_layer_flow(self, frac: torch.Tensor, cond: torch.Tensor, steps: int,
                        generator: torch.Generator | None = None, progress: bool = False) -> float:
-        """Fit the layer flow by likelihood on layer fractions ``frac`` (n, depth) at raw conditions ``cond``; returns
-        the final mean negative log-likelihood per shower."""
+        """Fit the layer flow by likelihood on layer fractions ``frac`` (n, depth) at raw conditions ``cond`` (Adam,
+        the learning rate from 1e-3 to 1e-5 on a cosine); returns the final mean negative log-likelihood per shower."""
         if self.layer_flow is None:
             raise ValueError("gan3d: no layer flow (config layer_flow = false)")
         logs = torch.log(frac.double() + LAYER_LOG_OFFSET)
         std = logs.std(0) if len(logs) > 1 else torch.ones(logs.shape[1], dtype=torch.float64)
         self.layer_log_mean.copy_(logs.mean(0).float())
         self.layer_log_std.copy_(torch.where(std > 1e-3, std, torch.full_like(std, 1e-3)).float())
+        self.layer_log_max.copy_(logs.max(0).values.float())
         with torch.enable_grad():
             return fit_flow(self.layer_flow, frac.float(), self.condition_features(cond.float()).detach(),
-                            self.layer_log_mean, self.layer_log_std, steps, generator=generator, progress=progress)
+                            self.layer_log_mean, self.layer_log_std, steps, generator=generator, progress=progress,
+                            lr_final=1e-5)
+
+    def layer_flow_nll(self, frac: torch.Tensor, cond: torch.Tensor) -> float:
+        """Mean negative log-likelihood per shower of layer fractions ``frac`` at raw conditions ``cond`` under the
+        layer flow (held-out showers: the score that chooses a fit), empty layers at the middle of their band."""
+        assert self.layer_flow is not None
+        with torch.no_grad():
+            rows = flow_targets(frac.float(), torch.full_like(frac.float(), 0.5), self.layer_log_mean,
+                                self.layer_log_std)
+            return float(-self.layer_flow.log_prob(rows, self.condition_features(cond.float())).mean())
 
     def enable_flow_coupling(self) -> None:
         """Add the (unfitted) coupling of the layer flow to the generator's layer energies (config
@@ -264,10 +279,10 @@ class GAN3D(LogCells, ShowerModel):
         if z is None:
             shift = torch.cat([cf, cf * cf], dim=1) @ self.coupling_a + self.coupling_b
             z = (self._generator_latent(frac, cf) - shift) @ self.coupling_w.T
-        # a draw beyond LAYER_FLOW_MAX_SD training spreads of a layer's log energy is held there (the flow's tails
-        # gave a few showers of CLIC twice the visible energy)
-        t = self.layer_flow.sample(z, cf).clamp(max=LAYER_FLOW_MAX_SD)
-        log_target = t * self.layer_log_std + self.layer_log_mean
+        # a draw above the layer's largest training energy is held there: the flow's far tail gave a few showers
+        # several times the visible energy
+        log_target = self.layer_flow.sample(z, cf) * self.layer_log_std + self.layer_log_mean
+        log_target = torch.minimum(log_target, self.layer_log_max)
         target = torch.exp(log_target.clamp(max=0.0)) - LAYER_LOG_OFFSET  # the offset undone: the layers of the
         # house detector hold 1e-6 to 1e-3 of E_inc
         full = (target > 0) & (frac > 0)
