@@ -36,7 +36,6 @@ from torch import nn
 from caloforge.detector import Detector
 from caloforge.models.base import ModelConfig, ShowerModel, TrainBatch
 from caloforge.models.flatgan import (
-    EMPTY_LAYER_LOG,
     LAYER_LOG_OFFSET,
     ConditionalFlow,
     fit_flow,
@@ -208,13 +207,11 @@ class GAN3D(LogCells, ShowerModel):
         layer flow (held-out showers: the score that chooses a fit), empty layers at the middle of their band."""
         assert self.layer_flow is not None
         with torch.no_grad():
-            rows = flow_targets(frac.float(), torch.full_like(frac.float(), 0.5), self.layer_log_mean,
-                                self.layer_log_std)
-            return float(-self.layer_flow.log_prob(rows, self.condition_features(cond.float())).mean())
+            return float(-self.layer_flow.log_prob(self._flow_rows(frac), self.condition_features(cond.float())).mean())
 
     def enable_flow_coupling(self) -> None:
         """Add the (unfitted) coupling of the layer flow to the generator's layer energies (config
-        ``layer_flow_coupling``): z -> (z - cf A - b) W^T on the flow's latent of the generated layers."""
+        ``layer_flow_coupling``): z -> (z - [cf, cf^2] A - b) W^T on the flow's latent of the generated layers."""
         if self.layer_flow is None:
             raise ValueError("gan3d: layer_flow_coupling needs layer_flow = true")
         n_d, like = self.shape[0], self.y_scale
@@ -223,16 +220,15 @@ class GAN3D(LogCells, ShowerModel):
         self.register_buffer("coupling_w", torch.eye(n_d, device=like.device))
         self.config.layer_flow_coupling = True  # type: ignore[attr-defined]
 
-    def _flow_rows(self, frac: torch.Tensor) -> torch.Tensor:
-        """Layer fractions (n, depth) -> the flow's standardised rows; an empty layer at the middle of the band
-        where the training's empty layers are spread (flatgan.flow_targets with u = 1/2)."""
-        logs = torch.where(frac > 0, torch.log(frac + LAYER_LOG_OFFSET),
-                           torch.full_like(frac, EMPTY_LAYER_LOG + math.log(0.51)))
-        return (logs - self.layer_log_mean) / self.layer_log_std
-
     def _generator_latent(self, frac: torch.Tensor, cf: torch.Tensor) -> torch.Tensor:
+        """The flow's latent of generated layer fractions (n, depth), an empty layer at the middle of the band where
+        the training's empty layers are spread."""
         assert self.layer_flow is not None
         return self.layer_flow.latent(self._flow_rows(frac), cf)[0]
+
+    def _flow_rows(self, frac: torch.Tensor) -> torch.Tensor:
+        """Layer fractions (n, depth) -> the flow's standardised rows (flatgan.flow_targets with u = 1/2)."""
+        return flow_targets(frac.float(), torch.full_like(frac.float(), 0.5), self.layer_log_mean, self.layer_log_std)
 
     def fit_flow_coupling(self, cond: torch.Tensor, generator: torch.Generator | None = None,
                           chunk: int = 256) -> dict[str, float]:
