@@ -101,6 +101,21 @@ def test_sampling_is_seeded(family, detector, data):
 
 
 @pytest.mark.parametrize("family", VARIANTS)
+def test_sample_into_a_reused_buffer(family, detector, data):
+    """``sample(out=...)`` (what generate does with its reused host buffers) fills the caller's buffer with the same
+    numbers, whatever the buffer held before; a buffer of another shape or dtype is refused."""
+    model = tiny_model(family, detector, data)
+    a = model.sample(data.energies[:6], 0.0, seed=3)
+    buf = torch.full_like(a, 123.0)
+    b = model.sample(data.energies[:6], 0.0, seed=3, out=buf)
+    assert b.data_ptr() == buf.data_ptr() and torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"out is \(5, .*expected a contiguous \(6, "):
+        model.sample(data.energies[:6], 0.0, seed=3, out=buf[:5])
+    with pytest.raises(ValueError, match="float32"):
+        model.sample(data.energies[:6], 0.0, seed=3, out=buf.double())
+
+
+@pytest.mark.parametrize("family", VARIANTS)
 def test_gradients_reach_all_parameters(family, detector, data):
     torch.manual_seed(0)
     model = tiny_model(family, detector, data)

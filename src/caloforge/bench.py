@@ -75,7 +75,8 @@ def _floats(text: str, what: str) -> list[float]:
 
 def time_model(model, batch_size: int, energies_gev: list[float], angle: float = 0.0, repeats: int = 5,
                max_seconds: float = 20.0) -> dict:
-    """Median ms per shower of ``model.sample`` at one batch size (energies cycle over ``energies_gev``)."""
+    """Median ms per shower of ``model.sample`` at one batch size (energies cycle over ``energies_gev``), into one
+    output buffer reused across the repeats as ``generate`` does."""
     import numpy as np
     import torch
 
@@ -84,12 +85,13 @@ def time_model(model, batch_size: int, energies_gev: list[float], angle: float =
     a = torch.full_like(e, angle)
     particle = (model.meta.get("particles") or [model.meta.get("particle") or "gamma"])[0]
     gen = torch.Generator(device=device).manual_seed(0)
+    out = torch.empty((batch_size, int(np.prod(model.window_shape(angle > 0)))), device=device)
 
     def once() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        model.sample(e, a, generator=gen, particles=particle)
+        model.sample(e, a, generator=gen, particles=particle, out=out)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0

@@ -622,13 +622,16 @@ class ShowerModel(nn.Module):
     @torch.no_grad()
     def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
                seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
-               particles: Any = None, angled: bool | None = None) -> torch.Tensor:
+               particles: Any = None, angled: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Showers (n, n_window_cells) in MeV for :class:`Conditions` (or energies in MeV with angles in deg, impact
         points (n, 2) in mm and particles); seeded via ``seed`` or ``generator``. ``angled`` picks the readout
-        window (default: the angled one when any angle is > 0)."""
+        window (default: the angled one when any angle is > 0). ``out``: a float32 tensor of that shape on the
+        model's device to fill and return (a caller that reuses one per batch saves the first touch of fresh
+        memory, about 1 ms per MB on a small virtual machine; the numbers are the same)."""
         cond, noise, angled, chunk = self._prepare(conditions, angles, seed, generator, positions, particles, angled)
         n = cond.shape[0]
-        out: torch.Tensor | None = None
+        if out is not None:
+            self._check_out(out, n, angled)
 
         def decode(i: int) -> None:
             nonlocal out
@@ -667,6 +670,14 @@ class ShowerModel(nn.Module):
             live = ~torch.isin(cell, self.dead_cells(angled, cell.device))
             row, cell, energy = row[live], cell[live], energy[live]
         return torch.bincount(row, minlength=n), cell, energy
+
+    def _check_out(self, out: torch.Tensor, n: int, angled: bool) -> None:
+        """A caller's output buffer for :meth:`sample`: (n, window cells), float32, contiguous, on the device."""
+        shape = (n, int(np.prod(self.window_shape(angled))))
+        if tuple(out.shape) != shape or out.dtype != torch.float32 or not out.is_contiguous() \
+                or out.device != self.cond_mean.device:
+            raise ValueError(f"sample: out is {tuple(out.shape)} {out.dtype} on {out.device}; expected a contiguous "
+                             f"{shape} float32 tensor on {self.cond_mean.device}")
 
     def dead_cells(self, angled: bool, device: Any = None) -> torch.Tensor:
         """Window indices of the detector's dead cells (they read zero in every shower the model makes)."""

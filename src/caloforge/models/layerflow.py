@@ -1182,19 +1182,21 @@ class LayerFlow(ShowerModel):
     @torch.no_grad()
     def sample(self, conditions: Any, angles: Any = 0.0, seed: int | None = None,
                generator: torch.Generator | None = None, *, positions: Any = None, particles: Any = None,
-               angled: bool | None = None) -> torch.Tensor:
+               angled: bool | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`ShowerModel.sample`. On the CPU the showers come from :meth:`sample_hits` (the same numbers),
         scattered once into the batch's zeroed output: a dense window made per chunk and copied cost more than the
         model on the 27000-cell house window."""
         if self.cond_mean.device.type != "cpu":
             return super().sample(conditions, angles, seed, generator, positions=positions, particles=particles,
-                                  angled=angled)
+                                  angled=angled, out=out)
         c = as_conditions(conditions, angles, positions, particles)
         if angled is None:
             angled = bool(np.any(c.angle > 0))
+        if out is not None:
+            self._check_out(out, len(c), angled)
         counts, cell, e = self.sample_hits(c, seed=seed, generator=generator, angled=angled)
         n, n_win = len(c), int(np.prod(self.window_shape(angled)))
-        out = torch.zeros((n, n_win), dtype=e.dtype)
+        out = torch.zeros((n, n_win), dtype=e.dtype) if out is None else out.zero_()
         row = torch.repeat_interleave(torch.arange(n), counts)
         out.view(-1).index_put_((row * n_win + cell,), e)
         return out
