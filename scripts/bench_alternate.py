@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 
-def run_bench(src: str, model: str, batch: int, formats: str, threads: int, whole_factor: int, out: Path) -> dict:
+def run_bench(src: str, model: str, batch: int, formats: str, threads: int, whole_factor: int, out: Path,
+              device: str = "cpu") -> dict:
     env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
     cmd = [sys.executable, "-m", "caloforge", "bench", "--model", model, "--batch-sizes", str(batch), "--energies",
            "50", "--threads", str(threads), "--no-geant4", "--repeats", "3", "--whole-job", str(batch * whole_factor),
-           "--whole-job-formats", formats, "--json", str(out)]
+           "--whole-job-formats", formats, "--json", str(out), "--device", device]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--whole-factor", type=int, default=5, help="whole jobs of this many batches")
     p.add_argument("--json", help="write every measurement here")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = p.parse_args(argv)
     trees = [t.split("=", 1) for t in args.tree]
     if any(len(t) != 2 for t in trees):
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 for model in args.models.split(","):
                     for bs in map(int, args.batch_sizes.split(",")):
                         d = run_bench(src, model, bs, args.formats, args.threads, args.whole_factor,
-                                      Path(tmp) / f"{name}-{model}-{bs}-{rep}.json")
+                                      Path(tmp) / f"{name}-{model}-{bs}-{rep}.json", args.device)
                         res[(model, bs, "model alone", name)].append(d["batch_sizes"][0]["ms_per_shower"])
                         for r in d["whole_job"]:
                             job = f"{r['format']} {r['compression']}"
@@ -64,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"repetition {rep + 1} of {args.reps} done", file=sys.stderr)
     names = [n for n, _ in trees]
     print(f"ms per shower, median (min-max) of {args.reps} alternating repetitions, {args.threads} threads")
-    print(f"{'model':8} {'batch':>6} {'job':24} " + " ".join(f"{n:>22}" for n in names))
+    w = max(8, *(len(k[0]) for k in res))
+    print(f"{'model':{w}} {'batch':>6} {'job':24} " + " ".join(f"{n:>25}" for n in names))
     for model, bs, job in sorted({k[:3] for k in res}):
         cells = []
         for n in names:
             v = np.asarray(res[(model, bs, job, n)])
-            cells.append(f"{np.median(v):.3f} ({v.min():.3f}-{v.max():.3f})")
-        print(f"{model:8} {bs:>6} {job:24} " + " ".join(f"{c:>22}" for c in cells))
+            cells.append(f"{np.median(v):.4g} ({v.min():.4g}-{v.max():.4g})")
+        print(f"{model:{w}} {bs:>6} {job:24} " + " ".join(f"{c:>25}" for c in cells))
     if args.json:
         Path(args.json).write_text(json.dumps({"|".join(map(str, k)): v for k, v in res.items()}, indent=1))
     return 0
