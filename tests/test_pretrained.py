@@ -68,6 +68,46 @@ def test_generate_cli_works_without_model_or_data(tmp_path):
     assert b.showers.shape == (50, 27000) and np.all(b.energies == 50e3)
 
 
+@pytest.mark.parametrize("extra, name, n_cells", [
+    ([], "default", 27000),  # photons at normal incidence on the corner: the specialised model
+    (["--angle", "0:40"], "multi", 54000),  # angles, electrons or impact points: the whole-space model
+    (["--particle", "e-"], "multi", 27000),
+    (["--position", "cell"], "multi", 27000),
+])
+def test_generate_without_model_picks_the_shipped_default_that_covers_the_request(tmp_path, capsys, extra, name,
+                                                                                    n_cells):
+    """Without --model, the first shipped default that takes every requested row without extrapolating runs it."""
+    import h5py
+
+    from caloforge.cli import main
+    from caloforge.zoo import shipped_models
+
+    out = tmp_path / "s.h5"
+    assert main(["generate", "-n", "6", "--energy", "20:90", "--seed", "2", "-o", str(out), *extra]) == 0
+    assert f"the shipped model {name!r}" in capsys.readouterr().err
+    with h5py.File(out) as f:
+        assert f.attrs["model"] == str(shipped_models()[name]) and f["showers"].shape == (6, n_cells)
+    # the same showers as naming that model (photons unless asked: the shipped default's particle)
+    particle = [] if "--particle" in extra else ["--particle", "gamma"]
+    assert main(["generate", "-n", "6", "--energy", "20:90", "--seed", "2", "--model", name, "-o",
+                 str(tmp_path / "named.h5"), "-q", *extra, *particle]) == 0
+    assert np.array_equal(read_showers(out).showers, read_showers(tmp_path / "named.h5").showers)
+
+
+def test_covers_and_load_default_model():
+    from caloforge.conditions import Conditions
+    from caloforge.models import DEFAULT_MODELS, load_default_model
+
+    default = load_model("default")
+    assert default.covers(Conditions.make(np.array([10e3, 100e3]), 0.0, particle="gamma"))
+    assert not default.covers(Conditions.make(np.array([5e3]), 0.0, particle="gamma"))  # outside its range
+    assert not default.covers(Conditions.make(np.array([50e3]), 20.0, particle="gamma"))
+    assert not default.covers(Conditions.make(np.array([50e3]), 0.0, particle="e-"))
+    assert load_default_model(Conditions.make(np.array([50e3]), 0.0, particle="gamma")).meta["name"] == "default"
+    assert load_default_model(Conditions.make(np.array([50e3]), 30.0, particle="gamma")).meta["name"] == "multi"
+    assert load_default_model().meta["name"] == DEFAULT_MODELS[-1] == "multi"  # no request: the whole space
+
+
 @pytest.mark.slow
 def test_main_job_runs_end_to_end(tmp_path):
     import json

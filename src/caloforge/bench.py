@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from caloforge.conditions import canonical_particle
-    from caloforge.models import default_model_path, load_model
+    from caloforge.models import load_default_model, load_model
     from caloforge.train import pick_device
     from caloforge.validate import check_float, check_int, check_output_file
 
@@ -191,9 +191,17 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    path = args.model or default_model_path()
     t_load = time.perf_counter()
-    model = load_model(path, device=device)
+    if args.model:
+        path, model = args.model, load_model(args.model, device=device)
+    else:  # the shipped default that covers the timed conditions
+        import numpy as np
+
+        from caloforge.conditions import Conditions
+
+        want = Conditions.make(np.asarray(energies) * 1e3, args.angle, particle=args.particle or "gamma")
+        model = load_default_model(want, device=device)
+        path = model.meta["path"]
     apply_sampling(model, args.steps, args.solver)
     t_load = time.perf_counter() - t_load
     device_name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} "\

@@ -162,6 +162,13 @@ def _generate_batch(model, c, gen, angled: bool, layout: str, ring: _BufferRing)
     return "append", (host.numpy(),)
 
 
+def draw_conditions(sampler, n: int, seed: int):
+    """The ``n`` rows of conditions a :class:`~caloforge.conditions.ConditionSampler` gives for ``seed`` (what
+    :func:`generate_file` generates at)."""
+    rngs = tuple(np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    return sampler.sample(n, rngs)
+
+
 def generate_file(model, output: str | Path, n: int, sampler=None, conditions=None, batch_size: int = 1000,
                   seed: int = 0, quiet: bool = True, attrs: dict | None = None, angled: bool | None = None,
                   layout: str = "dense", compression: str = "gzip", overlap: bool = True,
@@ -194,9 +201,7 @@ def generate_file(model, output: str | Path, n: int, sampler=None, conditions=No
             raise ValueError(f"{n} showers requested but only {len(conditions)} rows of conditions given")
         conditions = conditions[:n]
     else:
-        streams = np.random.SeedSequence(seed).spawn(3)
-        rngs = tuple(np.random.default_rng(s) for s in streams)
-        conditions = sampler.sample(n, rngs)
+        conditions = draw_conditions(sampler, n, seed)
     model.check_conditions(conditions, str(output))
     if angled is None:
         angled = bool(np.any(conditions.angle > 0))
@@ -254,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
 
     from caloforge.conditions import ConditionSampler
     from caloforge.dataset import ShowerFile
-    from caloforge.models import default_model_path, load_model
+    from caloforge.models import DEFAULT_MODELS, load_default_model, load_model
     from caloforge.train import pick_device
     from caloforge.validate import check_int, check_output_file, check_seed
 
@@ -266,9 +271,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    path = args.model or default_model_path()
-    model = load_model(path, device=device)
-    sampling = apply_sampling(model, args.steps, args.solver)
+    # without --model: the specs are read with the first shipped default, which the conditions may then overrule
+    model = load_model(args.model or DEFAULT_MODELS[0], device=device)
     conditions = sampler = None
     angled = None
     if args.conditions_from:
@@ -293,6 +297,14 @@ def run(args: argparse.Namespace) -> int:
             particle = particle.split(",")[0]
         sampler = ConditionSampler.parse(args.energy, args.angle, args.position, particle,
                                          model.detector.cell_size_mm)
+    if args.model is None:  # the shipped default that covers these conditions
+        if conditions is None:
+            conditions = draw_conditions(sampler, n, args.seed)
+        model = load_default_model(conditions[:n], device=device)
+        if not args.quiet:
+            print(f"caloforge generate: the shipped model {model.meta['name']!r} (no --model given)",
+                  file=sys.stderr)
+    sampling = apply_sampling(model, args.steps, args.solver)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = generate_file(model, args.output, n, sampler, conditions, args.batch_size, args.seed, args.quiet,

@@ -1,7 +1,8 @@
 """The whole chain on one detector: a Geant4 sample, the same showers from a model, and the evaluation report.
 
-``caloforge run -o quickstart`` uses the house detector, photons at 20, 50 and 80 GeV, and the model shipped
-with caloforge, so it works right after installation with no data and no training. Each step is skipped
+``caloforge run -o quickstart`` uses the house detector, photons and electrons at 20, 50 and 80 GeV, 0, 30 and 50
+degrees, impact points over a cell, and the shipped model that covers that whole space (``multi``), so it works
+right after installation with no data and no training. Each step is skipped
 when its output already exists, so an interrupted run continues where it stopped.
 """
 
@@ -22,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--position", default=None, help="impact point spec in mm (default: 'cell' when the model "
                                                      "takes positions, else 0,0)")
     p.add_argument("-n", type=int, default=300, help="Geant4 showers (default 300)")
-    p.add_argument("--model", help="trained model directory (default: the shipped model)")
+    p.add_argument("--model", help="trained model directory or shipped name (default: the shipped model that covers "
+                                    "the whole condition space, multi)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--workers", type=int, default=None, help="Geant4 worker processes (default: all cores)")
     p.add_argument("--no-classifier", action="store_true", help="skip the classifier two-sample tests")
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from caloforge.dataset import ShowerFile
     from caloforge.evaluate import evaluate, summary_lines
     from caloforge.generate import generate_file
-    from caloforge.models import default_model_path, load_model
+    from caloforge.models import load_default_model, load_model
     from caloforge.simulate import simulate
     from caloforge.validate import check_int, check_output_dir, check_seed
 
@@ -45,7 +47,11 @@ def run(args: argparse.Namespace) -> int:
     say = (lambda *a: None) if args.quiet else print
     t0 = time.perf_counter()
 
-    model = load_model(args.model or default_model_path(), expected_detector=args.detector)
+    model = (load_model(args.model, expected_detector=args.detector) if args.model
+             else load_default_model())  # the shipped model that covers the whole condition space
+    if not args.model and model.detector.name != args.detector:
+        raise ValueError(f"--detector {args.detector}: the shipped default model is for {model.detector.name}; "
+                         f"pass --model for another detector")
     takes_angle = float(model.meta.get("conditions", {}).get("angle_deg", [0, 0])[1]) > 0
     particle = args.particle or ",".join(model.meta.get("particles") or [model.meta.get("particle", "gamma")])
     angle = args.angle or ("0,30,50" if takes_angle else "0")

@@ -23,9 +23,15 @@ from caloforge.models.base import (
 )
 
 __all__ = [
-    "ConditionsWarning", "ModelConfig", "ModelError", "ShowerModel", "TrainBatch", "default_model_path",
-    "families", "get_family", "load_model", "read_meta", "save_model",
+    "ConditionsWarning", "ModelConfig", "ModelError", "ShowerModel", "TrainBatch", "DEFAULT_MODELS",
+    "default_model_path", "families", "get_family", "load_default_model", "load_model", "read_meta", "save_model",
 ]
+
+#: The shipped defaults, most specialised first: a command run without ``--model`` uses the first that covers every
+#: row it is asked for (see :meth:`ShowerModel.covers`). ``default`` is the photon model at normal incidence on a
+#: cell corner (slightly closer to Geant4 there, and faster); ``multi`` covers the whole condition space (photons
+#: and electrons, 10-100 GeV, 0-60 degrees, any impact point in a cell).
+DEFAULT_MODELS = ("default", "multi")
 
 # family name -> module defining it (imported lazily; each module defines exactly one ShowerModel subclass).
 _FAMILIES: dict[str, str] = {
@@ -62,3 +68,16 @@ def default_model_path() -> Path:
         raise ModelError(f"{path}: no shipped default model yet; pass --model runs/NAME (a model trained with "
                          f"`caloforge train`)")
     return path
+
+
+def load_default_model(conditions=None, device="cpu") -> ShowerModel:
+    """The shipped default model for a request: the first of :data:`DEFAULT_MODELS` that covers every row of
+    ``conditions`` (a :class:`~caloforge.conditions.Conditions`); without conditions, the last one, which covers the
+    whole condition space. Its ``meta["name"]`` says which one it is."""
+    names = DEFAULT_MODELS if conditions is not None else DEFAULT_MODELS[-1:]
+    for name in names:
+        model = load_model(name, device=device)
+        if name == names[-1] or model.covers(conditions):
+            model.meta["name"] = name
+            return model
+    raise AssertionError("unreachable")  # pragma: no cover

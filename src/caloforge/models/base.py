@@ -551,6 +551,17 @@ class ShowerModel(nn.Module):
                     f"lies outside the training range [{lo:g}, {hi:g}] {unit}; showers there are extrapolations",
                     ConditionsWarning, stacklevel=3)
 
+    def covers(self, conditions: Conditions) -> bool:
+        """Whether the model takes every row of ``conditions`` inside its training range: :meth:`check_conditions`
+        neither refuses them nor warns."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ConditionsWarning)
+            try:
+                self.check_conditions(conditions)
+            except (ModelError, ConditionsWarning):
+                return False
+        return True
+
     def _check_cells_frame(self, c: Conditions, source: str) -> None:
         """A ``cells`` model generates normal incidence at the origin (where its training showers were)."""
         if np.any(c.angle > 0):
