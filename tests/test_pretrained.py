@@ -106,6 +106,9 @@ def test_covers_and_load_default_model():
     assert load_default_model(Conditions.make(np.array([50e3]), 0.0, particle="gamma")).meta["name"] == "default"
     assert load_default_model(Conditions.make(np.array([50e3]), 30.0, particle="gamma")).meta["name"] == "multi"
     assert load_default_model().meta["name"] == DEFAULT_MODELS[-1] == "multi"  # no request: the whole space
+    # what commands generate when no particle is asked for: photons where the model takes them
+    assert load_model("multi").particles == ["e-", "gamma"] and load_model("multi").default_particle == "gamma"
+    assert load_model("hgcal-proto-wgan").default_particle == "e-"
 
 
 @pytest.mark.slow

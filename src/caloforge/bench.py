@@ -74,7 +74,7 @@ def _floats(text: str, what: str) -> list[float]:
 
 
 def time_model(model, batch_size: int, energies_gev: list[float], angle: float = 0.0, repeats: int = 5,
-               max_seconds: float = 20.0) -> dict:
+               max_seconds: float = 20.0, particle: str | None = None) -> dict:
     """Median ms per shower of ``model.sample`` at one batch size (energies cycle over ``energies_gev``), into one
     output buffer reused across the repeats as ``generate`` does."""
     import numpy as np
@@ -83,7 +83,7 @@ def time_model(model, batch_size: int, energies_gev: list[float], angle: float =
     device = model.cond_mean.device
     e = torch.as_tensor(np.resize(np.asarray(energies_gev) * 1e3, batch_size), dtype=torch.float32, device=device)
     a = torch.full_like(e, angle)
-    particle = (model.meta.get("particles") or [model.meta.get("particle") or "gamma"])[0]
+    particle = particle or model.default_particle
     gen = torch.Generator(device=device).manual_seed(0)
     out = torch.empty((batch_size, int(np.prod(model.window_shape(angle > 0)))), device=device)
 
@@ -142,7 +142,7 @@ def time_whole_job(model, n: int, jobs: list[tuple[str, str, bool]], energies_ge
     from caloforge.conditions import ConditionSampler
     from caloforge.generate import generate_file
 
-    particle = particle or (model.meta.get("particles") or [model.meta.get("particle") or "gamma"])[0]
+    particle = particle or model.default_particle
     sampler = ConditionSampler.parse(",".join(f"{e:g}" for e in energies_gev), f"{angle:g}", "0,0", particle,
                                      model.detector.cell_size_mm)
     rows = []
@@ -213,9 +213,12 @@ def run(args: argparse.Namespace) -> int:
     result.update(torch_threads=torch.get_num_threads(), cpu_cores=cores, model_load_s=t_load)
     print(f"torch uses {torch.get_num_threads()} CPU threads of {cores} available cores (ms/shower x threads = "
           f"core-ms/shower); model loaded in {t_load:.2f} s")
-    print(f"{'batch':>8} {'ms/shower':>12} {'showers/s':>12} {'repeats':>8}")
+    particle = args.particle or model.default_particle  # Geant4's; the model's too where it takes that particle
+    m_particle = particle if particle in model.particles else model.default_particle
+    result.update(model_particle=m_particle)
+    print(f"{'batch':>8} {'ms/shower':>12} {'showers/s':>12} {'repeats':>8}  ({m_particle})")
     for bs in batch_sizes:
-        r = time_model(model, bs, energies, args.angle, args.repeats, args.max_seconds)
+        r = time_model(model, bs, energies, args.angle, args.repeats, args.max_seconds, m_particle)
         result["batch_sizes"].append(r)
         print(f"{bs:>8} {r['ms_per_shower']:>12.4f} {r['showers_per_s']:>12.1f} {r['repeats']:>8}", flush=True)
     ref_bs = max([b for b in batch_sizes if b <= 1000] or [min(batch_sizes)])
@@ -225,7 +228,6 @@ def run(args: argparse.Namespace) -> int:
             from caloforge.simulate import time_geant4
         except ImportError as err:
             print(f"Geant4 timing skipped: caloforge.simulate.time_geant4 is not available ({err})")
-    particle = args.particle or model.meta.get("particle", "gamma")
     from caloforge.conditions import hadron_names, parse_particles
 
     hadronic = "bertini" if hadron_names(parse_particles(particle)) else "none"  # pions: the Bertini placeholder
@@ -234,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nper energy (model at batch {ref_bs}; Geant4 {g4_label}, {args.geant4_showers} showers per energy)")
     print(f"{'E [GeV]':>8} {'model ms':>10} {'Geant4 ms':>10} {'speed-up':>10}")
     for e_gev in energies:
-        r = time_model(model, ref_bs, [e_gev], args.angle, args.repeats, args.max_seconds)
+        r = time_model(model, ref_bs, [e_gev], args.angle, args.repeats, args.max_seconds, m_particle)
         g4 = None
         if time_geant4 is not None:
             g4 = float(time_geant4(model.detector, particle, e_gev, args.geant4_showers, hadronic=hadronic))
@@ -253,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
               f"CPU time of all threads of this process per shower")
         print(f"{'format':>7} {'compr.':>6} {'writer':>10} {'ms/shower':>10} {'model ms':>9} {'write ms':>9} "
               f"{'wait ms':>8} {'x alone':>8} {'CPU ms':>8} {'kB/shower':>10}")
-        rows = time_whole_job(model, args.whole_job, jobs, energies, args.angle, batch_size=ref_bs)
+        rows = time_whole_job(model, args.whole_job, jobs, energies, args.angle, m_particle, batch_size=ref_bs)
         result["whole_job"] = rows
         result["whole_job_model_alone_ms_per_shower"] = alone
         for r in rows:

@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--angle", default="0", help="incidence angle spec in degrees, tilting towards +y (default 0)")
     p.add_argument("--position", default="0,0", help="impact point spec in mm: '0,0' | 'cell' (uniform over one "
                                                       "cell) | '0:5,0:5' | '0,0;2.5,2.5' (default 0,0)")
-    p.add_argument("--particle", default=None, help="gamma, e- or e+, or a list 'gamma,e-' (default: the model's "
-                                                     "first particle)")
+    p.add_argument("--particle", default=None, help="gamma, e- or e+, or a list 'gamma,e-' (default: photons "
+                                                     "where the model takes them, else its particle)")
     p.add_argument("--conditions-from", metavar="REF.h5",
                    help="take the conditions (energy, angle, impact point, particle) row by row from a shower file")
     p.add_argument("-o", "--output", required=True, help="output shower file (.h5)")
@@ -292,9 +292,7 @@ def run(args: argparse.Namespace) -> int:
         if args.n_showers is None:
             raise ValueError("-n is required unless --conditions-from is given")
         n = args.n_showers
-        particle = args.particle or ",".join(model.meta.get("particles") or [model.meta.get("particle", "gamma")])
-        if args.particle is None and "," in particle:
-            particle = particle.split(",")[0]
+        particle = args.particle or model.default_particle
         sampler = ConditionSampler.parse(args.energy, args.angle, args.position, particle,
                                          model.detector.cell_size_mm)
     if args.model is None:  # the shipped default that covers these conditions

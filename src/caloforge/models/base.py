@@ -320,6 +320,17 @@ class ShowerModel(nn.Module):
         return tuple(names)
 
     @property
+    def particles(self) -> list[str]:
+        """The particles the model was trained on (empty when its file does not say)."""
+        return list(self.meta.get("particles") or ([str(self.meta["particle"])] if self.meta.get("particle") else []))
+
+    @property
+    def default_particle(self) -> str:
+        """What commands generate when no particle is asked for: photons where the model takes them, else its first
+        particle."""
+        return "gamma" if "gamma" in self.particles or not self.particles else self.particles[0]
+
+    @property
     def n_cond_features(self) -> int:
         return len(self.features)
 
@@ -513,7 +524,7 @@ class ShowerModel(nn.Module):
         if self.frame == "cells" and len(c):
             self._check_cells_frame(c, source)
         takes = self.condition_names
-        particles = self.meta.get("particles") or ([str(self.meta["particle"])] if self.meta.get("particle") else None)
+        particles = self.particles
         if particles:
             want = {PARTICLE_PDG[p] for p in particles if p in PARTICLE_PDG}
             bad = ~np.isin(c.pdg, list(want)) if want else np.zeros(len(c), bool)
