@@ -94,6 +94,25 @@ def test_generate_without_model_picks_the_shipped_default_that_covers_the_reques
     assert np.array_equal(read_showers(out).showers, read_showers(tmp_path / "named.h5").showers)
 
 
+def test_generate_without_model_keeps_an_angled_reference_window(tmp_path):
+    """Conditions from a file in the angled window (normal-incidence photons merged into it, as ild-mixed) are made
+    in that window: by the shipped default that writes it."""
+    import h5py
+
+    from caloforge.cli import main
+    from caloforge.conditions import Conditions
+    from caloforge.dataset import ShowerWriter
+    from caloforge.detector import load_detector
+
+    det = load_detector("ild-ecal")
+    ref = tmp_path / "ref.h5"
+    with ShowerWriter(ref, det, det.n_cells(True), {}, "none", "dense") as w:
+        w.append(Conditions.make(np.full(3, 50e3), 0.0, particle="gamma"), np.zeros((3, det.n_cells(True)), np.float32))
+    assert main(["generate", "--conditions-from", str(ref), "-o", str(tmp_path / "g.h5"), "-q"]) == 0
+    with h5py.File(tmp_path / "g.h5") as f:
+        assert f["showers"].shape == (3, det.n_cells(True)) and f.attrs["model"].endswith("multi")
+
+
 def test_covers_and_load_default_model():
     from caloforge.conditions import Conditions
     from caloforge.models import DEFAULT_MODELS, load_default_model

@@ -298,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:  # the shipped default that covers these conditions
         if conditions is None:
             conditions = draw_conditions(sampler, n, args.seed)
-        model = load_default_model(conditions[:n], device=device, first=model)
+        model = load_default_model(conditions[:n], device=device, first=model, angled=bool(angled))
         if not args.quiet:
             print(f"caloforge generate: the shipped model {model.meta['name']!r} (no --model given)",
                   file=sys.stderr)

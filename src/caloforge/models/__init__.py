@@ -70,15 +70,16 @@ def default_model_path() -> Path:
     return path
 
 
-def load_default_model(conditions=None, device="cpu", first: ShowerModel | None = None) -> ShowerModel:
+def load_default_model(conditions=None, device="cpu", first: ShowerModel | None = None,
+                       angled: bool = False) -> ShowerModel:
     """The shipped default model for a request: the first of :data:`DEFAULT_MODELS` that covers every row of
-    ``conditions`` (a :class:`~caloforge.conditions.Conditions`); without conditions, the last one, which covers the
-    whole condition space. ``first``: the first default, if the caller has it loaded already. The model's
-    ``meta["name"]`` says which one it is."""
+    ``conditions`` (a :class:`~caloforge.conditions.Conditions`; with ``angled``, in the angled readout window);
+    without conditions, the last one, which covers the whole condition space. ``first``: the first default, if the
+    caller has it loaded already. The model's ``meta["name"]`` says which one it is."""
     names = DEFAULT_MODELS if conditions is not None else DEFAULT_MODELS[-1:]
     for name in names:
         model = first if first is not None and name == DEFAULT_MODELS[0] else load_model(name, device=device)
-        if name == names[-1] or model.covers(conditions):
+        if name == names[-1] or model.covers(conditions, angled):
             model.meta["name"] = name
             return model
     raise AssertionError("unreachable")  # pragma: no cover

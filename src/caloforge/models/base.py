@@ -562,9 +562,11 @@ class ShowerModel(nn.Module):
                     f"lies outside the training range [{lo:g}, {hi:g}] {unit}; showers there are extrapolations",
                     ConditionsWarning, stacklevel=3)
 
-    def covers(self, conditions: Conditions) -> bool:
-        """Whether the model takes every row of ``conditions`` inside its training range: :meth:`check_conditions`
-        neither refuses them nor warns."""
+    def covers(self, conditions: Conditions, angled: bool = False) -> bool:
+        """Whether the model takes every row of ``conditions`` inside its training range (:meth:`check_conditions`
+        neither refuses them nor warns) and, with ``angled``, writes the detector's angled readout window."""
+        if angled and tuple(self.window_shape(True)) != tuple(self.detector.shape(True)):
+            return False
         with warnings.catch_warnings():
             warnings.simplefilter("error", ConditionsWarning)
             try:
