@@ -348,7 +348,7 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     n = len(x)
     t0 = time.time()
     bar = progress(total=cfg.steps, desc="eventwgan", unit="step", quiet=quiet, initial=start)
-    w_est = float("nan")
+    gen_params, ema_params = list(model.generator.parameters()), list(ema_gen.parameters()) if ema_gen is not None else []
     for step in range(start, cfg.steps):
         for opt in (opt_g, opt_c):
             for group in opt.param_groups:
@@ -365,7 +365,7 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             opt_c.zero_grad(set_to_none=True)
             loss_c.backward()
             opt_c.step()
-            w_est = float((c_real - c_fake).detach())
+            w_t = (c_real - c_fake).detach()  # stays on the device: no host sync inside the step (GPU)
         lab = lab_all[torch.randint(n, (cfg.batch_size,), device=dev)]
         fake = model.generator(torch.cat([torch.randn(cfg.batch_size, cfg.noise_dim, device=dev), lab], 1))
         loss_g = -model.critic(torch.cat([fake, lab], 1)).mean()
@@ -375,18 +375,21 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
         if ema_gen is not None:  # warm-up: the average forgets the initial weights within the first steps
             decay = min(cfg.ema, (1.0 + step) / (10.0 + step))
             with torch.no_grad():
-                for pe, p in zip(ema_gen.parameters(), model.generator.parameters()):
-                    pe.lerp_(p, 1.0 - decay)
-        if not np.isfinite(w_est):
-            raise ValueError(f"{run_dir}: training diverged at step {step} (critic loss not finite)")
+                torch._foreach_lerp_(ema_params, gen_params, 1.0 - decay)
         bar.update(1)
-        if (step + 1) % cfg.log_every == 0:
+        logging = (step + 1) % cfg.log_every == 0
+        saving = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+        if logging or saving:  # the only host syncs: a diverged run is caught before anything is written
+            w_est = float(w_t)
+            if not np.isfinite(w_est):
+                raise ValueError(f"{run_dir}: training diverged by step {step + 1} (critic loss not finite)")
+        if logging:
             hist.write(json.dumps({"step": step + 1, "w_estimate": w_est, "gp": float(gp.detach()),
                                    "loss_g": float(loss_g.detach()),
                                    "lr": lr_at(cfg, step), "time_s": round(time.time() - t0, 1)}) + "\n")
             hist.flush()
             bar.set_postfix(w=f"{w_est:.3f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+        if saving:
             if val is not None:
                 scores = validation_scores(_sampling_model(model, ema_gen), val)
                 if scores["fisher_z"] < best["score"]:
