@@ -307,3 +307,27 @@ def test_event_wgan_lr_decay_logs_resumes_and_can_be_added_on_resume(tmp_path, m
         train(data, str(tmp_path / "two"), steps=9, resume=True, quiet=True, options={"hidden": 8})
     with pytest.raises(ValueError, match="lr_final"):
         train(data, str(tmp_path / "five"), steps=2, quiet=True, options={"lr_final": 2.0})
+
+
+def test_event_wgan_divergence_stops_before_a_checkpoint_is_written(tmp_path, monkeypatch):
+    """The loop reads the critic's estimate only at logging and checkpoint steps (no host sync inside a step on a
+    GPU); a run that diverges in between still stops with a clear error before any checkpoint holds NaN weights."""
+    import torch
+
+    import caloforge.events.wgan as wgan
+
+    write_events(tmp_path / "train.h5", correlated_events(200, 8), {"source": "test"})
+    opts = {"hidden": 16, "layers": 2, "batch_size": 32, "checkpoint_every": 6, "log_every": 3}
+    calls = {"n": 0}
+    penalty = wgan.gradient_penalty
+
+    def poisoned(critic, real, fake, lab):  # the critic's loss turns NaN from the second generator step on
+        calls["n"] += 1
+        gp = penalty(critic, real, fake, lab)
+        return gp * torch.nan if calls["n"] > 5 else gp
+
+    monkeypatch.setattr(wgan, "gradient_penalty", poisoned)
+    with pytest.raises(ValueError, match=r"run: training diverged by step 3 \(critic loss not finite\)"):
+        wgan.train(str(tmp_path / "train.h5"), str(tmp_path / "run"), steps=12, quiet=True, options=opts)
+    assert not (tmp_path / "run" / "checkpoint.json").exists()
+    assert not (tmp_path / "run" / "history.jsonl").read_text()  # nothing logged from the diverged steps
