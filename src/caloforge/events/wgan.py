@@ -348,7 +348,8 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
     n = len(x)
     t0 = time.time()
     bar = progress(total=cfg.steps, desc="eventwgan", unit="step", quiet=quiet, initial=start)
-    gen_params, ema_params = list(model.generator.parameters()), list(ema_gen.parameters()) if ema_gen is not None else []
+    gen_params = list(model.generator.parameters())
+    ema_params = list(ema_gen.parameters()) if ema_gen is not None else []
     for step in range(start, cfg.steps):
         for opt in (opt_g, opt_c):
             for group in opt.param_groups:
