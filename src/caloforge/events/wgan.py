@@ -378,19 +378,19 @@ def train(data: str, output: str, steps: int = 20000, batch_size: int = 256, see
             with torch.no_grad():
                 torch._foreach_lerp_(ema_params, gen_params, 1.0 - decay)
         bar.update(1)
-        logging = (step + 1) % cfg.log_every == 0
-        saving = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
-        if logging or saving:  # the only host syncs: a diverged run is caught before anything is written
+        log_now = (step + 1) % cfg.log_every == 0
+        save_now = (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps
+        if log_now or save_now:  # the only host syncs: a diverged run is caught before anything is written
             w_est = float(w_t)
             if not np.isfinite(w_est):
                 raise ValueError(f"{run_dir}: training diverged by step {step + 1} (critic loss not finite)")
-        if logging:
+        if log_now:
             hist.write(json.dumps({"step": step + 1, "w_estimate": w_est, "gp": float(gp.detach()),
                                    "loss_g": float(loss_g.detach()),
                                    "lr": lr_at(cfg, step), "time_s": round(time.time() - t0, 1)}) + "\n")
             hist.flush()
             bar.set_postfix(w=f"{w_est:.3f}")
-        if saving:
+        if save_now:
             if val is not None:
                 scores = validation_scores(_sampling_model(model, ema_gen), val)
                 if scores["fisher_z"] < best["score"]:
