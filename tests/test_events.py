@@ -127,6 +127,20 @@ def test_evaluate_files_writes_every_measure(trained_run, tmp_path):
     assert res["candidates"]["destroyed correlations"]["fisher_z_over_floor"] > 2
     saved = json.loads((tmp_path / "rep" / "metrics.json").read_text())
     assert saved["floor"]["fisher_z"]["all"]["ndf"] == 650
+    # the Wasserstein floor: three estimates (the first is the one of a single-estimate run), candidates over their rms
+    fw = saved["floor"]["wasserstein_repeats"]
+    assert len(fw) == 3 and fw[0] == saved["floor"]["wasserstein"] and len(set(fw)) == 3
+    assert saved["floor"]["wasserstein_rms"] == pytest.approx(np.sqrt(np.mean(np.square(fw))))
+    w = res["candidates"]["wgan"]
+    assert w["wasserstein_over_floor"] == pytest.approx(w["wasserstein"] / saved["floor"]["wasserstein_rms"])
+    one = evaluate_files(str(tmp_path / "ref.h5"), [str(tmp_path / "gen.h5")], ["wgan"], str(tmp_path / "rep1"),
+                         critic_steps=10, quiet=True, floor_repeats=1)
+    assert one["floor"]["wasserstein"] == saved["floor"]["wasserstein"]
+    assert one["candidates"]["wgan"]["wasserstein_over_floor"] == pytest.approx(
+        w["wasserstein"] / abs(saved["floor"]["wasserstein"]))
+    with pytest.raises(ValueError, match="--floor-repeats"):
+        evaluate_files(str(tmp_path / "ref.h5"), [str(tmp_path / "gen.h5")], ["wgan"], str(tmp_path / "rep0"),
+                       critic_steps=10, quiet=True, floor_repeats=0)
     assert (tmp_path / "rep" / "distributions-tth.png").stat().st_size > 10000
     # a candidate's figures do not depend on the other candidates or their order
     generate_file(str(tmp / "run"), str(tmp_path / "gen2.h5"), conditions_from=str(tmp_path / "ref.h5"), seed=9)

@@ -78,6 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--critic-steps", type=int, default=3000, help="critic steps per Wasserstein estimate (3000)")
     p.add_argument("--critic-lr", type=float, default=1e-4, help="critic learning rate (default 1e-4)")
     p.add_argument("--critic-batch", type=int, default=512, help="critic batch size (default 512)")
+    p.add_argument("--floor-repeats", type=int, default=3,
+                   help="Wasserstein floor estimates (other Pythia samples, other critic seeds); candidates are "
+                        "compared with their root mean square (default 3)")
     p.add_argument("--max-events", type=int, default=None, help="use at most N events per file")
     p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
@@ -151,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate_files(args.reference, args.candidate, args.label, args.output,
                                 train_reference=args.train_reference, critic_steps=args.critic_steps,
                                 max_events=args.max_events, seed=args.seed, threads=args.threads, quiet=args.quiet,
-                                critic_lr=args.critic_lr, critic_batch=args.critic_batch)
+                                critic_lr=args.critic_lr, critic_batch=args.critic_batch,
+                                floor_repeats=args.floor_repeats)
         for line in result["summary"]:
             print(line)
         return 0

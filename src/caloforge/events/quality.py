@@ -120,8 +120,13 @@ def balanced_subset(ev: Events, n_per_process: int, seed: int) -> Events:
 def evaluate_files(reference: str, candidates: list[str], labels: list[str], output: str,
                    train_reference: str | None = None, critic_steps: int = 3000, max_events: int | None = None,
                    seed: int = 0, threads: int = 1, quiet: bool = False, critic_lr: float = 1e-4,
-                   critic_batch: int = 512) -> dict:
-    """Every measure for each candidate and the destroyed-correlation baseline; writes metrics.json and plots."""
+                   critic_batch: int = 512, floor_repeats: int = 3) -> dict:
+    """Every measure for each candidate and the destroyed-correlation baseline; writes metrics.json and plots.
+
+    The Wasserstein floor is estimated ``floor_repeats`` times (other Pythia samples or halves, other critic seeds):
+    its expectation is about zero, so a candidate's estimate is compared with the floor estimates' root mean square
+    (their scatter and bias together), not with one of them (``wasserstein_over_floor``).
+    """
 
     from caloforge.validate import check_float, check_int, check_output_dir, check_seed
 
@@ -131,6 +136,7 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
     check_int(max_events, "--max-events", MIN_EVENTS)
     check_seed(seed)
     check_int(threads, "--threads", 1, 256)
+    check_int(floor_repeats, "--floor-repeats", 1, 100)
     if len(labels) > len(candidates) or len(set(labels)) != len(labels):
         raise ValueError(f"--label {labels}: expected at most one unique label per --candidate")
     out = check_output_dir(output)
@@ -176,6 +182,17 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
               "classifier_events_per_process": n_clf}
     result["floor"] = {"fisher_z": fisher_z(base, other), "wasserstein": w_est(base, other, seed),
                        "n": [len(base), len(other)]}
+    floor_w = [result["floor"]["wasserstein"]]
+    for k in range(1, floor_repeats):  # the estimate's own scatter: other Pythia samples, other critic seeds
+        krng = np.random.default_rng([seed, 2, k])
+        if train_reference:
+            b_k, o_k = ref, pythia_train.select(np.sort(krng.permutation(len(pythia_train))[: len(ref)]))
+        else:
+            p_k = krng.permutation(len(ref))
+            b_k, o_k = ref.select(np.sort(p_k[: len(ref) // 2])), ref.select(np.sort(p_k[len(ref) // 2:]))
+        floor_w.append(w_est(b_k, o_k, seed + k))
+    result["floor"]["wasserstein_repeats"] = floor_w
+    result["floor"]["wasserstein_rms"] = float(np.sqrt(np.mean(np.square(floor_w))))
     result["classifier_pythia_auc"] = classifier_auc(balanced_subset(pythia_train, n_clf, seed), test, seed, threads)
     result["candidates"] = {}
     for lab, c in cands:
@@ -187,7 +204,7 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
              "wasserstein": w_est(base, c_sub, seed),
              "classifier_auc": classifier_auc(balanced_subset(c, n_clf, seed), test, seed, threads)}
         r["fisher_z_over_floor"] = r["fisher_z"]["all"]["chi2_ndf"] / result["floor"]["fisher_z"]["all"]["chi2_ndf"]
-        r["wasserstein_over_floor"] = r["wasserstein"] / abs(result["floor"]["wasserstein"])
+        r["wasserstein_over_floor"] = r["wasserstein"] / result["floor"]["wasserstein_rms"]
         r["classifier_auc_minus_pythia"] = r["classifier_auc"] - result["classifier_pythia_auc"]
         result["candidates"][lab] = r
     from caloforge.events.plots import plot_distributions
@@ -204,10 +221,12 @@ def summary_lines(r: dict) -> list[str]:
     fl = r["floor"]
     lines = [f"reference {r['reference']}: {r['n_reference']} events; floors (two independent Pythia samples): "
              f"Fisher-z chi2/ndf {fl['fisher_z']['all']['chi2_ndf']:.3f} (ndf {fl['fisher_z']['all']['ndf']}), "
-             f"Wasserstein {fl['wasserstein']:.4f}; classifier trained on Pythia: AUC {r['classifier_pythia_auc']:.4f}"]
+             f"Wasserstein {fl['wasserstein']:.4f} (rms of {len(fl.get('wasserstein_repeats', [0]))} estimates "
+             f"{fl.get('wasserstein_rms', abs(fl['wasserstein'])):.4f}); classifier trained on Pythia: AUC "
+             f"{r['classifier_pythia_auc']:.4f}"]
     for lab, c in r["candidates"].items():
         lines.append(f"{lab}: Fisher-z chi2/ndf {c['fisher_z']['all']['chi2_ndf']:.3f} "
                      f"({c['fisher_z_over_floor']:.2f}x floor), Wasserstein {c['wasserstein']:.4f} "
-                     f"({c['wasserstein_over_floor']:.2f}x floor), classifier trained on it: AUC "
+                     f"({c['wasserstein_over_floor']:.2f}x the floor's rms), classifier trained on it: AUC "
                      f"{c['classifier_auc']:.4f} ({c['classifier_auc_minus_pythia']:+.4f} vs Pythia)")
     return lines
