@@ -6,7 +6,9 @@
 #   mv src/caloforge/pretrained /tmp/pretrained-aside   (the working tree must stay under 64 MiB; restored after)
 #   carry .whl .gpu data/ttx32-val.h5 data/ttx32-test.h5
 # The training file is made on the device as here (40371 events, the same file: checked).
-# Second call (the rest of the device time): BATCHES=8192 STEPS=7000 T_END=270 WORKERS=14 KEEP_CKPT=1 bash scripts/gpu_s33.sh
+# Ran on an H200: `bash scripts/gpu_s33.sh` (timeout 580 s), then with the rest of the device time
+#   `BATCHES=8192 STEPS=7000 T_END=265 WORKERS=14 KEEP_CKPT=1 bash scripts/gpu_s33.sh` (timeout 295 s).
+# Next lent GPU (finish batch 8192, try 32768): BATCHES="8192 32768" STEPS=10000 T_END=500 bash scripts/gpu_s33.sh
 # Dry run here: DEV=cpu T_END=120 WORKERS=1 STEPS=300 OUT=/tmp/dryout bash scripts/gpu_s33.sh
 DEV=${DEV:-cuda}; T_END=${T_END:-500}; WORKERS=${WORKERS:-13}; STEPS=${STEPS:-10000}; DECAY=$(( STEPS / 2 )); BATCHES=${BATCHES:-256 2048 8192}; KEEP_CKPT=${KEEP_CKPT:-0}
 t0=$(date +%s); el() { echo $(( $(date +%s) - t0 )); }
