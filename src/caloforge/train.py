@@ -892,7 +892,9 @@ def run(args: argparse.Namespace) -> int:
 
     ctx, device = distributed.init_from_env(pick_device(args.device))
     try:
-        return _run(args, device, ctx is None or ctx.is_main)
+        code = _run(args, device, ctx is None or ctx.is_main)
+        distributed.barrier()  # no rank tears its group down while another still talks (gloo aborted at exit once)
+        return code
     finally:
         distributed.shutdown()
 
