@@ -161,49 +161,55 @@ def _select_row(li: int, r: int, k: int, o: int, lrow: Any, key: Any, orow: Any,
 
 
 @njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
-def select(logit: Any, u: Any, count: Any, order: Any, offsets: Any, lay: Any, row: Any, col: Any,
+def select(logit: Any, l0: int, u: Any, count: Any, order: Any, offsets: Any, lay: Any, row: Any, col: Any,
            logit_hit: Any, u_hit: Any, thr_hit: Any, start: int, stop: int) -> None:
-    """Rows start..stop (shower-major: t = shower * L + layer) of the hit selection, uniforms u (n, L, M) given."""
-    n_l, m_cells = logit.shape[0], logit.shape[2]
+    """Rows start..stop of the hit selection in a block of layers: ``logit`` (B, n, M) holds layers l0..l0 + B of
+    the showers, rows t = shower * B + b (shower-major), uniforms u (n, L, M) given; ``offsets`` index the rows of
+    all L layers (shower * L + layer)."""
+    n_b, m_cells = logit.shape[0], logit.shape[2]
+    n_l = count.shape[1]
     key = np.empty(m_cells, np.float32)
     hk = np.empty(m_cells + 1, np.float32)
     hj = np.empty(m_cells + 1, np.int64)
     for t in range(start, stop):
-        r = t // n_l
-        li = t - r * n_l
+        r = t // n_b
+        b = t - r * n_b
+        li = l0 + b
         k = count[r, li]
         if k > 0:
-            o = offsets[t]
+            o = offsets[r * n_l + li]
             urow = u[r, li]
             if k < m_cells:
                 _odds(urow, key)
-                _log_keys(key, logit[li, r])
-            _select_row(li, r, k, o, logit[li, r], key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
+                _log_keys(key, logit[b, r])
+            _select_row(li, r, k, o, logit[b, r], key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
             for q in range(min(k, m_cells)):
                 u_hit[o + q] = _clamped(urow[col[o + q]])
 
 
 @njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
-def select_hashed(logit: Any, seed_lo: Any, seed_hi: Any, row0: int, count: Any, order: Any, offsets: Any,
+def select_hashed(logit: Any, l0: int, seed_lo: Any, seed_hi: Any, row0: int, count: Any, order: Any, offsets: Any,
                   lay: Any, row: Any, col: Any, logit_hit: Any, u_hit: Any, thr_hit: Any, start: int,
                   stop: int) -> None:
     """:func:`select` with the uniforms made on the fly from the draw's hash (rows row0.., L * M numbers each)."""
-    n_l, m_cells = logit.shape[0], logit.shape[2]
+    n_b, m_cells = logit.shape[0], logit.shape[2]
+    n_l = count.shape[1]
     key = np.empty(m_cells, np.float32)
     hk = np.empty(m_cells + 1, np.float32)
     hj = np.empty(m_cells + 1, np.int64)
     for t in range(start, stop):
-        r = t // n_l
-        li = t - r * n_l
+        r = t // n_b
+        b = t - r * n_b
+        li = l0 + b
         k = count[r, li]
         if k > 0:
-            o = offsets[t]
+            o = offsets[r * n_l + li]
             s1, s2 = _row_seeds(seed_lo, seed_hi, row0 + r)
             c0 = li * m_cells
             if k < m_cells:
                 _odds_hashed(s1, s2, c0, key)
-                _log_keys(key, logit[li, r])
-            _select_row(li, r, k, o, logit[li, r], key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
+                _log_keys(key, logit[b, r])
+            _select_row(li, r, k, o, logit[b, r], key, order[li], hk, hj, lay, row, col, logit_hit, thr_hit)
             for q in range(min(k, m_cells)):
                 u_hit[o + q] = _clamped(_unit(s1, s2, c0 + col[o + q]))
 

@@ -70,8 +70,8 @@ def _kernels() -> SimpleNamespace:
     return _compiled
 
 
-def _applies(tensors: list[torch.Tensor]) -> bool:
-    """The kernels serve sampling: CPU float32 tensors, outside autograd, ONNX export and tracing."""
+def applies(tensors: list[torch.Tensor]) -> bool:
+    """Whether the kernels serve these tensors: CPU float32 ones, outside autograd, ONNX export and tracing."""
     return (enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
             and not torch.is_grad_enabled() and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing())
 
@@ -191,7 +191,7 @@ def likely_first(logit: torch.Tensor) -> np.ndarray | None:
     """Cells in order of decreasing mean logit over the first showers of ``logit`` (L, n, M), per layer (L, M): the
     scan order of :func:`select_hits`, where the likely hits fill the heap first. The order changes the speed only,
     never the hits, so a model may compute it once and reuse it. None where the kernel does not apply."""
-    if not _applies([logit]):
+    if not applies([logit]):
         return None
     sums = logit[:, :32].sum(dim=1).numpy()
     return np.ascontiguousarray(np.argsort(-sums, axis=1, kind="stable"))
@@ -206,27 +206,51 @@ def select_hits(logit: torch.Tensor, u_cells: torch.Tensor | UniformBlock, count
     col`` (H,) int64 in (shower, layer, cell) order and, per hit, its logit, its uniform (clamped as in the reference)
     and the threshold (the row's next key; +inf when the row is all hits). Applies on CPU float32 tensors outside
     autograd and export. ``order``: the scan order (:func:`likely_first`; made from ``logit`` when None)."""
-    if not _applies([logit]):
+    if not applies([logit]):
         return None
-    n_l, n, m_cells = logit.shape
-    logit_np = logit.contiguous().numpy()
+    n_l = logit.shape[0]
+    hits, _ = select_hits_by_layers(lambda l0, l1: logit[l0:l1], tuple(logit.shape), u_cells, count, order, n_l)
+    return hits
+
+
+def select_hits_by_layers(logits_of: Callable[[int, int], torch.Tensor], shape: tuple[int, int, int],
+                          u_cells: torch.Tensor | UniformBlock, count: torch.Tensor, order: np.ndarray | None = None,
+                          block: int = 2) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    """:func:`select_hits` with the logits (L, n, M) = ``shape`` asked for ``block`` layers at a time:
+    ``logits_of(l0, l1)`` gives layers l0..l1 as a (l1 - l0, n, M) CPU float32 tensor, which may live in one reused
+    buffer (each block is read before the next is asked for). A block of a chunk's logits stays in the core's cache
+    between the product that makes it and the selection that reads it; the whole (L, n, M) tensor (28-37 MB per
+    chunk) went through memory twice. The same hits as :func:`select_hits` on the whole tensor. Returns the hits
+    and the scan order used (made block by block from the logits when ``order`` is None). The caller checks that
+    the kernels apply (:func:`applies`)."""
+    n_l, n, m_cells = shape
     k = count.to(torch.int64).clamp(0, m_cells).numpy()  # (n, L)
     offsets = np.zeros(n_l * n + 1, dtype=np.int64)
     np.cumsum(k.reshape(-1), out=offsets[1:])  # shower-major: the hits come out in (shower, layer, cell) order
-    if order is None or order.shape != (n_l, m_cells):
-        order = likely_first(logit)
-        assert order is not None
+    own_order = order is None or order.shape != (n_l, m_cells)
+    if own_order:
+        order = np.empty((n_l, m_cells), dtype=np.int64)
+    assert order is not None
     h = int(offsets[-1])
     lay, row, col = (np.empty(h, dtype=np.int64) for _ in range(3))
     logit_hit, u_hit, thr_hit = (np.empty(h, dtype=np.float32) for _ in range(3))
     out = (lay, row, col, logit_hit, u_hit, thr_hit)
-    if isinstance(u_cells, UniformBlock):
-        _run_split(_kernels().select_hashed, n_l * n, logit_np, *_seed_words(u_cells.seed), u_cells.row0, k, order,
-                   offsets, *out)
-    else:
-        u_np = u_cells.to(torch.float32).contiguous().numpy().reshape(n, n_l, m_cells)
-        _run_split(_kernels().select, n_l * n, logit_np, u_np, k, order, offsets, *out)
-    return tuple(torch.from_numpy(a) for a in out)
+    hashed = isinstance(u_cells, UniformBlock)
+    u_np = None if hashed else u_cells.to(torch.float32).contiguous().numpy().reshape(n, n_l, m_cells)
+    for l0 in range(0, n_l, max(block, 1)):
+        l1 = min(l0 + max(block, 1), n_l)
+        logit = logits_of(l0, l1)
+        if tuple(logit.shape) != (l1 - l0, n, m_cells):
+            raise ValueError(f"select_hits_by_layers: layers {l0}..{l1} came as {tuple(logit.shape)}")
+        if own_order:
+            order[l0:l1] = likely_first(logit)
+        logit_np = logit.contiguous().numpy()
+        if hashed:
+            _run_split(_kernels().select_hashed, (l1 - l0) * n, logit_np, l0, *_seed_words(u_cells.seed),
+                       u_cells.row0, k, order, offsets, *out)
+        else:
+            _run_split(_kernels().select, (l1 - l0) * n, logit_np, l0, u_np, k, order, offsets, *out)
+    return tuple(torch.from_numpy(a) for a in out), order
 
 
 _interleaved: list[tuple[tuple[torch.Tensor, ...], tuple[int, ...], np.ndarray]] = []
@@ -254,7 +278,7 @@ def gathered_dots(cov: torch.Tensor, lay: torch.Tensor, row: torch.Tensor, flat:
     """(len(tables), H): for each hit h, the dot product of its covariates ``cov[lay[h], row[h]]`` (L, n, C) with
     row ``flat[h]`` of each per-cell coefficient table (N, C); what ``(cov[lay, row] * table[flat]).sum(1)`` gives,
     without the (H, C) gathers. None where the kernel does not apply (then the caller computes it with torch)."""
-    if not _applies([cov, *tables]):
+    if not applies([cov, *tables]):
         return None
     h = lay.shape[0]
     out = np.empty((len(tables), h), dtype=np.float32)
@@ -271,7 +295,7 @@ def first_bins(cdf: torch.Tensor, q: torch.Tensor, lay: torch.Tensor) -> torch.T
     """For each hit, the number of entries of its layer's CDF row ``cdf[lay]`` (L, K), increasing, that lie below
     ``q`` (H,): ``torch.searchsorted(cdf[lay], q)`` row by row (side left), including K when q is above the whole
     row. None where the kernels do not apply."""
-    if not _applies([cdf, q]):
+    if not applies([cdf, q]):
         return None
     cdf_np = cdf.detach().contiguous().numpy()
     grid = np.arange(BUCKETS, dtype=np.float32) / np.float32(BUCKETS)
@@ -289,7 +313,7 @@ def basis_dot(basis: list[torch.Tensor], coef: torch.Tensor) -> torch.Tensor | N
     after the B places: (..., B + 1, J). torch runs this as thousands of tiny matrix products, each with the
     overhead of a call, after an interleaving copy of the basis; the loop here reads the K functions where they
     lie. None where the kernels do not apply."""
-    if not _applies([*basis, coef]):
+    if not applies([*basis, coef]):
         return None
     lead, n_b, n_j = basis[0].shape[:-1], basis[0].shape[-1], coef.shape[-2]
     funcs = tuple(b.contiguous().reshape(-1, n_b).numpy() for b in basis)

@@ -42,10 +42,13 @@ from caloforge.models.kernels import (
     basis_dot,
     first_bins,
     gathered_dots,
-    likely_first,
-    select_hits,
+    select_hits_by_layers,
 )
+from caloforge.models.kernels import applies as kernels_apply
 
+#: layers per block of hit logits in CPU sampling (a block of a 256-shower chunk, 0.9-1.2 MB per layer, stays in
+#: the core's cache between the product that makes it and the selection kernel that reads it)
+LOGIT_BLOCK = 2
 TILT_MIN_MEV = 0.5  # match_centroids tilts only hits above this energy (about 3 MIPs in 0.5 mm Si)
 N_FEAT = 4  # layer-flow features per layer: log energy fraction, centroid x, centroid y, log mean r^2
 SPARSE_MAP_Q = 63  # (sparse_map) quantiles stored per layer and hit count
@@ -848,11 +851,16 @@ class LayerFlow(ShowerModel):
 
     # ---- cell stage ---------------------------------------------------------------------------------
     def _hit_logits(self, cov: torch.Tensor, core: torch.Tensor | None = None, offsets: torch.Tensor | None = None,
-                    cond: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    cond: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                    layers: slice = slice(None)) -> torch.Tensor:
         """Hit logits (L, n, n_lat) from covariates (L, n, n_cov): one batched matrix product (plus the core term,
         and the halo term, which needs the axis offsets and raw conditions); ``out``: a float32 buffer for the
-        product (sampling reuses one, :class:`kernels.ScratchPool`)."""
+        product (sampling reuses one, :class:`kernels.ScratchPool`). ``layers``: the layers that ``cov`` and
+        ``core`` hold, a slice of all (sampling makes the logits a few layers at a time; not with the halo term)."""
+        if layers != slice(None) and self.halo_w is not None:
+            raise ValueError("layerflow: the halo term's logits are made for all layers at once")
         w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
+        w = w[layers]
         logit = torch.bmm(cov, w, out=out) if out is not None else torch.bmm(cov, w).float()  # f32 under bf16 autocast
         if self.halo_w is not None:
             if offsets is None or cond is None:
@@ -1335,38 +1343,48 @@ class LayerFlow(ShowerModel):
             cov_halo = self._covariates(self._centroids_scaled(y, mean_fs, cfg.centroid_gain * cfg.halo_centroid_gain),
                                         cf, offsets, cond)
         # Hurdle: a cell is hit when u < p; then v = u / p is a fresh uniform for the energy quantile.
-        buf = SCRATCH.take((n_l, cond.shape[0], n_lat), cov)  # given back once the hits are chosen
-        logit = self._sampling_logits(cov, cov_halo, core, offsets, cond, out=buf)
-        if cfg.hit_count:  # exactly the flow's number of hits per layer
-            count = torch.where(e_layer > 0, self._flow_counts(fs), torch.zeros_like(e_layer))
-            if self._scan_order is None:  # made once: the scan order sets the kernel's speed, never the hits
-                self._scan_order = likely_first(logit)
-            fast = select_hits(logit, u_cells, count, self._scan_order)  # the compiled kernel on the CPU (same
-            # hits), else None
-            if fast is not None:
-                lay, row, col, logit_hit, u_hit, thr_hit = fast
-            else:
-                u = _made(u_cells).reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
+        n = cond.shape[0]
+        count = torch.where(e_layer > 0, self._flow_counts(fs), torch.zeros_like(e_layer)) if cfg.hit_count else None
+        if count is not None and self.halo_w is None and kernels_apply([cov]):
+            # the compiled selection (the reference's hits, below), its logits made LOGIT_BLOCK layers at a time into
+            # one small reused buffer: each block is still in the cache when the kernel reads it
+            buf = SCRATCH.take((LOGIT_BLOCK, n, n_lat), cov)
+
+            def logits_of(l0: int, l1: int) -> torch.Tensor:
+                part = slice(l0, l1)
+                return self._sampling_logits(cov[part], None if cov_halo is None else cov_halo[part],
+                                             None if core is None else core[part], offsets, cond,
+                                             out=buf[:l1 - l0], layers=part)
+
+            # the scan order is made once: it sets the kernel's speed, never the hits
+            (lay, row, col, logit_hit, u_hit, thr_hit), self._scan_order = select_hits_by_layers(
+                logits_of, (n_l, n, n_lat), u_cells, count, self._scan_order, LOGIT_BLOCK)
+            SCRATCH.give(buf)
+        else:
+            buf = SCRATCH.take((n_l, n, n_lat), cov)  # given back once the hits are chosen
+            logit = self._sampling_logits(cov, cov_halo, core, offsets, cond, out=buf)
+            u = _made(u_cells).reshape(-1, n_l, n_lat).transpose(0, 1)  # (L, n, n_lat) view
+            if count is not None:  # exactly the flow's number of hits per layer
                 mask, threshold = self._hits_exactly(logit, u, count)
                 lay, row, col = mask.nonzero(as_tuple=True)
                 if cfg.select_noise:
                     logit_hit, thr_hit = logit[lay, row, col], threshold[lay, row, 0]
                     u_hit = u[lay, row, col].clamp(1e-7, 1 - 1e-7)
-            flat = lay * n_lat + col
-            if cfg.select_noise:  # the energy quantile from the selection noise (see _hits_exactly)
-                v = (u_hit / torch.sigmoid(thr_hit + logit_hit)).clamp(1e-6, 1 - 1e-6)
-            else:  # the energy quantile from its own noise (made at the hits only where it is not made yet)
-                v_all = noise[2]
-                v = (v_all.at(row, flat) if isinstance(v_all, UniformBlock)
-                     else v_all.reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col]).clamp(1e-6, 1 - 1e-6)
-        else:
-            u = _made(u_cells).reshape(-1, n_l, n_lat).transpose(0, 1)
-            p = torch.sigmoid(logit)
-            lay, row, col = (u < p).nonzero(as_tuple=True)
-            flat = lay * n_lat + col
-            v = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
-        del logit
-        SCRATCH.give(buf)
+            else:  # independent hits
+                p = torch.sigmoid(logit)
+                lay, row, col = (u < p).nonzero(as_tuple=True)
+                v_free = (u[lay, row, col] / p[lay, row, col]).clamp(1e-6, 1 - 1e-6)
+            del logit, u
+            SCRATCH.give(buf)
+        flat = lay * n_lat + col
+        if count is None:
+            v = v_free
+        elif cfg.select_noise:  # the energy quantile from the selection noise (see _hits_exactly)
+            v = (u_hit / torch.sigmoid(thr_hit + logit_hit)).clamp(1e-6, 1 - 1e-6)
+        else:  # the energy quantile from its own noise (made at the hits only where it is not made yet)
+            v_all = noise[2]
+            v = (v_all.at(row, flat) if isinstance(v_all, UniformBlock)
+                 else v_all.reshape(-1, n_l, n_lat).transpose(0, 1)[lay, row, col]).clamp(1e-6, 1 - 1e-6)
         if cov_halo is None:
             e_hit = self._hit_energies(cov, lay, row, col, flat, v, core, offsets, cond)
         else:  # the core block's hits from cov, the others from cov_halo
@@ -1392,16 +1410,18 @@ class LayerFlow(ShowerModel):
         return row, lay, col, flat, e_hit
 
     def _sampling_logits(self, cov: torch.Tensor, cov_halo: torch.Tensor | None, core: torch.Tensor | None,
-                         offsets: torch.Tensor | None, cond: torch.Tensor, out: torch.Tensor | None = None
-                         ) -> torch.Tensor:
+                         offsets: torch.Tensor | None, cond: torch.Tensor, out: torch.Tensor | None = None,
+                         layers: slice = slice(None)) -> torch.Tensor:
         """Hit logits for sampling: :meth:`_hit_logits` of ``cov``, except that with ``cov_halo`` (the covariates
-        at ``halo_centroid_gain``) the cells outside the core block take theirs from ``cov_halo``."""
+        at ``halo_centroid_gain``) the cells outside the core block take theirs from ``cov_halo``. ``layers``: as
+        in :meth:`_hit_logits` (``cov``, ``cov_halo`` and ``core`` then hold those layers only)."""
         if cov_halo is None:
-            return self._hit_logits(cov, core, offsets, cond, out=out)
+            return self._hit_logits(cov, core, offsets, cond, out=out, layers=layers)
         if core is None:
             raise ValueError("layerflow: halo_centroid_gain needs a core block")
-        logit = self._hit_logits(cov_halo, None, offsets, cond, out=out)
-        core_logit = torch.bmm(cov, self.cell_hit[:, :, self.core_idx])  # bf16 under autocast: cast to the buffer's
+        logit = self._hit_logits(cov_halo, None, offsets, cond, out=out, layers=layers)
+        core_logit = torch.bmm(cov, self.cell_hit[layers][:, :, self.core_idx])  # bf16 under autocast: cast to the
+        # buffer's
         logit.index_copy_(2, self.core_idx, core_logit.to(logit.dtype))
         logit.index_add_(2, self.core_idx, core[:, :, :-1, 0].to(logit.dtype))
         return logit
