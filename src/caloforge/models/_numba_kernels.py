@@ -247,15 +247,20 @@ def first_bins(cdf: Any, start: Any, q: Any, lay: Any, out: Any, first: int, sto
 
 @njit(nogil=True, fastmath=_FM, error_model="numpy", cache=True)
 def basis_dot(funcs: Any, coef: Any, out: Any, start: int, stop: int) -> None:
-    """out[i, b, j] = sum_k funcs[k][i, b] coef[i, j, k] for i in start..stop, and a zero last row out[i, B, :]."""
+    """out[i, b, j] = sum_k funcs[k][i, b] coef[i, j, k] for i in start..stop, and a zero last row out[i, B, :].
+    The sums run over k in order for each (b, j), in a contiguous row that vectorises, then go to their strided
+    places."""
     n_b, n_k, n_j = funcs[0].shape[1], coef.shape[2], coef.shape[1]
+    acc = np.empty(n_b, np.float32)
     for i in range(start, stop):
         for j in range(n_j):
             for b in range(n_b):
-                out[i, b, j] = _F(0.0)
+                acc[b] = _F(0.0)
             for k in range(n_k):
                 c = coef[i, j, k]
                 f = funcs[k][i]
                 for b in range(n_b):
-                    out[i, b, j] += f[b] * c
+                    acc[b] += f[b] * c
+            for b in range(n_b):
+                out[i, b, j] = acc[b]
             out[i, n_b, j] = _F(0.0)

@@ -678,22 +678,37 @@ class ShowerModel(nn.Module):
         per shower (n,), their window cell indices (H,) and energies (H,) in MeV, shower by shower, cells in
         order. The sparse form that point-cloud models and DD4hep use; it never builds the dense window where the
         family makes hits directly."""
+        parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+        def keep(i: int, m: int, row: torch.Tensor, cell: torch.Tensor, energy: torch.Tensor) -> None:
+            parts[i] = (torch.bincount(row, minlength=m), cell, energy)
+
+        self.hits_by_chunk(keep, conditions, angles, seed, generator, positions=positions, particles=particles,
+                           angled=angled)
+        counts, cells, energies = zip(*(parts[i] for i in sorted(parts)))
+        return torch.cat(counts), torch.cat(cells), torch.cat(energies)
+
+    @torch.no_grad()
+    def hits_by_chunk(self, sink: Any, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
+                      seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
+                      particles: Any = None, angled: bool | None = None) -> None:
+        """The hits of :meth:`sample_hits` handed over chunk by chunk, as each is made: ``sink(i, m, row, cell,
+        energy)`` for the showers i..i + m, ``row`` the shower within the chunk (0..m - 1; dead cells dropped). On
+        the CPU with several threads the sink runs in the chunk's worker thread, so that what it does with the hits
+        (count them, scatter them into a dense window) runs in parallel too; chunks may come in any order."""
         cond, noise, angled, chunk = self._prepare(conditions, angles, seed, generator, positions, particles, angled)
         n = cond.shape[0]
-        parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        dead = self.dead_cells(angled, cond.device) if self.detector.dead_cells else None
 
         def decode(i: int) -> None:
             row, cell, e = self.decode_window_hits(cond[i:i + chunk], *(self._chunk(t, i, i + chunk) for t in noise),
                                                    angled=angled)
-            parts[i] = (row + i, cell, e)
+            if dead is not None:
+                live = ~torch.isin(cell, dead)
+                row, cell, e = row[live], cell[live], e[live]
+            sink(i, min(chunk, n - i), row, cell, e)
 
         self._over_chunks(n, chunk, decode)
-        rows, cells, energies = zip(*(parts[i] for i in sorted(parts)))
-        row, cell, energy = torch.cat(rows), torch.cat(cells), torch.cat(energies)
-        if self.detector.dead_cells:
-            live = ~torch.isin(cell, self.dead_cells(angled, cell.device))
-            row, cell, energy = row[live], cell[live], energy[live]
-        return torch.bincount(row, minlength=n), cell, energy
 
     def _check_out(self, out: torch.Tensor, n: int, angled: bool) -> None:
         """A caller's output buffer for :meth:`sample`: (n, window cells), float32, contiguous, on the device."""
