@@ -264,3 +264,28 @@ def basis_dot(funcs: Any, coef: Any, out: Any, start: int, stop: int) -> None:
             for b in range(n_b):
                 out[i, b, j] = acc[b]
             out[i, n_b, j] = _F(0.0)
+
+
+
+@njit(nogil=True, cache=True)
+def window_hits(row: Any, lay: Any, col: Any, e: Any, sx: Any, sy: Any, ny: int, nxw: int, nyw: int, n_win: int,
+                row_out: Any, idx_out: Any, e_out: Any) -> tuple[int, bool]:
+    """The hits (shower row, layer, cell within the model's layer, energy) placed in the readout window: those
+    inside it with energy > 0 go, in order, to the outputs (row, flat window index, energy). Returns how many, and
+    whether their keys row * n_win + index increase strictly (else the caller sorts them)."""
+    kept = 0
+    ordered = True
+    last = -1
+    for h in range(row.shape[0]):
+        r, li, c = row[h], lay[h], col[h]
+        wx = c // ny + sx[r]
+        wy = c % ny + sy[r, li]
+        if wx < 0 or wx >= nxw or wy < 0 or wy >= nyw or not e[h] > 0:
+            continue
+        idx = (li * nxw + wx) * nyw + wy
+        key = r * n_win + idx
+        ordered = ordered and key > last
+        last = key
+        row_out[kept], idx_out[kept], e_out[kept] = r, idx, e[h]
+        kept += 1
+    return kept, ordered

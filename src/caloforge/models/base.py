@@ -672,16 +672,17 @@ class ShowerModel(nn.Module):
     @torch.no_grad()
     def sample_hits(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
                     seed: int | None = None, generator: torch.Generator | None = None, *, positions: Any = None,
-                    particles: Any = None, angled: bool | None = None
+                    particles: Any = None, angled: bool | None = None, cell_dtype: torch.dtype = torch.int64
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The showers of :meth:`sample` (same arguments, same noise, the same numbers) as hits: the number of hits
         per shower (n,), their window cell indices (H,) and energies (H,) in MeV, shower by shower, cells in
         order. The sparse form that point-cloud models and DD4hep use; it never builds the dense window where the
-        family makes hits directly."""
+        family makes hits directly. ``cell_dtype``: the indices' integer type (``generate`` writes int32; the
+        conversion then runs chunk by chunk in the workers)."""
         parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
         def keep(i: int, m: int, row: torch.Tensor, cell: torch.Tensor, energy: torch.Tensor) -> None:
-            parts[i] = (torch.bincount(row, minlength=m), cell, energy)
+            parts[i] = (torch.bincount(row, minlength=m), cell.to(cell_dtype), energy)
 
         self.hits_by_chunk(keep, conditions, angles, seed, generator, positions=positions, particles=particles,
                            angled=angled)

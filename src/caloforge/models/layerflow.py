@@ -43,6 +43,7 @@ from caloforge.models.kernels import (
     first_bins,
     gathered_dots,
     select_hits_by_layers,
+    window_hits,
 )
 from caloforge.models.kernels import applies as kernels_apply
 
@@ -1235,21 +1236,32 @@ class LayerFlow(ShowerModel):
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The hits of :meth:`decode_window` without the dense window: row, window cell, energy (row-major)."""
         row, lay, col, flat, e = self._hits(cond, *noise)
-        if self.frame == "window":
-            idx, n_win = flat, self.n_cells
-            keep = e > 0
+        ny = self.shape[2]
+        n_win = self.n_cells if self.frame == "window" else int(np.prod(self.window_shape(angled)))
+        if self.frame != "window" and (fast := self._window_hits(cond, row, lay, col, e, angled)) is not None:
+            row, idx, e, ordered = fast  # the compiled pass on the CPU (the same hits)
         else:
-            ny = self.shape[2]
-            n_win = int(np.prod(self.window_shape(angled)))
-            idx, inside = self.window_index(cond, row, lay, torch.div(col, ny, rounding_mode="floor"), col % ny,
-                                            angled)
-            keep = inside & (e > 0)
-        row, idx, e = row[keep], idx[keep], e[keep]
-        key = row * n_win + idx  # each (row, cell) at most once: the local grid maps one-to-one
-        if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):  # the CPU kernels give them in order already
-            order = torch.argsort(key)
+            if self.frame == "window":
+                idx, keep = flat, e > 0
+            else:
+                idx, inside = self.window_index(cond, row, lay, torch.div(col, ny, rounding_mode="floor"), col % ny,
+                                                angled)
+                keep = inside & (e > 0)
+            row, idx, e = row[keep], idx[keep], e[keep]
+            key = row * n_win + idx  # each (row, cell) at most once: the local grid maps one-to-one
+            ordered = key.numel() < 2 or bool((key[1:] > key[:-1]).all())  # the CPU kernels keep them in order
+        if not ordered:
+            order = torch.argsort(row * n_win + idx)
             row, idx, e = row[order], idx[order], e[order]
         return row, idx, e
+
+    def _window_hits(self, cond: torch.Tensor, row: torch.Tensor, lay: torch.Tensor, col: torch.Tensor,
+                     e: torch.Tensor, angled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool] | None:
+        """:func:`kernels.window_hits` at the showers' axis shifts (None where the kernels do not apply)."""
+        if not kernels_apply([e]):
+            return None
+        sx, sy, _, _ = self.axis_cells(cond)
+        return window_hits(row, lay, col, e, sx.long(), sy.long(), self.shape[2], tuple(self.window_shape(angled)))
 
     def _flow_layers(self, cond: torch.Tensor, cf: torch.Tensor, z_flow: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
