@@ -122,6 +122,63 @@ def test_the_scan_order_changes_no_hit():
     assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(own, other, third))
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 5])
+def test_selection_a_few_layers_at_a_time_makes_the_same_hits(block):
+    """Sampling makes the logits a block of layers at a time (:func:`kernels.select_hits_by_layers`): the hits, their
+    uniforms and thresholds are those of one selection over the whole tensor, with given uniforms and with a block
+    of a draw; the scan order it makes block by block is :func:`kernels.likely_first` of the whole tensor."""
+    logit, u_cells, count = _selection_case(6)
+    n_l, n, m = logit.shape
+    draw = kernels.UniformRows((n + 3, n_l * m), torch.Generator().manual_seed(2)).block(3, n + 3)
+    asked = []
+
+    def logits_of(l0: int, l1: int) -> torch.Tensor:
+        asked.append((l0, l1))
+        buf = torch.full((l1 - l0, n, m), float("nan"))  # a fresh buffer each time: nothing may be read twice
+        buf.copy_(logit[l0:l1])
+        return buf
+
+    with torch.no_grad():
+        for noise in (u_cells, draw):
+            whole = kernels.select_hits(logit, noise, count)
+            asked.clear()
+            parts, order = kernels.select_hits_by_layers(logits_of, (n_l, n, m), noise, count, None, block)
+            assert whole is not None and all(torch.equal(a, b) for a, b in zip(whole, parts))
+            assert asked == [(i, min(i + block, n_l)) for i in range(0, n_l, block)]
+            assert np.array_equal(order, kernels.likely_first(logit))
+            again, same = kernels.select_hits_by_layers(logits_of, (n_l, n, m), noise, count, order, block)
+            assert same is order and all(torch.equal(a, b) for a, b in zip(whole, again))
+        with pytest.raises(ValueError, match="layers 0..1"):
+            kernels.select_hits_by_layers(lambda a, b: logit[a:b, :-1], (n_l, n, m), u_cells, count, None, 1)
+
+
+def test_window_hits_are_the_window_index_and_selection():
+    """The compiled placement of hits in the readout window keeps exactly the hits inside it with energy > 0, at
+    the indices that the torch path (axis shifts, bounds, flat index) gives, and says whether they are in order."""
+    g = torch.Generator().manual_seed(21)
+    n, n_l, nx, ny, window = 30, 4, 6, 7, (4, 5, 9)
+    h = 3000
+    row = torch.sort(torch.randint(0, n, (h,), generator=g)).values
+    lay, col = torch.randint(0, n_l, (h,), generator=g), torch.randint(0, nx * ny, (h,), generator=g)
+    e = torch.rand(h, generator=g)
+    e[::7] = 0.0
+    sx, sy = torch.randint(-3, 3, (n,), generator=g), torch.randint(-4, 5, (n, n_l), generator=g)
+    with torch.no_grad():
+        out = kernels.window_hits(row, lay, col, e, sx, sy, ny, window)
+    wx, wy = col // ny + sx[row], col % ny + sy[row, lay]
+    keep = (wx >= 0) & (wx < window[1]) & (wy >= 0) & (wy < window[2]) & (e > 0)
+    idx = (lay * window[1] + wx) * window[2] + wy
+    assert out is not None
+    r, i, en, ordered = out
+    assert torch.equal(r, row[keep]) and torch.equal(i, idx[keep]) and torch.equal(en, e[keep])
+    key = r * int(np.prod(window)) + i
+    assert ordered == bool((key[1:] > key[:-1]).all()) and not ordered  # random cells within a row: not in order
+    one = torch.tensor([0, 0]), torch.tensor([0, 0]), torch.tensor([1, 2]), torch.ones(2)
+    with torch.no_grad():
+        assert kernels.window_hits(*one, torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long), 7,
+                                   (1, 1, 7))[3]
+
+
 def test_scratch_buffers_are_reused_and_stand_aside_under_autograd():
     pool = kernels.ScratchPool(keep=2)
     like = torch.zeros(1)
@@ -197,7 +254,7 @@ def test_first_bins_is_searchsorted_row_by_row():
 
 # ---- at the model level ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["layerflow:hit_count", "layerflow:core", "layerflow:core_exclusive",
-                                     "layerflow:halo"])
+                                     "layerflow:halo", "layerflow:total_stage"])
 def test_layerflow_samples_the_same_with_and_without_the_kernels(variant, monkeypatch):
     """Same seed, same showers: hit for hit (the hit counts exactly; energies to float rounding, allowing the rare
     tie of two keys within a few ulp)."""
@@ -218,7 +275,8 @@ def test_layerflow_samples_the_same_with_and_without_the_kernels(variant, monkey
 
 
 
-@pytest.mark.parametrize("variant", ["layerflow:hit_count", "layerflow:core", "layerflow:halo"])
+@pytest.mark.parametrize("variant", ["layerflow:hit_count", "layerflow:core", "layerflow:halo",
+                                     "layerflow:total_stage"])
 def test_layerflow_dense_showers_through_hits_are_the_chunked_dense_decode(variant):
     """layerflow.sample on the CPU scatters its hits once per batch; the generic path decodes a dense window per
     chunk. Same seed, same numbers, at normal incidence and in the angled window, over several chunks."""

@@ -156,6 +156,37 @@ def test_sample_hits_are_the_non_zero_cells_of_sample(family, detector, data):
     row, cells_d, energies_d = dense_hits(dense)
     assert torch.equal(counts, torch.bincount(row, minlength=7)) and counts.sum() > 0
     assert torch.equal(cells, cells_d) and torch.equal(energies, energies_d)
+    _, cells32, energies32 = model.sample_hits(data.energies[:7], 0.0, seed=3, cell_dtype=torch.int32)
+    assert cells32.dtype == torch.int32 and torch.equal(cells32.long(), cells) and torch.equal(energies32, energies)
+
+
+@pytest.mark.parametrize("family", VARIANTS)
+def test_hits_come_chunk_by_chunk_over_every_shower(family, detector, data):
+    """``hits_by_chunk`` hands every chunk's hits to the sink once (rows within the chunk), together the hits of
+    ``sample_hits``, on one thread and on two (chunks then in parallel)."""
+    model = tiny_model(family, detector, data)
+    model.sample_chunk = 4  # (an instance attribute: the class's stays; the chunk size must match for equal bits)
+    n = 9
+    counts, cells, energies = model.sample_hits(data.energies[:1].repeat(n), 0.0, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            seen: dict[int, tuple] = {}
+
+            def sink(i, m, row, cell, energy, seen=seen):
+                assert i not in seen and (len(row) == 0 or 0 <= int(row.min()) <= int(row.max()) < m)
+                seen[i] = (torch.bincount(row, minlength=m), cell, energy)
+
+            model.hits_by_chunk(sink, data.energies[:1].repeat(n), 0.0, seed=2)
+            parts = [seen[i] for i in sorted(seen)]
+            assert len(parts) == 3  # 4 + 4 + 1 showers
+            assert sum(len(p[0]) for p in parts) == n
+            assert torch.equal(torch.cat([p[0] for p in parts]), counts)
+            assert torch.equal(torch.cat([p[1] for p in parts]), cells)
+            assert torch.equal(torch.cat([p[2] for p in parts]), energies)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("family", VARIANTS)
