@@ -27,9 +27,11 @@ here does the same per (layer, shower) row in one pass that stays in the core's 
 * the hits written straight into the output (layer-major, then shower, then cell, as ``mask.nonzero`` orders
   them), with their logit, their uniform and the threshold, which is all the energy stage needs.
 
-The hit logits the selection reads are a (layers, showers, cells) tensor of 28-37 MB per chunk; made afresh for
-every chunk, its pages were faulted in and zeroed by the kernel each time, which cost three times the product itself.
-Sampling takes it from a :class:`ScratchPool` of reused buffers. The small per-hit and per-core-cell contractions
+The hit logits the selection reads are a (layers, showers, cells) tensor of 28-37 MB per chunk of 256 showers.
+Sampling makes them two layers at a time (:func:`select_hits_by_layers`) into one small buffer from a
+:class:`ScratchPool`, and the kernel selects each block's hits while it is still in the core's cache: made whole, the
+tensor went through memory twice (and, made afresh for every chunk, its pages were faulted in and zeroed each time).
+The placement of the hits in the readout window (:func:`window_hits`) is one compiled pass too. The small per-hit and per-core-cell contractions
 (:func:`gathered_dots`, :func:`basis_dot`) and the soft-hit bins (:func:`first_bins`) are compiled too.
 
 Same noise, same hits: the selections agree with the torch reference except where two keys of one row tie to
