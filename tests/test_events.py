@@ -59,6 +59,28 @@ def test_fisher_z_is_one_on_halves_and_large_when_correlations_are_destroyed():
     assert fisher_z(a, d)["all"]["chi2_ndf"] > 10
 
 
+def test_fisher_z_says_which_pairs_and_variables_carry_the_excess():
+    """One pair's correlation broken in the candidate: that pair leads the list of pulls, with the sign of the
+    difference, and its two variables lead the per-variable shares; on halves of one sample no variable stands out."""
+    from caloforge.events.quality import FISHER_TOP
+
+    ev = correlated_events(8000, 3)
+    a, b = ev.select(np.arange(4000)), ev.select(np.arange(4000, 8000))
+    hl = b.high_level.copy()
+    hl[:, 5] = np.random.default_rng(4).permutation(hl[:, 5])  # v5 loses its correlations with every variable
+    hl[:, 7] = hl[:, 7] + 3 * (hl[:, 8] - hl[:, 8].mean())  # v7 gains a strong positive correlation with v8
+    broken = Events(hl, b.process, b.names)
+    for proc in ("ttbb", "tth"):
+        r = fisher_z(broken, a)[proc]
+        assert len(r["variables"]) == FISHER_TOP and len(r["pairs"]) == FISHER_TOP
+        assert {r["pairs"][0][0], r["pairs"][0][1]} == {"v7", "v8"} and r["pairs"][0][2] > 0
+        assert abs(r["pairs"][0][2]) == pytest.approx(r["max_abs_z"])
+        assert [abs(p[2]) for p in r["pairs"]] == sorted((abs(p[2]) for p in r["pairs"]), reverse=True)
+        assert list(r["variables"])[:3] == ["v7", "v8", "v5"] and r["variables"]["v5"] > 5
+        same = fisher_z(a, b)[proc]["variables"]  # the largest of 26 shares of two halves: about 1, below 3
+        assert 1 < max(same.values()) < 3
+
+
 def test_quality_measures_separate_good_from_destroyed():
     torch = pytest.importorskip("torch")
     torch.set_num_threads(1)

@@ -26,18 +26,29 @@ from caloforge.metrics import fisher_z_test
 
 #: Fewest events (both processes together, at least half of them each) a file or --max-events may give evaluate.
 MIN_EVENTS = 40
+#: Variables and pairs of variables that the Fisher-z results list as where the chi2 sits.
+FISHER_TOP = 5
 
 
 # ---- Fisher-z ---------------------------------------------------------------------------------------------
-def fisher_z(a: Events, b: Events) -> dict:
-    """chi2/ndf of the Fisher-z test per process and summed over both."""
+def fisher_z(a: Events, b: Events, top: int = FISHER_TOP) -> dict:
+    """chi2/ndf of the Fisher-z test per process and summed over both; per process also where it sits: each
+    variable's mean z^2 over the pairs it is in (``variables``, about 1 for a perfect model; the ``top`` largest) and
+    the ``top`` pairs of largest |z| (``pairs``: [name, name, z]; z > 0 where ``a`` correlates the pair more
+    positively than ``b``)."""
     out, chi2, ndf = {}, 0.0, 0
     for name, lab in PROCESSES.items():
         ra, rb = a.high_level[a.process == lab], b.high_level[b.process == lab]
         if len(ra) < 4 or len(rb) < 4:
             continue
         r = fisher_z_test(ra, rb)
-        out[name] = {"chi2_ndf": r["chi2_ndf"], "ndf": r["ndf"], "max_abs_z": r["max_abs_z"]}
+        z = r["z"]
+        share = (z ** 2).sum(1) / max(z.shape[0] - 1, 1)
+        iu = np.triu_indices(z.shape[0], k=1)
+        worst = np.argsort(-np.abs(z[iu]))[:top]
+        out[name] = {"chi2_ndf": r["chi2_ndf"], "ndf": r["ndf"], "max_abs_z": r["max_abs_z"],
+                     "variables": {a.names[i]: float(share[i]) for i in np.argsort(-share)[:top]},
+                     "pairs": [[a.names[iu[0][k]], a.names[iu[1][k]], float(z[iu][k])] for k in worst]}
         chi2 += r["chi2"]
         ndf += r["ndf"]
     out["all"] = {"chi2_ndf": chi2 / ndf if ndf else float("nan"), "ndf": ndf}
@@ -229,4 +240,8 @@ def summary_lines(r: dict) -> list[str]:
                      f"({c['fisher_z_over_floor']:.2f}x floor), Wasserstein {c['wasserstein']:.4f} "
                      f"({c['wasserstein_over_floor']:.2f}x the floor's rms), classifier trained on it: AUC "
                      f"{c['classifier_auc']:.4f} ({c['classifier_auc_minus_pythia']:+.4f} vs Pythia)")
+        worst = [f"{proc} {p[0]} x {p[1]} (z {p[2]:+.1f})" for proc, f in c["fisher_z"].items()
+                 if proc != "all" and f.get("pairs") for p in f["pairs"][:1]]
+        if worst:
+            lines.append(f"  largest Fisher-z pulls: {'; '.join(worst)}")
     return lines
