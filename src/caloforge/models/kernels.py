@@ -31,8 +31,8 @@ The hit logits the selection reads are a (layers, showers, cells) tensor of 28-3
 Sampling makes them two layers at a time (:func:`select_hits_by_layers`) into one small buffer from a
 :class:`ScratchPool`, and the kernel selects each block's hits while it is still in the core's cache: made whole, the
 tensor went through memory twice (and, made afresh for every chunk, its pages were faulted in and zeroed each time).
-The placement of the hits in the readout window (:func:`window_hits`) is one compiled pass too. The small per-hit and per-core-cell contractions
-(:func:`gathered_dots`, :func:`basis_dot`) and the soft-hit bins (:func:`first_bins`) are compiled too.
+The small per-hit and per-core-cell contractions (:func:`gathered_dots`, :func:`basis_dot`), the soft-hit bins
+(:func:`first_bins`) and the placement of the hits in the readout window (:func:`window_hits`) are compiled too.
 
 Same noise, same hits: the selections agree with the torch reference except where two keys of one row tie to
 within a few ulp (tested). Rows are independent, so the result does not depend on the number of threads. Without

@@ -860,8 +860,7 @@ class LayerFlow(ShowerModel):
         ``core`` hold, a slice of all (sampling makes the logits a few layers at a time; not with the halo term)."""
         if layers != slice(None) and self.halo_w is not None:
             raise ValueError("layerflow: the halo term's logits are made for all layers at once")
-        w = self.cell_hit * self.cell_keep if self.config.core_exclusive else self.cell_hit
-        w = w[layers]
+        w = self.cell_hit[layers] * self.cell_keep if self.config.core_exclusive else self.cell_hit[layers]
         logit = torch.bmm(cov, w, out=out) if out is not None else torch.bmm(cov, w).float()  # f32 under bf16 autocast
         if self.halo_w is not None:
             if offsets is None or cond is None:
@@ -1436,8 +1435,8 @@ class LayerFlow(ShowerModel):
         if core is None:
             raise ValueError("layerflow: halo_centroid_gain needs a core block")
         logit = self._hit_logits(cov_halo, None, offsets, cond, out=out, layers=layers)
-        core_logit = torch.bmm(cov, self.cell_hit[layers][:, :, self.core_idx])  # bf16 under autocast: cast to the
-        # buffer's
+        # (bf16 under autocast: cast to the buffer's type)
+        core_logit = torch.bmm(cov, self.cell_hit[layers][:, :, self.core_idx])
         logit.index_copy_(2, self.core_idx, core_logit.to(logit.dtype))
         logit.index_add_(2, self.core_idx, core[:, :, :-1, 0].to(logit.dtype))
         return logit
