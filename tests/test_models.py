@@ -158,6 +158,8 @@ def test_sample_hits_are_the_non_zero_cells_of_sample(family, detector, data):
     assert torch.equal(cells, cells_d) and torch.equal(energies, energies_d)
     _, cells32, energies32 = model.sample_hits(data.energies[:7], 0.0, seed=3, cell_dtype=torch.int32)
     assert cells32.dtype == torch.int32 and torch.equal(cells32.long(), cells) and torch.equal(energies32, energies)
+    with pytest.raises(ValueError, match="cell_dtype torch.float32; expected torch.int32 or torch.int64"):
+        model.sample_hits(data.energies[:7], 0.0, seed=3, cell_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("family", VARIANTS)

@@ -679,6 +679,8 @@ class ShowerModel(nn.Module):
         order. The sparse form that point-cloud models and DD4hep use; it never builds the dense window where the
         family makes hits directly. ``cell_dtype``: the indices' integer type (``generate`` writes int32; the
         conversion then runs chunk by chunk in the workers)."""
+        if cell_dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"sample_hits: cell_dtype {cell_dtype}; expected torch.int32 or torch.int64")
         parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
         def keep(i: int, m: int, row: torch.Tensor, cell: torch.Tensor, energy: torch.Tensor) -> None:
