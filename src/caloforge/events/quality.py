@@ -229,11 +229,13 @@ def evaluate_files(reference: str, candidates: list[str], labels: list[str], out
 
 
 def summary_lines(r: dict) -> list[str]:
+    """The printed summary of :func:`evaluate_files`' result: the floors, then one line per candidate (and its
+    largest Fisher-z pull per process)."""
     fl = r["floor"]
     lines = [f"reference {r['reference']}: {r['n_reference']} events; floors (two independent Pythia samples): "
              f"Fisher-z chi2/ndf {fl['fisher_z']['all']['chi2_ndf']:.3f} (ndf {fl['fisher_z']['all']['ndf']}), "
-             f"Wasserstein {fl['wasserstein']:.4f} (rms of {len(fl.get('wasserstein_repeats', [0]))} estimates "
-             f"{fl.get('wasserstein_rms', abs(fl['wasserstein'])):.4f}); classifier trained on Pythia: AUC "
+             f"Wasserstein {fl['wasserstein']:.4f} (rms of {len(fl['wasserstein_repeats'])} estimates "
+             f"{fl['wasserstein_rms']:.4f}); classifier trained on Pythia: AUC "
              f"{r['classifier_pythia_auc']:.4f}"]
     for lab, c in r["candidates"].items():
         lines.append(f"{lab}: Fisher-z chi2/ndf {c['fisher_z']['all']['chi2_ndf']:.3f} "
@@ -241,7 +243,7 @@ def summary_lines(r: dict) -> list[str]:
                      f"({c['wasserstein_over_floor']:.2f}x the floor's rms), classifier trained on it: AUC "
                      f"{c['classifier_auc']:.4f} ({c['classifier_auc_minus_pythia']:+.4f} vs Pythia)")
         worst = [f"{proc} {p[0]} x {p[1]} (z {p[2]:+.1f})" for proc, f in c["fisher_z"].items()
-                 if proc != "all" and f.get("pairs") for p in f["pairs"][:1]]
+                 if proc != "all" for p in f["pairs"][:1]]
         if worst:
             lines.append(f"  largest Fisher-z pulls: {'; '.join(worst)}")
     return lines
