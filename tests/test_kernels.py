@@ -148,8 +148,10 @@ def test_selection_a_few_layers_at_a_time_makes_the_same_hits(block):
             assert np.array_equal(order, kernels.likely_first(logit))
             again, same = kernels.select_hits_by_layers(logits_of, (n_l, n, m), noise, count, order, block)
             assert same is order and all(torch.equal(a, b) for a, b in zip(whole, again))
-        with pytest.raises(ValueError, match="layers 0..1"):
+        with pytest.raises(ValueError, match="layers 0..1 came as"):
             kernels.select_hits_by_layers(lambda a, b: logit[a:b, :-1], (n_l, n, m), u_cells, count, None, 1)
+        with pytest.raises(ValueError, match="expected .* float32 on the CPU"):
+            kernels.select_hits_by_layers(lambda a, b: logit[a:b].double(), (n_l, n, m), u_cells, count, None, 1)
 
 
 def test_window_hits_are_the_window_index_and_selection():

@@ -266,7 +266,6 @@ def basis_dot(funcs: Any, coef: Any, out: Any, start: int, stop: int) -> None:
             out[i, n_b, j] = _F(0.0)
 
 
-
 @njit(nogil=True, cache=True)
 def window_hits(row: Any, lay: Any, col: Any, e: Any, sx: Any, sy: Any, ny: int, nxw: int, nyw: int, n_win: int,
                 row_out: Any, idx_out: Any, e_out: Any) -> tuple[int, bool]:

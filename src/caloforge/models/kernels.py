@@ -24,8 +24,8 @@ here does the same per (layer, shower) row in one pass that stays in the core's 
   loop scalar, and without approximate reciprocals, so that the keys are the same bits either way);
 * a max-heap of the ``k + 1`` smallest keys, fed in order of decreasing mean hit probability, so that after the
   first few dozen cells almost every other cell is rejected by one comparison;
-* the hits written straight into the output (layer-major, then shower, then cell, as ``mask.nonzero`` orders
-  them), with their logit, their uniform and the threshold, which is all the energy stage needs.
+* the hits written straight into the output in (shower, layer, cell) order (the sparse output's order, so it needs
+  no sort), with their logit, their uniform and the threshold, which is all the energy stage needs.
 
 The hit logits the selection reads are a (layers, showers, cells) tensor of 28-37 MB per chunk of 256 showers.
 Sampling makes them two layers at a time (:func:`select_hits_by_layers`) into one small buffer from a
@@ -243,8 +243,9 @@ def select_hits_by_layers(logits_of: Callable[[int, int], torch.Tensor], shape: 
     for l0 in range(0, n_l, max(block, 1)):
         l1 = min(l0 + max(block, 1), n_l)
         logit = logits_of(l0, l1)
-        if tuple(logit.shape) != (l1 - l0, n, m_cells):
-            raise ValueError(f"select_hits_by_layers: layers {l0}..{l1} came as {tuple(logit.shape)}")
+        if tuple(logit.shape) != (l1 - l0, n, m_cells) or not applies([logit]):
+            raise ValueError(f"select_hits_by_layers: layers {l0}..{l1} came as {tuple(logit.shape)} {logit.dtype} on "
+                             f"{logit.device}; expected {(l1 - l0, n, m_cells)} float32 on the CPU, outside autograd")
         if own_order:
             order[l0:l1] = likely_first(logit)
         logit_np = logit.contiguous().numpy()
@@ -341,7 +342,8 @@ def window_hits(row: torch.Tensor, lay: torch.Tensor, col: torch.Tensor, e: torc
     row_out, idx_out = np.empty(h, dtype=np.int64), np.empty(h, dtype=np.int64)
     e_out = np.empty(h, dtype=np.float32)
     lw, nxw, nyw = window
-    kept, ordered = _kernels().window_hits(row.numpy(), lay.numpy(), col.numpy(), e.contiguous().numpy(),
+    kept, ordered = _kernels().window_hits(row.contiguous().numpy(), lay.contiguous().numpy(),
+                                           col.contiguous().numpy(), e.contiguous().numpy(),
                                            sx.to(torch.int64).numpy(), sy.to(torch.int64).contiguous().numpy(), ny,
                                            nxw, nyw, lw * nxw * nyw, row_out, idx_out, e_out)
     return (torch.from_numpy(row_out[:kept]), torch.from_numpy(idx_out[:kept]), torch.from_numpy(e_out[:kept]),
