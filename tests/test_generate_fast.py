@@ -274,6 +274,15 @@ def test_append_hits_refuses_inconsistent_hits(tmp_path):
     with ShowerFile(tmp_path / "s.h5") as f:
         s = f.read().showers
     assert s[0, 3] == 1.0 and s[3, 5] == 2.0 and s.sum() == 3.0
+    # the same hits as pieces (a model's decoding chunks, as generate hands them over): the same file
+    with ShowerWriter(tmp_path / "p.h5", det, det.n_cells(), layout="sparse") as w:
+        w.append_hits(c, [np.array([1, 0]), np.array([0, 1])], [np.array([3], np.int32), np.array([5], np.int32)],
+                      [np.array([1.0], np.float32), np.array([2.0], np.float32)])
+        with pytest.raises(DatasetError, match="counts"):  # the pieces are checked once joined
+            w.append_hits(c, [np.array([1, 0]), np.array([0, 1])], [np.array([3], np.int32)],
+                          [np.array([1.0], np.float32)])
+    with h5py.File(tmp_path / "s.h5") as a, h5py.File(tmp_path / "p.h5") as b:
+        assert all(np.array_equal(a[k][()], b[k][()]) for k in a if isinstance(a[k], h5py.Dataset))
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

@@ -160,6 +160,12 @@ def test_sample_hits_are_the_non_zero_cells_of_sample(family, detector, data):
     assert cells32.dtype == torch.int32 and torch.equal(cells32.long(), cells) and torch.equal(energies32, energies)
     with pytest.raises(ValueError, match="cell_dtype torch.float32; expected torch.int32 or torch.int64"):
         model.sample_hits(data.energies[:7], 0.0, seed=3, cell_dtype=torch.float32)
+    # sampling leaves the mode as it found it, and samples in eval mode either way
+    for mode in (True, False):
+        model.train(mode)
+        again = model.sample_hits(data.energies[:7], 0.0, seed=3)
+        assert model.training is mode and all(m.training is mode for m in model.modules())
+        assert all(torch.equal(a, b) for a, b in zip(again, (counts, cells, energies)))
 
 
 @pytest.mark.parametrize("family", VARIANTS)

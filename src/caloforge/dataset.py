@@ -101,6 +101,11 @@ def _check_values(path: str, field: str, a: np.ndarray, positive: bool = False) 
         raise DatasetError(f"{path}: field {field!r} has negative energies (first at row {bad}); expected >= 0 MeV")
 
 
+def _pieces(a) -> bool:
+    """Whether ``a`` is a list of array pieces to join (not an array, nor a plain list of numbers)."""
+    return isinstance(a, list | tuple) and len(a) > 0 and all(isinstance(x, np.ndarray) for x in a)
+
+
 def _check_dtype(path: str, field: str, ds, kinds: str, what: str) -> None:
     """A dataset (not a group) of a plain numeric dtype of the given kinds that converts to float64 without loss
     of range (no compound, string, boolean, complex or extended-precision types)."""
@@ -505,13 +510,17 @@ class ShowerWriter:
         else:
             self._append(c, showers=showers)
 
-    def append_hits(self, conditions: Conditions, counts: np.ndarray, cells: np.ndarray, energies: np.ndarray) -> None:
+    def append_hits(self, conditions: Conditions, counts: np.ndarray | list, cells: np.ndarray | list,
+                    energies: np.ndarray | list) -> None:
         """Append showers given as their hits (sparse layout only): ``counts`` (n,) hits per shower, then ``cells``
         (cell index within the shower) and ``energies`` (MeV) of every hit, shower after shower, cells increasing.
-        This is what a GPU hands back without the dense array; the file is the same as :meth:`append` would write."""
+        This is what a GPU hands back without the dense array; the file is the same as :meth:`append` would write.
+        Each may also be a list of pieces in order (a model's decoding chunks), joined here."""
         n = len(conditions)
         if self.layout != "sparse":
             raise DatasetError(f"{self.path}: append_hits needs the sparse layout; this file is {self.layout}")
+        counts, cells, energies = (np.concatenate([np.reshape(x, -1) for x in a]) if _pieces(a) else a
+                                   for a in (counts, cells, energies))
         counts = np.asarray(counts, np.int64).reshape(-1)
         cells = np.asarray(cells, np.int32).reshape(-1)
         energies = np.asarray(energies, np.float32).reshape(-1)

@@ -153,8 +153,8 @@ def _generate_batch(model, c, gen, angled: bool, layout: str, ring: _BufferRing)
     import torch
 
     if layout == "sparse":
-        counts, cells, energies = model.sample_hits(c, generator=gen, angled=angled, cell_dtype=torch.int32)
-        return "append_hits", (counts.cpu().numpy(), cells.cpu().numpy(), energies.float().cpu().numpy())
+        pieces = model.sample_hit_pieces(c, generator=gen, angled=angled, cell_dtype=torch.int32)
+        return "append_hits", tuple([t.cpu().numpy() for t in ts] for ts in pieces)  # joined by the writer
     on_gpu = model.cond_mean.device.type != "cpu"
     host = ring.take(len(c), int(np.prod(model.window_shape(angled))), pinned=on_gpu)
     if on_gpu:

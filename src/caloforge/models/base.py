@@ -619,7 +619,8 @@ class ShowerModel(nn.Module):
         on one thread (their small per-hit tensors gain little from torch's intra-op threads; whole chunks scale).
         Chunks are independent (their noise is fixed by their rows), so the numbers are the same either way."""
         was_training = self.training
-        self.eval()
+        if was_training:  # (eval() and train() walk every submodule: only when the mode changes)
+            self.eval()
         starts = range(0, max(n, 1), chunk)  # an empty call decodes one empty chunk (the output's shape)
         threads = torch.get_num_threads()
         try:
@@ -641,7 +642,8 @@ class ShowerModel(nn.Module):
             finally:
                 torch.set_num_threads(threads)
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     @torch.no_grad()
     def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
@@ -677,8 +679,20 @@ class ShowerModel(nn.Module):
         """The showers of :meth:`sample` (same arguments, same noise, the same numbers) as hits: the number of hits
         per shower (n,), their window cell indices (H,) and energies (H,) in MeV, shower by shower, cells in
         order. The sparse form that point-cloud models and DD4hep use; it never builds the dense window where the
-        family makes hits directly. ``cell_dtype``: the indices' integer type (``generate`` writes int32; the
-        conversion then runs chunk by chunk in the workers)."""
+        family makes hits directly. ``cell_dtype``: the indices' integer type (int64 or int32)."""
+        counts, cells, energies = self.sample_hit_pieces(conditions, angles, seed, generator, positions=positions,
+                                                         particles=particles, angled=angled, cell_dtype=cell_dtype)
+        return torch.cat(counts), torch.cat(cells), torch.cat(energies)
+
+    @torch.no_grad()
+    def sample_hit_pieces(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
+                          seed: int | None = None, generator: torch.Generator | None = None, *,
+                          positions: Any = None, particles: Any = None, angled: bool | None = None,
+                          cell_dtype: torch.dtype = torch.int64
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """:meth:`sample_hits` before its pieces are joined: the counts, cells and energies of each decoding chunk,
+        in order (``generate`` lets its writer thread join them while the next batch is made). The counts and the
+        cast to ``cell_dtype`` are made in the chunks' worker threads."""
         if cell_dtype not in (torch.int32, torch.int64):
             raise ValueError(f"sample_hits: cell_dtype {cell_dtype}; expected torch.int32 or torch.int64")
         parts: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -689,7 +703,7 @@ class ShowerModel(nn.Module):
         self.hits_by_chunk(keep, conditions, angles, seed, generator, positions=positions, particles=particles,
                            angled=angled)
         counts, cells, energies = zip(*(parts[i] for i in sorted(parts)))
-        return torch.cat(counts), torch.cat(cells), torch.cat(energies)
+        return list(counts), list(cells), list(energies)
 
     @torch.no_grad()
     def hits_by_chunk(self, sink: Any, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
