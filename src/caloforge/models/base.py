@@ -619,7 +619,8 @@ class ShowerModel(nn.Module):
         on one thread (their small per-hit tensors gain little from torch's intra-op threads; whole chunks scale).
         Chunks are independent (their noise is fixed by their rows), so the numbers are the same either way."""
         was_training = self.training
-        if was_training:  # (eval() and train() walk every submodule: only when the mode changes)
+        toggle = any(m.training for m in self.modules())  # (eval() and train() set every submodule's flag: 1-2 ms)
+        if toggle:
             self.eval()
         starts = range(0, max(n, 1), chunk)  # an empty call decodes one empty chunk (the output's shape)
         threads = torch.get_num_threads()
@@ -642,8 +643,8 @@ class ShowerModel(nn.Module):
             finally:
                 torch.set_num_threads(threads)
         finally:
-            if was_training:
-                self.train()
+            if toggle:
+                self.train(was_training)
 
     @torch.no_grad()
     def sample(self, conditions: Conditions | torch.Tensor | np.ndarray | float, angles: Any = 0.0,
