@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dense: the CaloChallenge 'showers' array (default); sparse: the hits only (hit_offsets, "
                         "hit_cells, hit_energies), read back as dense showers by every caloforge command")
     p.add_argument("--compression", default="gzip", choices=["gzip", "lzf", "none"],
-                   help="HDF5 compression of the showers: gzip (level 1, shuffle; default, smallest), lzf (faster, "
+                   help="HDF5 compression of the showers: gzip (level 1; default, smallest), lzf (faster, "
                         "larger) or none (fastest, largest)")
     add_sampling_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
