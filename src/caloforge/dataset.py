@@ -54,7 +54,7 @@ COMPRESSIONS = ("gzip", "lzf", "none")
 def compression_options(compression: str | None, shuffle: bool = True) -> dict:
     """h5py ``create_dataset`` options of a compression choice: ``gzip`` (level 1; the default), ``lzf`` or ``none``
     (also ``None``), with HDF5's byte shuffle in front when ``shuffle``. The writer shuffles the sparse hit datasets
-    (it halves the hit cells' size) but not dense showers: on their mostly-zero cells it made files 30-37 % larger
+    (it halves the hit cells' size) but not dense showers: on their mostly-zero cells it made files 30-40 % larger
     and writing 35-45 % slower (stop 34, BENCHMARKS.md)."""
     if compression is None or compression == "none":
         return {}
