@@ -15,8 +15,8 @@
 # Dry run here (done): DEV=cpu WHEELS=none BATCHES="256" STEPS=40 T_END=120 OUT=/tmp/dryout \
 #     bash scripts/gpu_s34.sh
 # Each run: the talk's networks with stop 33's recipe (lr 5e-4, moving average 0.999, decay over the second half);
-# the generated samples (as many events as the training file) come back for `events evaluate` here (the test file is not evaluated on the
-# device: its critic and classifiers take most of an hour of CPU).
+# the generated samples (as many events as the training file) come back for `events evaluate` here (the test file
+# is not evaluated on the device: its critic and classifiers take most of an hour of CPU).
 DEV=${DEV:-cuda}; T_END=${T_END:-520}; STEPS=${STEPS:-10000}; DECAY=$(( STEPS / 2 )); BATCHES=${BATCHES:-8192 32768}
 TRAIN=${TRAIN:-data/ttx34-train-hl.h5}; VAL=${VAL:-data/ttx32-val.h5}; WHEELS=${WHEELS:-.whl}
 t0=$(date +%s); el() { echo $(( $(date +%s) - t0 )); }
